@@ -1,0 +1,84 @@
+"""Typed configuration of a training run.
+
+The defaults are the seed study (frozen ImageNet MobileNetV2, its experiment-9 head, the Keras
+augmentation, balanced class weights, Adam 1e-3, early stopping with patience 7). The resolved
+config is written to every run folder, so a run can be repeated from that file alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class DataConfig:
+    root: str = ""
+    image_size: int = 224
+    val_fraction: float = 0.1  # carved from train, grouped by patient, when val is too small
+    min_val_images: int = 100
+    augment: str = "seed"  # seed | none
+    class_weights: str = "balanced"  # balanced | none
+    strict: bool = False  # fail on unreadable files instead of skipping them
+    batch_size: int = 32
+    num_workers: int = 0
+
+
+@dataclass
+class ModelConfig:
+    backbone: str = "mobilenet_v2"
+    backbone_weights: str = "imagenet"  # imagenet | none | path to a state_dict
+    weights_normalization: str = "auto"  # auto (known files) | imagenet | inception
+    head: str = "seed"  # see models.HEADS
+    unfreeze_blocks: int = 0  # last N backbone stages train; 0 = frozen backbone
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    lr: float = 1e-3
+    backbone_lr: float = 1e-4  # used only for unfrozen backbone stages
+    patience: int = 7
+    seed: int = 42
+    precision: str = "auto"  # auto | 32 | bf16
+    threshold: str = "youden"  # 0.5 | youden | sensitivity:0.95 | any float
+    max_train_batches: float = 1.0  # fraction or count; for quick tests
+    devices: int = 1
+    num_nodes: int = 1
+    strategy: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    out_dir: str = "runs"
+    name: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
+        """Unknown keys are an error: a typo in a grid file must not be silently ignored."""
+        kwargs: dict[str, Any] = {}
+        for f in dataclasses.fields(cls):
+            if f.name not in raw:
+                continue
+            value = raw[f.name]
+            sub = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}.get(f.name)
+            kwargs[f.name] = _build(sub, value) if sub else value
+        unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown config keys: {sorted(unknown)}")
+        return cls(**kwargs)
+
+
+def _build(kind: type, values: dict[str, Any]):
+    names = {f.name for f in dataclasses.fields(kind)}
+    unknown = set(values) - names
+    if unknown:
+        raise ValueError(f"unknown {kind.__name__} keys: {sorted(unknown)}; valid: {sorted(names)}")
+    return kind(**values)

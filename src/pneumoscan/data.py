@@ -1,0 +1,481 @@
+"""Finding, splitting and decoding chest X-rays.
+
+The Kaggle layout is ``<root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``. Its val split has 16
+images, too few to stop early on, and one patient often has several images, so every split made
+here is grouped by patient: an image of a patient seen in training would make validation and test
+scores optimistic. Images are decoded once into one uint8 array, so epochs never touch the disk.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import logging
+import os
+import re
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from pneumoscan import CLASS_NAMES
+from pneumoscan.errors import UserError
+
+log = logging.getLogger(__name__)
+
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")  # decoding dispatches on these in one place: load_image
+SPLITS = ("train", "val", "test")
+CLASS_WEIGHT_MODES = ("balanced", "none")
+MANIFEST_COLUMNS = ("path", "label", "class_name", "patient", "split")
+
+_MAX_LISTED = 10  # paths named in one log line / error before "..."
+
+
+@dataclass(frozen=True)
+class Sample:
+    path: str  # as found (absolute or relative as given by root)
+    label: int  # 0 NORMAL, 1 PNEUMONIA
+    patient: str
+    split: str  # "train" | "val" | "test"
+
+
+class ImageError(UserError):
+    """An image that cannot be used, kept apart from other input errors so a loader can skip it."""
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"{path}: {reason}")
+        self.path = path
+        self.reason = reason
+
+    def __reduce__(self):  # keep it picklable (worker processes) despite the two-argument init
+        return type(self), (self.path, self.reason)
+
+
+# ----------------------------------------------------------------------------- patients
+
+_PERSON = re.compile(r"^person(\d+)(?=[_\-.\s]|$)", re.IGNORECASE)
+_IM = re.compile(r"^(?:normal2-)?im-(\d+)(?=[_\-.\s]|$)", re.IGNORECASE)
+
+
+def patient_id(name: str | os.PathLike) -> str:
+    """Group key for a file, so splits never put one patient's images on both sides.
+
+    Kaggle names encode the patient (``person1000_bacteria_2931``, ``IM-0115-0001``,
+    ``NORMAL2-IM-0135-0001``). An unrecognised name is its own group: without a patient key the
+    safest assumption available is one image per patient.
+    """
+    stem = Path(name).stem
+    if m := _PERSON.match(stem):
+        return f"person{m.group(1)}"
+    if m := _IM.match(stem):
+        return f"IM-{m.group(1)}"
+    return stem
+
+
+# ----------------------------------------------------------------------------- scanning
+
+
+def _subdirs(folder: Path) -> dict[str, Path]:
+    """Visible subfolders keyed by lower-cased name; two names differing only in case are ambiguous."""
+    found: dict[str, Path] = {}
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith(".") or not p.is_dir():
+            continue
+        key = p.name.lower()
+        if key in found:
+            raise UserError(f"{folder}: both {found[key].name}/ and {p.name}/ exist; keep one")
+        found[key] = p
+    return found
+
+
+def _class_images(folder: Path, label: int, split: str) -> list[Sample]:
+    samples = []
+    for p in sorted(folder.iterdir()):
+        if p.name.startswith("."):
+            continue  # .DS_Store, ._foo.jpeg (macOS resource forks)
+        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+            log.debug("ignoring %s (not a %s file)", p, "/".join(IMAGE_SUFFIXES))
+            continue
+        samples.append(Sample(str(p), label, patient_id(p.name), split))
+    if not samples:
+        raise UserError(f"no images in {folder}")
+    return samples
+
+
+def _class_folders(folder: Path, split: str) -> list[Sample]:
+    dirs = _subdirs(folder)
+    samples = []
+    for label, name in enumerate(CLASS_NAMES):
+        sub = dirs.get(name.lower())
+        if sub is None:
+            raise UserError(f"missing class folder {folder / name}")
+        samples += _class_images(sub, label, split)
+    return samples
+
+
+def scan(root: str | os.PathLike, default_split: str = "train") -> list[Sample]:
+    """List the labelled images under ``root``, in either the Kaggle split layout or plain class folders.
+
+    Both classes must be present in every split found: a split with one class cannot be scored,
+    and failing here is cheaper than failing after decoding thousands of images.
+    """
+    if default_split not in SPLITS:
+        raise UserError(f"unknown split {default_split!r}; expected one of {', '.join(SPLITS)}")
+    root = Path(root)
+    if not root.exists():
+        raise UserError(f"data root not found: {root}")
+    if not root.is_dir():
+        raise UserError(f"data root is not a directory: {root}")
+
+    dirs = _subdirs(root)
+    if any(s in dirs for s in SPLITS):
+        samples = []
+        for split in SPLITS:
+            if split in dirs:
+                samples += _class_folders(dirs[split], split)
+    elif any(c.lower() in dirs for c in CLASS_NAMES):
+        samples = _class_folders(root, default_split)
+    else:
+        found = ", ".join(sorted(dirs)) or "no folders"
+        raise UserError(
+            f"{root}: expected split folders train/ val/ test/ holding NORMAL/ and PNEUMONIA/, "
+            f"or class folders NORMAL/ and PNEUMONIA/; found {found}"
+        )
+    log.info("found %d images in %s: %s", len(samples), root, _counts(samples))
+    return samples
+
+
+# ----------------------------------------------------------------------------- splitting
+
+
+def _counts(samples: Iterable[Sample]) -> str:
+    """'train 4708 (1207 NORMAL / 3501 PNEUMONIA), ...' for log lines."""
+    c = Counter((s.split, s.label) for s in samples)
+    parts = []
+    for split in SPLITS:
+        n = [c[split, label] for label in range(len(CLASS_NAMES))]
+        if sum(n):
+            parts.append(f"{split} {sum(n)} ({' / '.join(f'{k} {name}' for k, name in zip(n, CLASS_NAMES))})")
+    return ", ".join(parts) or "none"
+
+
+def _grouped_kfold(samples: Sequence[Sample], k: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    from sklearn.model_selection import StratifiedGroupKFold  # slow import; only splits need it
+
+    if k < 2:
+        raise UserError(f"need at least 2 folds, got {k}")
+    labels = np.array([s.label for s in samples])
+    groups = np.array([s.patient for s in samples])
+    for label, name in enumerate(CLASS_NAMES):
+        n = len(set(groups[labels == label]))
+        if n < k:
+            raise UserError(f"cannot split into {k} patient-grouped folds: only {n} {name} patients")
+    cv = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
+    return [(tr.tolist(), te.tolist()) for tr, te in cv.split(np.zeros(len(samples)), labels, groups)]
+
+
+def _carve(samples: list[Sample], pool: list[int], fraction: float, seed: int, split_name: str) -> list[Sample]:
+    """Move one patient-grouped stratified fold (~fraction) of ``samples[pool]`` into ``split_name``."""
+    if not 0 < fraction < 1:
+        raise UserError(f"split fraction must be between 0 and 1, got {fraction}")
+    k = max(2, round(1 / fraction))  # the fold is 1/k of the pool: 0.1 -> 10 folds
+    _, fold = _grouped_kfold([samples[i] for i in pool], k, seed)[0]
+    moved = {pool[j] for j in fold}
+    return [dataclasses.replace(s, split=split_name) if i in moved else s for i, s in enumerate(samples)]
+
+
+def _check_disjoint(samples: Sequence[Sample]) -> None:
+    """Warn about patients in more than one split: their scores would be optimistic."""
+    splits: dict[str, set[str]] = {}
+    for s in samples:
+        splits.setdefault(s.patient, set()).add(s.split)
+    shared = sorted(p for p, ss in splits.items() if len(ss) > 1)
+    if shared:
+        log.warning(
+            "%d patients have images in more than one split (%s); their scores will be optimistic",
+            len(shared),
+            _truncate(shared),
+        )
+
+
+def assign_validation(
+    samples: Sequence[Sample], *, val_fraction: float = 0.1, min_val_images: int = 100, seed: int = 42
+) -> list[Sample]:
+    """Make a validation split large enough to stop early and pick thresholds on.
+
+    Kaggle's own val has 16 images, so when val is smaller than ``min_val_images`` it is merged
+    into train and a stratified, patient-grouped ~``val_fraction`` of train becomes val. Test is
+    never touched.
+    """
+    samples = list(samples)
+    n_val = sum(s.split == "val" for s in samples)
+    if n_val >= min_val_images:
+        log.info("using the dataset's validation split (%d images)", n_val)
+        _check_disjoint(samples)
+        return samples
+
+    merged = [dataclasses.replace(s, split="train") if s.split == "val" else s for s in samples]
+    pool = [i for i, s in enumerate(merged) if s.split == "train"]
+    out = _carve(merged, pool, val_fraction, seed, "val")
+    log.info(
+        "validation: dataset's val has %d < %d images; merged it into train and carved a patient-grouped "
+        "%.0f%% (seed %d): %s",
+        n_val,
+        min_val_images,
+        100 * val_fraction,
+        seed,
+        _counts(out),
+    )
+    _check_disjoint(out)
+    return out
+
+
+def grouped_folds(samples: Sequence[Sample], k: int, seed: int) -> list[tuple[list[int], list[int]]]:
+    """Indices (train, held-out) of k stratified folds with every patient on one side only."""
+    return _grouped_kfold(list(samples), k, seed)
+
+
+def holdout_split(samples: Sequence[Sample], fraction: float, seed: int, split_name: str = "test") -> list[Sample]:
+    """Move a patient-grouped stratified ~``fraction`` of train into ``split_name``.
+
+    For datasets without a test split. The fraction is rounded to 1/k (0.15 -> 1/7) because the
+    split is one fold of a StratifiedGroupKFold, the one stratified grouped splitter sklearn has.
+    """
+    if split_name not in SPLITS:
+        raise UserError(f"unknown split {split_name!r}; expected one of {', '.join(SPLITS)}")
+    samples = list(samples)
+    pool = [i for i, s in enumerate(samples) if s.split == "train"]
+    out = _carve(samples, pool, fraction, seed, split_name)
+    log.info("held out %.0f%% of train as %s (seed %d): %s", 100 * fraction, split_name, seed, _counts(out))
+    return out
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def _to_gray(img: Image.Image) -> Image.Image:
+    """8-bit grayscale without losing the range of 16-bit and float X-rays."""
+    mode = img.mode
+    if mode == "L":
+        return img
+    if mode.startswith("I"):
+        # 16-bit PNGs open as I;16 (or I in older Pillow). convert("L") would clip at 255 and turn
+        # most of the image white, so scale the full 16-bit range linearly instead.
+        a = np.asarray(img).astype(np.float32).clip(0, 65535)
+        return Image.fromarray((a * (255 / 65535) + 0.5).astype(np.uint8))
+    if mode == "F":
+        # No standard range for floats: [0, 1] if it fits there, else taken as 0..255.
+        a = np.nan_to_num(np.asarray(img, dtype=np.float32))
+        if a.size and a.min() >= 0 and a.max() <= 1:
+            a = a * 255
+        return Image.fromarray((a.clip(0, 255) + 0.5).astype(np.uint8))
+    if mode in ("P", "PA"):
+        img = img.convert("RGBA")  # via RGBA: palette transparency converts without warnings
+    return img.convert("L")  # LA/RGBA: alpha dropped; RGB/CMYK/YCbCr: ITU-R 601-2 luma
+
+
+def load_image(path: str | os.PathLike, size: int | None) -> np.ndarray:
+    """Decode one image to a uint8 (size, size) grayscale array, or ImageError saying why not.
+
+    Squashed to a square (the dataset's convention: the aspect ratio is not kept). Truncated files
+    raise rather than decode half-grey: a partial X-ray is a wrong input, not a smaller one.
+    """
+    path = os.fspath(path)
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(path) as img:
+            # PIL only warns between 1x and 2x its limit. Checked here rather than by turning the
+            # warning into an error: warnings.catch_warnings is not thread-safe.
+            if limit and img.width * img.height > limit:
+                raise ImageError(path, f"{img.width * img.height} pixels is over the limit of {limit}")
+            if size is not None and img.format == "JPEG":
+                img.draft("L", (size, size))  # let libjpeg downscale while decoding huge JPEGs
+            img.load()  # force the full decode so truncation surfaces now
+            img = ImageOps.exif_transpose(img)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(path, "file not found") from None
+    except IsADirectoryError:
+        raise ImageError(path, "is a directory") from None
+    except PermissionError:
+        raise ImageError(path, "permission denied") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(path, f"pixel count is over the limit ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(path, "not an image (unrecognised format)") from None
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error...) for bad data
+        raise ImageError(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+
+    try:
+        img = _to_gray(img)
+    except ValueError as e:
+        raise ImageError(path, f"unsupported image mode {img.mode} ({e})") from None
+    if size is not None and img.size != (size, size):
+        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    return np.array(img, dtype=np.uint8)
+
+
+def _truncate(items: Sequence[str], n: int = _MAX_LISTED) -> str:
+    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
+
+
+def load_images(
+    samples: Sequence[Sample],
+    size: int,
+    *,
+    strict: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[Sample], np.ndarray, list[tuple[str, str]]]:
+    """Decode every image once into one (N, size, size) uint8 array.
+
+    Unreadable files are skipped and reported (one warning, plus the ``skipped`` list for a CSV)
+    unless ``strict``: one bad JPEG among 5,000 should not cost a run, but it must not go unseen.
+    ``progress(k)`` gets the number of images handled so far, in order, from the calling thread.
+    """
+    samples = list(samples)
+    images = np.empty((len(samples), size, size), dtype=np.uint8)
+
+    def decode(i: int) -> None:
+        images[i] = load_image(samples[i].path, size)  # rows are disjoint: safe across threads
+
+    kept: list[int] = []
+    skipped: list[tuple[str, str]] = []
+    # Two threads: PIL releases the GIL while decoding, and the machines have few cores.
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(decode, i) for i in range(len(samples))]
+        try:
+            for i, fut in enumerate(futures):
+                try:
+                    fut.result()
+                    kept.append(i)
+                except ImageError as e:
+                    if strict:
+                        raise
+                    skipped.append((e.path, e.reason))
+                if progress is not None:
+                    progress(i + 1)
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)
+            raise
+
+    if skipped:
+        log.warning("skipped %d unreadable files: %s", len(skipped), _truncate([p for p, _ in skipped]))
+        for j, i in enumerate(kept):  # compact in place rather than copying ~260 MB
+            if i != j:
+                images[j] = images[i]
+        images = images[: len(kept)]
+    kept_samples = [samples[i] for i in kept]
+
+    have = Counter(s.label for s in kept_samples)
+    for label in sorted({s.label for s in samples}):
+        if have[label] == 0:
+            raise UserError(f"no readable {CLASS_NAMES[label]} images: all of them were skipped as unreadable")
+    return kept_samples, images, skipped
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Items from the decoded array, sharing its memory: workers fork instead of copying ~260 MB."""
+
+    def __init__(
+        self,
+        images: np.ndarray | torch.Tensor,
+        labels: Sequence[int] | np.ndarray | torch.Tensor,
+        transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ) -> None:
+        self.images = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+        if self.images.dtype != torch.uint8 or self.images.ndim != 3:
+            raise ValueError(f"images must be uint8 (N, H, W), got {self.images.dtype} {tuple(self.images.shape)}")
+        self.labels = torch.as_tensor(np.asarray(labels), dtype=torch.float32)
+        if len(self.labels) != len(self.images):
+            raise ValueError(f"{len(self.images)} images but {len(self.labels)} labels")
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.images[i].unsqueeze(0)  # (1, H, W) uint8 view
+        if self.transform is not None:
+            x = self.transform(x)  # on uint8: cheaper, and what the augmentation was written for
+        return x.float().div_(255), self.labels[i]
+
+
+def class_weights(labels: Iterable[int], mode: str = "balanced") -> tuple[float, float]:
+    """Loss weights (w_normal, w_pneumonia); "balanced" is sklearn's n / (2 * count)."""
+    if mode == "none":
+        return (1.0, 1.0)
+    if mode != "balanced":
+        raise UserError(f"unknown class-weight mode {mode!r}; choose one of: {', '.join(CLASS_WEIGHT_MODES)}")
+    labels = np.asarray(list(labels), dtype=np.int64)
+    if labels.size and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
+        raise UserError(f"labels must be 0 ({CLASS_NAMES[0]}) or 1 ({CLASS_NAMES[1]})")
+    counts = np.bincount(labels, minlength=len(CLASS_NAMES))
+    for name, n in zip(CLASS_NAMES, counts):
+        if n == 0:
+            raise UserError(f"cannot balance class weights: no {name} samples")
+    w = len(labels) / (len(CLASS_NAMES) * counts)
+    return (float(w[0]), float(w[1]))
+
+
+# ----------------------------------------------------------------------------- manifests
+
+
+def _write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> None:
+    """Write via a temp file in the same folder: a crash never leaves a half-written CSV behind."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow(header)
+            w.writerows(rows)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_manifest(samples: Iterable[Sample], path: str | os.PathLike) -> None:
+    """Record exactly which file went to which split, so a run's splits can be audited and reused."""
+    rows = ((s.path, s.label, CLASS_NAMES[s.label], s.patient, s.split) for s in samples)
+    _write_csv_atomic(path, MANIFEST_COLUMNS, rows)
+
+
+def read_manifest(path: str | os.PathLike) -> list[Sample]:
+    """Samples from a manifest, checked row by row: a hand-edited label must not slip through silently."""
+    path = Path(path)
+    try:
+        f = path.open(newline="", encoding="utf-8")
+    except OSError as e:
+        raise UserError(f"cannot read manifest {path}: {e.strerror or e}") from None
+    samples = []
+    with f:
+        reader = csv.DictReader(f)
+        missing = [c for c in MANIFEST_COLUMNS if c not in (reader.fieldnames or [])]
+        if missing:
+            raise UserError(f"{path}: not a manifest, missing columns {', '.join(missing)}")
+        for row in reader:
+            where = f"{path} line {reader.line_num}"
+            try:
+                label = int(row["label"])
+            except (TypeError, ValueError):
+                raise UserError(f"{where}: label {row['label']!r} is not 0 or 1") from None
+            if label not in (0, 1) or row["class_name"] != CLASS_NAMES[label]:
+                raise UserError(f"{where}: label {row['label']!r} does not match class_name {row['class_name']!r}")
+            if row["split"] not in SPLITS:
+                raise UserError(f"{where}: unknown split {row['split']!r}")
+            samples.append(Sample(row["path"], label, row["patient"], row["split"]))
+    return samples
+
+
+def write_skipped(skipped: Iterable[tuple[str, str]], path: str | os.PathLike) -> None:
+    """The unreadable files of a run, for someone to fix or remove."""
+    _write_csv_atomic(path, ("path", "reason"), skipped)

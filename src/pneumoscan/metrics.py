@@ -1,0 +1,259 @@
+"""Metrics for a binary NORMAL (0) vs PNEUMONIA (1) classifier.
+
+Pure functions on numpy arrays so that evaluation, reports and the service share one definition
+of every number. Point estimates come from scikit-learn; only the bootstrap has its own
+vectorised implementation (thousands of sklearn calls would take minutes), and the tests pin it
+to sklearn. Every value returned is a plain Python float/int so results go straight to JSON.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import numpy as np
+from scipy.optimize import minimize_scalar
+from scipy.special import expit
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    brier_score_loss,
+    confusion_matrix,
+    f1_score,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+    roc_curve,
+)
+
+from pneumoscan.errors import UserError
+
+log = logging.getLogger(__name__)
+
+METRIC_KEYS = ("accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc", "loss")
+
+_EPS = 1e-7  # probability clip for the cross-entropy, so a confident mistake costs ~16, not inf
+_THRESHOLD_RULES = (
+    '"youden", "sensitivity:<recall in (0, 1]>" (e.g. "sensitivity:0.95") or a number in [0, 1] (e.g. "0.5")'
+)
+
+
+def _arrays(y_true, prob) -> tuple[np.ndarray, np.ndarray]:
+    y = np.asarray(y_true).astype(np.int64).ravel()
+    p = np.asarray(prob, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"y_true has {y.size} values but prob has {p.size}")
+    return y, p
+
+
+def _both_classes(y: np.ndarray) -> bool:
+    return bool(y.size) and 0 < int(y.sum()) < y.size
+
+
+def _bce(y: np.ndarray, p: np.ndarray) -> np.ndarray:
+    """Per-sample cross-entropy; the bootstrap reweights these, so they are kept unreduced."""
+    p = np.clip(p, _EPS, 1 - _EPS)
+    return -(y * np.log(p) + (1 - y) * np.log1p(-p))
+
+
+def sigmoid(x) -> np.ndarray:
+    # expit never overflows, unlike 1 / (1 + exp(-x)) for large negative x
+    return expit(np.asarray(x, dtype=np.float64))
+
+
+def confusion(y_true, y_pred) -> list[list[int]]:
+    """[[tn, fp], [fn, tp]]; ``labels`` keeps it 2x2 when a batch or split lacks a class."""
+    return confusion_matrix(np.asarray(y_true), np.asarray(y_pred), labels=[0, 1]).tolist()
+
+
+def binary_metrics(y_true, prob, threshold: float) -> dict:
+    y, p = _arrays(y_true, prob)
+    pred = (p >= threshold).astype(np.int64)
+    (tn, fp), (fn, tp) = cm = confusion(y, pred)
+    both = _both_classes(y)
+    return {
+        "n": int(y.size),
+        "threshold": float(threshold),
+        "accuracy": float(accuracy_score(y, pred)) if y.size else math.nan,
+        "precision": float(precision_score(y, pred, labels=[0, 1], zero_division=0)),
+        "recall": float(recall_score(y, pred, labels=[0, 1], zero_division=0)),
+        "specificity": tn / (tn + fp) if tn + fp else 0.0,
+        "f1": float(f1_score(y, pred, labels=[0, 1], zero_division=0)),
+        # ranking metrics are undefined with one class; nan keeps the report going
+        "roc_auc": float(roc_auc_score(y, p)) if both else math.nan,
+        "pr_auc": float(average_precision_score(y, p)) if both else math.nan,
+        "loss": float(_bce(y, p).mean()) if y.size else math.nan,
+        "confusion_matrix": cm,
+    }
+
+
+def _stratified_counts(y: np.ndarray, n_resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """How often each sample is drawn, per resample: shape (n_resamples, n).
+
+    Positives and negatives are resampled separately, so every resample has the original class
+    counts and AUC stays defined even for small, imbalanced splits.
+    """
+    counts = np.zeros((n_resamples, y.size), dtype=np.float64)
+    for cls in (0, 1):
+        idx = np.flatnonzero(y == cls)
+        if idx.size:
+            counts[:, idx] = rng.multinomial(idx.size, np.full(idx.size, 1 / idx.size), size=n_resamples)
+    return counts
+
+
+def _weighted_ranking(y: np.ndarray, p: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """ROC AUC and average precision for each row of sample weights ``w`` (shape (b, n)).
+
+    Integer weights are the same as repeating samples, so row b equals sklearn on the resample.
+    Ties are grouped into one threshold: the trapezoidal ROC then gives a tie half credit
+    (the Mann-Whitney U statistic), and AP follows sklearn's step sum over distinct thresholds.
+    """
+    order = np.argsort(-p, kind="mergesort")
+    ps, ys = p[order], y[order]
+    ends = np.r_[np.flatnonzero(np.diff(ps)), ps.size - 1]  # last index of each distinct score
+    ws = w[:, order]
+    tps = np.cumsum(ws * ys, axis=1)[:, ends]
+    fps = np.cumsum(ws * (1 - ys), axis=1)[:, ends]
+    n_pos, n_neg = tps[:, -1:], fps[:, -1:]
+    tps_prev = np.pad(tps, ((0, 0), (1, 0)))[:, :-1]
+    fps_prev = np.pad(fps, ((0, 0), (1, 0)))[:, :-1]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        auc = ((fps - fps_prev) * (tps + tps_prev) / 2).sum(axis=1) / (n_pos * n_neg)[:, 0]
+        # a threshold absent from the resample adds no recall, so its precision never counts
+        precision = np.divide(tps, tps + fps, out=np.zeros_like(tps), where=tps + fps > 0)
+        ap = ((tps - tps_prev) * precision).sum(axis=1) / n_pos[:, 0]
+    return auc, ap
+
+
+def _weighted_metrics(y: np.ndarray, p: np.ndarray, threshold: float, w: np.ndarray) -> dict[str, np.ndarray]:
+    """Every METRIC_KEYS value for each row of sample weights, in a handful of matrix products."""
+    pred = p >= threshold
+    n_pos, n_neg = w @ (y == 1), w @ (y == 0)
+    tp, fp = w @ (pred & (y == 1)), w @ (pred & (y == 0))
+    fn, tn = n_pos - tp, n_neg - fp
+
+    def ratio(a: np.ndarray, b: np.ndarray) -> np.ndarray:  # zero_division=0, as in sklearn
+        return np.divide(a, b, out=np.zeros_like(a), where=b > 0)
+
+    auc, ap = _weighted_ranking(y, p, w)
+    return {
+        "accuracy": (tp + tn) / (n_pos + n_neg),
+        "precision": ratio(tp, tp + fp),
+        "recall": ratio(tp, n_pos),
+        "specificity": ratio(tn, n_neg),
+        "f1": ratio(2 * tp, 2 * tp + fp + fn),
+        "roc_auc": auc,
+        "pr_auc": ap,
+        "loss": (w @ _bce(y, p)) / (n_pos + n_neg),
+    }
+
+
+def bootstrap_ci(
+    y_true, prob, threshold: float, n_resamples: int = 2000, seed: int = 0, level: float = 0.95
+) -> dict[str, list[float]]:
+    """Percentile intervals from a stratified bootstrap: how much each metric moves with the sample."""
+    y, p = _arrays(y_true, prob)
+    if not y.size or n_resamples < 1:
+        raise ValueError(f"bootstrap_ci needs samples and resamples, got {y.size} and {n_resamples}")
+    rng = np.random.default_rng(seed)
+    chunk = max(1, 2_000_000 // y.size)  # bound the (resamples, n) matrices to ~16 MB each
+    parts: list[dict[str, np.ndarray]] = []
+    for start in range(0, n_resamples, chunk):
+        counts = _stratified_counts(y, min(chunk, n_resamples - start), rng)
+        parts.append(_weighted_metrics(y, p, threshold, counts))
+    q = [50 * (1 - level), 50 * (1 + level)]
+    ci = {}
+    for key in METRIC_KEYS:
+        values = np.concatenate([part[key] for part in parts])
+        # only AUCs can be nan, and then in every resample (a class is missing)
+        low, high = (math.nan, math.nan) if np.isnan(values).all() else np.percentile(values, q)
+        ci[key] = [float(low), float(high)]
+    return ci
+
+
+def choose_threshold(y_true, prob, rule: str) -> float:
+    """Turn an operating-point rule into a probability cut-off, fitted on the validation split."""
+    y, p = _arrays(y_true, prob)
+    rule = str(rule).strip()
+    if rule == "youden":
+        _need_both_classes(y, rule)
+        fpr, tpr, thresholds = roc_curve(y, p)
+        # roc_curve's first threshold is inf (nothing predicted positive)
+        return float(np.clip(thresholds[np.argmax(tpr - fpr)], 0.0, 1.0))
+    if rule.startswith("sensitivity:"):
+        target = _parse_float(rule.removeprefix("sensitivity:"), rule)
+        if not 0 < target <= 1:
+            raise UserError(f"threshold rule {rule!r}: the recall must be in (0, 1]; use {_THRESHOLD_RULES}")
+        _need_both_classes(y, rule)
+        # thresholds descend and recall only grows, so the first hit is the highest threshold
+        _, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+        return float(np.clip(thresholds[np.argmax(tpr >= target)], 0.0, 1.0))
+    value = _parse_float(rule, rule)
+    if not 0 <= value <= 1:
+        raise UserError(f"threshold rule {rule!r} is outside [0, 1]; use {_THRESHOLD_RULES}")
+    return value
+
+
+def _parse_float(text: str, rule: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise UserError(f"unknown threshold rule {rule!r}; use {_THRESHOLD_RULES}") from None
+
+
+def _need_both_classes(y: np.ndarray, rule: str) -> None:
+    if not _both_classes(y):
+        raise UserError(
+            f"threshold rule {rule!r} needs both NORMAL and PNEUMONIA images in the validation split, "
+            f"which has {int((y == 0).sum())} NORMAL and {int((y == 1).sum())} PNEUMONIA"
+        )
+
+
+def brier(y_true, prob) -> float:
+    y, p = _arrays(y_true, prob)
+    return float(brier_score_loss(y, p, pos_label=1))
+
+
+def reliability_curve(y_true, prob, n_bins: int = 15) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per non-empty bin: mean predicted P(pneumonia), observed pneumonia rate, and bin size.
+
+    Equal-width bins [lo, hi) with the last one closed, binned exactly like sklearn's
+    ``calibration_curve(strategy="uniform")``, which does not return the counts needed for ECE.
+    """
+    y, p = _arrays(y_true, prob)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    bins = np.searchsorted(edges[1:-1], p, side="right")
+    count = np.bincount(bins, minlength=n_bins)
+    nonempty = count > 0
+    mean_pred = np.bincount(bins, weights=p, minlength=n_bins)[nonempty] / count[nonempty]
+    frac_pos = np.bincount(bins, weights=y, minlength=n_bins)[nonempty] / count[nonempty]
+    return mean_pred, frac_pos, count[nonempty]
+
+
+def expected_calibration_error(y_true, prob, n_bins: int = 15) -> float:
+    """Bin-size-weighted gap between predicted P(pneumonia) and the observed rate (Guo et al. 2017)."""
+    mean_pred, frac_pos, count = reliability_curve(y_true, prob, n_bins)
+    if not count.sum():
+        return math.nan
+    return float((count * np.abs(frac_pos - mean_pred)).sum() / count.sum())
+
+
+def fit_temperature(logits, y_true) -> float:
+    """Temperature T > 0 for ``sigmoid(logits / T)`` that minimises validation cross-entropy.
+
+    One scalar cannot change the ranking, so AUC and a rank-based threshold are unaffected; only
+    the probabilities become honest. Optimising log T keeps T positive and the search symmetric.
+    """
+    y, z = _arrays(y_true, logits)
+    if not _both_classes(y):
+        log.warning("temperature scaling skipped: the validation split has a single class")
+        return 1.0
+
+    def nll(log_t: float) -> float:
+        x = z / math.exp(log_t)
+        return float(np.mean(np.logaddexp(0.0, x) - y * x))  # BCE on logits, no overflow
+
+    result = minimize_scalar(nll, bounds=(math.log(0.05), math.log(20.0)), method="bounded")
+    temperature = math.exp(result.x)
+    log.info("fitted temperature %.3f (val NLL %.4f -> %.4f)", temperature, nll(0.0), result.fun)
+    return temperature

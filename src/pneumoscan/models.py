@@ -1,0 +1,271 @@
+"""Backbone registry, classifier heads and weight loading.
+
+A model is ``Classifier``: it takes grayscale images in [0, 1] shaped (N, 1, H, W), repeats them to
+three channels, applies the normalisation its backbone weights were trained with, and returns one
+*calibrated* logit per image (``logit / temperature``). Keeping normalisation and temperature inside
+the module means every consumer (evaluate, predict, ONNX, the service) only applies a sigmoid and
+never re-declares preprocessing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision import models as tvm
+
+from pneumoscan.errors import UserError
+
+log = logging.getLogger(__name__)
+
+NORMALIZATIONS = {
+    # torchvision's published ImageNet weights
+    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+    # TF/Keras "inception" preprocessing (x / 127.5 - 1), e.g. the converted TFLite MobileNetV2
+    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+}
+
+# Weight files whose origin we know: sha256 -> how they expect their input.
+KNOWN_WEIGHT_FILES = {
+    # shared/weights/mobilenet_v2_imagenet.pth (converted from TFLite; see its README)
+    "ae04625a4ebc4e2bc92adbb629e34deb5789ce15106ededf09a22fa0a0e965bd": {
+        "normalization": "inception",
+        "tf_same_padding": True,
+    },
+}
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """How to build one torchvision architecture as a feature extractor."""
+
+    build: Callable[[], nn.Module]  # the full torchvision model, random init
+    trunk: Callable[[nn.Module], nn.Sequential]  # conv trunk -> (N, C, h, w)
+    feature_dim: int
+    torchvision_weights: str  # enum path for --backbone-weights imagenet
+    cam_layer: str  # module path inside Classifier, for Grad-CAM
+
+
+def _resnet_trunk(m: nn.Module) -> nn.Sequential:
+    stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
+    return nn.Sequential(stem, m.layer1, m.layer2, m.layer3, m.layer4)
+
+
+def _densenet_trunk(m: nn.Module) -> nn.Sequential:
+    # torchvision's DenseNet applies the final ReLU in forward(), not as a module
+    return nn.Sequential(*m.features.children(), nn.ReLU(inplace=False))
+
+
+BACKBONES: dict[str, Backbone] = {
+    "mobilenet_v2": Backbone(
+        lambda: tvm.mobilenet_v2(weights=None), lambda m: m.features, 1280,
+        "MobileNet_V2_Weights.IMAGENET1K_V1", "features.18",
+    ),
+    "resnet18": Backbone(
+        lambda: tvm.resnet18(weights=None), _resnet_trunk, 512,
+        "ResNet18_Weights.IMAGENET1K_V1", "features.4",
+    ),
+    "efficientnet_b0": Backbone(
+        lambda: tvm.efficientnet_b0(weights=None), lambda m: m.features, 1280,
+        "EfficientNet_B0_Weights.IMAGENET1K_V1", "features.8",
+    ),
+    "densenet121": Backbone(
+        lambda: tvm.densenet121(weights=None), _densenet_trunk, 1024,
+        "DenseNet121_Weights.IMAGENET1K_V1", "features.12",
+    ),
+}
+
+# Head specs: comma-separated layers after global average pooling; a number is Dense+ReLU,
+# "bn" BatchNorm1d, "dN" dropout with p=N. The final Dense(1) is implicit. The names are the
+# seed study's experiments (its table: exp 9 = "2x BN, no dropout" was best).
+HEADS = {
+    "seed": "64,bn,bn,32",  # experiment 9, the study's final model
+    "exp1": "64,d0.5",
+    "exp2": "64,64,d0.5",
+    "exp3": "64,d0.3",
+    "exp4": "64,d0.7",
+    "exp5": "128,64,d0.5",
+    "exp6": "64",
+    "exp7": "64,bn",
+    "exp8": "64,bn,32,bn",
+    "exp9": "64,bn,bn,32",
+    "exp10": "128,bn,64,bn,32",
+    "linear": "",
+}
+
+
+def backbone(name: str) -> Backbone:
+    try:
+        return BACKBONES[name]
+    except KeyError:
+        raise UserError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}") from None
+
+
+def build_head(spec: str, in_features: int) -> nn.Sequential:
+    spec = HEADS.get(spec, spec)
+    layers: list[nn.Module] = []
+    width = in_features
+    for token in filter(None, (t.strip() for t in spec.split(","))):
+        if token == "bn":
+            layers.append(nn.BatchNorm1d(width))
+        elif re.fullmatch(r"d(0?\.\d+)", token):
+            layers.append(nn.Dropout(float(token[1:])))
+        elif token.isdigit():
+            layers += [nn.Linear(width, int(token)), nn.ReLU()]
+            width = int(token)
+        else:
+            raise UserError(
+                f"bad head spec {spec!r} at {token!r}: use names {', '.join(HEADS)} or "
+                "comma-separated layers like '64,bn,d0.3,32'"
+            )
+    layers.append(nn.Linear(width, 1))
+    return nn.Sequential(*layers)
+
+
+class Classifier(nn.Module):
+    def __init__(self, features: nn.Sequential, head: nn.Sequential,
+                 normalization: str = "imagenet", frozen_stages: int = 0):
+        super().__init__()
+        mean, std = NORMALIZATIONS[normalization]
+        self.features = features
+        self.head = head
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.frozen_stages = frozen_stages
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features; the cacheable part when the backbone is frozen."""
+        x = (x.expand(-1, 3, -1, -1) - self.mean) / self.std
+        return F.adaptive_avg_pool2d(self.features(x), 1).flatten(1)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.head(features).squeeze(1) / self.temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.embed(x))
+
+    def train(self, mode: bool = True) -> "Classifier":
+        # Frozen stages stay in eval mode: their BatchNorm statistics are part of the pretrained weights.
+        super().train(mode)
+        for stage in list(self.features.children())[: self.frozen_stages]:
+            stage.eval()
+        return self
+
+
+def _tf_same_pad_hook(module: nn.Conv2d, args):
+    """Pad like TF 'SAME' (extra pixel at bottom/right) for weights converted from TensorFlow."""
+    (x,) = args
+    k, s = module.kernel_size[0], module.stride[0]
+    pads = []
+    for size in (x.shape[-1], x.shape[-2]):
+        total = max((-(-size // s) - 1) * s + k - size, 0)
+        pads += [total // 2, total - total // 2]
+    return (F.pad(x, pads),)
+
+
+def use_tf_same_padding(features: nn.Module) -> None:
+    for m in features.modules():
+        if isinstance(m, nn.Conv2d) and m.stride[0] == 2 and m.kernel_size[0] > 1:
+            m.padding = (0, 0)
+            m.register_forward_pre_hook(_tf_same_pad_hook)
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def resolve_weights(name: str, weights: str, normalization: str = "auto") -> dict:
+    """Decide where backbone weights come from and what input they expect.
+
+    Returns {"source", "normalization", "tf_same_padding", "sha256"}; raises UserError when a local
+    file's normalisation cannot be known and was not given.
+    """
+    backbone(name)
+    if weights == "none":
+        return {"source": "none", "normalization": "imagenet" if normalization == "auto" else normalization,
+                "tf_same_padding": False, "sha256": None}
+    if weights == "imagenet":
+        return {"source": "imagenet", "normalization": "imagenet" if normalization == "auto" else normalization,
+                "tf_same_padding": False, "sha256": None}
+    path = Path(weights)
+    if not path.is_file():
+        raise UserError(f"backbone weights file not found: {path} (use 'imagenet', 'none' or a state_dict file)")
+    digest = file_sha256(path)
+    known = KNOWN_WEIGHT_FILES.get(digest, {})
+    if normalization == "auto":
+        if not known:
+            raise UserError(
+                f"cannot tell which input normalisation {path} expects; pass --weights-normalization "
+                f"({' | '.join(NORMALIZATIONS)})"
+            )
+        normalization = known["normalization"]
+    return {"source": str(path), "normalization": normalization,
+            "tf_same_padding": known.get("tf_same_padding", False), "sha256": digest}
+
+
+def _load_pretrained(name: str, model: nn.Module, source: str) -> None:
+    if source == "none":
+        return
+    if source == "imagenet":
+        enum_name, member = backbone(name).torchvision_weights.split(".")
+        weights = getattr(tvm, enum_name)[member]
+        try:
+            state = weights.get_state_dict(progress=False)
+        except Exception as exc:  # offline: urllib raises URLError / OSError
+            raise UserError(
+                f"could not download torchvision's ImageNet weights for {name} ({exc.__class__.__name__}); "
+                "offline, pass --backbone-weights PATH to a local state_dict, e.g. "
+                "../shared/weights/mobilenet_v2_imagenet.pth"
+            ) from None
+    else:
+        state = torch.load(source, map_location="cpu", weights_only=True)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"{source} is not a {name} state_dict: {str(exc).splitlines()[0]}") from None
+
+
+def build(name: str = "mobilenet_v2", *, weights: str = "none", head: str = "seed",
+          unfreeze_blocks: int = 0, normalization: str = "auto",
+          tf_same_padding: bool | None = None) -> tuple[Classifier, dict]:
+    """Build a Classifier; returns it with the weight facts to record in the artifact.
+
+    ``unfreeze_blocks`` = how many of the last backbone stages train (-1 = all). Loading an artifact
+    builds with ``weights="none"`` and the normalisation and padding the artifact recorded.
+    """
+    spec = backbone(name)
+    info = resolve_weights(name, weights, normalization)
+    if tf_same_padding is not None:
+        info["tf_same_padding"] = tf_same_padding
+    full = spec.build()
+    _load_pretrained(name, full, info["source"])
+    features = spec.trunk(full)
+    if info["tf_same_padding"]:
+        use_tf_same_padding(features)
+    n_stages = len(list(features.children()))
+    if unfreeze_blocks < 0 or unfreeze_blocks >= n_stages:
+        unfreeze_blocks = n_stages
+    frozen = n_stages - unfreeze_blocks
+    for stage in list(features.children())[:frozen]:
+        stage.requires_grad_(False)
+    model = Classifier(features, build_head(head, spec.feature_dim), info["normalization"], frozen)
+    info |= {"frozen_stages": frozen, "n_stages": n_stages}
+    return model, info
+
+
+def parameter_groups(model: Classifier, lr: float, backbone_lr: float) -> list[dict]:
+    """Head at ``lr``; unfrozen backbone stages at their own, lower ``backbone_lr``."""
+    groups = [{"params": list(model.head.parameters()), "lr": lr, "name": "head"}]
+    trainable = [p for p in model.features.parameters() if p.requires_grad]
+    if trainable:
+        groups.append({"params": trainable, "lr": backbone_lr, "name": "backbone"})
+    return groups

@@ -1,0 +1,245 @@
+"""Training a classifier: the Lightning loop, then calibration and the decision threshold.
+
+``fit`` turns a ``RunConfig`` into a run folder that can be understood and repeated on its own:
+config.yaml, manifest.csv (every file with its split), skipped.csv, history.csv, curves.png,
+checkpoints/ (best and last, for --resume), model.pt, validation.json and, when the data has a
+test split, test/ with its evaluation. Temperature and threshold are fitted on the validation
+split only; the test split is only ever measured.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Callable
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+from torch.utils.data import DataLoader
+from torchmetrics import MetricCollection
+from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryPrecision, BinaryRecall
+
+from pneumoscan import artifact, data, evaluate, metrics, models, plots, transforms
+from pneumoscan.config import RunConfig
+from pneumoscan.errors import UserError
+from pneumoscan.files import write_csv, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+def epoch_metrics(prefix: str) -> MetricCollection:
+    return MetricCollection({"accuracy": BinaryAccuracy(), "precision": BinaryPrecision(),
+                             "recall": BinaryRecall(), "auc": BinaryAUROC()}, prefix=prefix)
+
+
+class LitClassifier(L.LightningModule):
+    """Weighted BCE on train (the study's class weights); plain BCE on validation, as Keras reports it."""
+
+    def __init__(self, model: models.Classifier, class_weights=(1.0, 1.0), lr: float = 1e-3,
+                 backbone_lr: float = 1e-4):
+        super().__init__()
+        self.model = model
+        self.register_buffer("class_weight", torch.tensor(class_weights, dtype=torch.float32))
+        self.lr, self.backbone_lr = lr, backbone_lr
+        self.train_metrics = epoch_metrics("train_")
+        self.val_metrics = epoch_metrics("val_")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x)
+
+    def _step(self, batch, stage: str, collection: MetricCollection) -> torch.Tensor:
+        x, y = batch
+        logits = self.model(x).float()
+        weight = self.class_weight[y.long()] if stage == "train" else None
+        loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight)
+        collection.update(torch.sigmoid(logits), y.int())
+        self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
+                 batch_size=len(y), sync_dist=True)
+        self.log_dict(collection, on_step=False, on_epoch=True, prog_bar=False)
+        return loss
+
+    def training_step(self, batch, batch_idx):
+        return self._step(batch, "train", self.train_metrics)
+
+    def validation_step(self, batch, batch_idx):
+        self._step(batch, "val", self.val_metrics)
+
+    def configure_optimizers(self):
+        return torch.optim.Adam(models.parameter_groups(self.model, self.lr, self.backbone_lr))
+
+
+def resolve_precision(precision: str) -> str:
+    if precision == "auto":
+        # bf16 autocast pays off only where the CPU has native bf16 (AVX512-BF16 / AMX)
+        return "bf16-mixed" if torch.cpu._is_avx512_bf16_supported() else "32-true"
+    return {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}.get(precision, precision)
+
+
+def new_run_dir(config: RunConfig) -> Path:
+    name = config.name or f"{datetime.now():%Y%m%d-%H%M%S}-{config.model.backbone}"
+    run_dir = Path(config.out_dir) / name
+    suffix = 1
+    while run_dir.exists():
+        suffix += 1
+        run_dir = Path(config.out_dir) / f"{name}-{suffix}"
+    return run_dir
+
+
+def tidy_history(csv_logger_file: Path, out: Path) -> Path:
+    """Lightning's CSV logger writes train and val metrics on separate rows; one row per epoch is easier to read."""
+    by_epoch: dict[int, dict[str, str]] = {}
+    with open(csv_logger_file, newline="") as f:
+        for row in csv.DictReader(f):
+            if row.get("epoch", "") == "":
+                continue
+            epoch = int(float(row["epoch"]))
+            by_epoch.setdefault(epoch, {}).update({k: v for k, v in row.items() if v != "" and k != "step"})
+    columns = ["epoch"] + sorted({k for row in by_epoch.values() for k in row} - {"epoch"})
+    rows = [[by_epoch[e].get(c, "") if c != "epoch" else e + 1 for c in columns] for e in sorted(by_epoch)]
+    return write_csv(out, columns, rows)
+
+
+def split_samples(config: RunConfig, manifest: Path | None) -> list[data.Sample]:
+    """The run's samples with their splits: scanned and split fresh, or re-read from a run's manifest."""
+    dc = config.data
+    if manifest is not None:
+        return data.read_manifest(manifest)
+    samples = data.assign_validation(data.scan(dc.root), val_fraction=dc.val_fraction,
+                                     min_val_images=dc.min_val_images, seed=config.train.seed)
+    splits = {s.split for s in samples}
+    if "train" not in splits:
+        raise UserError(f"no training images found under {dc.root} (expected {dc.root}/train/NORMAL|PNEUMONIA)")
+    if "val" not in splits:
+        raise UserError(f"could not form a validation split from {dc.root}: too few patients")
+    return samples
+
+
+def by_split(samples: list[data.Sample], images: np.ndarray) -> dict[str, tuple[list[data.Sample], np.ndarray]]:
+    out = {}
+    for split in data.SPLITS:
+        idx = np.array([i for i, s in enumerate(samples) if s.split == split], dtype=int)
+        if len(idx):
+            out[split] = ([samples[i] for i in idx], images[idx])
+    return out
+
+
+def make_loader(images: np.ndarray, labels, batch_size: int, num_workers: int, transform=None,
+                shuffle: bool = False) -> DataLoader:
+    ds = data.ImageDataset(images, labels, transform)
+    return DataLoader(ds, batch_size=batch_size, shuffle=shuffle, num_workers=num_workers,
+                      persistent_workers=num_workers > 0, drop_last=shuffle and len(ds) > batch_size)
+
+
+def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: list | None = None,
+        decode_progress: Callable[[int], None] | None = None) -> Path:
+    """Train, calibrate, choose the threshold, save model.pt; returns the run folder."""
+    resuming = resume_dir is not None
+    if resuming:
+        run_dir = Path(resume_dir)
+        cfg_file = run_dir / "config.yaml"
+        if not cfg_file.is_file():
+            raise UserError(f"cannot resume: {cfg_file} not found")
+        config = RunConfig.from_dict(yaml.safe_load(cfg_file.read_text()))
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if not last.is_file():
+            raise UserError(f"cannot resume: no checkpoint at {last}")
+    tc, dc, mc = config.train, config.data, config.model
+    L.seed_everything(tc.seed, workers=True, verbose=False)
+
+    # Everything that can fail on user input happens before the run folder exists.
+    model, weights_info = models.build(mc.backbone, weights=mc.backbone_weights, head=mc.head,
+                                       unfreeze_blocks=mc.unfreeze_blocks, normalization=mc.weights_normalization)
+    metrics.choose_threshold([0, 1], [0.2, 0.8], tc.threshold)  # validates the rule now, not after training
+    samples = split_samples(config, run_dir / "manifest.csv" if resuming else None)
+    kept, images, skipped = data.load_images(samples, dc.image_size, strict=dc.strict, progress=decode_progress)
+    if not resuming:
+        run_dir, last = new_run_dir(config), None
+        run_dir.mkdir(parents=True)
+        data.write_manifest(kept, run_dir / "manifest.csv")
+        data.write_skipped(skipped, run_dir / "skipped.csv")
+        write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    log.info("run folder: %s", run_dir)
+    split_data = by_split(kept, images)
+    (train_samples, train_images), (val_samples, val_images) = split_data["train"], split_data["val"]
+    y_train = [s.label for s in train_samples]
+    weights = data.class_weights(y_train, dc.class_weights)
+    log.info("train %d images, val %d; class weights NORMAL %.4f, PNEUMONIA %.4f",
+             len(train_samples), len(val_samples), *weights)
+
+    train_loader = make_loader(train_images, y_train, dc.batch_size, dc.num_workers,
+                               transforms.train_transform(dc.augment, dc.image_size), shuffle=True)
+    val_loader = make_loader(val_images, [s.label for s in val_samples], dc.batch_size * 2, 0)
+
+    lit = LitClassifier(model, weights, tc.lr, tc.backbone_lr)
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
+                                 mode="min", save_top_k=1, save_last=True)
+    callbacks = list(callbacks or [])
+    trainer = L.Trainer(
+        max_epochs=tc.epochs, accelerator="auto", devices=tc.devices, num_nodes=tc.num_nodes,
+        strategy=tc.strategy, precision=resolve_precision(tc.precision),
+        callbacks=[EarlyStopping("val_loss", patience=tc.patience, mode="min"), checkpoint, *callbacks],
+        logger=CSVLogger(run_dir, name="", version="logs"), deterministic=False,
+        enable_progress_bar=any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks),
+        enable_model_summary=False, limit_train_batches=int(tc.max_train_batches) if tc.max_train_batches > 1 else tc.max_train_batches, log_every_n_steps=1,
+        default_root_dir=run_dir,
+    )
+    started = time.perf_counter()
+    trainer.fit(lit, train_loader, val_loader, ckpt_path=last)
+    train_seconds = time.perf_counter() - started
+    if not trainer.is_global_zero:
+        return run_dir
+
+    best = checkpoint.best_model_path or str(run_dir / "checkpoints" / "best.ckpt")
+    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
+    lit.load_state_dict(state)  # early stopping's "restore best weights"
+    model = lit.model.cpu().float().eval()
+
+    history = tidy_history(Path(trainer.logger.log_dir) / "metrics.csv", run_dir / "history.csv")
+    plots.training_curves(history, run_dir / "curves.png")
+
+    # Calibrate, then choose the operating point, both on validation only.
+    val_y = np.array([s.label for s in val_samples])
+    val_logits = evaluate.predict_logits(model, val_images)
+    temperature = metrics.fit_temperature(val_logits, val_y)
+    model.temperature.fill_(temperature)
+    val_prob = metrics.sigmoid(val_logits / temperature)
+    threshold = metrics.choose_threshold(val_y, val_prob, tc.threshold)
+    log.info("temperature %.3f; threshold %.4f (%s on validation)", temperature, threshold, tc.threshold)
+
+    epochs_run = trainer.current_epoch
+    meta = artifact.make_meta(
+        architecture=mc.backbone, head=mc.head, image_size=dc.image_size, weights_info=weights_info,
+        threshold=threshold, threshold_rule=tc.threshold, config=config.to_dict(),
+        extra={"training": {"epochs_run": epochs_run, "best_epoch": best_epoch(history),
+                            "seconds": round(train_seconds, 1),
+                            "seconds_per_epoch": round(train_seconds / max(epochs_run, 1), 2),
+                            "n_train": len(train_samples), "n_val": len(val_samples)}},
+    )
+    artifact.save(run_dir / "model.pt", model, meta)
+    evaluate.evaluate_predictions(val_y, val_prob, threshold, run_dir / "validation",
+                                  [s.path for s in val_samples])
+
+    if "test" in split_data:
+        test_samples, test_images = split_data["test"]
+        test_prob = metrics.sigmoid(evaluate.predict_logits(model, test_images))
+        result = evaluate.evaluate_predictions(np.array([s.label for s in test_samples]), test_prob, threshold,
+                                               run_dir / "test", [s.path for s in test_samples])
+        log.info("test: %s", evaluate.summary_line(result))
+    return run_dir
+
+
+def best_epoch(history_csv: Path) -> int | None:
+    with open(history_csv, newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val_loss")]
+    if not rows:
+        return None
+    return int(min(rows, key=lambda r: float(r["val_loss"]) if not math.isnan(float(r["val_loss"])) else math.inf)["epoch"])

@@ -1,0 +1,49 @@
+import pytest
+import torch
+
+from pneumoscan import artifact, models
+from pneumoscan.errors import UserError
+
+
+def _meta(info, **kw):
+    return artifact.make_meta(architecture="resnet18", head="seed", image_size=32, weights_info=info,
+                              threshold=0.37, threshold_rule="youden", config={"k": 1}, **kw)
+
+
+def test_round_trip_restores_weights_meaning_and_outputs(tmp_path):
+    model, info = models.build("resnet18", weights="none", normalization="inception")
+    model.temperature.fill_(1.7)
+    model.eval()
+    x = torch.rand(2, 1, 32, 32)
+    path = artifact.save(tmp_path / "model.pt", model, _meta(info))
+    loaded, meta = artifact.load(path)
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+    assert meta["threshold"] == 0.37 and meta["temperature"] == pytest.approx(1.7)
+    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"]
+    assert meta["normalization"]["mean"] == [0.5, 0.5, 0.5]
+    # loads with the safe loader only: nothing but tensors and plain values inside
+    torch.load(path, weights_only=True)
+    assert not list(tmp_path.glob("*.tmp*"))
+
+
+def test_tf_padding_survives_the_round_trip(tmp_path):
+    model, info = models.build("mobilenet_v2", weights="none", tf_same_padding=True)
+    model.eval()
+    path = artifact.save(tmp_path / "m.pt", model, _meta(info) | {"architecture": "mobilenet_v2"})
+    loaded, meta = artifact.load(path)
+    assert meta["tf_same_padding"]
+    x = torch.rand(1, 1, 64, 64)
+    assert torch.allclose(loaded(x), model(x), atol=1e-6)
+
+
+def test_bad_files_are_user_errors(tmp_path):
+    with pytest.raises(UserError, match="not found"):
+        artifact.load(tmp_path / "nope.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a model")
+    with pytest.raises(UserError, match="not a loadable"):
+        artifact.load(junk)
+    other = tmp_path / "other.pt"
+    torch.save({"weights": torch.zeros(1)}, other)
+    with pytest.raises(UserError, match="not a pneumoscan model"):
+        artifact.load(other)

@@ -1,0 +1,300 @@
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+from sklearn.calibration import calibration_curve
+from sklearn.metrics import (
+    average_precision_score,
+    brier_score_loss,
+    f1_score,
+    log_loss,
+    precision_score,
+    recall_score,
+    roc_auc_score,
+)
+
+from pneumoscan.errors import UserError
+from pneumoscan.metrics import (
+    METRIC_KEYS,
+    _stratified_counts,
+    _weighted_metrics,
+    _weighted_ranking,
+    binary_metrics,
+    bootstrap_ci,
+    brier,
+    choose_threshold,
+    confusion,
+    expected_calibration_error,
+    fit_temperature,
+    reliability_curve,
+    sigmoid,
+)
+
+Y = [0, 0, 1, 1, 1]
+P = [0.1, 0.6, 0.4, 0.8, 0.9]
+
+
+def noisy_scores(n: int, seed: int = 0, decimals: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Imbalanced labels with informative but imperfect scores; rounding creates ties."""
+    rng = np.random.default_rng(seed)
+    y = (rng.random(n) < 0.6).astype(int)
+    p = sigmoid(1.5 * (2 * y - 1) + rng.normal(0, 1.5, n))
+    return y, (p.round(decimals) if decimals is not None else p)
+
+
+# ---------------------------------------------------------------- point metrics
+
+
+def test_binary_metrics_by_hand():
+    m = binary_metrics(Y, P, 0.5)
+    # pred = [0, 1, 0, 1, 1]: tn=1 fp=1 fn=1 tp=2
+    assert m["confusion_matrix"] == [[1, 1], [1, 2]]
+    assert m["n"] == 5 and m["threshold"] == 0.5
+    assert m["accuracy"] == pytest.approx(3 / 5)
+    assert m["precision"] == pytest.approx(2 / 3)
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["specificity"] == pytest.approx(1 / 2)
+    assert m["f1"] == pytest.approx(2 / 3)
+    # 5 of the 6 (positive, negative) pairs are ordered correctly; only (.4, .6) is not
+    assert m["roc_auc"] == pytest.approx(5 / 6)
+    # ranked .9+ .8+ .6- .4+ .1-: precision at each positive is 1, 1, 3/4
+    assert m["pr_auc"] == pytest.approx((1 + 1 + 3 / 4) / 3)
+    assert m["loss"] == pytest.approx(-np.log([0.9, 0.4, 0.4, 0.8, 0.9]).mean())
+
+
+def test_binary_metrics_match_sklearn():
+    y, p = noisy_scores(400, decimals=2)
+    m = binary_metrics(y, p, 0.4)
+    pred = p >= 0.4
+    assert m["precision"] == pytest.approx(precision_score(y, pred))
+    assert m["recall"] == pytest.approx(recall_score(y, pred))
+    assert m["specificity"] == pytest.approx(recall_score(1 - y, ~pred))
+    assert m["f1"] == pytest.approx(f1_score(y, pred))
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p))
+    assert m["pr_auc"] == pytest.approx(average_precision_score(y, p))
+    assert m["loss"] == pytest.approx(log_loss(y, np.clip(p, 1e-7, 1 - 1e-7)))
+
+
+def test_binary_metrics_keys_and_plain_types():
+    m = binary_metrics(Y, P, 0.5)
+    assert set(m) == {"n", "threshold", *METRIC_KEYS, "confusion_matrix"}
+    for key, value in m.items():
+        if key == "confusion_matrix":
+            assert all(type(v) is int for row in value for v in row)
+        else:
+            assert type(value) in (int, float), key
+    json.dumps(m)
+
+
+def test_loss_is_clipped():
+    assert math.isfinite(binary_metrics([1, 0], [0.0, 1.0], 0.5)["loss"])
+
+
+def test_confusion_is_always_2x2():
+    assert confusion([0, 0], [0, 0]) == [[2, 0], [0, 0]]
+    assert confusion([1], [1]) == [[0, 0], [0, 1]]
+
+
+def test_single_class_gives_nan_auc_without_raising():
+    m = binary_metrics([1, 1, 1], [0.2, 0.7, 0.9], 0.5)
+    assert math.isnan(m["roc_auc"]) and math.isnan(m["pr_auc"])
+    assert m["recall"] == pytest.approx(2 / 3)
+    assert m["specificity"] == 0.0  # no negatives: zero_division=0
+    assert m["confusion_matrix"] == [[0, 0], [1, 2]]
+
+
+def test_sigmoid_is_stable():
+    x = np.array([-1000.0, -5.0, 0.0, 5.0, 1000.0])
+    with np.errstate(all="raise"):
+        s = sigmoid(x)
+    assert s[0] == 0.0 and s[-1] == 1.0 and s[2] == 0.5
+    np.testing.assert_allclose(s[1:4], 1 / (1 + np.exp(-x[1:4])))
+
+
+# ---------------------------------------------------------------- bootstrap
+
+
+@pytest.mark.parametrize("decimals", [None, 1])
+def test_vectorised_ranking_matches_sklearn_with_ties(decimals):
+    y, p = noisy_scores(300, seed=1, decimals=decimals)
+    if decimals is not None:
+        assert np.unique(p).size < 15  # heavy ties
+    w = np.random.default_rng(2).integers(0, 4, size=(3, y.size)).astype(float)
+    w[0] = 1.0
+    auc, ap = _weighted_ranking(y, p, w)
+    for b in range(3):
+        assert auc[b] == pytest.approx(roc_auc_score(y, p, sample_weight=w[b]), abs=1e-12)
+        assert ap[b] == pytest.approx(average_precision_score(y, p, sample_weight=w[b]), abs=1e-12)
+
+
+def test_vectorised_metrics_equal_binary_metrics_on_each_resample():
+    y, p = noisy_scores(120, seed=3, decimals=1)
+    counts = _stratified_counts(y, 5, np.random.default_rng(0))
+    fast = _weighted_metrics(y, p, 0.5, counts)
+    for b in range(5):
+        idx = np.repeat(np.arange(y.size), counts[b].astype(int))  # the resample, spelled out
+        slow = binary_metrics(y[idx], p[idx], 0.5)
+        for key in METRIC_KEYS:
+            assert fast[key][b] == pytest.approx(slow[key], abs=1e-12), key
+
+
+def test_resampling_is_stratified():
+    y = np.array([0] * 7 + [1] * 13)
+    counts = _stratified_counts(y, 50, np.random.default_rng(0))
+    assert (counts[:, y == 1].sum(axis=1) == 13).all()
+    assert (counts[:, y == 0].sum(axis=1) == 7).all()
+    assert counts[:, y == 1].std(axis=0).max() > 0  # and it does resample
+
+
+def test_separable_case_has_degenerate_auc_interval():
+    # a plain bootstrap could draw a resample without positives; stratified never does
+    y = np.array([0] * 30 + [1] * 3)
+    p = np.r_[np.linspace(0.0, 0.4, 30), [0.8, 0.9, 0.95]]
+    ci = bootstrap_ci(y, p, 0.5, n_resamples=500)
+    assert ci["roc_auc"] == [1.0, 1.0] and ci["pr_auc"] == [1.0, 1.0]
+    assert ci["accuracy"] == [1.0, 1.0]
+
+
+def test_bootstrap_ci_contains_estimate_and_is_seeded():
+    y, p = noisy_scores(300)
+    point = binary_metrics(y, p, 0.5)
+    ci = bootstrap_ci(y, p, 0.5, n_resamples=500, seed=7)
+    assert list(ci) == list(METRIC_KEYS)
+    for key in METRIC_KEYS:
+        low, high = ci[key]
+        assert low < point[key] < high, key
+        assert type(low) is float and type(high) is float
+    assert bootstrap_ci(y, p, 0.5, n_resamples=500, seed=7) == ci
+    assert bootstrap_ci(y, p, 0.5, n_resamples=500, seed=8) != ci
+
+
+def test_bootstrap_ci_narrows_with_more_data():
+    width = {}
+    for n in (100, 2000):
+        y, p = noisy_scores(n, seed=n)
+        ci = bootstrap_ci(y, p, 0.5, n_resamples=400)
+        width[n] = {k: ci[k][1] - ci[k][0] for k in METRIC_KEYS}
+    for key in METRIC_KEYS:
+        assert width[2000][key] < width[100][key], key
+
+
+def test_bootstrap_single_class_gives_nan_auc():
+    ci = bootstrap_ci([0, 0, 0, 0], [0.1, 0.2, 0.7, 0.3], 0.5, n_resamples=50)
+    assert all(math.isnan(v) for v in ci["roc_auc"] + ci["pr_auc"])
+    assert ci["accuracy"][0] < 0.75 < ci["accuracy"][1]  # one false positive in four
+
+
+def test_bootstrap_is_fast():
+    y, p = noisy_scores(1000)
+    start = time.perf_counter()
+    bootstrap_ci(y, p, 0.5, n_resamples=2000)
+    assert time.perf_counter() - start < 5.0  # typically well under a second; loose for shared CPUs
+
+
+# ---------------------------------------------------------------- thresholds
+
+
+def test_youden_by_hand():
+    # thresholds .8 -> (tpr 2/3, fpr 0), J = 2/3; .4 -> (1, 1/2), J = 1/2; others lower
+    assert choose_threshold(Y, P, "youden") == pytest.approx(0.8)
+
+
+def test_youden_is_a_probability():
+    # the best cut here is "everything positive" at the lowest score, never roc_curve's inf
+    t = choose_threshold([0, 1, 1], [0.9, 0.95, 0.99], "youden")
+    assert 0.0 <= t <= 1.0
+
+
+def test_sensitivity_by_hand():
+    assert choose_threshold(Y, P, "sensitivity:0.6") == pytest.approx(0.8)  # 2 of 3 positives
+    assert choose_threshold(Y, P, "sensitivity:1") == pytest.approx(0.4)
+
+
+def test_sensitivity_is_highest_threshold_reaching_target():
+    y, p = noisy_scores(500, seed=4, decimals=2)
+    t = choose_threshold(y, p, "sensitivity:0.95")
+    assert recall_score(y, p >= t) >= 0.95
+    higher = np.unique(p[p > t])
+    assert higher.size and recall_score(y, p >= higher[0]) < 0.95
+
+
+@pytest.mark.parametrize("rule, expected", [("0.5", 0.5), ("0.3", 0.3), (" 0 ", 0.0), ("1", 1.0)])
+def test_numeric_threshold(rule, expected):
+    assert choose_threshold(Y, P, rule) == expected
+    assert choose_threshold([1, 1], [0.2, 0.3], rule) == expected  # no class requirement
+
+
+BAD_RULES = ["bogus", "", "youden:0.9", "sensitivity:", "sensitivity:x", "sensitivity:1.5", "sensitivity:0",
+             "1.5", "-0.1", "nan"]
+
+
+@pytest.mark.parametrize("rule", BAD_RULES)
+def test_invalid_rule_is_a_user_error(rule):
+    with pytest.raises(UserError, match="youden"):
+        choose_threshold(Y, P, rule)
+
+
+@pytest.mark.parametrize("rule", ["youden", "sensitivity:0.95"])
+def test_fitted_rule_needs_both_classes(rule):
+    with pytest.raises(UserError, match="validation split"):
+        choose_threshold([1, 1, 1], [0.2, 0.5, 0.9], rule)
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def test_brier_by_hand():
+    # ((0.2 - 0)^2 + (0.7 - 1)^2 + (1.0 - 1)^2) / 3 = (0.04 + 0.09 + 0) / 3
+    assert brier([0, 1, 1], [0.2, 0.7, 1.0]) == pytest.approx(0.13 / 3)
+    y, p = noisy_scores(200)
+    assert brier(y, p) == pytest.approx(brier_score_loss(y, p))
+
+
+def test_ece_by_hand():
+    # 2 bins. [0, .5): p = .1 .3 .4 (mean 0.8/3), y = 0 0 1 (rate 1/3) -> gap 1/15
+    #         [.5, 1]: p = .6 .8 .9 (mean 2.3/3), y = 1 1 0 (rate 2/3) -> gap 0.1
+    # ECE = 3/6 * 1/15 + 3/6 * 0.1 = 1/30 + 1/20 = 1/12
+    y = [0, 0, 1, 1, 1, 0]
+    p = [0.1, 0.3, 0.4, 0.6, 0.8, 0.9]
+    assert expected_calibration_error(y, p, n_bins=2) == pytest.approx(1 / 12)
+    mean_pred, frac_pos, count = reliability_curve(y, p, n_bins=2)
+    np.testing.assert_allclose(mean_pred, [0.8 / 3, 2.3 / 3])
+    np.testing.assert_allclose(frac_pos, [1 / 3, 2 / 3])
+    assert count.tolist() == [3, 3]
+
+
+def test_ece_is_zero_when_calibrated_per_bin():
+    assert expected_calibration_error([0, 1, 0, 1], [0.5, 0.5, 0.5, 0.5]) == pytest.approx(0.0)
+    assert expected_calibration_error([0, 1], [0.0, 1.0]) == pytest.approx(0.0)
+
+
+def test_reliability_curve_matches_sklearn():
+    y, p = noisy_scores(500, seed=5)
+    mean_pred, frac_pos, count = reliability_curve(y, p, n_bins=10)
+    sk_true, sk_pred = calibration_curve(y, p, n_bins=10, strategy="uniform")
+    np.testing.assert_allclose(frac_pos, sk_true)
+    np.testing.assert_allclose(mean_pred, sk_pred)
+    assert count.sum() == 500 and (count > 0).all()
+
+
+def test_reliability_bins_are_closed_on_the_left():
+    # a score on an edge belongs to the bin above, as in sklearn; 1.0 joins the last bin
+    mean_pred, _, count = reliability_curve([0, 1, 1], [0.2, 0.5, 1.0], n_bins=2)
+    assert mean_pred.tolist() == [0.2, 0.75] and count.tolist() == [1, 2]
+
+
+def test_temperature_undoes_overconfidence():
+    rng = np.random.default_rng(0)
+    true_logits = rng.normal(0.0, 2.0, 20_000)
+    y = (rng.random(true_logits.size) < sigmoid(true_logits)).astype(int)
+    logits = 4 * true_logits  # overconfident by a factor of 4
+    t = fit_temperature(logits, y)
+    assert t == pytest.approx(4.0, rel=0.1)
+    assert log_loss(y, sigmoid(logits / t)) < log_loss(y, sigmoid(logits))
+    assert expected_calibration_error(y, sigmoid(logits / t)) < expected_calibration_error(y, sigmoid(logits))
+
+
+def test_temperature_single_class_is_identity():
+    assert fit_temperature([3.0, -1.0, 2.0], [1, 1, 1]) == 1.0

@@ -1,0 +1,96 @@
+import pytest
+import torch
+
+from pneumoscan import models
+from pneumoscan.errors import UserError
+
+SHARED_WEIGHTS = "../shared/weights/mobilenet_v2_imagenet.pth"
+
+
+@pytest.mark.parametrize("name", list(models.BACKBONES))
+def test_every_backbone_builds_frozen_and_outputs_one_logit(name):
+    model, info = models.build(name, weights="none")
+    x = torch.rand(2, 1, 32, 32)
+    model.train()
+    assert model(x).shape == (2,)
+    assert not any(p.requires_grad for p in model.features.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
+    # frozen stages keep BatchNorm in eval mode even while the model trains
+    assert all(not m.training for stage in model.features.children() for m in stage.modules())
+    assert model.get_submodule(models.BACKBONES[name].cam_layer) is not None
+    assert info["normalization"] == "imagenet"
+
+
+def test_seed_head_is_the_studys_experiment_9():
+    head = models.build_head("seed", 1280)
+    kinds = [type(m).__name__ for m in head]
+    assert kinds == ["Linear", "ReLU", "BatchNorm1d", "BatchNorm1d", "Linear", "ReLU", "Linear"]
+    assert head[0].out_features == 64 and head[4].out_features == 32 and head[-1].out_features == 1
+
+
+def test_head_spec_with_dropout_and_bad_spec():
+    head = models.build_head("128,d0.3,bn", 10)
+    assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Dropout", "BatchNorm1d", "Linear"]
+    with pytest.raises(UserError, match="bad head spec"):
+        models.build_head("64,foo", 10)
+
+
+def test_unknown_backbone_lists_valid_names():
+    with pytest.raises(UserError, match="mobilenet_v2, resnet18"):
+        models.build("vgg99")
+
+
+def test_unfreeze_blocks_trains_last_stages_with_own_lr():
+    model, info = models.build("resnet18", weights="none", unfreeze_blocks=2)
+    stages = list(model.features.children())
+    assert info["frozen_stages"] == 3
+    assert not any(p.requires_grad for p in stages[2].parameters())
+    assert all(p.requires_grad for p in stages[3].parameters())
+    groups = models.parameter_groups(model, lr=1e-3, backbone_lr=1e-4)
+    assert [g["lr"] for g in groups] == [1e-3, 1e-4]
+    model.train()
+    assert stages[4].training and not stages[1].training
+
+
+def test_normalisation_and_temperature_live_in_the_model():
+    model, _ = models.build("mobilenet_v2", weights="none", normalization="inception")
+    assert torch.allclose(model.mean.flatten(), torch.tensor([0.5, 0.5, 0.5]))
+    model.eval()
+    x = torch.rand(3, 1, 32, 32)
+    logits = model(x)
+    model.temperature.fill_(2.0)
+    assert torch.allclose(model(x), logits / 2)
+
+
+def test_unknown_weights_file_needs_explicit_normalisation(tmp_path):
+    model, _ = models.build("resnet18", weights="none")
+    full = models.BACKBONES["resnet18"].build()
+    path = tmp_path / "resnet.pth"
+    torch.save(full.state_dict(), path)
+    with pytest.raises(UserError, match="--weights-normalization"):
+        models.build("resnet18", weights=str(path))
+    _, info = models.build("resnet18", weights=str(path), normalization="imagenet")
+    assert info["sha256"] and info["normalization"] == "imagenet"
+
+
+def test_wrong_state_dict_and_missing_file_are_user_errors(tmp_path):
+    path = tmp_path / "other.pth"
+    torch.save(models.BACKBONES["resnet18"].build().state_dict(), path)
+    with pytest.raises(UserError, match="not a mobilenet_v2 state_dict"):
+        models.build("mobilenet_v2", weights=str(path), normalization="imagenet")
+    with pytest.raises(UserError, match="not found"):
+        models.build("mobilenet_v2", weights=str(tmp_path / "missing.pth"))
+
+
+def test_tf_same_padding_matches_explicit_padding():
+    conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
+    x = torch.rand(1, 3, 8, 8)
+    expected = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2)
+    models.use_tf_same_padding(torch.nn.Sequential(conv))
+    assert torch.allclose(conv(x), expected)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists(SHARED_WEIGHTS), reason="shared weights not beside the repo")
+def test_shared_weights_are_recognised():
+    _, info = models.build("mobilenet_v2", weights=SHARED_WEIGHTS)
+    assert info["normalization"] == "inception" and info["tf_same_padding"]
