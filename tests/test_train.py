@@ -73,7 +73,9 @@ def test_resume_continues_from_last_checkpoint(tiny_dataset, tmp_path):
     _, meta = artifact.load(run / "model.pt")
     assert meta["training"]["epochs_run"] == 2
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)
-    assert ckpt["epoch"] == 2
+    assert ckpt["epoch"] == 1  # Lightning counts epochs from 0
+    with open(run / "history.csv") as f:
+        assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]  # the first session's epoch is kept
 
 
 def test_resume_without_checkpoint_is_a_user_error(tmp_path):
@@ -86,3 +88,20 @@ def test_threshold_rule_comes_from_validation(tiny_dataset, tmp_path):
     _, meta = artifact.load(run / "model.pt")
     val = json.loads((run / "validation" / "metrics.json").read_text())
     assert val["recall"] >= 0.95 and meta["threshold_rule"] == "sensitivity:0.95"
+
+
+def test_fast_path_caches_features_and_matches_slow_path_shape(tiny_dataset, tmp_path, caplog):
+    config = tiny_config(tiny_dataset, tmp_path / "runs", epochs=2)
+    config.train.views = 2
+    fast = train.fit(config)
+    assert list((tmp_path / "runs" / ".feature-cache").glob("features-*.pt"))
+    config.name = "again"
+    with caplog.at_level("INFO", logger="pneumoscan.features"):
+        train.fit(config)
+    assert "features from cache" in caplog.text
+    config.name, config.train.feature_cache = "slow", False
+    slow = train.fit(config)
+    for run in (fast, slow):
+        assert json.loads((run / "validation" / "metrics.json").read_text())["n"] > 0
+        _, meta = artifact.load(run / "model.pt")
+        assert meta["training"]["epochs_run"] == 2

@@ -81,3 +81,15 @@ def load(path: str | Path) -> tuple[models.Classifier, dict]:
     model.eval()
     log.debug("loaded %s (%s, threshold %.3f)", path, meta["architecture"], meta["threshold"])
     return model, meta
+
+
+BUNDLED_MODEL = Path(__file__).parent / "assets" / "model.pt"
+
+
+def resolve(path: str | Path | None) -> Path:
+    """The model a command should use: the one given, else the model shipped with the package."""
+    if path:
+        return Path(path)
+    if BUNDLED_MODEL.is_file():
+        return BUNDLED_MODEL
+    raise UserError("no --model given and this installation has no bundled model")

@@ -39,11 +39,24 @@ class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaults
     pass
 
 
-def _progress_bar(desc: str):
-    from tqdm.auto import tqdm
+class StageBars:
+    """tqdm bars for the library's (stage, done, total) progress callbacks; silent when not a terminal."""
 
-    bar = tqdm(desc=desc, unit="img", leave=False, file=sys.stderr, disable=not sys.stderr.isatty())
-    return bar, (lambda done: bar.update(done - bar.n))
+    def __init__(self):
+        self.bars: dict = {}
+
+    def __call__(self, stage: str, done: int, total: int) -> None:
+        from tqdm.auto import tqdm
+
+        if stage not in self.bars:
+            self.bars[stage] = tqdm(desc=stage, total=total or None, unit="img", leave=False, file=sys.stderr,
+                                    disable=not sys.stderr.isatty())
+        bar = self.bars[stage]
+        bar.update(done - bar.n)
+
+    def close(self) -> None:
+        for bar in self.bars.values():
+            bar.close()
 
 
 # --- train -------------------------------------------------------------------------------------
@@ -59,6 +72,7 @@ TRAIN_FLAGS = {
     "epochs": ("train", "epochs"), "lr": ("train", "lr"), "backbone_lr": ("train", "backbone_lr"),
     "patience": ("train", "patience"), "seed": ("train", "seed"), "precision": ("train", "precision"),
     "threshold": ("train", "threshold"), "max_train_batches": ("train", "max_train_batches"),
+    "feature_cache": ("train", "feature_cache"), "views": ("train", "views"), "cache_dir": ("train", "cache_dir"),
     "devices": ("train", "devices"), "num_nodes": ("train", "num_nodes"), "strategy": ("train", "strategy"),
     "out": (None, "out_dir"), "name": (None, "name"),
 }
@@ -90,14 +104,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     from pneumoscan import train
 
     config = config_from_args(args)
-    bar, tick = _progress_bar("decoding images")
+    bars = StageBars()
     try:
-        run_dir = train.fit(config, resume_dir=args.resume, callbacks=[TQDMProgressBar()], decode_progress=tick)
+        run_dir = train.fit(config, resume_dir=args.resume, callbacks=[TQDMProgressBar()], progress=bars)
     except KeyboardInterrupt:
         print("\ninterrupted; continue with: pneumoscan train --resume RUN_FOLDER", file=sys.stderr)
         return 130
     finally:
-        bar.close()
+        bars.close()
     print(f"run folder: {run_dir}")
     print(f"model:      {run_dir / 'model.pt'}")
     if (run_dir / "test" / "metrics.json").exists():
@@ -142,6 +156,11 @@ def add_train(sub) -> None:
     g.add_argument("--seed", type=int, help=f"[{d.train.seed}]")
     g.add_argument("--precision", choices=["auto", "32", "bf16"], help=f"[{d.train.precision}]")
     g.add_argument("--max-train-batches", type=float, help=argparse.SUPPRESS)
+    g.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
+                   help="with a frozen backbone, run it on every batch instead of training the head on "
+                   "cached features (the slow path; same model, ~50x slower)")
+    g.add_argument("--views", type=int, help=f"augmented views per image in the feature cache [{d.train.views}]")
+    g.add_argument("--cache-dir", help="feature cache folder [OUT/.feature-cache]")
     g = p.add_argument_group("scale out (Lightning)")
     g.add_argument("--devices", type=int, help="devices per node [1]")
     g.add_argument("--num-nodes", type=int, help="[1]")
@@ -159,12 +178,13 @@ def add_train(sub) -> None:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from pneumoscan import evaluate
 
-    bar, tick = _progress_bar("decoding images")
+    bars = StageBars()
     try:
         evaluate.run(args.model, args.data, args.out, threshold=args.threshold, split=args.split,
-                     strict=args.strict, n_bootstrap=args.bootstrap, decode_progress=tick)
+                     strict=args.strict, n_bootstrap=args.bootstrap,
+                     decode_progress=lambda k: bars("decoding images", k, 0))
     finally:
-        bar.close()
+        bars.close()
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
     return 0
 

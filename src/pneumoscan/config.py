@@ -44,6 +44,9 @@ class TrainConfig:
     precision: str = "auto"  # auto | 32 | bf16
     threshold: str = "youden"  # 0.5 | youden | sensitivity:0.95 | any float
     max_train_batches: float = 1.0  # fraction or count; for quick tests
+    feature_cache: bool = True  # frozen backbone: train the head on cached features (fast path)
+    views: int = 8  # augmented views per training image in the feature cache
+    cache_dir: str = ""  # default: <out_dir>/.feature-cache
     devices: int = 1
     num_nodes: int = 1
     strategy: str = "auto"

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
 from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryPrecision, BinaryRecall
 
-from pneumoscan import artifact, data, evaluate, metrics, models, plots, transforms
+from pneumoscan import artifact, data, evaluate, features, metrics, models, plots, transforms
 from pneumoscan.config import RunConfig
 from pneumoscan.errors import UserError
 from pneumoscan.files import write_csv, write_json, write_text
@@ -45,9 +45,10 @@ class LitClassifier(L.LightningModule):
     """Weighted BCE on train (the study's class weights); plain BCE on validation, as Keras reports it."""
 
     def __init__(self, model: models.Classifier, class_weights=(1.0, 1.0), lr: float = 1e-3,
-                 backbone_lr: float = 1e-4):
+                 backbone_lr: float = 1e-4, from_features: bool = False):
         super().__init__()
         self.model = model
+        self.from_features = from_features  # batches hold cached backbone features, not images
         self.register_buffer("class_weight", torch.tensor(class_weights, dtype=torch.float32))
         self.lr, self.backbone_lr = lr, backbone_lr
         self.train_metrics = epoch_metrics("train_")
@@ -58,7 +59,7 @@ class LitClassifier(L.LightningModule):
 
     def _step(self, batch, stage: str, collection: MetricCollection) -> torch.Tensor:
         x, y = batch
-        logits = self.model(x).float()
+        logits = (self.model.classify(x) if self.from_features else self.model(x)).float()
         weight = self.class_weight[y.long()] if stage == "train" else None
         loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight)
         collection.update(torch.sigmoid(logits), y.int())
@@ -94,15 +95,17 @@ def new_run_dir(config: RunConfig) -> Path:
     return run_dir
 
 
-def tidy_history(csv_logger_file: Path, out: Path) -> Path:
-    """Lightning's CSV logger writes train and val metrics on separate rows; one row per epoch is easier to read."""
+def tidy_history(run_dir: Path, out: Path) -> Path:
+    """One row per epoch from Lightning's CSV logs (which put train and val on separate rows, and
+    start a new folder each time a run is resumed)."""
     by_epoch: dict[int, dict[str, str]] = {}
-    with open(csv_logger_file, newline="") as f:
-        for row in csv.DictReader(f):
-            if row.get("epoch", "") == "":
-                continue
-            epoch = int(float(row["epoch"]))
-            by_epoch.setdefault(epoch, {}).update({k: v for k, v in row.items() if v != "" and k != "step"})
+    for log_file in sorted(run_dir.glob("logs*/metrics.csv"), key=lambda p: (len(p.parent.name), p.parent.name)):
+        with open(log_file, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("epoch", "") == "":
+                    continue
+                epoch = int(float(row["epoch"]))
+                by_epoch.setdefault(epoch, {}).update({k: v for k, v in row.items() if v != "" and k != "step"})
     columns = ["epoch"] + sorted({k for row in by_epoch.values() for k in row} - {"epoch"})
     rows = [[by_epoch[e].get(c, "") if c != "epoch" else e + 1 for c in columns] for e in sorted(by_epoch)]
     return write_csv(out, columns, rows)
@@ -139,8 +142,44 @@ def make_loader(images: np.ndarray, labels, batch_size: int, num_workers: int, t
                       persistent_workers=num_workers > 0, drop_last=shuffle and len(ds) > batch_size)
 
 
+def log_version(run_dir: Path) -> str:
+    """``logs`` for a new run, ``logs-2``, ``logs-3``... for each resume, so no history is overwritten."""
+    n = 1
+    while (run_dir / ("logs" if n == 1 else f"logs-{n}")).exists():
+        n += 1
+    return "logs" if n == 1 else f"logs-{n}"
+
+
+Progress = Callable[[str, int, int], None]  # (stage, done, total), for a CLI progress bar
+
+
+def feature_loaders(config: RunConfig, model: models.Classifier, weights_info: dict, split_data: dict,
+                    augment, progress: Progress | None) -> tuple[DataLoader, DataLoader]:
+    """The fast path's loaders: cached features of augmented train views and of plain val images."""
+    tc, dc = config.train, config.data
+    cache_dir = tc.cache_dir or str(Path(config.out_dir) / ".feature-cache")
+    bf16 = resolve_precision(tc.precision) == "bf16-mixed"
+    key_info = {"model_info": {"architecture": config.model.backbone, "source": weights_info["source"],
+                               "sha256": weights_info["sha256"], "normalization": weights_info["normalization"],
+                               "tf_same_padding": weights_info["tf_same_padding"]},
+                "image_size": dc.image_size}
+    loaders = []
+    for split, views, transform in (("train", tc.views if augment else 1, augment), ("val", 1, None)):
+        samples, images = split_data[split]
+        stage = f"embedding {split} ({views} view{'s' if views > 1 else ''})"
+        feats = features.cached_embed(
+            model, images, samples, cache_dir=cache_dir, key_info=key_info | {"augment": dc.augment if transform else "none"},
+            transform=transform, views=views, seed=tc.seed, bf16=bf16, num_workers=dc.num_workers,
+            progress=(lambda k, s=stage, n=views * len(images): progress(s, k, n)) if progress else None)
+        ds = features.FeatureDataset(feats, [s.label for s in samples])
+        shuffle = split == "train"
+        loaders.append(DataLoader(ds, batch_size=dc.batch_size * (1 if shuffle else 4), shuffle=shuffle,
+                                  drop_last=shuffle and len(ds) > dc.batch_size))
+    return loaders[0], loaders[1]
+
+
 def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: list | None = None,
-        decode_progress: Callable[[int], None] | None = None) -> Path:
+        progress: Progress | None = None) -> Path:
     """Train, calibrate, choose the threshold, save model.pt; returns the run folder."""
     resuming = resume_dir is not None
     if resuming:
@@ -160,7 +199,9 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
                                        unfreeze_blocks=mc.unfreeze_blocks, normalization=mc.weights_normalization)
     metrics.choose_threshold([0, 1], [0.2, 0.8], tc.threshold)  # validates the rule now, not after training
     samples = split_samples(config, run_dir / "manifest.csv" if resuming else None)
-    kept, images, skipped = data.load_images(samples, dc.image_size, strict=dc.strict, progress=decode_progress)
+    kept, images, skipped = data.load_images(
+        samples, dc.image_size, strict=dc.strict,
+        progress=(lambda k: progress("decoding images", k, len(samples))) if progress else None)
     if not resuming:
         run_dir, last = new_run_dir(config), None
         run_dir.mkdir(parents=True)
@@ -175,19 +216,23 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
     log.info("train %d images, val %d; class weights NORMAL %.4f, PNEUMONIA %.4f",
              len(train_samples), len(val_samples), *weights)
 
-    train_loader = make_loader(train_images, y_train, dc.batch_size, dc.num_workers,
-                               transforms.train_transform(dc.augment, dc.image_size), shuffle=True)
-    val_loader = make_loader(val_images, [s.label for s in val_samples], dc.batch_size * 2, 0)
-
-    lit = LitClassifier(model, weights, tc.lr, tc.backbone_lr)
+    y_val = [s.label for s in val_samples]
+    fast = mc.unfreeze_blocks == 0 and tc.feature_cache
+    augment = transforms.train_transform(dc.augment, dc.image_size)
+    if fast:
+        train_loader, val_loader = feature_loaders(config, model, weights_info, split_data, augment, progress)
+    else:
+        train_loader = make_loader(train_images, y_train, dc.batch_size, dc.num_workers, augment, shuffle=True)
+        val_loader = make_loader(val_images, y_val, dc.batch_size * 2, 0)
+    lit = LitClassifier(model, weights, tc.lr, tc.backbone_lr, from_features=fast)
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
                                  mode="min", save_top_k=1, save_last=True)
     callbacks = list(callbacks or [])
     trainer = L.Trainer(
         max_epochs=tc.epochs, accelerator="auto", devices=tc.devices, num_nodes=tc.num_nodes,
-        strategy=tc.strategy, precision=resolve_precision(tc.precision),
+        strategy=tc.strategy, precision="32-true" if fast else resolve_precision(tc.precision),
         callbacks=[EarlyStopping("val_loss", patience=tc.patience, mode="min"), checkpoint, *callbacks],
-        logger=CSVLogger(run_dir, name="", version="logs"), deterministic=False,
+        logger=CSVLogger(run_dir, name="", version=log_version(run_dir)), deterministic=False,
         enable_progress_bar=any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks),
         enable_model_summary=False, limit_train_batches=int(tc.max_train_batches) if tc.max_train_batches > 1 else tc.max_train_batches, log_every_n_steps=1,
         default_root_dir=run_dir,
@@ -203,7 +248,7 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
     lit.load_state_dict(state)  # early stopping's "restore best weights"
     model = lit.model.cpu().float().eval()
 
-    history = tidy_history(Path(trainer.logger.log_dir) / "metrics.csv", run_dir / "history.csv")
+    history = tidy_history(run_dir, run_dir / "history.csv")
     plots.training_curves(history, run_dir / "curves.png")
 
     # Calibrate, then choose the operating point, both on validation only.
