@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-import torchvision.transforms.v2.functional as F
 
 from pneumoscan.errors import UserError
-from pneumoscan.transforms import AUGMENTATIONS, train_transform
+from pneumoscan.transforms import AUGMENTATIONS, SeedAugment, train_transform
 
 
 @pytest.mark.parametrize("size", [16, 17, 32])
@@ -41,19 +38,31 @@ def test_seed_fills_nearest_not_black():
         assert y.min() == 255
 
 
-@pytest.mark.parametrize("size", [16, 33, 64])
-def test_padding_covers_worst_case(size):
-    t = train_transform("seed", size)
-    pad, affine = t.transforms[0].padding, t.transforms[1]
-    padded = size + 2 * (pad if isinstance(pad, int) else pad[0])
-    x = torch.full((1, padded, padded), 255, dtype=torch.uint8)
-    shift = round(affine.translate[0] * padded)
-    assert abs(shift - 0.2 * size) <= 1  # shifts are a fraction of the original size, not the padded one
-    for angle, tx, ty, shear in itertools.product((-20, 20), (-shift, shift), (-shift, shift), (-0.15, 0.15)):
-        y = F.affine(
-            x, angle=angle, translate=[tx, ty], scale=0.85, shear=[shear, 0.0], interpolation=affine.interpolation
-        )
-        assert F.center_crop(y, [size, size]).min() == 255
+def test_identity_parameters_leave_the_image_unchanged_and_flip_flips():
+    aug = SeedAugment()
+    x = torch.randint(0, 256, (2, 1, 20, 20), dtype=torch.uint8)
+    identity = torch.tensor([[0, 0, 0, 0, 1, 1, 0], [0, 0, 0, 0, 1, 1, 1]], dtype=torch.float32)
+    grid = torch.nn.functional.affine_grid(aug.theta(identity), [2, 1, 20, 20], align_corners=False)
+    y = torch.nn.functional.grid_sample(x.float(), grid, align_corners=False, padding_mode="border")
+    assert torch.allclose(y[0], x[0].float(), atol=1e-3)
+    assert torch.allclose(y[1], x[1].float().flip(-1), atol=1e-3)
+
+
+def test_shift_moves_content_by_a_fraction_of_the_size_with_edge_fill():
+    x = torch.zeros(1, 1, 10, 10)
+    x[..., :, 5:] = 100.0  # right half bright
+    params = torch.tensor([[0, 0.2, 0, 0, 1, 1, 0]])  # tx = 20% of width: sample 2 px to the right
+    grid = torch.nn.functional.affine_grid(SeedAugment.theta(params), [1, 1, 10, 10], align_corners=False)
+    y = torch.nn.functional.grid_sample(x, grid, align_corners=False, padding_mode="border")
+    assert torch.equal(y[0, 0, 0], torch.tensor([0, 0, 0, 100, 100, 100, 100, 100, 100, 100.0]))
+
+
+def test_per_image_seeds_do_not_depend_on_the_batch():
+    aug = SeedAugment()
+    x = torch.randint(0, 256, (3, 1, 16, 16), dtype=torch.uint8)
+    together = aug(x, seeds=[1, 2, 3])
+    alone = aug(x[1:2], seeds=[2])
+    assert torch.equal(together[1], alone[0])
 
 
 def test_none_and_unknown():

@@ -5,7 +5,8 @@ running it every epoch is wasted work: 30 epochs of the seed study spend ~99% of
 Instead each training image is embedded once per augmented view (``views`` of them, default 8),
 validation and test images once without augmentation, and the head trains on these vectors —
 an epoch then takes about a second. Each epoch draws one view per image at random, which stands
-in for fresh augmentation. The cache lives on disk keyed by everything that determines it.
+in for fresh augmentation. The store lives on disk, named by the backbone, its weights, image size,
+augmentation, views and seed, and indexed by image path.
 """
 
 from __future__ import annotations
@@ -13,12 +14,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import zlib
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pneumoscan import data, models
 from pneumoscan.files import atomic_path
@@ -26,56 +28,68 @@ from pneumoscan.files import atomic_path
 log = logging.getLogger(__name__)
 
 
-def cache_key(samples: Sequence[data.Sample], *, model_info: dict, image_size: int, augment: str,
-              views: int, seed: int, precision: str) -> str:
-    h = hashlib.sha256()
-    for s in samples:
-        h.update(f"{s.path}\t{s.label}\n".encode())
-    h.update(json.dumps({"model": model_info, "size": image_size, "augment": augment, "views": views,
-                         "seed": seed, "precision": precision}, sort_keys=True).encode())
-    return h.hexdigest()[:24]
+def cache_key(*, model_info: dict, image_size: int, augment: str, views: int, seed: int, precision: str) -> str:
+    """Names one feature store: everything except which images, which the store indexes by path."""
+    blob = json.dumps({"model": model_info, "size": image_size, "augment": augment, "views": views,
+                       "seed": seed, "precision": precision}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def embed(model: models.Classifier, images: np.ndarray, *, transform=None, batch_size: int = 64,
-          bf16: bool = False, num_workers: int = 0, progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Pooled backbone features (N, D) float32; bf16 autocast + channels-last where the CPU has bf16."""
+def embed(model: models.Classifier, images: np.ndarray, *, transform=None, seeds: Sequence[int] | None = None,
+          batch_size: int = 64, bf16: bool = False,
+          progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """Pooled backbone features (N, D) float32; bf16 autocast + channels-last where the CPU has bf16.
+
+    ``transform`` (a batched augmentation such as transforms.SeedAugment) gets one seed per image,
+    so a view is the same whichever images it is batched with.
+    """
     model.eval()
     model.to(memory_format=torch.channels_last)  # outside inference mode: parameters stay ordinary tensors
-    loader = DataLoader(data.ImageDataset(images, np.zeros(len(images)), transform),
-                        batch_size=batch_size, num_workers=num_workers)
-    out, done = [], 0
+    seeds = list(seeds) if seeds is not None else list(range(len(images)))
+    out = []
     with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-        for x, _ in loader:
-            out.append(model.embed(x.contiguous(memory_format=torch.channels_last)).float())
-            done += len(x)
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[i:i + batch_size]).unsqueeze(1)
+            if transform is not None:
+                x = transform(x, seeds=seeds[i:i + batch_size])
+            x = x.float().div_(255).contiguous(memory_format=torch.channels_last)
+            out.append(model.embed(x).float())
             if progress:
-                progress(done)
+                progress(min(i + batch_size, len(images)))
     model.to(memory_format=torch.contiguous_format)
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.zeros(0, model.head[0].in_features)
 
 
 def cached_embed(model: models.Classifier, images: np.ndarray, samples: Sequence[data.Sample], *,
                  cache_dir: str | Path | None, key_info: dict, transform=None, views: int = 1, seed: int = 0,
-                 bf16: bool = False, num_workers: int = 0,
-                 progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """(N, views, D) features, read from ``cache_dir`` when the same inputs were embedded before."""
-    key = cache_key(samples, views=views, seed=seed, precision="bf16" if bf16 else "32", **key_info)
+                 bf16: bool = False, progress: Callable[[int], None] | None = None) -> torch.Tensor:
+    """(N, views, D) features; images already in the store (by resolved path) are not embedded again,
+    so cross-validation folds and runs that differ only in their head share the work."""
+    key = cache_key(views=views, seed=seed, precision="bf16" if bf16 else "32", **key_info)
     path = Path(cache_dir) / f"features-{key}.pt" if cache_dir else None
+    store = {"paths": [], "features": None}
     if path and path.is_file():
-        feats = torch.load(path, map_location="cpu", weights_only=True)
-        if feats.shape[:2] == (len(samples), views):
-            log.info("features from cache %s", path)
-            return feats
-    per_view = []
-    for v in range(views):
-        torch.manual_seed(seed * 1000 + v)  # reproducible augmented views
-        per_view.append(embed(model, images, transform=transform, bf16=bf16, num_workers=num_workers,
-                              progress=(lambda d, v=v: progress(v * len(images) + d)) if progress else None))
-    feats = torch.stack(per_view, dim=1)
-    if path:
-        with atomic_path(path) as tmp:
-            torch.save(feats, tmp)
-    return feats
+        store = torch.load(path, map_location="cpu", weights_only=True)
+    index = {p: i for i, p in enumerate(store["paths"])}
+    names = [str(Path(s.path).resolve()) for s in samples]
+    missing = [i for i, n in enumerate(names) if n not in index]
+    if len(missing) < len(names):
+        log.info("features of %d/%d images from cache %s", len(names) - len(missing), len(names), path)
+    if missing:
+        per_view = []
+        for v in range(views):
+            seeds = [zlib.crc32(f"{names[i]}|{v}|{seed}".encode()) for i in missing]
+            per_view.append(embed(model, images[missing], transform=transform, seeds=seeds, bf16=bf16,
+                                  progress=(lambda d, v=v: progress(v * len(missing) + d)) if progress else None))
+        new = torch.stack(per_view, dim=1).half()  # fp16 halves the store; features are bf16-exact anyway
+        for i in missing:
+            index[names[i]] = len(index)
+        store = {"paths": store["paths"] + [names[i] for i in missing],
+                 "features": new if store["features"] is None else torch.cat([store["features"], new])}
+        if path:
+            with atomic_path(path) as tmp:
+                torch.save(store, tmp)
+    return store["features"][[index[n] for n in names]].float()
 
 
 class FeatureDataset(Dataset):

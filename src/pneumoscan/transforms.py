@@ -1,6 +1,16 @@
 """Training-time augmentation.
 
-"seed" reproduces the seed study's Keras ImageDataGenerator, so results can be compared with it.
+"seed" reproduces the seed study's Keras ImageDataGenerator, so results can be compared with it:
+
+    ImageDataGenerator(rotation_range=20, zoom_range=0.15, width_shift_range=0.2,
+                       height_shift_range=0.2, shear_range=0.15, horizontal_flip=True,
+                       fill_mode="nearest")
+
+It is written as one affine sampling grid per image (``F.affine_grid`` + ``F.grid_sample``) rather
+than torchvision's ``v2.RandomAffine``: that only fills with a constant, and emulating Keras'
+"nearest" fill with it means edge-padding to ~2x the size first — which made augmentation, not the
+network, the slowest part of training. ``padding_mode="border"`` *is* nearest fill, the whole batch
+is transformed in one call, and Keras' independent x/y zoom is reproduced exactly.
 Evaluation uses no transform: images are already decoded at the model's size.
 """
 
@@ -8,10 +18,10 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Sequence
 
 import torch
-from torchvision.transforms import v2
+import torch.nn.functional as F
 
 from pneumoscan.errors import UserError
 
@@ -19,50 +29,67 @@ log = logging.getLogger(__name__)
 
 AUGMENTATIONS = ("seed", "none")
 
-# ImageDataGenerator(rotation_range=20, zoom_range=0.15, width_shift_range=0.2,
-#                    height_shift_range=0.2, shear_range=0.15, horizontal_flip=True, fill_mode="nearest")
-ROTATION = 20.0  # degrees
-SCALE = (0.85, 1.15)  # Keras draws x and y zoom independently; torchvision scales isotropically
-SHIFT = 0.2  # fraction of the original width / height
-SHEAR = 0.15  # Keras' shear_range is in degrees (not radians), as is RandomAffine's shear
 
+class SeedAugment(torch.nn.Module):
+    """Random rotation, shift, shear, zoom and horizontal flip with nearest (edge) fill, Keras-style.
 
-def _edge_pad(image_size: int) -> int:
-    """Padding that covers every pixel the worst-case affine can pull into the central crop.
-
-    Inverting the affine, a crop corner at (s/2 + shift) per axis is rotated (|x| grows by at most
-    cos + sin), unsheared (1 + tan) and unzoomed (1 / min scale); whatever lands outside the
-    original image must land on replicated edge pixels, never on RandomAffine's constant fill.
+    Works on one image (C, H, W) or a batch (N, C, H, W), uint8 or float; returns the same dtype.
+    ``seeds`` (one per image) make each image's draw independent of what it is batched with.
     """
-    a, sh = math.radians(ROTATION), math.radians(SHEAR)
-    reach = (0.5 + SHIFT) * (math.cos(a) + math.sin(a)) * (1 + math.tan(sh)) / SCALE[0]
-    return math.ceil(image_size * (reach - 0.5)) + 2  # + 2: bilinear taps and rounding of the centre
+
+    def __init__(self, rotation: float = 20.0, zoom: float = 0.15, shift: float = 0.2,
+                 shear: float = 0.15, hflip: bool = True):
+        super().__init__()
+        self.rotation, self.zoom, self.shift, self.shear, self.hflip = rotation, zoom, shift, shear, hflip
+
+    def draw(self, n: int, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        """Per-image parameters (n, 7): angle, tx, ty, shear (radians / fractions), zx, zy, flip."""
+        if seeds is None:
+            u = torch.rand(n, 7)
+        else:
+            u = torch.stack([torch.rand(7, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+        lo_hi = lambda r, a, b: a + (b - a) * r  # noqa: E731
+        return torch.stack([
+            lo_hi(u[:, 0], -1, 1) * math.radians(self.rotation),
+            lo_hi(u[:, 1], -1, 1) * self.shift,
+            lo_hi(u[:, 2], -1, 1) * self.shift,
+            lo_hi(u[:, 3], -1, 1) * math.radians(self.shear),  # Keras' shear_range is in degrees
+            lo_hi(u[:, 4], 1 - self.zoom, 1 + self.zoom),  # Keras draws x and y zoom independently
+            lo_hi(u[:, 5], 1 - self.zoom, 1 + self.zoom),
+            (u[:, 6] < 0.5).float() if self.hflip else torch.zeros(n),
+        ], dim=1)
+
+    @staticmethod
+    def theta(params: torch.Tensor) -> torch.Tensor:
+        """Output->input affine maps in normalised coordinates, composed as Keras does:
+        rotation @ shift @ shear @ zoom (shifts are a fraction of the size, i.e. 2x in [-1, 1])."""
+        angle, tx, ty, shear, zx, zy, flip = params.unbind(1)
+        n = len(params)
+        eye = lambda: torch.eye(3).repeat(n, 1, 1)  # noqa: E731
+        rot, shift, sh, zoom = eye(), eye(), eye(), eye()
+        rot[:, 0, 0], rot[:, 0, 1], rot[:, 1, 0], rot[:, 1, 1] = angle.cos(), -angle.sin(), angle.sin(), angle.cos()
+        shift[:, 0, 2], shift[:, 1, 2] = 2 * tx, 2 * ty
+        sh[:, 0, 1], sh[:, 1, 1] = -shear.sin(), shear.cos()
+        zoom[:, 0, 0], zoom[:, 1, 1] = zx, zy
+        m = rot @ shift @ sh @ zoom
+        m[:, :, 0] *= 1 - 2 * flip[:, None]  # horizontal flip of the output
+        return m[:, :2]
+
+    def forward(self, x: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        single = x.dim() == 3
+        batch = x.unsqueeze(0) if single else x
+        theta = self.theta(self.draw(len(batch), seeds))
+        grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
+        out = F.grid_sample(batch.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if x.dtype == torch.uint8:
+            out = out.round_().clamp_(0, 255).to(torch.uint8)
+        return out[0] if single else out
 
 
-def train_transform(kind: str, image_size: int) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """A callable on a uint8 (1, H, W) tensor returning uint8 (1, H, W), or None for no augmentation.
-
-    Keras fills with fill_mode="nearest" (edge replication) but torchvision's affine only fills
-    with a constant, and black corners are a shortcut a model can learn. So: pad by edge
-    replication far enough for the worst case, transform, and crop back to the original size.
-    """
+def train_transform(kind: str, image_size: int) -> SeedAugment | None:
+    """A callable on uint8 (1, H, W) or (N, 1, H, W) tensors, or None for no augmentation."""
     if kind == "none":
         return None
     if kind != "seed":
         raise UserError(f"unknown augmentation {kind!r}; choose one of: {', '.join(AUGMENTATIONS)}")
-    pad = _edge_pad(image_size)
-    shift = SHIFT * image_size / (image_size + 2 * pad)  # RandomAffine's translate is a fraction of its input
-    return v2.Compose(
-        [
-            v2.Pad(pad, padding_mode="edge"),
-            v2.RandomAffine(
-                degrees=ROTATION,
-                translate=(shift, shift),
-                scale=SCALE,
-                shear=SHEAR,  # degrees, along x only, like Keras
-                interpolation=v2.InterpolationMode.BILINEAR,  # Keras' interpolation_order=1
-            ),
-            v2.CenterCrop(image_size),
-            v2.RandomHorizontalFlip(),
-        ]
-    )
+    return SeedAugment()

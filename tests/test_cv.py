@@ -1,0 +1,39 @@
+import csv
+import json
+
+from pneumoscan import cv, data
+from pneumoscan.config import RunConfig
+from conftest import make_dataset
+
+
+def test_folds_are_patient_disjoint_and_cover_every_image_once(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": (20, 20)})
+    pool = data.scan(root)
+    folds = cv.fold_samples(pool, 3, seed=0, val_fraction=0.25)
+    tested = [s.path for f in folds for s in f if s.split == "test"]
+    assert sorted(tested) == sorted(s.path for s in pool)
+    for f in folds:
+        splits_of = {}
+        for s in f:
+            splits_of.setdefault(s.patient, set()).add(s.split)
+        assert all(len(v) == 1 for v in splits_of.values())
+        assert {s.split for s in f} == {"train", "val", "test"}
+
+
+def test_cross_validate_writes_per_fold_and_pooled_metrics(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": (18, 18), "test": (4, 4)})
+    config = RunConfig()
+    config.data.root, config.data.image_size, config.data.batch_size = str(root), 32, 8
+    config.data.val_fraction = 0.34
+    config.model.backbone_weights = "none"
+    config.train.epochs, config.train.precision, config.train.views = 1, "32", 1
+    config.out_dir, config.name = str(tmp_path / "cv"), "cv"
+    out = cv.cross_validate(config, folds=3)
+    summary = json.loads((out / "cv.json").read_text())
+    assert len(summary["per_fold"]) == 3
+    with open(out / "oof_predictions.csv") as f:
+        oof = list(csv.DictReader(f))
+    assert len(oof) == 36  # every train image exactly once; the data's test split is never used
+    assert not any("/test/" in r["path"] for r in oof)
+    assert 0 <= summary["pooled_out_of_fold"]["roc_auc"] <= 1
+    assert "mean ± sd" in (out / "cv.md").read_text()
