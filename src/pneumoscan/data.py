@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import logging
 import os
 import re
@@ -29,7 +30,7 @@ from pneumoscan.errors import UserError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png")  # decoding dispatches on these in one place: load_image
+IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")  # files scanned for; decoding sniffs content
 SPLITS = ("train", "val", "test")
 CLASS_WEIGHT_MODES = ("balanced", "none")
 MANIFEST_COLUMNS = ("path", "label", "class_name", "patient", "split")
@@ -280,46 +281,101 @@ def _to_gray(img: Image.Image) -> Image.Image:
     return img.convert("L")  # LA/RGBA: alpha dropped; RGB/CMYK/YCbCr: ITU-R 601-2 luma
 
 
+_DICOM_MAGIC_AT = 128  # DICOM Part 10: a 128-byte preamble, then "DICM"
+_SNIFF_BYTES = _DICOM_MAGIC_AT + 4
+UPLOAD_FORMATS = ("PNG", "JPEG")  # what PIL may parse from untrusted bytes; DICOM goes to pydicom
+
+
+def sniff_format(head: bytes) -> str | None:
+    """The format ("dicom", "png", "jpeg", or None) from a file's first bytes: names can lie."""
+    if head[_DICOM_MAGIC_AT:_SNIFF_BYTES] == b"DICM":
+        return "dicom"
+    if head.startswith(b"\x89PNG\r\n\x1a\n"):
+        return "png"
+    if head.startswith(b"\xff\xd8\xff"):
+        return "jpeg"
+    return None
+
+
 def load_image(path: str | os.PathLike, size: int | None) -> np.ndarray:
     """Decode one image to a uint8 (size, size) grayscale array, or ImageError saying why not.
 
     Squashed to a square (the dataset's convention: the aspect ratio is not kept). Truncated files
-    raise rather than decode half-grey: a partial X-ray is a wrong input, not a smaller one.
+    raise rather than decode half-grey: a partial X-ray is a wrong input, not a smaller one. DICOM
+    is recognised by content (a renamed or suffix-less file still works), or by a ``.dcm`` suffix
+    for files without the standard preamble.
     """
     path = os.fspath(path)
-    limit = Image.MAX_IMAGE_PIXELS
     try:
-        with Image.open(path) as img:
-            # PIL only warns between 1x and 2x its limit. Checked here rather than by turning the
-            # warning into an error: warnings.catch_warnings is not thread-safe.
-            if limit and img.width * img.height > limit:
-                raise ImageError(path, f"{img.width * img.height} pixels is over the limit of {limit}")
-            if size is not None and img.format == "JPEG":
-                img.draft("L", (size, size))  # let libjpeg downscale while decoding huge JPEGs
-            img.load()  # force the full decode so truncation surfaces now
-            img = ImageOps.exif_transpose(img)
-    except ImageError:
-        raise
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
     except FileNotFoundError:
         raise ImageError(path, "file not found") from None
     except IsADirectoryError:
         raise ImageError(path, "is a directory") from None
     except PermissionError:
         raise ImageError(path, "permission denied") from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(path, f"pixel count is over the limit ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError(path, "not an image (unrecognised format)") from None
-    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error...) for bad data
-        raise ImageError(path, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
+    except OSError as e:
+        raise ImageError(path, f"cannot read ({e.strerror or type(e).__name__})") from None
+    kind = sniff_format(head)
+    if kind is None and path.lower().endswith(".dcm"):
+        kind = "dicom"
+    return _decode(path, path, size, kind, formats=None)
 
+
+def decode_image_bytes(blob: bytes, size: int | None, name: str = "upload") -> np.ndarray:
+    """``load_image`` for bytes (uploads): the format comes from the content only, and only PNG,
+    JPEG and DICOM are parsed, so an upload cannot reach Pillow's rarer, riskier decoders."""
+    kind = sniff_format(bytes(blob[:_SNIFF_BYTES]))
+    if kind is None:
+        raise ImageError(name, "not a PNG, JPEG or DICOM image")
+    return _decode(bytes(blob), name, size, kind, formats=UPLOAD_FORMATS)
+
+
+def _decode(source: str | bytes, name: str, size: int | None, kind: str | None,
+            formats: Sequence[str] | None) -> np.ndarray:
+    """The one pipeline behind load_image and decode_image_bytes: decode, grayscale, resize."""
+    if kind == "dicom":
+        from pneumoscan import dicom  # pydicom is only imported when a DICOM shows up
+
+        img = Image.fromarray(dicom.read_dicom(source, name=name))
+    else:
+        img = _open_pil(io.BytesIO(source) if isinstance(source, bytes) else source, name, size, formats)
     try:
         img = _to_gray(img)
     except ValueError as e:
-        raise ImageError(path, f"unsupported image mode {img.mode} ({e})") from None
+        raise ImageError(name, f"unsupported image mode {img.mode} ({e})") from None
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
     return np.array(img, dtype=np.uint8)
+
+
+def _open_pil(fp, name: str, size: int | None, formats: Sequence[str] | None) -> Image.Image:
+    limit = Image.MAX_IMAGE_PIXELS
+    try:
+        with Image.open(fp, formats=formats) as img:
+            # PIL only warns between 1x and 2x its limit. Checked here rather than by turning the
+            # warning into an error: warnings.catch_warnings is not thread-safe.
+            if limit and img.width * img.height > limit:
+                raise ImageError(name, f"{img.width * img.height} pixels is over the limit of {limit}")
+            if size is not None and img.format == "JPEG":
+                img.draft("L", (size, size))  # let libjpeg downscale while decoding huge JPEGs
+            img.load()  # force the full decode so truncation surfaces now
+            return ImageOps.exif_transpose(img)
+    except ImageError:
+        raise
+    except FileNotFoundError:
+        raise ImageError(name, "file not found") from None
+    except IsADirectoryError:
+        raise ImageError(name, "is a directory") from None
+    except PermissionError:
+        raise ImageError(name, "permission denied") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(name, f"pixel count is over the limit ({e})") from None
+    except UnidentifiedImageError:
+        raise ImageError(name, "not an image (unrecognised format)") from None
+    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error...) for bad data
+        raise ImageError(name, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
 
 
 def _truncate(items: Sequence[str], n: int = _MAX_LISTED) -> str:

@@ -166,7 +166,9 @@ def _tf_same_pad_hook(module: nn.Conv2d, args):
     k, s = module.kernel_size[0], module.stride[0]
     pads = []
     for size in (x.shape[-1], x.shape[-2]):
-        total = max((-(-size // s) - 1) * s + k - size, 0)
+        # ceil(size / s) written as (size + s - 1) // s: when traced for ONNX, -(-size // s) becomes an
+        # integer Div, which truncates instead of flooring, and odd sizes would lose their padding
+        total = max(((size + s - 1) // s - 1) * s + k - size, 0)
         pads += [total // 2, total - total // 2]
     return (F.pad(x, pads),)
 

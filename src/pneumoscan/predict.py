@@ -9,7 +9,8 @@ from typing import Iterable
 
 import numpy as np
 
-from pneumoscan import artifact, data, evaluate, metrics
+from pneumoscan import data
+from pneumoscan.engine import Engine, load_engine
 from pneumoscan.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -40,11 +41,14 @@ def collect_files(paths: Iterable[str | Path]) -> list[Path]:
     return files
 
 
-def predict_files(model_path: str | Path, paths: Iterable[str | Path], *, threshold: float | None = None,
-                  batch_size: int = 64) -> tuple[list[Prediction], list[tuple[str, str]]]:
+def predict_files(model_path: str | Path | None, paths: Iterable[str | Path], *, threshold: float | None = None,
+                  batch_size: int = 64, engine: str | Engine = "auto") -> tuple[list[Prediction], list[tuple[str, str]]]:
     """Returns (predictions, skipped) — unreadable files are reported, not fatal, so one bad file
-    does not cost the rest of a worklist."""
-    model, meta = artifact.load(model_path)
+    does not cost the rest of a worklist. ``engine``: a kind for ``engine.load_engine`` (auto, onnx,
+    torch) or an engine already loaded (then ``model_path`` is ignored)."""
+    if not isinstance(engine, Engine):
+        engine = load_engine(model_path, engine)
+    meta = engine.meta
     files = collect_files(paths)
     size = meta["image_size"]
     images, kept, skipped = [], [], []
@@ -58,7 +62,7 @@ def predict_files(model_path: str | Path, paths: Iterable[str | Path], *, thresh
         log.warning("skipped %d unreadable files: %s", len(skipped), ", ".join(p for p, _ in skipped[:10]))
     if not kept:
         return [], skipped
-    prob = metrics.sigmoid(evaluate.predict_logits(model, np.stack(images), batch_size))
+    prob = engine.predict_proba(np.stack(images), batch_size)
     thr = meta["threshold"] if threshold is None else threshold
     names = meta["class_names"]
     rows = [Prediction(p, float(q), int(q >= thr), names[int(q >= thr)]) for p, q in zip(kept, prob)]

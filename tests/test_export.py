@@ -1,0 +1,125 @@
+"""ONNX export: self-describing files, parity with PyTorch enforced, INT8 kept only when as good."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from conftest import synthetic_xray
+from pneumoscan import artifact, cli, evaluate, export, models
+from pneumoscan.engine import OnnxEngine, TorchEngine
+from pneumoscan.models import file_sha256
+
+
+def xrays(n: int, size: int = 48, seed: int = 1) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return np.stack([synthetic_xray(rng, i % 2, size) for i in range(n)])
+
+
+def tiny_model(path, *, tf_same_padding: bool = False, size: int = 48):
+    """A random MobileNetV2 artifact whose scores differ between images (untrained, its BatchNorm
+    defaults would make every image score the same, and parity on constants proves nothing)."""
+    torch.manual_seed(0)
+    model, info = models.build("mobilenet_v2", weights="none", tf_same_padding=tf_same_padding)
+    norms = [m for m in model.features.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    for bn in norms:
+        bn.reset_running_stats()
+        bn.momentum = None  # running statistics = this batch's
+        bn.train()
+    with torch.no_grad():
+        model(evaluate.as_batch(xrays(16, size, seed=0)))
+    model.eval()
+    model.temperature.fill_(1.5)
+    meta = artifact.make_meta(architecture="mobilenet_v2", head="seed", image_size=size, weights_info=info,
+                              threshold=0.4, threshold_rule="test", config={})
+    return artifact.save(path, model, meta)
+
+
+@pytest.fixture(scope="module")
+def trained_model(tmp_path_factory):
+    return tiny_model(tmp_path_factory.mktemp("model") / "model.pt")
+
+
+@pytest.fixture(scope="module")
+def onnx_model(trained_model, tmp_path_factory):
+    return export.export_onnx(trained_model, tmp_path_factory.mktemp("onnx") / "model.onnx")
+
+
+def test_onnx_is_valid_and_self_describing(trained_model, onnx_model):
+    proto = onnx.load(onnx_model)
+    onnx.checker.check_model(proto, full_check=True)
+    (inp,), (out,) = proto.graph.input, proto.graph.output
+    assert inp.name == "image" and out.name == "logit"
+    dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
+    assert dims == ["batch", 1, 48, 48]
+    assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch"]
+    assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
+
+    doc = export.get_document(proto)
+    _, meta = artifact.load(trained_model)
+    assert doc["meta"] == meta  # the whole artifact meta: threshold, temperature, class names, ...
+    assert doc["source_sha256"] == file_sha256(trained_model) and doc["precision"] == "fp32"
+    assert {"image_size", "normalization", "threshold", "temperature", "class_names", "architecture",
+            "pneumoscan_version"} <= set(doc["meta"])
+    assert OnnxEngine(onnx_model).meta == meta
+
+
+def test_onnx_matches_pytorch_at_any_batch_size(trained_model, onnx_model):
+    onnx_engine, torch_engine = OnnxEngine(onnx_model), TorchEngine(trained_model)
+    images = xrays(5)
+    for n in (1, 5):
+        expected = torch_engine.predict_proba(images[:n])
+        got = onnx_engine.predict_proba(images[:n])
+        assert got.shape == (n,)
+        np.testing.assert_allclose(got, expected, atol=1e-5)
+    assert np.ptp(expected) > 1e-3  # a model that says the same for everything would prove nothing
+
+
+def test_export_that_disagrees_with_pytorch_is_refused(trained_model, tmp_path, monkeypatch):
+    real = export.predict_logits
+    monkeypatch.setattr(export, "predict_logits", lambda model, images: real(model, images) + 0.01)
+    out = tmp_path / "model.onnx"
+    with pytest.raises(export.ExportError, match="differs from PyTorch"):
+        export.export_onnx(trained_model, out)
+    assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
+
+
+def test_int8_quantisation_keeps_meta_and_roughly_the_scores(onnx_model, tmp_path):
+    images = xrays(16)
+    int8 = export.quantize_onnx(onnx_model, tmp_path / "model.int8.onnx", images[:8])
+    proto = onnx.load(int8)
+    ops = {n.op_type for n in proto.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops  # QDQ format
+    engine = OnnxEngine(int8)
+    assert engine.name == "onnxruntime-int8"
+    assert engine.meta == OnnxEngine(onnx_model).meta
+    assert export.get_document(proto)["quantization"]["n_calibration_images"] == 8
+    report = export.compare_auc(onnx_model, int8, images[8:], [0, 1] * 4)
+    assert set(report) >= {"fp32_roc_auc", "int8_roc_auc", "delta", "max_abs_prob_delta"}
+    assert 0 < report["max_abs_prob_delta"] < 0.2  # quantised, so not identical; but close
+
+
+def test_int8_refused_when_auc_moves_more_than_tolerance(onnx_model, tiny_dataset, tmp_path):
+    out = tmp_path / "model.int8.onnx"
+    out.write_bytes(b"previous")
+    report = export.quantize_checked(onnx_model, out, tiny_dataset, tolerance=-1.0)  # no model can pass
+    assert report["written"] is False and out.read_bytes() == b"previous"
+    assert report["n"] > 0 and report["n_calibration"] > 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["chest_xray", "model.int8.onnx"]
+
+
+def test_cli_export_with_int8(trained_model, tiny_dataset, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(export, "INT8_AUC_TOLERANCE", 1.0)  # the tiny model's AUC is too noisy to gate here
+    out = tmp_path / "m.onnx"
+    code = cli.main(["export", "--model", str(trained_model), "--out", str(out), "--int8",
+                     "--calibration", str(tiny_dataset)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert out.is_file() and (tmp_path / "m.int8.onnx").is_file()
+    assert "ROC-AUC int8" in captured.out
+    assert OnnxEngine(tmp_path / "m.int8.onnx").name == "onnxruntime-int8"
+
+    code = cli.main(["export", "--model", str(trained_model), "--out", str(out), "--int8"])
+    assert code == 2 and "--calibration" in capsys.readouterr().err
