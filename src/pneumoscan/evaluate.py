@@ -1,19 +1,31 @@
-"""Running a model over images and writing honest metrics: JSON with CIs, predictions, plots."""
+"""Running a model over images and writing honest metrics: JSON with CIs, predictions, plots.
+
+Besides the headline metrics, an evaluation says how the model fails: calibration (Brier, ECE,
+reliability diagram), recall per pneumonia subtype where file names carry one, and the most
+confident errors with their Grad-CAM maps (``errors.csv`` and ``errors/``).
+"""
 
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 
 from pneumoscan import CLASS_NAMES, artifact, data, metrics, plots
 from pneumoscan.files import write_csv, write_json
 from pneumoscan.errors import UserError
 
 log = logging.getLogger(__name__)
+
+ECE_BINS = 15
+ERROR_KINDS = ("false_positive", "false_negative")
+SUBTYPES = ("bacteria", "virus")
+_SUBTYPE = re.compile(r"(?:^|[_\-.\s])(" + "|".join(SUBTYPES) + r")(?=[_\-.\s]|$)", re.IGNORECASE)
 
 
 def as_batch(images: np.ndarray) -> torch.Tensor:
@@ -35,6 +47,9 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
     out.mkdir(parents=True, exist_ok=True)
     result = metrics.binary_metrics(y_true, prob, threshold)
     result["ci95"] = metrics.bootstrap_ci(y_true, prob, threshold, n_resamples=n_bootstrap, seed=seed)
+    result["brier"] = metrics.brier(y_true, prob)
+    result["ece"] = metrics.expected_calibration_error(y_true, prob, n_bins=ECE_BINS)
+    result["recall_by_subtype"] = recall_by_subtype(paths, y_true, prob, threshold)
     write_json(out / "metrics.json", result)
     pred = (prob >= threshold).astype(int)
     write_csv(out / "predictions.csv", ["path", "label", "probability", "prediction"],
@@ -44,7 +59,72 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
         plots.roc_plot(y_true, prob, out / "roc.png", threshold=threshold)
         plots.pr_plot(y_true, prob, out / "pr.png", threshold=threshold)
     plots.probability_histogram(y_true, prob, out / "probability_histogram.png", threshold=threshold)
+    plots.reliability_diagram(y_true, prob, out / "reliability.png", n_bins=ECE_BINS)
     return result
+
+
+
+def subtype_of(path: str | Path) -> str | None:
+    """The pneumonia subtype a Kaggle file name carries (``person1_bacteria_2.jpeg``), if any."""
+    m = _SUBTYPE.search(Path(path).stem)
+    return m.group(1).lower() if m else None
+
+
+def recall_by_subtype(paths: Sequence[str], y_true, prob, threshold: float) -> dict[str, dict]:
+    """Recall of the PNEUMONIA images of each subtype, with a Wilson 95% interval.
+
+    Viral pneumonia is subtler on an X-ray than bacterial; one overall recall can hide that the
+    model misses most of one kind. Only PNEUMONIA images count (recall is undefined for the
+    others); subtypes absent from the names are absent from the result, which is {} when none is
+    found. Wilson rather than the bootstrap: a single proportion has a closed-form interval that
+    stays sensible at small n.
+    """
+    y = np.asarray(y_true).astype(int)
+    p = np.asarray(prob, dtype=float)
+    found: dict[str, list[bool]] = {}
+    for path, label, q in zip(paths, y, p):
+        kind = subtype_of(path) if label == 1 else None
+        if kind:
+            found.setdefault(kind, []).append(bool(q >= threshold))
+    result = {}
+    for kind in sorted(found):
+        hits, n = sum(found[kind]), len(found[kind])
+        ci = binomtest(hits, n).proportion_ci(confidence_level=0.95, method="wilson")
+        result[kind] = {"recall": hits / n, "n": n, "ci95": [float(ci.low), float(ci.high)]}
+    return result
+
+
+def select_errors(y_true, prob, threshold: float, k: int = 16) -> dict[str, np.ndarray]:
+    """Indices of the k most confident errors of each kind, most confident first.
+
+    False positives (NORMAL predicted PNEUMONIA) by highest probability, false negatives
+    (PNEUMONIA predicted NORMAL) by lowest: the cases a reader should look at first, because the
+    model was most sure and most wrong. Ties keep the input order.
+    """
+    y = np.asarray(y_true).astype(int).ravel()
+    p = np.asarray(prob, dtype=float).ravel()
+    positive = p >= threshold
+    fp = np.flatnonzero((y == 0) & positive)
+    fn = np.flatnonzero((y == 1) & ~positive)
+    k = max(int(k), 0)
+    return {"false_positive": fp[np.argsort(-p[fp], kind="stable")][:k],
+            "false_negative": fn[np.argsort(p[fn], kind="stable")][:k]}
+
+
+def write_errors(model: torch.nn.Module, meta: dict, images: np.ndarray, y_true, prob, threshold: float,
+                 paths: Sequence[str], out_dir: str | Path, *, k: int = 16, method: str = "gradcam") -> dict:
+    """``errors.csv`` (path, label, probability, kind, rank) and the Grad-CAM galleries in ``errors/``."""
+    from pneumoscan import explain  # grad-cam and OpenCV load only when explanations are asked for
+
+    out = Path(out_dir)
+    chosen = select_errors(y_true, prob, threshold, k)
+    rows = [(paths[i], int(y_true[i]), f"{prob[i]:.6f}", kind, rank)
+            for kind in ERROR_KINDS for rank, i in enumerate(chosen[kind], start=1)]
+    write_csv(out / "errors.csv", ["path", "label", "probability", "kind", "rank"], rows)
+    galleries = explain.error_galleries(model, meta, images, np.asarray(prob), paths, chosen, out / "errors", method)
+    log.info("errors: %d false positives, %d false negatives explained in %s",
+             len(chosen["false_positive"]), len(chosen["false_negative"]), out / "errors")
+    return galleries
 
 
 def select_split(samples: list[data.Sample], split: str | None) -> list[data.Sample]:
@@ -63,7 +143,14 @@ def select_split(samples: list[data.Sample], split: str | None) -> list[data.Sam
 
 def run(model_path: str | Path, data_root: str | Path, out_dir: str | Path, *, threshold: float | None = None,
         split: str | None = None, strict: bool = False, n_bootstrap: int = 2000,
-        decode_progress: Callable[[int], None] | None = None) -> dict:
+        decode_progress: Callable[[int], None] | None = None, errors: int = 16, method: str = "gradcam",
+        report: bool = False) -> dict:
+    """Evaluate a model file on labelled images; ``errors`` most confident mistakes of each kind
+    are explained with ``method`` (0 = none), and ``report`` adds OUT/report.html."""
+    if errors > 0:
+        from pneumoscan import explain
+
+        explain.check_method(method)  # before minutes of decoding, not after
     model, meta = artifact.load(model_path)
     samples = select_split(data.scan(data_root, default_split="test"), split)
     kept, images, skipped = data.load_images(samples, meta["image_size"], strict=strict, progress=decode_progress)
@@ -74,7 +161,9 @@ def run(model_path: str | Path, data_root: str | Path, out_dir: str | Path, *, t
     y = np.array([s.label for s in kept])
     thr = meta["threshold"] if threshold is None else float(threshold)
     result = evaluate_predictions(y, prob, thr, out, [s.path for s in kept], n_bootstrap=n_bootstrap)
-    write_json(out / "evaluation.json", {
+    if errors > 0:
+        write_errors(model, meta, images, y, prob, thr, [s.path for s in kept], out, k=errors, method=method)
+    evaluation = {
         "model": str(model_path),
         "data": str(data_root),
         "split": split or sorted({s.split for s in kept}),
@@ -83,8 +172,13 @@ def run(model_path: str | Path, data_root: str | Path, out_dir: str | Path, *, t
         "threshold": thr,
         "threshold_source": "--threshold" if threshold is not None else f"model ({meta['threshold_rule']} on validation)",
         "class_names": list(CLASS_NAMES),
-    })
+    }
+    write_json(out / "evaluation.json", evaluation)
     log.info("evaluated %d images from %s: %s", len(kept), data_root, summary_line(result))
+    if report:
+        from pneumoscan import report as html_report
+
+        html_report.write_report(out, meta, evaluation, run_dir=Path(model_path).parent)
     return result
 
 

@@ -1,0 +1,252 @@
+"""Grad-CAM explanations: which part of an X-ray moved the PNEUMONIA logit.
+
+Maps come from the ``grad-cam`` library (pytorch_grad_cam), not a hand-written CAM, at the layer
+each backbone declares in ``models.BACKBONES[name].cam_layer``. The Classifier returns one logit
+per image, shaped (N,), while the library expects (N, classes); a thin wrapper adds the class
+axis and the target is column 0, the PNEUMONIA logit. A hot region is therefore evidence *for*
+pneumonia, whatever the prediction was, which is what a reader checking a false negative wants to
+see (did the model look at the opacity at all?).
+
+Grad-CAM needs gradients at the target layer, which a frozen backbone (``requires_grad=False``)
+and ``torch.inference_mode`` never produce; the maps are computed on a float32 copy of the model
+with every parameter trainable, so the caller's model is left exactly as it was.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import re
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+import torch
+from matplotlib.cm import ScalarMappable
+from matplotlib.colors import Normalize
+from matplotlib.figure import Figure
+from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
+from pytorch_grad_cam.utils.image import show_cam_on_image
+from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import nn
+
+from pneumoscan import CLASS_NAMES, artifact, data, evaluate, metrics, models, plots, predict
+from pneumoscan.errors import UserError
+
+log = logging.getLogger(__name__)
+
+METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}
+DISPLAY_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "eigencam": "EigenCAM"}
+_FLAT = 1e-6  # a map whose range is below this carries no location: shown as zeros
+
+
+class _WithClassAxis(nn.Module):
+    """(N,) logits -> (N, 1), the shape pytorch_grad_cam's targets index into."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(x).unsqueeze(1)
+
+
+def cam_layer(model: nn.Module, meta: Mapping) -> nn.Module:
+    """The module whose activations are explained, as the backbone registry declares it."""
+    return model.get_submodule(models.backbone(meta["architecture"]).cam_layer)
+
+
+def check_method(method: str) -> str:
+    if method not in METHODS:
+        raise UserError(f"unknown explanation method {method!r}; valid: {', '.join(METHODS)}")
+    return method
+
+
+def compute_cams(model: nn.Module, meta: Mapping, images: np.ndarray, method: str = "gradcam",
+                 batch_size: int = 16) -> np.ndarray:
+    """Heat maps for uint8 images (N, H, W): float32 (N, H, W) in [0, 1], one per image.
+
+    Each map is scaled to its own maximum, so maps show *where*, not *how strongly*, and are not
+    comparable in height between images. A map that is flat or not finite (nothing in the layer
+    raised the logit, or the model produced NaNs) is returned as zeros and logged, so an overlay
+    never shows noise stretched to full contrast.
+    """
+    check_method(method)
+    images = np.asarray(images)
+    if images.ndim == 2:
+        images = images[None]
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise ValueError(f"images must be uint8 (N, H, W), got {images.dtype} {images.shape}")
+    cams = np.zeros(images.shape, dtype=np.float32)
+    if not len(images):
+        return cams
+    done = 0
+    # inference_mode(False): a caller inside inference_mode would otherwise get tensors autograd refuses
+    with torch.inference_mode(False), torch.enable_grad():
+        net = copy.deepcopy(model).float().eval().requires_grad_(True)
+        with METHODS[method](model=_WithClassAxis(net), target_layers=[cam_layer(net, meta)]) as cam:
+            for start in range(0, len(images), batch_size):
+                batch = evaluate.as_batch(images[start:start + batch_size])
+                cams[start:start + len(batch)] = cam(input_tensor=batch,
+                                                     targets=[ClassifierOutputTarget(0)] * len(batch))
+                done += len(batch)
+    if done != len(images):
+        # pytorch_grad_cam's __exit__ swallows IndexError after printing it; do not return half the maps
+        raise RuntimeError(f"{method} failed after {done} of {len(images)} images")
+    flat = ~np.isfinite(cams).all(axis=(1, 2))
+    flat |= np.nan_to_num(cams.max(axis=(1, 2)) - cams.min(axis=(1, 2)), nan=0.0) < _FLAT
+    if flat.any():
+        log.info("%s: %d of %d maps are flat or not finite (no region raised the %s logit); shown as zeros",
+                 method, int(flat.sum()), len(images), CLASS_NAMES[1])
+        cams[flat] = 0.0
+    return np.clip(cams, 0.0, 1.0)
+
+
+def overlay(image: np.ndarray, cam: np.ndarray, image_weight: float = 0.5) -> np.ndarray:
+    """The X-ray (uint8 (H, W)) under the heat map as an RGB uint8 (H, W, 3) picture."""
+    gray = np.asarray(image, dtype=np.float32) / 255.0
+    if gray.shape != cam.shape:
+        raise ValueError(f"image {gray.shape} and map {cam.shape} differ in shape")
+    return show_cam_on_image(np.repeat(gray[..., None], 3, axis=2), np.asarray(cam, dtype=np.float32),
+                             use_rgb=True, image_weight=image_weight)
+
+
+def _bare(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+
+
+def _colorbar(fig: Figure, axes) -> None:
+    fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap="jet"), ax=axes, shrink=0.9,
+                 label=f"relevance for {CLASS_NAMES[1]} (per image)")
+
+
+def save_explanation(image: np.ndarray, cam: np.ndarray, prob: float, label_name: str, path: str | Path,
+                     title: str = "", *, method: str = "gradcam") -> Path:
+    """One PNG: the X-ray beside its overlay, titled with the probability and the predicted label."""
+    fig = Figure(figsize=(7.4, 4.0), layout="constrained")
+    axes = fig.subplots(1, 2)
+    axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
+    axes[0].set_title("X-ray", fontsize="small")
+    axes[1].imshow(overlay(image, cam))
+    axes[1].set_title(f"{DISPLAY_NAMES.get(method, method)} overlay", fontsize="small")
+    for ax in axes:
+        _bare(ax)
+    _colorbar(fig, axes)
+    heading = f"P({CLASS_NAMES[1]}) = {prob:.3f} → {label_name}"
+    fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize="medium")
+    return plots.save_figure(fig, path)
+
+
+def save_gallery(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], captions: Sequence[str],
+                 path: str | Path, title: str, n_cols: int = 4) -> Path:
+    """Overlays in a grid, one caption each: the quick look at what a set of images has in common."""
+    n = len(images)
+    n_cols = max(1, min(n_cols, n))
+    n_rows = max(1, -(-n // n_cols))
+    fig = Figure(figsize=(max(2.3 * n_cols + 0.9, 5.0), 2.5 * n_rows + 0.6), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
+    for i, ax in enumerate(axes):
+        _bare(ax)
+        if i < n:
+            ax.imshow(overlay(images[i], cams[i]))
+            ax.set_title(captions[i], fontsize="x-small")
+    _colorbar(fig, list(axes))
+    fig.suptitle(title)
+    return plots.save_figure(fig, path)
+
+
+def _shorten(name: str, limit: int = 24) -> str:
+    """Keep both ends of a long file name: Kaggle names differ in the patient and the image number."""
+    half = (limit - 1) // 2
+    return name if len(name) <= limit else f"{name[:half]}…{name[-half:]}"
+
+
+def _png_name(path: str | Path, method: str, taken: set[str]) -> str:
+    """``<stem>.<method>.png``, numbered when two inputs share a stem (NORMAL/x.jpeg, PNEUMONIA/x.jpeg)."""
+    stem = re.sub(r"[^\w.\-]+", "_", Path(path).stem) or "image"
+    name, k = f"{stem}.{method}.png", 1
+    while name in taken:
+        k += 1
+        name = f"{stem}-{k}.{method}.png"
+    taken.add(name)
+    return name
+
+
+def explain_files(model_path: str | Path, paths: Iterable[str | Path], out_dir: str | Path,
+                  method: str = "gradcam", *, threshold: float | None = None,
+                  batch_size: int = 16) -> tuple[list[Path], list[tuple[str, str]]]:
+    """Write one explanation PNG per image file (folders are searched recursively).
+
+    Returns (written PNGs, skipped (path, reason)); unreadable files are skipped and listed, like
+    ``predict.predict_files``, so one bad file does not cost the rest. Images are handled in
+    batches, so a folder of thousands never sits in memory at once.
+    """
+    check_method(method)
+    model, meta = artifact.load(model_path)
+    files = predict.collect_files(paths)
+    thr = meta["threshold"] if threshold is None else float(threshold)
+    names = meta["class_names"]
+    out = Path(out_dir)
+    written: list[Path] = []
+    skipped: list[tuple[str, str]] = []
+    taken: set[str] = set()
+    for start in range(0, len(files), batch_size):
+        kept, images = [], []
+        for f in files[start:start + batch_size]:
+            try:
+                images.append(data.load_image(f, meta["image_size"]))
+                kept.append(f)
+            except data.ImageError as exc:
+                skipped.append((str(f), exc.reason))
+        if not kept:
+            continue
+        batch = np.stack(images)
+        prob = metrics.sigmoid(evaluate.predict_logits(model, batch))
+        cams = compute_cams(model, meta, batch, method)
+        for f, image, cam, p in zip(kept, batch, cams, prob):
+            written.append(save_explanation(image, cam, float(p), names[int(p >= thr)],
+                                            out / _png_name(f, method, taken), title=Path(f).name, method=method))
+    if skipped:
+        log.warning("skipped %d unreadable files: %s", len(skipped), ", ".join(p for p, _ in skipped[:10]))
+        data.write_skipped(skipped, out / "skipped.csv")
+    log.debug("wrote %d %s explanations to %s", len(written), method, out)
+    return written, skipped
+
+
+def error_galleries(model: nn.Module, meta: Mapping, images: np.ndarray, prob: np.ndarray,
+                    paths: Sequence[str], selection: Mapping[str, np.ndarray], out_dir: str | Path,
+                    method: str = "gradcam") -> dict[str, Path]:
+    """For each kind of error: ``<kind>.png`` (a grid, most confident first) and ``<kind>/NN_<file>.png``.
+
+    ``selection`` maps a kind (e.g. "false_positive") to image indices, as
+    ``evaluate.select_errors`` returns them; kinds without images get no files. Old overlays of a
+    kind are removed first, so the folder never mixes two evaluations.
+    """
+    check_method(method)
+    out = Path(out_dir)
+    names = meta["class_names"]
+    galleries: dict[str, Path] = {}
+    for kind, idx in selection.items():
+        folder = out / kind
+        if folder.is_dir():
+            for old in folder.glob("[0-9][0-9]_*.png"):
+                old.unlink()
+        idx = np.asarray(idx, dtype=int)
+        if not idx.size:
+            (out / f"{kind}.png").unlink(missing_ok=True)
+            continue
+        cams = compute_cams(model, meta, images[idx], method)
+        captions = []
+        for rank, (i, cam) in enumerate(zip(idx, cams), start=1):
+            name = Path(paths[i]).name
+            predicted = names[1] if kind == "false_positive" else names[0]
+            save_explanation(images[i], cam, float(prob[i]), predicted,
+                             folder / f"{rank:02d}_{Path(name).stem}.png",
+                             title=f"{kind.replace('_', ' ')} #{rank}: {name}", method=method)
+            captions.append(f"#{rank} {_shorten(Path(name).stem)}\np = {prob[i]:.3f}")
+        title = f"{kind.replace('_', ' ').capitalize()}s, most confident first ({DISPLAY_NAMES[method]})"
+        galleries[kind] = save_gallery(images[idx], cams, captions, out / f"{kind}.png", title)
+    return galleries

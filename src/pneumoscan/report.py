@@ -1,0 +1,175 @@
+"""One self-contained HTML page per evaluation, for readers who will not open a JSON file.
+
+``report.html`` is rendered with Jinja2 from ``templates/report.html.j2`` and embeds every image
+as a base64 data URI with inline CSS: it opens offline, can be mailed or attached to a ticket, and
+keeps showing the same figures after the run folder moves. It only reads what an evaluation
+already wrote (metrics.json, errors.csv, the PNGs) plus the model's meta; it computes nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import json
+import logging
+import math
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Mapping
+
+from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
+
+from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan.files import write_text
+
+log = logging.getLogger(__name__)
+
+TEMPLATE = "report.html.j2"
+
+# (metrics.json key, what a clinician calls it, one line of meaning)
+METRIC_ROWS = (
+    ("recall", "Sensitivity (recall)", "share of PNEUMONIA images flagged"),
+    ("specificity", "Specificity", "share of NORMAL images passed as normal"),
+    ("precision", "Precision (PPV)", "share of flagged images that are PNEUMONIA, at this prevalence"),
+    ("accuracy", "Accuracy", "share of all images classified correctly, at this prevalence"),
+    ("f1", "F1", "harmonic mean of precision and sensitivity"),
+    ("roc_auc", "ROC-AUC", "ranking quality, independent of the threshold"),
+    ("pr_auc", "PR-AUC (average precision)", "ranking quality for PNEUMONIA, depends on prevalence"),
+    ("loss", "Log loss", "cross-entropy of the calibrated probabilities (lower is better)"),
+    ("brier", "Brier score", "mean squared error of the probabilities (lower is better)"),
+    ("ece", "Expected calibration error", "15 equal-width bins; gap between predicted and observed rate"),
+)
+
+ERROR_TITLES = {"false_positive": "False positives (NORMAL flagged as PNEUMONIA)",
+                "false_negative": "False negatives (PNEUMONIA missed)"}
+
+
+def data_uri(path: str | Path) -> str | None:
+    """A PNG as a ``data:`` URI, or None when the evaluation did not draw it."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    return "data:image/png;base64," + base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def _number(value: Any, digits: int = 3) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def _flatten(config: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            rows += _flatten(value, f"{name}.")
+        else:
+            rows.append((name, value))
+    return rows
+
+
+def _errors(eval_dir: Path, confusion: list[list[int]]) -> list[dict]:
+    by_kind: dict[str, list[dict]] = {kind: [] for kind in ERROR_TITLES}
+    csv_path = eval_dir / "errors.csv"
+    if csv_path.is_file():
+        with open(csv_path, newline="") as f:
+            for row in csv.DictReader(f):
+                by_kind.setdefault(row["kind"], []).append(
+                    row | {"name": Path(row["path"]).name, "probability": float(row["probability"])})
+    (_, fp), (fn, _) = confusion
+    totals = {"false_positive": fp, "false_negative": fn}
+    return [{"kind": kind, "title": ERROR_TITLES.get(kind, kind.replace("_", " ")), "rows": rows,
+             "total": totals.get(kind, len(rows)), "gallery": data_uri(eval_dir / "errors" / f"{kind}.png")}
+            for kind, rows in by_kind.items()]
+
+
+def _threshold_source(source: Mapping, meta: Mapping) -> str:
+    """Where the cut-off came from, naming the model's own when a command-line value replaced it."""
+    text = source.get("threshold_source") or f"model ({meta.get('threshold_rule', '?')} on validation)"
+    if text == "--threshold" and "threshold" in meta:
+        return (f"--threshold on the command line (the model's own is {meta['threshold']:.4f}, "
+                f"{meta.get('threshold_rule', '?')} on validation)")
+    return text
+
+
+def context(eval_dir: str | Path, meta: Mapping, source: Mapping, run_dir: str | Path | None = None) -> dict:
+    """Everything the template shows, gathered from the evaluation folder, the meta and the run folder."""
+    eval_dir = Path(eval_dir)
+    result = json.loads((eval_dir / "metrics.json").read_text())
+    ci = result.get("ci95", {})
+    (tn, fp), (fn, tp) = result["confusion_matrix"]
+    n_normal, n_pneumonia = tn + fp, fn + tp
+    run = Path(run_dir) if run_dir is not None else None
+    in_run = run is not None and ((run / "curves.png").is_file() or (run / "history.csv").is_file())
+    metrics_rows = [{"key": key, "name": name, "help": help_, "value": result.get(key),
+                     "ci": ci.get(key)} for key, name, help_ in METRIC_ROWS if key in result]
+    split = source.get("split")
+    return {
+        "title": f"pneumoscan evaluation: {meta.get('architecture', 'model')}",
+        "generated": datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "version": __version__,
+        "class_names": list(meta.get("class_names", CLASS_NAMES)),
+        "source": {
+            "model": source.get("model", ""),
+            "data": source.get("data", ""),
+            "split": ", ".join(split) if isinstance(split, (list, tuple)) else (split or ""),
+            "n_images": result["n"],
+            "n_skipped": source.get("n_skipped", 0),
+            "n_normal": n_normal,
+            "n_pneumonia": n_pneumonia,
+            "prevalence": n_pneumonia / result["n"] if result["n"] else math.nan,
+            "threshold": result["threshold"],
+            "threshold_source": _threshold_source(source, meta),
+            "temperature": meta.get("temperature"),
+        },
+        "headline": [{"name": name, "value": result.get(key), "ci": ci.get(key)}
+                     for key, name in (("roc_auc", "ROC-AUC"), ("recall", "Sensitivity"),
+                                       ("specificity", "Specificity"))],
+        "model": [
+            ("architecture", meta.get("architecture")), ("head", meta.get("head")),
+            ("image size", meta.get("image_size")),
+            ("input normalisation", (meta.get("normalization") or {}).get("name")),
+            ("backbone weights", (meta.get("backbone_weights") or {}).get("source")),
+            ("decision threshold", _number(meta.get("threshold"), 4)),
+            ("threshold rule", meta.get("threshold_rule")),
+            ("temperature", _number(meta.get("temperature"))),
+            ("pneumoscan / torch", f"{meta.get('pneumoscan_version', '?')} / {meta.get('torch_version', '?')}"),
+        ],
+        "config": _flatten(meta.get("config") or {}),
+        "training": {
+            "stats": [(k.replace("_", " "), v) for k, v in (meta.get("training") or {}).items()],
+            "run_dir": str(run) if in_run else None,
+            "curves": data_uri(run / "curves.png") if in_run else None,
+        },
+        "metrics": metrics_rows,
+        "figures": {name: data_uri(eval_dir / f"{name}.png") for name in
+                    ("confusion_matrix", "roc", "pr", "probability_histogram", "reliability")},
+        "errors": _errors(eval_dir, result["confusion_matrix"]),
+        "errors_written": (eval_dir / "errors.csv").is_file(),
+        "subtypes": [{"name": k} | v for k, v in (result.get("recall_by_subtype") or {}).items()],
+        "overall_recall": result.get("recall"),
+    }
+
+
+def render(ctx: Mapping) -> str:
+    env = Environment(loader=PackageLoader("pneumoscan", "templates"), autoescape=select_autoescape(["html", "j2"]),
+                      undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+    env.filters["num"] = _number
+    env.filters["pct"] = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1%}"
+    return env.get_template(TEMPLATE).render(**ctx)
+
+
+def write_report(eval_dir: str | Path, meta: Mapping, source: Mapping, *, run_dir: str | Path | None = None,
+                 path: str | Path | None = None) -> Path:
+    """Render ``report.html`` (default: inside ``eval_dir``) from one evaluation folder.
+
+    ``source`` says what was evaluated (keys of evaluation.json: model, data, split, n_skipped,
+    threshold_source); ``run_dir`` is the training run folder, whose curves are shown when present.
+    """
+    out = Path(path) if path is not None else Path(eval_dir) / "report.html"
+    write_text(out, render(context(eval_dir, meta, source, run_dir)))
+    log.debug("report: %s", out)
+    return out

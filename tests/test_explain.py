@@ -1,0 +1,239 @@
+"""Grad-CAM: maps of the input's shape in [0, 1] for every backbone, hooks released, the caller's
+model untouched, and the model-randomisation sanity check of Adebayo et al. (2018)."""
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from scipy.stats import spearmanr
+from torch import nn
+
+from conftest import synthetic_xray
+from pneumoscan import artifact, cli, evaluate, explain, models
+from pneumoscan.errors import UserError
+
+SIZE = 64  # the smallest input whose last feature map is 2x2 for every backbone, so maps have a location
+
+
+def _images(n: int, seed: int = 0, size: int = SIZE) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % 2
+    return np.stack([synthetic_xray(rng, int(y), size) for y in labels]), labels
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Two intra-op threads on two cores shared with other jobs spin against each other (10x slower)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _calibrate_batchnorm(model: models.Classifier, x: torch.Tensor) -> None:
+    """Set every BatchNorm's statistics to those of ``x`` (one pass, cumulative average).
+
+    A random-init backbone in eval mode shrinks activations to ~1e-9 and maps every input to the
+    same features; and after a few training steps the running averages lag the weights. Measured
+    statistics make inference see the network that training saw.
+    """
+    model.eval()
+    for bn in (m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)):
+        bn.reset_running_stats()
+        bn.momentum = None
+        bn.train()
+    with torch.no_grad():
+        model(x)
+    model.eval()
+
+
+@pytest.fixture(scope="module", params=list(models.BACKBONES))
+def trained(request):
+    """(model, meta, PNEUMONIA training images it scores positive) for a tiny model of each backbone.
+
+    The last three stages and a linear head train for a few steps on synthetic X-rays (frozen
+    stages get data statistics first, see above). With a linear head a positive logit implies
+    positive evidence somewhere in the map, so the maps of these images have a location.
+    """
+    torch.manual_seed(0)
+    images, labels = _images(48)
+    model, _ = models.build(request.param, weights="none", head="linear", unfreeze_blocks=3)
+    x, y = evaluate.as_batch(images), torch.tensor(labels, dtype=torch.float32)
+    _calibrate_batchnorm(model, x)
+    opt = torch.optim.Adam(models.parameter_groups(model, 3e-3, 3e-3))
+    model.train()
+    for _ in range(20):
+        idx = torch.randperm(len(x))[:16]
+        loss = F.binary_cross_entropy_with_logits(model(x[idx]), y[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    _calibrate_batchnorm(model, x)
+    logits = evaluate.predict_logits(model, images)
+    positive = images[(labels == 1) & (logits > 0)][:4]
+    assert len(positive) >= 3, f"the tiny {request.param} did not learn: logits {logits}"
+    return model, {"architecture": request.param}, positive
+
+
+def _flat(cam: np.ndarray) -> bool:
+    return float(np.ptp(cam)) == 0.0
+
+
+def _rank_correlation(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman of two maps. A flat map has no ranking: flat vs located counts as 0 (the map
+    changed completely), flat vs flat as 1 (nothing changed)."""
+    if _flat(a) or _flat(b):
+        return 1.0 if _flat(a) and _flat(b) else 0.0
+    return float(spearmanr(a.ravel(), b.ravel()).statistic)
+
+
+def _randomised_head(model: models.Classifier, seed: int = 123) -> models.Classifier:
+    twin = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    for module in twin.head.modules():
+        if hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+    return twin
+
+
+def test_maps_match_the_input_and_hooks_are_released(trained, monkeypatch):
+    model, meta, positive = trained
+    flags = [p.requires_grad for p in model.parameters()]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    hooks_during = []
+
+    class Spy(explain.METHODS["gradcam"]):
+        def __call__(self, *args, **kwargs):
+            hooks_during.append(len(self.target_layers[0]._forward_hooks))
+            return super().__call__(*args, **kwargs)
+
+    layers = []
+    real_cam_layer = explain.cam_layer
+
+    def spy_layer(net, meta_):
+        layers.append(real_cam_layer(net, meta_))
+        return layers[-1]
+
+    monkeypatch.setitem(explain.METHODS, "gradcam", Spy)
+    monkeypatch.setattr(explain, "cam_layer", spy_layer)
+    images = np.concatenate([_images(2, seed=1)[0], positive[:2]])
+    cams = explain.compute_cams(model, meta, images, batch_size=3)
+
+    assert cams.shape == images.shape and cams.dtype == np.float32
+    assert np.isfinite(cams).all() and cams.min() >= 0.0 and cams.max() <= 1.0
+    assert not _flat(cams[2]) and not _flat(cams[3]), "a map of a PNEUMONIA image has no location"
+    assert hooks_during and all(n > 0 for n in hooks_during)  # the spy saw the hooked layer...
+    assert len(layers) == 1 and not layers[0]._forward_hooks  # ...and nothing is left on it
+    # the caller's model: same trainable flags, same weights, still in eval mode
+    assert [p.requires_grad for p in model.parameters()] == flags
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not model.training and all(p.grad is None for p in model.parameters())
+
+
+def test_sanity_check_maps_depend_on_the_trained_head(trained):
+    """Randomising the head must change a Grad-CAM map substantially (Adebayo et al. 2018).
+
+    The maps of tiny models are coarse (2x2 cells at this size), so one random head can match the
+    trained ranking by chance; the criterion is the mean rank correlation over several random heads
+    and images. EigenCAM, which never looks at the head, must fail the same check: it can.
+    """
+    model, meta, pneumonia = trained
+    cams = explain.compute_cams(model, meta, pneumonia)
+    assert not any(_flat(c) for c in cams)
+    heads = [_randomised_head(model, seed) for seed in range(4)]
+    rho = np.mean([_rank_correlation(a, b) for head in heads
+                   for a, b in zip(cams, explain.compute_cams(head, meta, pneumonia))])
+    assert rho < 0.5, f"Grad-CAM barely changed with random heads (mean Spearman {rho:.2f})"
+
+    eigen = explain.compute_cams(model, meta, pneumonia, "eigencam")
+    eigen_rho = np.mean([_rank_correlation(a, b) for a, b in
+                         zip(eigen, explain.compute_cams(heads[0], meta, pneumonia, "eigencam"))])
+    assert eigen_rho > 0.9
+
+
+def test_frozen_model_under_inference_mode_still_gets_maps():
+    model, _ = models.build("resnet18", weights="none", head="linear")  # frozen backbone: no grads anywhere
+    flags = [p.requires_grad for p in model.parameters()]
+    assert not any(flags[:-2])
+    images, _ = _images(2)
+    with torch.inference_mode():
+        cams = explain.compute_cams(model.eval(), {"architecture": "resnet18"}, images, "gradcam++")
+    assert cams.shape == images.shape and np.isfinite(cams).all()
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.parametrize("value", [0.0, float("nan")])
+def test_flat_or_nan_maps_become_zeros(value, caplog):
+    model, _ = models.build("resnet18", weights="none", head="linear")
+    with torch.no_grad():
+        model.head[-1].weight.fill_(value)  # 0: the logit ignores the features; nan: it is nan
+    images, _ = _images(2)
+    with caplog.at_level(logging.INFO, logger="pneumoscan.explain"):
+        cams = explain.compute_cams(model, {"architecture": "resnet18"}, images)
+    assert cams.shape == images.shape and not cams.any()
+    assert "2 of 2 maps are flat or not finite" in caplog.text
+
+
+def test_unknown_method_and_bad_input():
+    model, _ = models.build("resnet18", weights="none", head="linear")
+    with pytest.raises(UserError, match="gradcam"):
+        explain.compute_cams(model, {"architecture": "resnet18"}, _images(1)[0], method="lime")
+    with pytest.raises(ValueError, match="uint8"):
+        explain.compute_cams(model, {"architecture": "resnet18"}, np.zeros((1, 8, 8), np.float32))
+    assert explain.compute_cams(model, {"architecture": "resnet18"}, np.zeros((0, 8, 8), np.uint8)).shape == (0, 8, 8)
+
+
+def test_overlay_is_rgb_of_the_image_size():
+    image = _images(1)[0][0]
+    cam = np.zeros(image.shape, np.float32)
+    cam[:8, :8] = 1.0
+    rgb = explain.overlay(image, cam)
+    assert rgb.shape == image.shape + (3,) and rgb.dtype == np.uint8
+    assert rgb[:8, :8, 0].mean() > rgb[-8:, -8:, 0].mean()  # the hot corner is red in the jet map
+    with pytest.raises(ValueError):
+        explain.overlay(image, cam[:10])
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory):
+    model, info = models.build("mobilenet_v2", weights="none", head="linear")
+    meta = artifact.make_meta(architecture="mobilenet_v2", head="linear", image_size=SIZE, weights_info=info,
+                              threshold=0.5, threshold_rule="0.5", config={})
+    return artifact.save(tmp_path_factory.mktemp("model") / "model.pt", model, meta)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    rng = np.random.default_rng(3)
+    for sub, label in (("a", 0), ("b", 1)):  # the same file name in two folders
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        Image.fromarray(synthetic_xray(rng, label, 80)).save(tmp_path / "in" / sub / "x.jpeg")
+    (tmp_path / "in" / "b" / "broken.png").write_bytes(b"\x89PNG not really")
+    return tmp_path / "in"
+
+
+def test_explain_files_writes_one_png_per_readable_image(model_file, image_folder, tmp_path):
+    written, skipped = explain.explain_files(model_file, [image_folder], tmp_path / "out", "gradcam")
+    assert sorted(p.name for p in written) == ["x-2.gradcam.png", "x.gradcam.png"]
+    assert [p for p, _ in skipped] == [str(image_folder / "b" / "broken.png")]
+    assert (tmp_path / "out" / "skipped.csv").is_file()
+    with Image.open(written[0]) as png:
+        assert png.format == "PNG" and png.width > 300
+
+
+def test_cli_explain_and_predict_explain(model_file, image_folder, tmp_path, capsys):
+    assert cli.CAM_METHODS == tuple(explain.METHODS)
+    code = cli.main(["explain", "--model", str(model_file), str(image_folder / "a"), "--out", str(tmp_path / "e"),
+                     "--method", "eigencam"])
+    assert code == 0 and (tmp_path / "e" / "x.eigencam.png").is_file()
+
+    code = cli.main(["predict", "--model", str(model_file), str(image_folder), "--engine", "torch",
+                     "--out", str(tmp_path / "p.csv"), "--explain", str(tmp_path / "overlays")])
+    err = capsys.readouterr().err
+    assert code == 2 and "broken.png" in err  # the unreadable file is named, the others explained
+    assert len(list((tmp_path / "overlays").glob("*.gradcam.png"))) == 2
