@@ -1,0 +1,195 @@
+"""Load test of ``pneumoscan serve``: N concurrent clients posting real X-rays to /v1/predict.
+
+Starts the server in its own process on 127.0.0.1 (and only there), warms it up, then runs
+``--clients`` concurrent clients for ``--duration`` seconds, each posting one of a few dozen
+JPEGs from ../shared/data, and prints throughput, latency percentiles and errors as a markdown
+table. Bounded: it stops at the deadline or after ``--max-requests``, whichever comes first.
+
+    python benchmarks/load_test.py                      # bundled model, else an untrained one
+    python benchmarks/load_test.py --model runs/X/model.pt --clients 32 --duration 30
+
+Without --model and without a bundled model it saves an *untrained* MobileNetV2 at 224 px: its
+scores mean nothing, but it costs exactly what a trained one costs, which is what is measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_TRAIN = REPO.parent / "shared" / "data" / "chest_xray" / "train"
+
+
+def untrained_model(path: Path, size: int = 224) -> Path:
+    """Made once and kept: the engine caches its ONNX export by the file's sha256, and a re-saved
+    model gets a new sha256 (torch.save records the temporary file's name), so reuse the file."""
+    if path.is_file():
+        return path
+    from pneumoscan import artifact, models
+
+    model, info = models.build("mobilenet_v2", weights="none")
+    meta = artifact.make_meta(architecture="mobilenet_v2", head="seed", image_size=size, weights_info=info,
+                              threshold=0.5, threshold_rule="0.5", config={}, extra={"note": "untrained, for load tests"})
+    return artifact.save(path, model.eval(), meta)
+
+
+def pick_model(given: str | None) -> tuple[Path, str]:
+    from pneumoscan import artifact
+
+    if given:
+        return Path(given), f"{given} (given)"
+    if artifact.BUNDLED_MODEL.is_file():
+        return artifact.BUNDLED_MODEL, "bundled model"
+    from pneumoscan.engine import cache_dir
+
+    path = untrained_model(cache_dir() / "benchmarks" / "untrained_mobilenet_v2_224.pt")
+    return path, "untrained MobileNetV2, 224 px (no bundled model)"
+
+
+def pick_images(data: Path, n: int) -> list[tuple[str, bytes]]:
+    """n JPEGs, half from each class, spread evenly over the sorted file lists (deterministic)."""
+    files: list[Path] = []
+    for cls in ("NORMAL", "PNEUMONIA"):
+        found = sorted((data / cls).glob("*.jpeg"))
+        if not found:
+            sys.exit(f"load_test: no JPEGs in {data / cls}; pass --data")
+        files += [found[i] for i in np.linspace(0, len(found) - 1, n // 2).astype(int)]
+    return [(f.name, f.read_bytes()) for f in files]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(model: Path, port: int, engine: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pneumoscan.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
+           "--port", str(port), "--engine", engine]
+    env = os.environ | {"PNEUMOSCAN_API_KEY": ""}
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+
+
+def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            sys.exit(f"load_test: the server exited ({proc.returncode}):\n{proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(f"{base}/v1/health", timeout=2).json().get("model_loaded"):
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.25)
+    sys.exit("load_test: the server did not become ready")
+
+
+async def run_load(base: str, images: list[tuple[str, bytes]], clients: int, duration: float,
+                   max_requests: int, explain: bool) -> tuple[list[float], Counter, float]:
+    latencies: list[float] = []
+    errors: Counter = Counter()  # "HTTP 503", "ReadTimeout", ...
+    sent = 0
+    url = f"{base}/v1/predict" + ("?explain=true" if explain else "")
+    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
+    async with httpx.AsyncClient(limits=limits, timeout=120) as client:
+        # warm-up: first calls pay for lazy initialisation, which is not steady-state cost
+        for name, blob in images[:4]:
+            (await client.post(url, files={"file": (name, blob)})).raise_for_status()
+
+        started = time.perf_counter()
+        deadline = started + duration
+
+        async def worker(k: int) -> None:
+            nonlocal sent
+            i = k
+            while time.perf_counter() < deadline and sent < max_requests:
+                sent += 1
+                name, blob = images[i % len(images)]
+                i += clients
+                t0 = time.perf_counter()
+                try:
+                    r = await client.post(url, files={"file": (name, blob)})
+                    outcome = "ok" if r.status_code == 200 else f"HTTP {r.status_code}"
+                except httpx.HTTPError as exc:
+                    outcome = type(exc).__name__
+                if outcome == "ok":
+                    latencies.append(time.perf_counter() - t0)
+                else:
+                    errors[outcome] += 1
+
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+        elapsed = time.perf_counter() - started
+    return latencies, errors, elapsed
+
+
+def report(rows: list[tuple[str, str]]) -> str:
+    width = max(len(k) for k, _ in rows)
+    lines = [f"| {'metric'.ljust(width)} | value |", f"| {'-' * width} | ----- |"]
+    lines += [f"| {k.ljust(width)} | {v} |" for k, v in rows]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", help="model.pt or .onnx [bundled, else an untrained MobileNetV2]")
+    p.add_argument("--data", default=str(SHARED_TRAIN), help="folder with NORMAL/ and PNEUMONIA/ JPEGs")
+    p.add_argument("--images", type=int, default=48, help="distinct X-rays to cycle through")
+    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--duration", type=float, default=30.0, help="seconds of measured load")
+    p.add_argument("--max-requests", type=int, default=100_000, help="hard bound on requests sent")
+    p.add_argument("--engine", choices=["auto", "onnx", "torch"], default="auto")
+    p.add_argument("--explain", action="store_true", help="ask for Grad-CAM overlays too")
+    args = p.parse_args(argv)
+
+    images = pick_images(Path(args.data), args.images)
+    model, model_desc = pick_model(args.model)
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    proc = start_server(model, port, args.engine)
+    try:
+        wait_ready(base, proc)
+        card = httpx.get(f"{base}/v1/model", timeout=10).json()
+        latencies, errors, elapsed = asyncio.run(
+            run_load(base, images, args.clients, args.duration, args.max_requests, args.explain))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+    ms = np.array(latencies) * 1000
+    pct = (lambda q: f"{np.percentile(ms, q):.0f} ms") if len(ms) else (lambda q: "n/a")
+    print("## pneumoscan serve load test\n")
+    print(report([
+        ("model", f"{model_desc}: {card['architecture']}, {card['image_size']} px, runtime {card['runtime']}"),
+        ("endpoint", "POST /v1/predict" + ("?explain=true" if args.explain else "")),
+        ("images", f"{len(images)} JPEGs from {args.data}"),
+        ("clients", str(args.clients)),
+        ("duration", f"{elapsed:.1f} s"),
+        ("requests ok", str(len(latencies))),
+        ("errors", str(sum(errors.values())) + (f" ({', '.join(f'{k}: {v}' for k, v in errors.items())})"
+                                                 if errors else "")),
+        ("throughput", f"{len(latencies) / elapsed:.1f} req/s"),
+        ("latency p50", pct(50)),
+        ("latency p95", pct(95)),
+        ("latency p99", pct(99)),
+        ("machine", f"{os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}"),
+    ]))
+    return 1 if sum(errors.values()) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

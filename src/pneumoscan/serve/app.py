@@ -1,0 +1,290 @@
+"""The HTTP service: a REST API and an offline web page for radiologists (``pneumoscan serve``).
+
+The model is loaded once at startup; decoding, scoring and Grad-CAM run in the threadpool so the
+event loop keeps answering. Every error is JSON ``{"error": code, "detail": sentence}``. Uploads
+are bounded by bytes (the Content-Length header first, then counted while read) and by pixels (read
+from the image header before decoding), and sniffed from their content. The page, its assets and
+the API docs are served from the package, so nothing is fetched from the internet.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Annotated, Any
+
+import numpy as np
+from fastapi import FastAPI, File, Query, Request, Security, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import FileResponse, JSONResponse
+from fastapi.security import APIKeyHeader
+from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
+from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+
+from pneumoscan import __version__, artifact
+from pneumoscan.engine import KINDS
+from pneumoscan.errors import UserError
+from pneumoscan.serve import uploads
+from pneumoscan.serve.card import INTENDED_USE, model_card
+from pneumoscan.serve.middleware import AccessLog, ContentLengthLimit, SecurityHeaders
+from pneumoscan.serve.service import Service, png_bytes
+from pneumoscan.serve.settings import (API_KEY_ENV, DEFAULT_MAX_BATCH_FILES, DEFAULT_MAX_PIXELS,
+                                       DEFAULT_MAX_UPLOAD_BYTES, MiB)
+
+log = logging.getLogger(__name__)
+
+MULTIPART_OVERHEAD = 64 * 1024  # per part: boundary and headers on top of the file itself
+STATIC = Path(__file__).parent / "static"
+
+# The page loads only its own files; images come back as data: URLs or local blob: URLs.
+PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; style-src 'self'; "
+            "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
+               413: "request_too_large", 422: "invalid_request", 500: "internal_error",
+               501: "not_implemented"}
+
+_FROM_ENV = object()
+
+# module level: with postponed annotations FastAPI resolves these names in the module's globals
+ExplainQuery = Annotated[bool, Query(description="add a Grad-CAM overlay and the model's input image as PNGs (slower)")]
+KeyHeader = Annotated[str | None, Security(APIKeyHeader(
+    name="X-API-Key", auto_error=False, description=f"the service's API key (${API_KEY_ENV} on the server)"))]
+
+
+# --- response models (they are the OpenAPI schema at /docs) -------------------------------------
+
+class ModelRef(BaseModel):
+    name: str = Field(description="architecture")
+    version: str = Field(description="pneumoscan version that trained the model")
+    sha256: str = Field(description="of the model file")
+    runtime: str = Field(description="what computed the score: onnxruntime or torch")
+
+
+class Score(BaseModel):
+    probability: float = Field(description="calibrated probability of PNEUMONIA")
+    prediction: int = Field(description="1 if probability >= threshold, else 0")
+    label: str = Field(description="class name of the prediction: NORMAL or PNEUMONIA")
+    threshold: float
+    overlay_png_base64: str | None = Field(None, description="Grad-CAM overlay (explain=true)")
+    image_png_base64: str | None = Field(None, description="the model's input image (explain=true)")
+
+
+class Prediction(Score):
+    model: ModelRef
+
+
+class BatchItem(BaseModel):
+    filename: str | None = None
+    probability: float | None = None
+    prediction: int | None = None
+    label: str | None = None
+    threshold: float | None = None
+    overlay_png_base64: str | None = None
+    image_png_base64: str | None = None
+    error: str | None = Field(None, description="why this file was not scored")
+    detail: str | None = None
+    status: int | None = Field(None, description="the HTTP status this file alone would have got")
+
+
+class BatchPrediction(BaseModel):
+    results: list[BatchItem] = Field(description="one per file, in request order")
+    model: ModelRef
+
+
+class Health(BaseModel):
+    status: str
+    model_loaded: bool
+
+
+class ErrorBody(BaseModel):
+    error: str
+    detail: str
+
+
+def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def _b64(png: bytes) -> str:
+    return base64.b64encode(png).decode("ascii")
+
+
+async def _image(file: UploadFile, size: int, limits: uploads.Limits) -> np.ndarray | uploads.Rejected:
+    """One upload as model input, or why not. Files are read one at a time and only their decoded
+    (size x size) image is kept, so a full batch never sits in memory as raw bytes."""
+    try:
+        if file.size is not None:
+            uploads.check_size(file.size, limits)  # ruled out without reading it
+        blob = await file.read()
+        return await run_in_threadpool(uploads.to_model_input, blob, size, limits)
+    except uploads.Rejected as rejected:
+        return rejected
+
+
+def _results(service: Service, images: list[np.ndarray], explain: bool) -> list[dict[str, Any]]:
+    """Scores (and overlays) for decoded images, in one batch: run in the threadpool."""
+    if not images:
+        return []
+    batch = np.stack(images)
+    scores = service.score(batch)
+    if explain:
+        for score, image, overlay in zip(scores, batch, service.overlays(batch), strict=True):
+            score |= {"overlay_png_base64": _b64(overlay), "image_png_base64": _b64(png_bytes(image))}
+    return scores
+
+
+def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
+               max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_files: int = DEFAULT_MAX_BATCH_FILES,
+               api_key: str | None | object = _FROM_ENV, cors_origins: tuple[str, ...] | list[str] = (),
+               engine: str = "auto") -> FastAPI:
+    """The service for the model at ``model_path`` (default: the bundled model).
+
+    ``api_key``: required in the X-API-Key header of every /v1 call except health; by default
+    read from $PNEUMOSCAN_API_KEY, ``None`` (or empty) for no key. ``cors_origins``: browser
+    origins allowed to call the API from other pages; none by default. ``engine``: the runtime
+    for scores (see ``engine.load_engine``); Grad-CAM always runs in PyTorch.
+    """
+    path = artifact.resolve(model_path)  # fail here, not at startup, on a model that is not there
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    if engine not in KINDS:
+        raise UserError(f"unknown engine {engine!r}; choose one of: {', '.join(KINDS)}")
+    if api_key is _FROM_ENV:
+        api_key = os.environ.get(API_KEY_ENV)
+    api_key = api_key or None
+    limits = uploads.Limits(max_bytes=int(max_upload_bytes), max_pixels=int(max_pixels))
+    single_limit = limits.max_bytes + MULTIPART_OVERHEAD
+    batch_limit = (limits.max_bytes + MULTIPART_OVERHEAD) * max_batch_files
+    body_limits = {"/v1/predict": single_limit, "/v1/predict/batch": batch_limit}
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        app.state.service = await run_in_threadpool(Service.load, model_path, engine)
+        yield
+
+    app = FastAPIOffline(
+        title="pneumoscan", version=__version__, lifespan=lifespan,
+        description=(
+            f"Pneumonia screening for chest X-rays (NORMAL vs PNEUMONIA). {INTENDED_USE}\n\n"
+            f"Uploads: PNG, JPEG or DICOM, at most {limits.max_bytes / MiB:.0f} MiB and "
+            f"{limits.max_pixels:,} pixels per file, {max_batch_files} files per batch."
+            + ("\n\nEvery /v1 endpoint except /v1/health needs the `X-API-Key` header." if api_key else "")
+        ),
+    )
+
+    def body_detail(path: str) -> str:
+        if path == "/v1/predict/batch":
+            return f"the request is over the limit of {max_batch_files} files of {limits.max_bytes / MiB:.1f} MiB"
+        return f"the request is over the limit of {limits.max_bytes / MiB:.1f} MiB per file"
+
+    # --- errors: always {"error", "detail"} ----------------------------------------------------
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        code = ERROR_CODES.get(exc.status_code, "error")
+        detail = body_detail(request.url.path) if exc.status_code == 413 else str(exc.detail)
+        return _error(exc.status_code, code, detail, getattr(exc, "headers", None))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = []
+        for e in exc.errors():
+            where = ".".join(str(p) for p in e.get("loc", ()) if p != "body")
+            parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
+        return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
+
+    @app.exception_handler(uploads.Rejected)
+    async def rejected(request: Request, exc: uploads.Rejected) -> JSONResponse:
+        return _error(exc.status, exc.error, exc.detail)
+
+    # --- auth ------------------------------------------------------------------------------------
+
+    async def require_key(key: KeyHeader) -> None:
+        if not key or not secrets.compare_digest(key.encode(), api_key.encode()):
+            raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)")
+
+    protected = [Security(require_key)] if api_key else []
+    errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if api_key else {}
+    upload_errors = errors | {
+        413: {"model": ErrorBody, "description": "file or request too large (bytes or pixels)"},
+        422: {"model": ErrorBody, "description": "not a PNG, JPEG or DICOM image; empty upload; missing field"},
+    }
+
+    # --- API ------------------------------------------------------------------------------------
+
+    @app.get("/v1/health", response_model=Health, tags=["service"])
+    async def health(request: Request) -> dict:
+        """Liveness; open even when an API key is set."""
+        return {"status": "ok", "model_loaded": getattr(request.app.state, "service", None) is not None}
+
+    @app.get("/v1/model", dependencies=protected, responses=errors, tags=["service"])
+    async def model(request: Request) -> dict:
+        """The model card: what the model is, its threshold and calibration, intended use, limitations."""
+        service: Service = request.app.state.service
+        return model_card(service.meta, sha256=service.engine.sha256, runtime=service.engine.name) | {"service": {
+            "explanations": service.can_explain, "max_upload_bytes": limits.max_bytes,
+            "max_pixels": limits.max_pixels, "max_batch_files": max_batch_files}}
+
+    def _check_explain(service: Service, explain: bool) -> None:
+        if explain and not service.can_explain:
+            raise HTTPException(501, "explanations need the PyTorch model.pt; this server has none")
+
+    @app.post("/v1/predict", response_model=Prediction, response_model_exclude_none=True, dependencies=protected,
+              responses=upload_errors, max_body_size=single_limit, tags=["predict"])
+    async def predict(request: Request, file: Annotated[UploadFile, File(description="a PNG, JPEG or DICOM")],
+                      explain: ExplainQuery = False) -> dict:
+        """Score one chest X-ray."""
+        service: Service = request.app.state.service
+        _check_explain(service, explain)
+        image = await _image(file, service.image_size, limits)
+        if isinstance(image, uploads.Rejected):
+            raise image
+        (result,) = await run_in_threadpool(_results, service, [image], explain)
+        return result | {"model": service.model_ref}
+
+    @app.post("/v1/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True,
+              dependencies=protected, responses=upload_errors, max_body_size=batch_limit, tags=["predict"])
+    async def predict_batch(request: Request, files: Annotated[list[UploadFile], File(description="several images")],
+                            explain: ExplainQuery = False) -> dict:
+        """Score several X-rays; a file that cannot be scored gets an error entry, the rest still count.
+
+        Results keep the request order (sort by probability for a worklist)."""
+        service: Service = request.app.state.service
+        _check_explain(service, explain)
+        if len(files) > max_batch_files:
+            raise uploads.Rejected(413, "too_many_files", f"{len(files)} files; the limit is {max_batch_files} per batch")
+        images = [await _image(f, service.image_size, limits) for f in files]
+        scored = iter(await run_in_threadpool(
+            _results, service, [i for i in images if not isinstance(i, uploads.Rejected)], explain))
+        items = [{"filename": f.filename} | ({"error": i.error, "detail": i.detail, "status": i.status}
+                                              if isinstance(i, uploads.Rejected) else next(scored))
+                 for f, i in zip(files, images, strict=True)]
+        return {"results": items, "model": service.model_ref}
+
+    # --- the page ---------------------------------------------------------------------------------
+
+    @app.get("/", include_in_schema=False)
+    async def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP,
+                                                           "Cache-Control": "no-cache"})
+
+    app.mount("/static", StaticFiles(directory=STATIC), name="static")
+
+    # outermost last: the access log sees every answer, including the early 413
+    app.add_middleware(ContentLengthLimit, limit_for=lambda p: body_limits.get(p, MULTIPART_OVERHEAD),
+                       detail_for=body_detail)
+    if cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["X-API-Key"])
+    app.add_middleware(SecurityHeaders)
+    app.add_middleware(AccessLog)
+    return app
