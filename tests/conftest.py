@@ -7,9 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 os.environ.setdefault("MPLBACKEND", "Agg")
+torch.set_num_threads(1)  # tiny models; two threads on two shared cores only oversubscribe
 
 
 def synthetic_xray(rng: np.random.Generator, label: int, size: int = 48) -> np.ndarray:
@@ -66,3 +68,9 @@ def trained_model(tmp_path_factory) -> Path:
     config.out_dir = str(tmp_path_factory.mktemp("runs"))
     config.name = "tiny"
     return train.fit(config) / "model.pt"
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Tests never write to the user's ~/.cache (ONNX exports of test models land here instead)."""
+    monkeypatch.setenv("PNEUMOSCAN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))

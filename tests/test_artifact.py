@@ -47,3 +47,15 @@ def test_bad_files_are_user_errors(tmp_path):
     torch.save({"weights": torch.zeros(1)}, other)
     with pytest.raises(UserError, match="not a pneumoscan model"):
         artifact.load(other)
+
+
+def test_half_precision_storage_is_smaller_and_loads_as_fp32(tmp_path):
+    model, info = models.build("mobilenet_v2", weights="none")
+    model.eval()
+    full = artifact.save(tmp_path / "full.pt", model, _meta(info) | {"architecture": "mobilenet_v2"})
+    half = artifact.save(tmp_path / "half.pt", model, _meta(info) | {"architecture": "mobilenet_v2"}, half=True)
+    assert half.stat().st_size < 0.6 * full.stat().st_size
+    loaded, _ = artifact.load(half)
+    assert all(p.dtype == torch.float32 for p in loaded.parameters())
+    x = torch.rand(2, 1, 64, 64)
+    assert torch.allclose(loaded(x), model(x), atol=1e-2)

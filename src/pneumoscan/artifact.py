@@ -48,11 +48,16 @@ def make_meta(*, architecture: str, head: str, image_size: int, weights_info: di
     return meta
 
 
-def save(path: str | Path, model: models.Classifier, meta: dict) -> Path:
+def save(path: str | Path, model: models.Classifier, meta: dict, *, half: bool = False) -> Path:
+    """``half`` stores float weights as fp16 (half the size, e.g. for the bundled model); loading
+    always computes in fp32."""
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    if half:
+        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
     meta = meta | {"temperature": float(model.temperature)}
     with atomic_path(path) as tmp:
-        torch.save({"format": FORMAT, "meta": meta, "state_dict": state}, tmp)
+        with open(tmp, "wb") as f:  # a file object: torch.save would otherwise record the temp name,
+            torch.save({"format": FORMAT, "meta": meta, "state_dict": state}, f)  # changing the sha256
     return Path(path)
 
 
@@ -77,7 +82,7 @@ def load(path: str | Path) -> tuple[models.Classifier, dict]:
         meta["architecture"], weights="none", head=meta["head"],
         normalization=meta["normalization"]["name"], tf_same_padding=meta["tf_same_padding"],
     )
-    model.load_state_dict(blob["state_dict"])
+    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
     model.eval()
     log.debug("loaded %s (%s, threshold %.3f)", path, meta["architecture"], meta["threshold"])
     return model, meta

@@ -3,8 +3,9 @@
 ``fit`` turns a ``RunConfig`` into a run folder that can be understood and repeated on its own:
 config.yaml, manifest.csv (every file with its split), skipped.csv, history.csv, curves.png,
 checkpoints/ (best and last, for --resume), model.pt, validation.json and, when the data has a
-test split, test/ with its evaluation. Temperature and threshold are fitted on the validation
-split only; the test split is only ever measured.
+test split, test/ with its evaluation, then report.html (one self-contained page on the test
+split, else validation, with Grad-CAM galleries of its most confident errors). Temperature and
+threshold are fitted on the validation split only; the test split is only ever measured.
 """
 
 from __future__ import annotations
@@ -169,7 +170,7 @@ def feature_loaders(config: RunConfig, model: models.Classifier, weights_info: d
         stage = f"embedding {split} ({views} view{'s' if views > 1 else ''})"
         feats = features.cached_embed(
             model, images, samples, cache_dir=cache_dir, key_info=key_info | {"augment": dc.augment if transform else "none"},
-            transform=transform, views=views, seed=tc.seed, bf16=bf16, num_workers=dc.num_workers,
+            transform=transform, views=views, seed=tc.seed, bf16=bf16,
             progress=(lambda k, s=stage, n=views * len(images): progress(s, k, n)) if progress else None)
         ds = features.FeatureDataset(feats, [s.label for s in samples])
         shuffle = split == "train"
@@ -179,8 +180,13 @@ def feature_loaders(config: RunConfig, model: models.Classifier, weights_info: d
 
 
 def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: list | None = None,
-        progress: Progress | None = None) -> Path:
-    """Train, calibrate, choose the threshold, save model.pt; returns the run folder."""
+        progress: Progress | None = None, loggers: list | None = None,
+        samples: list[data.Sample] | None = None) -> Path:
+    """Train, calibrate, choose the threshold, save model.pt; returns the run folder.
+
+    ``loggers`` (e.g. an MLFlowLogger) receive the epoch metrics besides the run folder's CSV log.
+    ``samples`` (with their splits) replaces scanning ``config.data.root``, for cross-validation.
+    """
     resuming = resume_dir is not None
     if resuming:
         run_dir = Path(resume_dir)
@@ -198,17 +204,39 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
     model, weights_info = models.build(mc.backbone, weights=mc.backbone_weights, head=mc.head,
                                        unfreeze_blocks=mc.unfreeze_blocks, normalization=mc.weights_normalization)
     metrics.choose_threshold([0, 1], [0.2, 0.8], tc.threshold)  # validates the rule now, not after training
-    samples = split_samples(config, run_dir / "manifest.csv" if resuming else None)
+    if samples is None:
+        samples = split_samples(config, run_dir / "manifest.csv" if resuming else None)
     kept, images, skipped = data.load_images(
         samples, dc.image_size, strict=dc.strict,
         progress=(lambda k: progress("decoding images", k, len(samples))) if progress else None)
     if not resuming:
         run_dir, last = new_run_dir(config), None
+    fast = mc.unfreeze_blocks == 0 and tc.feature_cache
+    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
+                                 mode="min", save_top_k=1, save_last=True)
+    callbacks = list(callbacks or [])
+    several = tc.devices != 1 or tc.num_nodes > 1  # processes, i.e. DDP
+    trainer = L.Trainer(
+        max_epochs=tc.epochs, accelerator="auto", devices=tc.devices, num_nodes=tc.num_nodes,
+        strategy=tc.strategy, precision="32-true" if fast else resolve_precision(tc.precision),
+        # one BatchNorm over the global batch, as in a single process; PyTorch syncs BN only on GPUs
+        sync_batchnorm=several and torch.cuda.is_available(),
+        callbacks=[EarlyStopping("val_loss", patience=tc.patience, mode="min"), checkpoint, *callbacks],
+        logger=[CSVLogger(run_dir, name="", version=log_version(run_dir)), *(loggers or [])], deterministic=False,
+        enable_progress_bar=any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks),
+        enable_model_summary=False, limit_train_batches=int(tc.max_train_batches) if tc.max_train_batches > 1 else tc.max_train_batches, log_every_n_steps=1,
+        default_root_dir=run_dir,
+    )
+    # Under DDP (torchrun, SLURM, or Lightning re-running the script) every process runs this
+    # function, each with its own guess at a fresh folder name; the Trainer already knows its rank,
+    # and only global rank 0 creates and writes the run folder.
+    if not resuming and trainer.is_global_zero:
         run_dir.mkdir(parents=True)
         data.write_manifest(kept, run_dir / "manifest.csv")
         data.write_skipped(skipped, run_dir / "skipped.csv")
         write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
-    log.info("run folder: %s", run_dir)
+    if trainer.is_global_zero:
+        log.info("run folder: %s", run_dir)
     split_data = by_split(kept, images)
     (train_samples, train_images), (val_samples, val_images) = split_data["train"], split_data["val"]
     y_train = [s.label for s in train_samples]
@@ -217,31 +245,23 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
              len(train_samples), len(val_samples), *weights)
 
     y_val = [s.label for s in val_samples]
-    fast = mc.unfreeze_blocks == 0 and tc.feature_cache
     augment = transforms.train_transform(dc.augment, dc.image_size)
+    started = time.perf_counter()
     if fast:
         train_loader, val_loader = feature_loaders(config, model, weights_info, split_data, augment, progress)
     else:
         train_loader = make_loader(train_images, y_train, dc.batch_size, dc.num_workers, augment, shuffle=True)
         val_loader = make_loader(val_images, y_val, dc.batch_size * 2, 0)
     lit = LitClassifier(model, weights, tc.lr, tc.backbone_lr, from_features=fast)
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
-                                 mode="min", save_top_k=1, save_last=True)
-    callbacks = list(callbacks or [])
-    trainer = L.Trainer(
-        max_epochs=tc.epochs, accelerator="auto", devices=tc.devices, num_nodes=tc.num_nodes,
-        strategy=tc.strategy, precision="32-true" if fast else resolve_precision(tc.precision),
-        callbacks=[EarlyStopping("val_loss", patience=tc.patience, mode="min"), checkpoint, *callbacks],
-        logger=CSVLogger(run_dir, name="", version=log_version(run_dir)), deterministic=False,
-        enable_progress_bar=any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks),
-        enable_model_summary=False, limit_train_batches=int(tc.max_train_batches) if tc.max_train_batches > 1 else tc.max_train_batches, log_every_n_steps=1,
-        default_root_dir=run_dir,
-    )
+    feature_seconds = time.perf_counter() - started
     started = time.perf_counter()
+    # Lightning shards both loaders with a DistributedSampler under DDP (reshuffled each epoch)
     trainer.fit(lit, train_loader, val_loader, ckpt_path=last)
     train_seconds = time.perf_counter() - started
     if not trainer.is_global_zero:
-        return run_dir
+        # calibration and evaluation run once, on rank 0, over all images; ModelCheckpoint
+        # broadcast rank 0's folder, so every rank returns the same folder
+        return Path(checkpoint.dirpath).parent
 
     best = checkpoint.best_model_path or str(run_dir / "checkpoints" / "best.ckpt")
     state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
@@ -266,6 +286,7 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
         threshold=threshold, threshold_rule=tc.threshold, config=config.to_dict(),
         extra={"training": {"epochs_run": epochs_run, "best_epoch": best_epoch(history),
                             "seconds": round(train_seconds, 1),
+                            "feature_seconds": round(feature_seconds, 1), "fast_path": fast,
                             "seconds_per_epoch": round(train_seconds / max(epochs_run, 1), 2),
                             "n_train": len(train_samples), "n_val": len(val_samples)}},
     )
@@ -273,13 +294,29 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
     evaluate.evaluate_predictions(val_y, val_prob, threshold, run_dir / "validation",
                                   [s.path for s in val_samples])
 
+    shown = ("validation", val_samples, val_images, val_prob)
     if "test" in split_data:
         test_samples, test_images = split_data["test"]
         test_prob = metrics.sigmoid(evaluate.predict_logits(model, test_images))
         result = evaluate.evaluate_predictions(np.array([s.label for s in test_samples]), test_prob, threshold,
                                                run_dir / "test", [s.path for s in test_samples])
         log.info("test: %s", evaluate.summary_line(result))
+        shown = ("test", test_samples, test_images, test_prob)
+    write_run_report(run_dir, meta | {"temperature": temperature}, model, *shown, n_skipped=len(skipped))
     return run_dir
+
+
+def write_run_report(run_dir: Path, meta: dict, model: models.Classifier, split: str,
+                     samples: list[data.Sample], images: np.ndarray, prob: np.ndarray, *, n_skipped: int = 0) -> Path:
+    """``run_dir/report.html`` on the test split (else validation), with Grad-CAM galleries of its errors."""
+    from pneumoscan import report
+
+    y = np.array([s.label for s in samples])
+    paths = [s.path for s in samples]
+    evaluate.write_errors(model, meta, images, y, prob, meta["threshold"], paths, run_dir / split)
+    source = {"model": str(run_dir / "model.pt"), "data": meta["config"]["data"]["root"], "split": split,
+              "n_skipped": n_skipped, "threshold_source": f"{meta['threshold_rule']} on the validation split"}
+    return report.write_report(run_dir / split, meta, source, run_dir=run_dir, path=run_dir / "report.html")
 
 
 def best_epoch(history_csv: Path) -> int | None:
