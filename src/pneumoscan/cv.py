@@ -48,7 +48,7 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
         cfg = copy.deepcopy(config)
         cfg.out_dir, cfg.name, cfg.train.cache_dir = str(out), f"fold{k}", cache
         log.info("fold %d/%d", k, folds)
-        run = train.fit(cfg, samples=samples, progress=progress)
+        run = train.fit(cfg, samples=samples, progress=progress, report=False)
         result = _read_json(run / "test" / "metrics.json")
         rows.append({"fold": k} | {key: result.get(key, float("nan")) for key in SUMMARY_KEYS}
                     | {"threshold": result["threshold"], "n": result["n"]})

@@ -14,7 +14,6 @@ import io
 import logging
 import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -27,6 +26,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumoscan import CLASS_NAMES
 from pneumoscan.errors import UserError
+from pneumoscan.files import write_csv
 
 log = logging.getLogger(__name__)
 
@@ -483,26 +483,10 @@ def class_weights(labels: Iterable[int], mode: str = "balanced") -> tuple[float,
 # ----------------------------------------------------------------------------- manifests
 
 
-def _write_csv_atomic(path: str | os.PathLike, header: Sequence[str], rows: Iterable[Sequence]) -> None:
-    """Write via a temp file in the same folder: a crash never leaves a half-written CSV behind."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
-            w = csv.writer(f)
-            w.writerow(header)
-            w.writerows(rows)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_manifest(samples: Iterable[Sample], path: str | os.PathLike) -> None:
     """Record exactly which file went to which split, so a run's splits can be audited and reused."""
     rows = ((s.path, s.label, CLASS_NAMES[s.label], s.patient, s.split) for s in samples)
-    _write_csv_atomic(path, MANIFEST_COLUMNS, rows)
+    write_csv(path, MANIFEST_COLUMNS, rows)
 
 
 def read_manifest(path: str | os.PathLike) -> list[Sample]:
@@ -534,4 +518,4 @@ def read_manifest(path: str | os.PathLike) -> list[Sample]:
 
 def write_skipped(skipped: Iterable[tuple[str, str]], path: str | os.PathLike) -> None:
     """The unreadable files of a run, for someone to fix or remove."""
-    _write_csv_atomic(path, ("path", "reason"), skipped)
+    write_csv(path, ("path", "reason"), skipped)

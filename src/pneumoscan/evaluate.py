@@ -33,10 +33,16 @@ def as_batch(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255)
 
 
-@torch.inference_mode()
 def predict_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+    """fp32 logits; channels-last is ~2x faster on CPU convolutions and changes no numbers that matter."""
     model.eval()
-    out = [model(as_batch(images[i:i + batch_size])).float() for i in range(0, len(images), batch_size)]
+    model.to(memory_format=torch.channels_last)  # outside inference mode, so parameters stay ordinary tensors
+    try:
+        with torch.inference_mode():
+            out = [model(as_batch(images[i:i + batch_size]).contiguous(memory_format=torch.channels_last)).float()
+                   for i in range(0, len(images), batch_size)]
+    finally:
+        model.to(memory_format=torch.contiguous_format)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 

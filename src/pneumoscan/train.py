@@ -160,8 +160,10 @@ def feature_loaders(config: RunConfig, model: models.Classifier, weights_info: d
     tc, dc = config.train, config.data
     cache_dir = tc.cache_dir or str(Path(config.out_dir) / ".feature-cache")
     bf16 = resolve_precision(tc.precision) == "bf16-mixed"
-    key_info = {"model_info": {"architecture": config.model.backbone, "source": weights_info["source"],
-                               "sha256": weights_info["sha256"], "normalization": weights_info["normalization"],
+    # the weights file's content, not its path, names the store: ../x.pth and /abs/x.pth share it
+    key_info = {"model_info": {"architecture": config.model.backbone,
+                               "weights": weights_info["sha256"] or weights_info["source"],
+                               "normalization": weights_info["normalization"],
                                "tf_same_padding": weights_info["tf_same_padding"]},
                 "image_size": dc.image_size}
     loaders = []
@@ -181,11 +183,12 @@ def feature_loaders(config: RunConfig, model: models.Classifier, weights_info: d
 
 def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: list | None = None,
         progress: Progress | None = None, loggers: list | None = None,
-        samples: list[data.Sample] | None = None) -> Path:
+        samples: list[data.Sample] | None = None, report: bool = True) -> Path:
     """Train, calibrate, choose the threshold, save model.pt; returns the run folder.
 
     ``loggers`` (e.g. an MLFlowLogger) receive the epoch metrics besides the run folder's CSV log.
-    ``samples`` (with their splits) replaces scanning ``config.data.root``, for cross-validation.
+    ``samples`` (with their splits) replaces scanning ``config.data.root``, for cross-validation;
+    ``report=False`` skips the HTML report and its Grad-CAM galleries (cross-validation folds).
     """
     resuming = resume_dir is not None
     if resuming:
@@ -302,7 +305,8 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
                                                run_dir / "test", [s.path for s in test_samples])
         log.info("test: %s", evaluate.summary_line(result))
         shown = ("test", test_samples, test_images, test_prob)
-    write_run_report(run_dir, meta | {"temperature": temperature}, model, *shown, n_skipped=len(skipped))
+    if report:
+        write_run_report(run_dir, meta | {"temperature": temperature}, model, *shown, n_skipped=len(skipped))
     return run_dir
 
 
