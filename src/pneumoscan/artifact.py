@@ -74,8 +74,9 @@ def read(path: str | Path) -> dict:
     return blob
 
 
-def load(path: str | Path) -> tuple[models.Classifier, dict]:
-    """The model in eval mode and its meta."""
+def load(path: str | Path | None) -> tuple[models.Classifier, dict]:
+    """The model in eval mode and its meta; ``None`` means the bundled model."""
+    path = resolve(path)
     blob = read(path)
     meta = blob["meta"]
     model, _ = models.build(

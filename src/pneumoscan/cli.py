@@ -378,7 +378,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "reliability), OUT/errors.csv with Grad-CAM galleries of the most confident mistakes in "
                        "OUT/errors/, and with --report one self-contained OUT/report.html. The threshold is the "
                        "one stored in the model (chosen on validation data) unless --threshold overrides it.")
-    p.add_argument("--model", required=True, help="model.pt from a training run")
+    p.add_argument("--model", help="model.pt from a training run [the bundled model]")
     p.add_argument("--data", required=True, help="dataset root (its test/ split is used) or NORMAL/PNEUMONIA folder")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--split", help="which split to evaluate when DIR has several [test]")
@@ -392,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser("predict", help="score new images; CSV of probabilities", formatter_class=_Formatter)
-    p.add_argument("--model", required=True, help="model.pt")
+    p.add_argument("--model", help="model.pt or exported .onnx [the bundled model]")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", help="write the CSV here instead of stdout")
     p.add_argument("--threshold", type=float, help="override the model's decision threshold")
@@ -407,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Writes one PNG per image: the X-ray beside its heat map, titled with "
                        "P(PNEUMONIA) and the predicted label. Warm regions raised the PNEUMONIA score; each "
                        "map is scaled to its own maximum. Maps are coarse and are not a localisation of disease.")
-    p.add_argument("--model", required=True, help="model.pt")
+    p.add_argument("--model", help="model.pt [the bundled model]")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder for the PNGs")
     p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="gradcam, gradcam++ or eigencam")
