@@ -21,7 +21,7 @@ demo: install
 	MPLBACKEND=Agg $(BIN)/python -m pneumoscan.demo
 
 test: install
-	MPLBACKEND=Agg $(BIN)/python -m pytest -q
+	MPLBACKEND=Agg $(BIN)/python -m pytest
 
 clean:
 	rm -rf demo-out .pytest_cache
