@@ -6,20 +6,10 @@ import math
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from conftest import synthetic_xray
 from pneumoscan import artifact, evaluate, metrics
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two intra-op threads on two cores shared with other jobs spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def test_select_errors_picks_the_most_confident_first():

@@ -25,15 +25,6 @@ def _images(n: int, seed: int = 0, size: int = SIZE) -> tuple[np.ndarray, np.nda
     return np.stack([synthetic_xray(rng, int(y), size) for y in labels]), labels
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two intra-op threads on two cores shared with other jobs spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def _calibrate_batchnorm(model: models.Classifier, x: torch.Tensor) -> None:
     """Set every BatchNorm's statistics to those of ``x`` (one pass, cumulative average).
 

@@ -6,21 +6,11 @@ import re
 import shutil
 
 import pytest
-import torch
 
 from pneumoscan import artifact, cli, report
 
 SECTIONS = ("summary", "data", "configuration", "training", "metrics", "curves", "calibration", "errors",
             "subtypes", "model-card")
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Two intra-op threads on two cores shared with other jobs spin against each other (10x slower)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def _embedded_pngs(html: str) -> list[bytes]:

@@ -58,6 +58,13 @@ class ImageError(UserError):
         return type(self), (self.path, self.reason)
 
 
+def unreadable(path: str, exc: OSError) -> ImageError:
+    """One wording for a file that cannot even be opened, whichever decoder tried."""
+    reason = {FileNotFoundError: "file not found", IsADirectoryError: "is a directory",
+              PermissionError: "permission denied"}.get(type(exc))
+    return ImageError(path, reason or f"cannot read ({exc.strerror or type(exc).__name__})")
+
+
 # ----------------------------------------------------------------------------- patients
 
 _PERSON = re.compile(r"^person(\d+)(?=[_\-.\s]|$)", re.IGNORECASE)
@@ -309,14 +316,8 @@ def load_image(path: str | os.PathLike, size: int | None) -> np.ndarray:
     try:
         with open(path, "rb") as f:
             head = f.read(_SNIFF_BYTES)
-    except FileNotFoundError:
-        raise ImageError(path, "file not found") from None
-    except IsADirectoryError:
-        raise ImageError(path, "is a directory") from None
-    except PermissionError:
-        raise ImageError(path, "permission denied") from None
     except OSError as e:
-        raise ImageError(path, f"cannot read ({e.strerror or type(e).__name__})") from None
+        raise unreadable(path, e) from None
     kind = sniff_format(head)
     if kind is None and path.lower().endswith(".dcm"):
         kind = "dicom"
@@ -364,12 +365,8 @@ def _open_pil(fp, name: str, size: int | None, formats: Sequence[str] | None) ->
             return ImageOps.exif_transpose(img)
     except ImageError:
         raise
-    except FileNotFoundError:
-        raise ImageError(name, "file not found") from None
-    except IsADirectoryError:
-        raise ImageError(name, "is a directory") from None
-    except PermissionError:
-        raise ImageError(name, "permission denied") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise unreadable(name, e) from None
     except Image.DecompressionBombError as e:
         raise ImageError(name, f"pixel count is over the limit ({e})") from None
     except UnidentifiedImageError:

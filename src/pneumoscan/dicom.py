@@ -32,7 +32,7 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from pneumoscan.data import ImageError
+from pneumoscan.data import ImageError, unreadable
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +56,8 @@ def read_dicom(source: str | os.PathLike | bytes, *, name: str | None = None) ->
         fp = os.fspath(source)
     try:
         ds = pydicom.dcmread(fp, force=True)
-    except FileNotFoundError:
-        raise ImageError(name, "file not found") from None
-    except IsADirectoryError:
-        raise ImageError(name, "is a directory") from None
-    except PermissionError:
-        raise ImageError(name, "permission denied") from None
+    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
+        raise unreadable(name, e) from None
     except (InvalidDicomError, EOFError) as exc:
         raise ImageError(name, f"not a readable DICOM file ({type(exc).__name__})") from None
     except Exception as exc:  # malformed elements raise anything; their text may quote values
