@@ -128,10 +128,16 @@ def test_upload_and_worklist(server, browser, tmp_path):
     assert "%" in find(By.ID, "fact-probability").text
 
     find(By.ID, "export-button").click()
-    csv_path = wait_for(lambda: next((tmp_path / "downloads").glob("*.csv"), None)
-                        if (tmp_path / "downloads").is_dir() else None, timeout=20, what="the CSV download")
-    with open(csv_path, newline="") as f:
-        table = list(csv.DictReader(f))
+    def downloaded_rows():
+        # Chromium may show the file before it has written all of it: wait for the whole table
+        found = sorted((tmp_path / "downloads").glob("*.csv")) if (tmp_path / "downloads").is_dir() else []
+        if not found:
+            return None
+        with open(found[0], newline="") as f:
+            rows = list(csv.DictReader(f))
+        return rows if len(rows) == 3 else None
+
+    table = wait_for(downloaded_rows, timeout=20, what="the complete CSV download")
     assert [r["filename"] for r in table][-1] == "notes.png" and table[-1]["error"]
     assert [float(r["probability"]) for r in table[:2]] == sorted((float(r["probability"]) for r in table[:2]),
                                                                   reverse=True)
