@@ -104,3 +104,64 @@ def test_fast_path_caches_features_and_matches_slow_path_shape(tiny_dataset, tmp
         assert json.loads((run / "validation" / "metrics.json").read_text())["n"] > 0
         _, meta = artifact.load(run / "model.pt")
         assert meta["training"]["epochs_run"] == 2
+
+
+def test_progressive_unfreezing_adds_stages_to_the_optimizer_on_schedule(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "runs", epochs=3, unfreeze_at="1:2,2:-1", patience=10)
+    config.model.backbone = "resnet18"
+    config.data.augment = "none"
+    seen = []
+
+    class Spy(train.L.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            groups = trainer.optimizers[0].param_groups
+            trainable = sum(p.requires_grad for p in pl_module.model.features.parameters())
+            seen.append((len(groups), pl_module.model.frozen_stages, trainable))
+
+    run = train.fit(config, callbacks=[Spy()])
+    n_stages = 5  # resnet18 trunk: stem, layer1..layer4
+    assert [s[1] for s in seen] == [n_stages, n_stages - 2, 0]
+    assert [s[0] for s in seen] == [1, 2, 3]  # head, then each newly unfrozen block joins
+    assert seen[0][2] == 0 and 0 < seen[1][2] < seen[2][2]
+    assert (run / "model.pt").is_file()
+
+
+def test_bad_unfreeze_schedule_is_a_user_error(tiny_dataset, tmp_path):
+    with pytest.raises(UserError, match="EPOCH:STAGES"):
+        train.fit(tiny_config(tiny_dataset, tmp_path / "runs", unfreeze_at="two:3"))
+
+
+def test_frozen_batchnorm_keeps_pretrained_statistics_while_weights_train(tiny_dataset, tmp_path):
+    from pneumoscan import models
+
+    model, _ = models.build("resnet18", unfreeze_blocks=-1, batchnorm="frozen")
+    model.train()
+    bns = [m for m in model.features.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    before = bns[-1].running_mean.clone()
+    model(torch.rand(4, 1, 48, 48)).sum().backward()
+    assert torch.equal(before, bns[-1].running_mean)
+    assert bns[-1].weight.grad is not None  # its affine weights still learn
+    with pytest.raises(UserError, match="train or frozen"):
+        models.build("resnet18", batchnorm="fixed")
+
+
+def test_label_smoothing_and_cosine_schedule(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "runs", epochs=2, schedule="cosine", label_smoothing=0.2)
+    config.model.unfreeze_blocks = 1
+    lrs = []
+
+    class Spy(train.L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    run = train.fit(config, callbacks=[Spy()])
+    assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(0.5e-3)
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["label_smoothing"] == 0.2
+    # smoothing: a perfectly confident, correct logit still has a loss
+    lit = train.LitClassifier(torch.nn.Linear(1, 1), label_smoothing=0.2, from_features=True)
+    lit.model.classify = lambda x: torch.full((2,), 20.0)
+    lit.log = lit.log_dict = lambda *a, **k: None
+    loss = lit._step((torch.zeros(2, 1), torch.ones(2)), "train", lit.train_metrics)
+    assert loss.item() > 1.0
+    assert lit._step((torch.zeros(2, 1), torch.ones(2)), "val", lit.val_metrics).item() < 1e-6

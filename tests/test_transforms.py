@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from pneumoscan.errors import UserError
-from pneumoscan.transforms import AUGMENTATIONS, SeedAugment, train_transform
+from pneumoscan.transforms import PRESETS, AUGMENTATIONS, SeedAugment, train_transform
 
 
 @pytest.mark.parametrize("size", [16, 17, 32])
@@ -66,7 +66,32 @@ def test_per_image_seeds_do_not_depend_on_the_batch():
 
 
 def test_none_and_unknown():
-    assert AUGMENTATIONS == ("seed", "none")
+    assert AUGMENTATIONS == ("seed", "seed-noflip", "radiograph", "none")
     assert train_transform("none", 32) is None
-    with pytest.raises(UserError, match="seed, none"):
+    with pytest.raises(UserError, match="seed, seed-noflip, radiograph, none"):
         train_transform("heavy", 32)
+
+
+def test_noflip_never_mirrors():
+    # a left-right gradient keeps its direction through every draw when flips are off
+    x = torch.linspace(0, 255, 32).repeat(16, 1, 32, 1).to(torch.uint8)
+    kept = train_transform("seed-noflip", 32)
+    assert not kept.draw(200)[:, 6].any()
+    assert train_transform("seed", 32).draw(200)[:, 6].any()
+    out = kept(x).float()
+    assert (out[..., -4:].mean((1, 2, 3)) > out[..., :4].mean((1, 2, 3))).all()
+
+
+def test_radiograph_intensity_jitter_is_seeded_bounded_and_changes_contrast():
+    aug = train_transform("radiograph", 32)
+    x = torch.randint(0, 256, (8, 1, 32, 32), dtype=torch.uint8)
+    a, b = aug(x, seeds=range(8)), aug(x, seeds=range(8))
+    assert torch.equal(a, b) and a.dtype == torch.uint8
+    geometry_only = SeedAugment(**{k: v for k, v in PRESETS["radiograph"].items()
+                                   if k not in ("contrast", "brightness", "gamma")})
+    g = geometry_only(x, seeds=range(8)).float()
+    # same geometry draw; only the intensity differs, and it differs per image
+    assert not torch.equal(a.float(), g)
+    assert a.float().std((1, 2, 3)).sub(g.std((1, 2, 3))).abs().gt(0.5).sum() >= 4
+    floats = aug(x.float() / 255)
+    assert floats.min() >= 0 and floats.max() <= 1

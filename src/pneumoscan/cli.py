@@ -71,7 +71,9 @@ TRAIN_FLAGS = {
     "batch_size": ("data", "batch_size"), "workers": ("data", "num_workers"),
     "backbone": ("model", "backbone"), "backbone_weights": ("model", "backbone_weights"),
     "weights_normalization": ("model", "weights_normalization"), "head": ("model", "head"),
-    "unfreeze_blocks": ("model", "unfreeze_blocks"),
+    "unfreeze_blocks": ("model", "unfreeze_blocks"), "batchnorm": ("model", "batchnorm"),
+    "schedule": ("train", "schedule"), "label_smoothing": ("train", "label_smoothing"),
+    "unfreeze_at": ("train", "unfreeze_at"),
     "epochs": ("train", "epochs"), "lr": ("train", "lr"), "backbone_lr": ("train", "backbone_lr"),
     "patience": ("train", "patience"), "seed": ("train", "seed"), "precision": ("train", "precision"),
     "threshold": ("train", "threshold"), "max_train_batches": ("train", "max_train_batches"),
@@ -145,6 +147,8 @@ def add_train(sub) -> None:
                        "(cv.md, cv.json, oof_predictions.csv). The data's own test split is never used.")
     add_training_options(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds")
+    p.add_argument("--split-seed", type=int, default=42,
+                   help="seed of the fold assignment, kept apart from --seed so recipes meet the same patients")
     p.set_defaults(func=cmd_cv, resume=None)
 
 
@@ -153,7 +157,7 @@ def cmd_cv(args: argparse.Namespace) -> int:
 
     bars = StageBars()
     try:
-        out = cv.cross_validate(config_from_args(args), folds=args.folds, progress=bars)
+        out = cv.cross_validate(config_from_args(args), folds=args.folds, progress=bars, split_seed=args.split_seed)
     finally:
         bars.close()
     print((out / "cv.md").read_text())
@@ -169,7 +173,9 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-fraction", type=float,
                    help=f"validation share carved from train, grouped by patient, when val/ has "
                    f"< {d.data.min_val_images} images [{d.data.val_fraction}]")
-    g.add_argument("--augment", choices=["seed", "none"], help=f"training augmentation [{d.data.augment}]")
+    g.add_argument("--augment", choices=["seed", "seed-noflip", "radiograph", "none"],
+                   help="training augmentation: the study's Keras one (seed), without its horizontal flip, "
+                   f"or milder geometry plus contrast/brightness/gamma (radiograph) [{d.data.augment}]")
     g.add_argument("--class-weights", choices=["balanced", "none"], help=f"[{d.data.class_weights}]")
     g.add_argument("--strict", action="store_true", default=None, help="stop at the first unreadable image")
     g.add_argument("--batch-size", type=int, help=f"[{d.data.batch_size}]")
@@ -182,12 +188,21 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--weights-normalization", choices=["auto", "imagenet", "inception"],
                    help="input normalisation the weights expect; 'auto' knows torchvision's and the shared file")
     g.add_argument("--head", help=f"head name (seed, exp1..exp10, linear) or spec like '64,bn,d0.3,32' [{d.model.head}]")
-    g.add_argument("--unfreeze-blocks", type=int, help="train the last N backbone stages (-1 = all) [0]")
+    g.add_argument("--unfreeze-blocks", type=int,
+                   help=f"train the last N backbone stages (-1 = all, 0 = frozen) [{d.model.unfreeze_blocks}]")
+    g.add_argument("--batchnorm", choices=["train", "frozen"],
+                   help="BatchNorm statistics of trainable stages: update them, or keep the pretrained "
+                   f"ones [{d.model.batchnorm}]")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help=f"maximum epochs [{d.train.epochs}]")
     g.add_argument("--lr", type=float, help=f"head learning rate [{d.train.lr}]")
     g.add_argument("--backbone-lr", type=float, help=f"learning rate of unfrozen stages [{d.train.backbone_lr}]")
     g.add_argument("--patience", type=int, help=f"early-stopping patience in epochs [{d.train.patience}]")
+    g.add_argument("--schedule", choices=["constant", "cosine"], help=f"learning-rate schedule [{d.train.schedule}]")
+    g.add_argument("--label-smoothing", type=float, help=f"BCE label smoothing [{d.train.label_smoothing}]")
+    g.add_argument("--unfreeze-at", metavar="EPOCH:STAGES,...",
+                   help="progressive unfreezing, e.g. '1:3,3:-1' = last 3 stages train from epoch 2, all from "
+                   "epoch 4 (epochs counted from 0)")
     g.add_argument("--threshold", help="decision threshold rule on validation: youden, sensitivity:0.95 or a "
                    f"number [{d.train.threshold}]")
     g.add_argument("--seed", type=int, help=f"[{d.train.seed}]")

@@ -18,7 +18,7 @@ class DataConfig:
     image_size: int = 224
     val_fraction: float = 0.1  # carved from train, grouped by patient, when val is too small
     min_val_images: int = 100
-    augment: str = "seed"  # seed | none
+    augment: str = "seed"  # seed | seed-noflip | radiograph | none (see transforms.py)
     class_weights: str = "balanced"  # balanced | none
     strict: bool = False  # fail on unreadable files instead of skipping them
     batch_size: int = 32
@@ -31,7 +31,8 @@ class ModelConfig:
     backbone_weights: str = "imagenet"  # imagenet | none | path to a state_dict
     weights_normalization: str = "auto"  # auto (known files) | imagenet | inception
     head: str = "seed"  # see models.HEADS
-    unfreeze_blocks: int = 0  # last N backbone stages train; 0 = frozen backbone
+    unfreeze_blocks: int = 0  # last N backbone stages train; 0 = frozen backbone; -1 = all
+    batchnorm: str = "train"  # train | frozen: trainable stages keep their ImageNet BN statistics
 
 
 @dataclass
@@ -40,6 +41,9 @@ class TrainConfig:
     lr: float = 1e-3
     backbone_lr: float = 1e-4  # used only for unfrozen backbone stages
     patience: int = 7
+    schedule: str = "constant"  # constant | cosine (learning rate over `epochs`)
+    label_smoothing: float = 0.0  # BCE targets 0 -> e/2, 1 -> 1 - e/2
+    unfreeze_at: str = ""  # progressive unfreezing, "EPOCH:STAGES,...", e.g. "2:3,4:-1"
     seed: int = 42
     precision: str = "auto"  # auto | 32 | bf16
     threshold: str = "youden"  # 0.5 | youden | sensitivity:0.95 | any float

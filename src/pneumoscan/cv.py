@@ -36,19 +36,28 @@ def fold_samples(pool: list[data.Sample], folds: int, seed: int, val_fraction: f
     return out
 
 
-def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress | None = None) -> Path:
+def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress | None = None,
+                   split_seed: int = 42) -> Path:
+    """``split_seed`` fixes the folds apart from the training seed, so recipes (and seeds of one
+    recipe, for an ensemble) are compared on exactly the same patients."""
     pool = [dataclasses.replace(s, split="train")
             for s in data.scan(config.data.root) if s.split in ("train", "val")]
     if not pool:
         raise UserError(f"no training images under {config.data.root}")
     out = Path(config.out_dir) / (config.name or f"cv-{datetime.now():%Y%m%d-%H%M%S}-{config.model.backbone}")
     cache = config.train.cache_dir or str(Path(config.out_dir) / ".feature-cache")
+    # decoded once for all folds
+    pool, images, skipped = data.load_images(
+        pool, config.data.image_size, strict=config.data.strict,
+        progress=(lambda k: progress("decoding images", k, len(pool))) if progress else None)
+    index = {s.path: i for i, s in enumerate(pool)}
     rows, oof = [], []
-    for k, samples in enumerate(fold_samples(pool, folds, config.train.seed, config.data.val_fraction), start=1):
+    for k, samples in enumerate(fold_samples(pool, folds, split_seed, config.data.val_fraction), start=1):
         cfg = copy.deepcopy(config)
         cfg.out_dir, cfg.name, cfg.train.cache_dir = str(out), f"fold{k}", cache
         log.info("fold %d/%d", k, folds)
-        run = train.fit(cfg, samples=samples, progress=progress, report=False)
+        fold_images = images[np.array([index[s.path] for s in samples])]
+        run = train.fit(cfg, samples=samples, images=fold_images, progress=progress, report=False)
         result = _read_json(run / "test" / "metrics.json")
         rows.append({"fold": k} | {key: result.get(key, float("nan")) for key in SUMMARY_KEYS}
                     | {"threshold": result["threshold"], "n": result["n"]})
@@ -66,12 +75,14 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
     ci = metrics.bootstrap_ci(y, prob, 0.5, n_resamples=2000, seed=0)
     pooled["ci95"] = {k: ci[k] for k in ("roc_auc", "pr_auc")}
     summary = {
-        "folds": folds, "n_images": len(pool), "config": config.to_dict(),
+        "folds": folds, "split_seed": split_seed, "n_images": len(pool), "n_skipped": len(skipped),
+        "config": config.to_dict(),
         "mean": {k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_KEYS},
         "sd": {k: float(np.nanstd([r[k] for r in rows], ddof=1)) for k in SUMMARY_KEYS},
         "per_fold": rows, "pooled_out_of_fold": pooled,
     }
     write_json(out / "cv.json", summary)
+    data.write_skipped(skipped, out / "skipped.csv")
     write_csv(out / "oof_predictions.csv", ["path", "label", "probability", "prediction", "fold"], oof)
     write_text(out / "cv.md", markdown(summary))
     log.info("cross-validation: %s", out / "cv.md")

@@ -131,7 +131,7 @@ def build_head(spec: str, in_features: int) -> nn.Sequential:
 
 class Classifier(nn.Module):
     def __init__(self, features: nn.Sequential, head: nn.Sequential,
-                 normalization: str = "imagenet", frozen_stages: int = 0):
+                 normalization: str = "imagenet", frozen_stages: int = 0, freeze_batchnorm: bool = False):
         super().__init__()
         mean, std = NORMALIZATIONS[normalization]
         self.features = features
@@ -140,6 +140,7 @@ class Classifier(nn.Module):
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1))
         self.register_buffer("temperature", torch.tensor(1.0))
         self.frozen_stages = frozen_stages
+        self.freeze_batchnorm = freeze_batchnorm  # trainable stages keep their pretrained BN statistics
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features; the cacheable part when the backbone is frozen."""
@@ -157,6 +158,10 @@ class Classifier(nn.Module):
         super().train(mode)
         for stage in list(self.features.children())[: self.frozen_stages]:
             stage.eval()
+        if mode and self.freeze_batchnorm:
+            for m in self.features.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
         return self
 
 
@@ -238,12 +243,15 @@ def _load_pretrained(name: str, model: nn.Module, source: str) -> None:
 
 def build(name: str = "mobilenet_v2", *, weights: str = "none", head: str = "seed",
           unfreeze_blocks: int = 0, normalization: str = "auto",
-          tf_same_padding: bool | None = None) -> tuple[Classifier, dict]:
+          tf_same_padding: bool | None = None, batchnorm: str = "train") -> tuple[Classifier, dict]:
     """Build a Classifier; returns it with the weight facts to record in the artifact.
 
     ``unfreeze_blocks`` = how many of the last backbone stages train (-1 = all). Loading an artifact
     builds with ``weights="none"`` and the normalisation and padding the artifact recorded.
+    ``batchnorm="frozen"`` keeps BatchNorm statistics of trainable stages fixed (small batches).
     """
+    if batchnorm not in ("train", "frozen"):
+        raise UserError(f"unknown batchnorm mode {batchnorm!r}; choose train or frozen")
     spec = backbone(name)
     info = resolve_weights(name, weights, normalization)
     if tf_same_padding is not None:
@@ -259,9 +267,22 @@ def build(name: str = "mobilenet_v2", *, weights: str = "none", head: str = "see
     frozen = n_stages - unfreeze_blocks
     for stage in list(features.children())[:frozen]:
         stage.requires_grad_(False)
-    model = Classifier(features, build_head(head, spec.feature_dim), info["normalization"], frozen)
+    model = Classifier(features, build_head(head, spec.feature_dim), info["normalization"], frozen,
+                       freeze_batchnorm=batchnorm == "frozen")
     info |= {"frozen_stages": frozen, "n_stages": n_stages}
     return model, info
+
+
+def stages_to_unfreeze(schedule: str, n_stages: int) -> dict[int, int]:
+    """Parse a progressive-unfreezing schedule "EPOCH:STAGES,..." (-1 = all) into {epoch: stages}."""
+    out: dict[int, int] = {}
+    for part in filter(None, (p.strip() for p in schedule.split(","))):
+        try:
+            epoch, stages = (int(v) for v in part.split(":"))
+        except ValueError:
+            raise UserError(f"bad unfreeze schedule {schedule!r}: use EPOCH:STAGES pairs like '2:3,4:-1'") from None
+        out[epoch] = n_stages if stages < 0 or stages > n_stages else stages
+    return out
 
 
 def parameter_groups(model: Classifier, lr: float, backbone_lr: float) -> list[dict]:

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import yaml
-from lightning.pytorch.callbacks import EarlyStopping, ModelCheckpoint
+from lightning.pytorch.callbacks import BaseFinetuning, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from torch.utils.data import DataLoader
 from torchmetrics import MetricCollection
@@ -43,26 +43,40 @@ def epoch_metrics(prefix: str) -> MetricCollection:
 
 
 class LitClassifier(L.LightningModule):
-    """Weighted BCE on train (the study's class weights); plain BCE on validation, as Keras reports it."""
+    """Weighted BCE on train (the study's class weights); plain BCE on validation, as Keras reports it.
+
+    With images (not cached features), ``augment`` runs on each training batch once it is on the
+    device, so a GPU does the augmentation instead of the data loader's CPU.
+    """
 
     def __init__(self, model: models.Classifier, class_weights=(1.0, 1.0), lr: float = 1e-3,
-                 backbone_lr: float = 1e-4, from_features: bool = False):
+                 backbone_lr: float = 1e-4, from_features: bool = False, augment: torch.nn.Module | None = None,
+                 label_smoothing: float = 0.0, schedule: str = "constant"):
         super().__init__()
         self.model = model
         self.from_features = from_features  # batches hold cached backbone features, not images
+        self.augment = augment
         self.register_buffer("class_weight", torch.tensor(class_weights, dtype=torch.float32))
         self.lr, self.backbone_lr = lr, backbone_lr
+        self.label_smoothing, self.schedule = label_smoothing, schedule
         self.train_metrics = epoch_metrics("train_")
         self.val_metrics = epoch_metrics("val_")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
 
+    def on_after_batch_transfer(self, batch, dataloader_idx: int):
+        x, y = batch
+        if self.augment is not None and not self.from_features and self.trainer.training:
+            x = self.augment(x)
+        return x, y
+
     def _step(self, batch, stage: str, collection: MetricCollection) -> torch.Tensor:
         x, y = batch
         logits = (self.model.classify(x) if self.from_features else self.model(x)).float()
         weight = self.class_weight[y.long()] if stage == "train" else None
-        loss = F.binary_cross_entropy_with_logits(logits, y, weight=weight)
+        target = y * (1 - self.label_smoothing) + self.label_smoothing / 2 if stage == "train" else y
+        loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
         collection.update(torch.sigmoid(logits), y.int())
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(y), sync_dist=True)
@@ -76,11 +90,44 @@ class LitClassifier(L.LightningModule):
         self._step(batch, "val", self.val_metrics)
 
     def configure_optimizers(self):
-        return torch.optim.Adam(models.parameter_groups(self.model, self.lr, self.backbone_lr))
+        optimizer = torch.optim.Adam(models.parameter_groups(self.model, self.lr, self.backbone_lr))
+        if self.schedule == "constant":
+            return optimizer
+        if self.schedule != "cosine":
+            raise UserError(f"unknown learning-rate schedule {self.schedule!r}; choose constant or cosine")
+        cosine = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(self.trainer.max_epochs, 1))
+        return {"optimizer": optimizer, "lr_scheduler": cosine}
+
+
+class ProgressiveUnfreezing(BaseFinetuning):
+    """Unfreeze backbone stages top-down on a schedule ({epoch: trainable stages}), each newly
+    trainable stage joining the optimizer at the backbone learning rate: the head settles first, so
+    its early, large gradients do not wreck the pretrained features."""
+
+    def __init__(self, schedule: dict[int, int], backbone_lr: float):
+        super().__init__()
+        self.schedule, self.backbone_lr = schedule, backbone_lr
+
+    def freeze_before_training(self, pl_module: LitClassifier) -> None:
+        pass  # models.build already froze all but the configured last stages
+
+    def finetune_function(self, pl_module: LitClassifier, epoch: int, optimizer) -> None:
+        if epoch not in self.schedule:
+            return
+        model = pl_module.model
+        stages = list(model.features.children())
+        keep_frozen = len(stages) - self.schedule[epoch]
+        if keep_frozen < model.frozen_stages:
+            self.unfreeze_and_add_param_group(stages[keep_frozen:model.frozen_stages], optimizer, lr=self.backbone_lr)
+            model.frozen_stages = keep_frozen
+            model.train()
+            log.info("epoch %d: %d of %d backbone stages train", epoch + 1, len(stages) - keep_frozen, len(stages))
 
 
 def resolve_precision(precision: str) -> str:
     if precision == "auto":
+        if torch.cuda.is_available():
+            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
         # bf16 autocast pays off only where the CPU has native bf16 (AVX512-BF16 / AMX)
         return "bf16-mixed" if torch.cpu._is_avx512_bf16_supported() else "32-true"
     return {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}.get(precision, precision)
@@ -183,11 +230,13 @@ def feature_loaders(config: RunConfig, model: models.Classifier, weights_info: d
 
 def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: list | None = None,
         progress: Progress | None = None, loggers: list | None = None,
-        samples: list[data.Sample] | None = None, report: bool = True) -> Path:
+        samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
+        report: bool = True) -> Path:
     """Train, calibrate, choose the threshold, save model.pt; returns the run folder.
 
     ``loggers`` (e.g. an MLFlowLogger) receive the epoch metrics besides the run folder's CSV log.
     ``samples`` (with their splits) replaces scanning ``config.data.root``, for cross-validation;
+    ``images`` are those samples already decoded (cross-validation decodes once for all folds);
     ``report=False`` skips the HTML report and its Grad-CAM galleries (cross-validation folds).
     """
     resuming = resume_dir is not None
@@ -205,16 +254,22 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
 
     # Everything that can fail on user input happens before the run folder exists.
     model, weights_info = models.build(mc.backbone, weights=mc.backbone_weights, head=mc.head,
-                                       unfreeze_blocks=mc.unfreeze_blocks, normalization=mc.weights_normalization)
+                                       unfreeze_blocks=mc.unfreeze_blocks, normalization=mc.weights_normalization,
+                                       batchnorm=mc.batchnorm)
     metrics.choose_threshold([0, 1], [0.2, 0.8], tc.threshold)  # validates the rule now, not after training
+    unfreeze_schedule = models.stages_to_unfreeze(tc.unfreeze_at, weights_info["n_stages"])
+    augment = transforms.train_transform(dc.augment, dc.image_size)
     if samples is None:
         samples = split_samples(config, run_dir / "manifest.csv" if resuming else None)
-    kept, images, skipped = data.load_images(
-        samples, dc.image_size, strict=dc.strict,
-        progress=(lambda k: progress("decoding images", k, len(samples))) if progress else None)
+    if images is None:
+        kept, images, skipped = data.load_images(
+            samples, dc.image_size, strict=dc.strict,
+            progress=(lambda k: progress("decoding images", k, len(samples))) if progress else None)
+    else:
+        kept, skipped = list(samples), []
     if not resuming:
         run_dir, last = new_run_dir(config), None
-    fast = mc.unfreeze_blocks == 0 and tc.feature_cache
+    fast = mc.unfreeze_blocks == 0 and tc.feature_cache and not unfreeze_schedule
     checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
                                  mode="min", save_top_k=1, save_last=True)
     callbacks = list(callbacks or [])
@@ -224,7 +279,8 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
         strategy=tc.strategy, precision="32-true" if fast else resolve_precision(tc.precision),
         # one BatchNorm over the global batch, as in a single process; PyTorch syncs BN only on GPUs
         sync_batchnorm=several and torch.cuda.is_available(),
-        callbacks=[EarlyStopping("val_loss", patience=tc.patience, mode="min"), checkpoint, *callbacks],
+        callbacks=[EarlyStopping("val_loss", patience=tc.patience, mode="min"), checkpoint, *callbacks,
+                   *([ProgressiveUnfreezing(unfreeze_schedule, tc.backbone_lr)] if unfreeze_schedule else [])],
         logger=[CSVLogger(run_dir, name="", version=log_version(run_dir)), *(loggers or [])], deterministic=False,
         enable_progress_bar=any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks),
         enable_model_summary=False, limit_train_batches=int(tc.max_train_batches) if tc.max_train_batches > 1 else tc.max_train_batches, log_every_n_steps=1,
@@ -248,14 +304,14 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
              len(train_samples), len(val_samples), *weights)
 
     y_val = [s.label for s in val_samples]
-    augment = transforms.train_transform(dc.augment, dc.image_size)
     started = time.perf_counter()
     if fast:
         train_loader, val_loader = feature_loaders(config, model, weights_info, split_data, augment, progress)
-    else:
-        train_loader = make_loader(train_images, y_train, dc.batch_size, dc.num_workers, augment, shuffle=True)
+    else:  # augmentation runs on the device, in LitClassifier.on_after_batch_transfer
+        train_loader = make_loader(train_images, y_train, dc.batch_size, dc.num_workers, shuffle=True)
         val_loader = make_loader(val_images, y_val, dc.batch_size * 2, 0)
-    lit = LitClassifier(model, weights, tc.lr, tc.backbone_lr, from_features=fast)
+    lit = LitClassifier(model, weights, tc.lr, tc.backbone_lr, from_features=fast, augment=None if fast else augment,
+                        label_smoothing=tc.label_smoothing, schedule=tc.schedule)
     feature_seconds = time.perf_counter() - started
     started = time.perf_counter()
     # Lightning shards both loaders with a DistributedSampler under DDP (reshuffled each epoch)
@@ -276,7 +332,8 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
 
     # Calibrate, then choose the operating point, both on validation only.
     val_y = np.array([s.label for s in val_samples])
-    val_logits = evaluate.predict_logits(model, val_images)
+    device = trainer.strategy.root_device  # the GPU that trained it, if any, also scores val and test
+    val_logits = evaluate.predict_logits(model, val_images, device=device)
     temperature = metrics.fit_temperature(val_logits, val_y)
     model.temperature.fill_(temperature)
     val_prob = metrics.sigmoid(val_logits / temperature)
@@ -300,7 +357,7 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
     shown = ("validation", val_samples, val_images, val_prob)
     if "test" in split_data:
         test_samples, test_images = split_data["test"]
-        test_prob = metrics.sigmoid(evaluate.predict_logits(model, test_images))
+        test_prob = metrics.sigmoid(evaluate.predict_logits(model, test_images, device=device))
         result = evaluate.evaluate_predictions(np.array([s.label for s in test_samples]), test_prob, threshold,
                                                run_dir / "test", [s.path for s in test_samples])
         log.info("test: %s", evaluate.summary_line(result))

@@ -12,6 +12,14 @@ than torchvision's ``v2.RandomAffine``: that only fills with a constant, and emu
 network, the slowest part of training. ``padding_mode="border"`` *is* nearest fill, the whole batch
 is transformed in one call, and Keras' independent x/y zoom is reproduced exactly.
 Evaluation uses no transform: images are already decoded at the model's size.
+
+"seed-noflip" drops the horizontal flip: a flipped chest film puts the heart on the right
+(situs inversus is ~1 in 10,000), so the flip teaches the model anatomy it will never see.
+"radiograph" is milder geometry (rotation 10°, zoom/shift 0.1, shear 0.05, no flip) plus the
+intensity changes that differ between X-ray machines: contrast, brightness and gamma.
+
+With a trainable backbone the augmentation runs on the batch after it reaches the device
+(``LitClassifier.on_after_batch_transfer``), so a GPU, not the data loader, does the work.
 """
 
 from __future__ import annotations
@@ -27,7 +35,7 @@ from pneumoscan.errors import UserError
 
 log = logging.getLogger(__name__)
 
-AUGMENTATIONS = ("seed", "none")
+AUGMENTATIONS = ("seed", "seed-noflip", "radiograph", "none")
 
 
 class SeedAugment(torch.nn.Module):
@@ -38,9 +46,12 @@ class SeedAugment(torch.nn.Module):
     """
 
     def __init__(self, rotation: float = 20.0, zoom: float = 0.15, shift: float = 0.2,
-                 shear: float = 0.15, hflip: bool = True):
+                 shear: float = 0.15, hflip: bool = True, contrast: float = 0.0, brightness: float = 0.0,
+                 gamma: float = 0.0):
         super().__init__()
         self.rotation, self.zoom, self.shift, self.shear, self.hflip = rotation, zoom, shift, shear, hflip
+        # intensity jitter (0 = off): contrast and gamma factors in [1 - a, 1 + a], brightness offset in [-b, b]
+        self.contrast, self.brightness, self.gamma = contrast, brightness, gamma
 
     def draw(self, n: int, seeds: Sequence[int] | None = None) -> torch.Tensor:
         """Per-image parameters (n, 7): angle, tx, ty, shear (radians / fractions), zx, zy, flip."""
@@ -78,18 +89,43 @@ class SeedAugment(torch.nn.Module):
     def forward(self, x: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
         single = x.dim() == 3
         batch = x.unsqueeze(0) if single else x
-        theta = self.theta(self.draw(len(batch), seeds))
+        params = self.draw(len(batch), seeds)
+        theta = self.theta(params).to(batch.device)
         grid = F.affine_grid(theta, list(batch.shape), align_corners=False)
         out = F.grid_sample(batch.float(), grid, mode="bilinear", padding_mode="border", align_corners=False)
+        if self.contrast or self.brightness or self.gamma:
+            out = self.jitter_intensity(out, x.dtype == torch.uint8, seeds)
         if x.dtype == torch.uint8:
             out = out.round_().clamp_(0, 255).to(torch.uint8)
         return out[0] if single else out
+
+
+    def jitter_intensity(self, x: torch.Tensor, uint8: bool, seeds: Sequence[int] | None) -> torch.Tensor:
+        """Gamma, then contrast about the image's mean, then brightness; per image, clipped to range."""
+        n, scale = len(x), 255.0 if uint8 else 1.0
+        if seeds is None:
+            u = torch.rand(n, 3)
+        else:  # a stream of its own, so the geometry drawn for a seed does not change
+            u = torch.stack([torch.rand(3, generator=torch.Generator().manual_seed(int(s) + 7919)) for s in seeds])
+        u = (2 * u - 1).to(x.device).view(n, 3, 1, 1, 1).unbind(1)
+        x = (x / scale).clamp(0, 1) ** (1 + self.gamma * u[0])
+        mean = x.mean(dim=(1, 2, 3), keepdim=True)
+        x = (x - mean) * (1 + self.contrast * u[1]) + mean + self.brightness * u[2]
+        return x.clamp(0, 1) * scale
+
+
+PRESETS = {
+    "seed": {},
+    "seed-noflip": {"hflip": False},
+    "radiograph": {"rotation": 10.0, "zoom": 0.1, "shift": 0.1, "shear": 0.05, "hflip": False,
+                   "contrast": 0.25, "brightness": 0.1, "gamma": 0.3},
+}
 
 
 def train_transform(kind: str, image_size: int) -> SeedAugment | None:
     """A callable on uint8 (1, H, W) or (N, 1, H, W) tensors, or None for no augmentation."""
     if kind == "none":
         return None
-    if kind != "seed":
+    if kind not in PRESETS:
         raise UserError(f"unknown augmentation {kind!r}; choose one of: {', '.join(AUGMENTATIONS)}")
-    return SeedAugment()
+    return SeedAugment(**PRESETS[kind])
