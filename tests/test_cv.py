@@ -37,3 +37,26 @@ def test_cross_validate_writes_per_fold_and_pooled_metrics(tmp_path):
     assert not any("/test/" in r["path"] for r in oof)
     assert 0 <= summary["pooled_out_of_fold"]["roc_auc"] <= 1
     assert "mean ± sd" in (out / "cv.md").read_text()
+
+
+def test_interrupted_cross_validation_keeps_finished_folds(tmp_path):
+    root = make_dataset(tmp_path / "d", {"train": (12, 12)})
+    config = RunConfig()
+    config.data.root, config.data.image_size, config.data.batch_size = str(root), 32, 8
+    config.data.val_fraction = 0.34
+    config.model.backbone_weights = "none"
+    config.train.epochs, config.train.precision, config.train.views = 1, "32", 1
+    config.out_dir, config.name = str(tmp_path / "cv"), "cv"
+    out = cv.cross_validate(config, folds=2)
+    kept = (out / "fold1" / "model.pt").stat().st_mtime_ns
+    (out / "fold2" / "test" / "predictions.csv").unlink()  # fold 2 "interrupted"
+    first = json.loads((out / "cv.json").read_text())
+    cv.cross_validate(config, folds=2)
+    assert (out / "fold1" / "model.pt").stat().st_mtime_ns == kept
+    assert not (out / "fold2-2").exists() and (out / "fold2" / "test" / "predictions.csv").is_file()
+    again = json.loads((out / "cv.json").read_text())
+    assert again["per_fold"][0] == first["per_fold"][0]
+    # another recipe under the same name is not mistaken for finished work
+    config.model.head = "linear"
+    cv.cross_validate(config, folds=2)
+    assert (out / "fold1" / "model.pt").stat().st_mtime_ns != kept

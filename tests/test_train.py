@@ -165,3 +165,20 @@ def test_label_smoothing_and_cosine_schedule(tiny_dataset, tmp_path):
     loss = lit._step((torch.zeros(2, 1), torch.ones(2)), "train", lit.train_metrics)
     assert loss.item() > 1.0
     assert lit._step((torch.zeros(2, 1), torch.ones(2)), "val", lit.val_metrics).item() < 1e-6
+
+
+@pytest.mark.parametrize("fast", [True, False])
+def test_head_batchnorm_trains_while_frozen_stages_stay_in_eval(tiny_dataset, tmp_path, fast):
+    config = tiny_config(tiny_dataset, tmp_path / "runs", feature_cache=fast)
+    config.model.backbone = "resnet18"
+    modes = {}
+
+    class Spy(train.L.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            model = pl_module.model
+            modes["head_bn"] = [m.training for m in model.head if isinstance(m, torch.nn.BatchNorm1d)]
+            modes["backbone"] = [m.training for stage in model.features.children() for m in stage.modules()]
+
+    train.fit(config, callbacks=[Spy()])
+    assert modes["head_bn"] == [True, True]  # the seed head: 64, bn, bn, 32
+    assert not any(modes["backbone"])  # frozen stages keep their ImageNet statistics

@@ -11,6 +11,7 @@ import copy
 import csv
 import dataclasses
 import logging
+import shutil
 from datetime import datetime
 from pathlib import Path
 
@@ -39,7 +40,8 @@ def fold_samples(pool: list[data.Sample], folds: int, seed: int, val_fraction: f
 def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress | None = None,
                    split_seed: int = 42) -> Path:
     """``split_seed`` fixes the folds apart from the training seed, so recipes (and seeds of one
-    recipe, for an ensemble) are compared on exactly the same patients."""
+    recipe, for an ensemble) are compared on exactly the same patients. Run again with the same
+    name, an interrupted cross-validation keeps its finished folds and trains only the rest."""
     pool = [dataclasses.replace(s, split="train")
             for s in data.scan(config.data.root) if s.split in ("train", "val")]
     if not pool:
@@ -55,9 +57,15 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
     for k, samples in enumerate(fold_samples(pool, folds, split_seed, config.data.val_fraction), start=1):
         cfg = copy.deepcopy(config)
         cfg.out_dir, cfg.name, cfg.train.cache_dir = str(out), f"fold{k}", cache
-        log.info("fold %d/%d", k, folds)
-        fold_images = images[np.array([index[s.path] for s in samples])]
-        run = train.fit(cfg, samples=samples, images=fold_images, progress=progress, report=False)
+        run = out / f"fold{k}"
+        if _fold_done(run, samples, cfg):
+            log.info("fold %d/%d: done earlier, reusing %s", k, folds, run)
+        else:
+            log.info("fold %d/%d", k, folds)
+            if run.exists():  # an interrupted fold starts again from scratch
+                shutil.rmtree(run)
+            fold_images = images[np.array([index[s.path] for s in samples])]
+            run = train.fit(cfg, samples=samples, images=fold_images, progress=progress, report=False)
         result = _read_json(run / "test" / "metrics.json")
         rows.append({"fold": k} | {key: result.get(key, float("nan")) for key in SUMMARY_KEYS}
                     | {"threshold": result["threshold"], "n": result["n"]})
@@ -87,6 +95,19 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
     write_text(out / "cv.md", markdown(summary))
     log.info("cross-validation: %s", out / "cv.md")
     return out
+
+
+def _fold_done(run: Path, samples: list[data.Sample], config: RunConfig) -> bool:
+    """A fold finished by an earlier, interrupted cross-validation of the same recipe and folds."""
+    import yaml
+
+    if not all((run / f).is_file() for f in ("test/predictions.csv", "manifest.csv", "config.yaml")):
+        return False
+    earlier = yaml.safe_load((run / "config.yaml").read_text())
+    if (earlier.get("model"), earlier.get("data")) != (config.to_dict()["model"], config.to_dict()["data"]):
+        return False
+    earlier = {(s.path, s.split) for s in data.read_manifest(run / "manifest.csv")}
+    return earlier == {(s.path, s.split) for s in samples}
 
 
 def _thresholded(y: np.ndarray, pred: np.ndarray) -> dict:

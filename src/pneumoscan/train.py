@@ -314,6 +314,9 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
                         label_smoothing=tc.label_smoothing, schedule=tc.schedule)
     feature_seconds = time.perf_counter() - started
     started = time.perf_counter()
+    # Lightning (>= 2.2) trains modules in whatever mode they are in: set it here, so the head's
+    # BatchNorm learns while frozen stages (and, with batchnorm=frozen, all backbone BN) stay in eval
+    lit.train()
     # Lightning shards both loaders with a DistributedSampler under DDP (reshuffled each epoch)
     trainer.fit(lit, train_loader, val_loader, ckpt_path=last)
     train_seconds = time.perf_counter() - started
