@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from pneumoscan import cli, data, train
-from pneumoscan.config import RunConfig
+from pneumoscan.config import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,7 +50,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         root = holdout_tree(Path(args.data), Path(tmp) / "chest_xray", args.holdout, args.seed)
-        config = RunConfig()
+        config = recipe("seed-study")
         config.data.root = str(root)
         config.model.backbone_weights = args.weights
         config.train.seed = args.seed

@@ -31,11 +31,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_reproduction import ROOT, holdout_tree  # noqa: E402
 
 from pneumoscan import cli, train  # noqa: E402
-from pneumoscan.config import RunConfig  # noqa: E402
+from pneumoscan.config import recipe  # noqa: E402
 
 
 def run(root: Path, out: str, name: str, weights: str, **overrides) -> dict:
-    config = RunConfig()
+    config = recipe("seed-study")
     config.data.root, config.model.backbone_weights = str(root), weights
     config.out_dir, config.name = out, name
     for key, value in overrides.items():

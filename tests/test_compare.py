@@ -31,6 +31,7 @@ def make_run(root, name, tiny_model, *, val_auc, test_auc=0.9, head="exp1", weig
     (run / "test").mkdir()
     config = RunConfig()
     config.model.head, config.model.backbone_weights, config.model.unfreeze_blocks = head, weights, 2
+    config.data.augment = "seed"
     if model_file:
         model, info = tiny_model
         meta = artifact.make_meta(architecture="resnet18", head=head, image_size=64, weights_info=info,

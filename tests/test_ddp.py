@@ -77,6 +77,7 @@ def config_for(root: Path, out: Path, *, batch_size: int, devices: int, strategy
     config.data.batch_size = batch_size
     config.model.backbone = "resnet18"
     config.model.backbone_weights = "none"
+    config.model.unfreeze_blocks = 0  # the frozen fast path: ranks share one feature store
     config.model.head = "64,32"
     config.train.precision = "32"
     config.train.epochs = EPOCHS

@@ -16,7 +16,7 @@ from pneumoscan.errors import UserError
 # resnet18: a random-init frozen MobileNetV2 gives all-zero features, so every head would tie
 GRID = {
     "base": {"data": {"image_size": 32, "min_val_images": 1, "batch_size": 8, "augment": "none"},
-             "model": {"backbone": "resnet18", "backbone_weights": "none"},
+             "model": {"backbone": "resnet18", "backbone_weights": "none", "unfreeze_blocks": 0},
              "train": {"epochs": 1, "precision": "32", "lr": 3e-3}},
     "seeds": [7, 8],
     "runs": [{"name": "linear", "model": {"head": "linear"}},

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import (
+    accuracy_score,
     average_precision_score,
     brier_score_loss,
     f1_score,
@@ -298,3 +299,49 @@ def test_temperature_undoes_overconfidence():
 
 def test_temperature_single_class_is_identity():
     assert fit_temperature([3.0, -1.0, 2.0], [1, 1, 1]) == 1.0
+
+
+def test_paired_bootstrap_point_estimates_match_sklearn_and_identical_models_differ_by_zero():
+    from pneumoscan.metrics import paired_bootstrap_diff
+
+    y, p = noisy_scores(400, seed=3)
+    _, q = noisy_scores(400, seed=4)
+    q = np.where(y == 1, q + 0.1, q)  # b is a better model on the same labels
+    out = paired_bootstrap_diff(y, p, q, n_resamples=300, seed=1)
+    assert out["roc_auc"]["a"] == pytest.approx(roc_auc_score(y, p))
+    assert out["roc_auc"]["diff"] == pytest.approx(roc_auc_score(y, q) - roc_auc_score(y, p))
+    assert out["accuracy"]["b"] == pytest.approx(accuracy_score(y, q >= 0.5))
+    lo, hi = out["roc_auc"]["ci"]
+    assert lo <= out["roc_auc"]["diff"] <= hi
+    same = paired_bootstrap_diff(y, p, p, n_resamples=200)
+    assert same["roc_auc"]["ci"] == [0.0, 0.0] and same["accuracy"]["diff"] == 0.0
+
+
+def test_paired_bootstrap_resamples_patients_not_images():
+    from pneumoscan.metrics import paired_bootstrap_diff
+
+    y, p = noisy_scores(300, seed=5)
+    _, q = noisy_scores(300, seed=6)
+    # every image three times over (one patient, three films): an image-level bootstrap would
+    # believe it had 900 independent cases; the patient-level one knows it has 300
+    y3, p3, q3 = np.repeat(y, 3), np.repeat(p, 3), np.repeat(q, 3)
+    groups = np.repeat(np.arange(300), 3)
+    by_patient = paired_bootstrap_diff(y3, p3, q3, groups, n_resamples=400, seed=0)["roc_auc"]["ci"]
+    by_image = paired_bootstrap_diff(y3, p3, q3, None, n_resamples=400, seed=0)["roc_auc"]["ci"]
+    assert (by_patient[1] - by_patient[0]) > 1.4 * (by_image[1] - by_image[0])
+
+
+def test_prevalence_weights_shift_the_positive_share_and_match_sklearn_weighted():
+    from pneumoscan.metrics import prevalence_weights, weighted_metrics
+
+    y, p = noisy_scores(500, seed=7)
+    w = prevalence_weights(y, 0.625)
+    assert (w * y).sum() / w.sum() == pytest.approx(0.625)
+    m = weighted_metrics(y, p, 0.5, w)
+    assert m["accuracy"] == pytest.approx(accuracy_score(y, p >= 0.5, sample_weight=w))
+    assert m["precision"] == pytest.approx(precision_score(y, p >= 0.5, sample_weight=w))
+    # sensitivity, specificity and AUC do not depend on prevalence
+    assert m["recall"] == pytest.approx(recall_score(y, p >= 0.5))
+    assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p))
+    with pytest.raises(ValueError):
+        prevalence_weights(y, 1.0)

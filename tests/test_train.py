@@ -17,6 +17,7 @@ def tiny_config(root, out, **train_kw) -> RunConfig:
     config.data.val_fraction = 0.25
     config.data.batch_size = 8
     config.model.backbone_weights = "none"
+    config.model.unfreeze_blocks = 0  # frozen unless a test says otherwise: the fast path, seconds
     config.train.precision = "32"
     config.train.epochs = 1
     config.out_dir = str(out)
@@ -170,7 +171,7 @@ def test_label_smoothing_and_cosine_schedule(tiny_dataset, tmp_path):
 @pytest.mark.parametrize("fast", [True, False])
 def test_head_batchnorm_trains_while_frozen_stages_stay_in_eval(tiny_dataset, tmp_path, fast):
     config = tiny_config(tiny_dataset, tmp_path / "runs", feature_cache=fast)
-    config.model.backbone = "resnet18"
+    config.model.backbone, config.model.unfreeze_blocks = "resnet18", 0
     modes = {}
 
     class Spy(train.L.Callback):

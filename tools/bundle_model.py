@@ -20,8 +20,16 @@ from pneumoscan.files import write_text
 ASSETS = Path(artifact.BUNDLED_MODEL).parent
 
 
-def card(meta: dict, validation: dict, command: str) -> str:
+def card(meta: dict, validation: dict, command: str, where: str) -> str:
     t, cfg = meta.get("training", {}), meta["config"]
+    fine_tuned = cfg["model"]["unfreeze_blocks"] != 0
+    tuning = "fine-tuned end to end" if fine_tuned else "frozen"
+    if fine_tuned:
+        how = (f"Adam, head {cfg['train']['lr']:g}, backbone {cfg['train']['backbone_lr']:g}, "
+               f"{cfg['train']['schedule']} schedule")
+    else:
+        how = (f"head trained on cached features of {cfg['train']['views']} augmented views per image "
+               f"({t.get('feature_seconds')} s of feature extraction)")
     ci = validation["ci95"]
     rows = "\n".join(f"| {k} | {validation[k]:.3f} | [{ci[k][0]:.3f}, {ci[k][1]:.3f}] |"
                      for k in ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc"))
@@ -31,7 +39,7 @@ def card(meta: dict, validation: dict, command: str) -> str:
 orders a worklist by the probability of pneumonia and shows Grad-CAM maps of where it looked. It
 is not a diagnosis; a radiologist reviews every image.
 
-**Model.** {meta['architecture']} (ImageNet weights: {meta['backbone_weights']['source']}, frozen) with the
+**Model.** {meta['architecture']} (ImageNet weights: {meta['backbone_weights']['source']}, {tuning}) with the
 head `{meta['head']}`; input {meta['image_size']}×{meta['image_size']} grayscale, normalisation
 {meta['normalization']['name']}; temperature {meta['temperature']:.3f} (fitted on validation);
 decision threshold {meta['threshold']:.4f} ({meta['threshold_rule']} on validation). Weights stored
@@ -40,13 +48,11 @@ as fp16, computed in fp32.
 **Training data.** Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's
 Medical Center, ages 1–5), the Kaggle training split: {t.get('n_train')} images for training and a
 patient-grouped validation split of {t.get('n_val')} images. Augmentation `{cfg['data']['augment']}`,
-{cfg['train']['views']} cached views per image, class weights `{cfg['data']['class_weights']}`;
-{t.get('epochs_run')} epochs (best {t.get('best_epoch')}); {t.get('feature_seconds')} s of feature extraction (images whose features an
-earlier run had cached were not embedded again) +
-{t.get('seconds')} s of head training on 2 CPU cores.
+class weights `{cfg['data']['class_weights']}`; {how}: {t.get('epochs_run')} epochs (best {t.get('best_epoch')}),
+{t.get('seconds')} s of training ({t.get('seconds_per_epoch')} s/epoch) on {where}.
 
 **Validation metrics** (the validation split that chose the threshold; optimistic by construction —
-see README "Results" for a held-out measurement):
+benchmarks/accuracy.md has out-of-fold cross-validation of the recipe):
 
 | metric | value | 95% CI |
 | --- | --- | --- |
@@ -55,6 +61,8 @@ see README "Results" for a held-out measurement):
 **Limitations.** Trained on one centre's pediatric images: expect lower specificity on other
 hospitals, scanners, adults, and at other pneumonia prevalences. No lateral views. Bacterial and viral
 pneumonia are not told apart. Unusual inputs (non-chest images, heavy annotations) are not detected.
+Grad-CAM on cross-validation errors sometimes points at the "R" laterality marker, image borders or
+ECG leads: features that differ between hospitals.
 
 **Reproduce.**
 
@@ -67,6 +75,7 @@ pneumonia are not told apart. Unusual inputs (non-chest images, heavy annotation
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder with model.pt and validation/metrics.json")
+    p.add_argument("--where", default="2 CPU cores", help="the machine that trained it, for the card")
     args = p.parse_args()
     run = Path(args.run)
     model, meta = artifact.load(run / "model.pt")
@@ -75,7 +84,7 @@ def main() -> int:
     command = ("pneumoscan train --data ../shared/data/chest_xray "
                "--backbone-weights ../shared/weights/mobilenet_v2_imagenet.pth --out runs --name bundled\n"
                "python tools/bundle_model.py runs/bundled")
-    write_text(ASSETS / "MODEL_CARD.md", card(meta, validation, command))
+    write_text(ASSETS / "MODEL_CARD.md", card(meta, validation, command, args.where))
     print(f"{out} ({out.stat().st_size / 1e6:.1f} MB) and {ASSETS / 'MODEL_CARD.md'}")
     return 0
 

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(SAMPLE))
     parser.add_argument("--out", default="demo-out")
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     args = parser.parse_args(argv)
     cli.configure_logging(False)
     out = Path(args.out).resolve()
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
         config.data.root = args.data
         config.data.val_fraction = 0.2
         config.model.backbone_weights = pick_backbone_weights()
-        config.train.epochs = args.epochs
+        config.train.epochs = args.epochs or config.train.epochs
         config.out_dir = str(out / "runs")
         run_dir = train.fit(config)
         test = json.loads((run_dir / "test" / "metrics.json").read_text())
