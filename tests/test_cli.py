@@ -68,6 +68,8 @@ def test_train_evaluate_predict_end_to_end(tiny_dataset, tmp_path, capsys):
     (["evaluate", "--model", "{tmp}/none.pt", "--data", "{data}", "--out", "{tmp}/o"], "none.pt"),
     (["predict", "--model", "{tmp}/none.pt", "{tmp}"], "none.pt"),
     (["train", "--resume", "{tmp}"], "cannot resume"),
+    (["train", "--data", "{data}", "--recipe", "best-ever"], "valid: default, seed-study"),
+    (["train", "--data", "{data}", "--backbone-weights", "none", "--unfreeze-at", "soon"], "EPOCH:STAGES"),
 ])
 def test_user_mistakes_give_one_line_and_exit_2(tiny_dataset, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path, data=tiny_dataset) for a in args]
@@ -90,3 +92,20 @@ def test_console_script_help_runs():
     assert result.returncode == 0
     for command in ("explore", "train", "evaluate", "predict"):
         assert command in result.stdout
+
+
+def test_recipe_then_config_file_then_flags(tmp_path):
+    from pneumoscan.config import RunConfig
+
+    parser = cli.build_parser()
+    args = parser.parse_args(["train", "--data", "d", "--recipe", "seed-study"])
+    seed = cli.config_from_args(args)
+    assert (seed.model.unfreeze_blocks, seed.data.augment, seed.train.patience) == (0, "seed", 7)
+    default = cli.config_from_args(parser.parse_args(["train", "--data", "d"]))
+    assert default.model.unfreeze_blocks == -1 and default.data.augment == "radiograph"
+    assert default == RunConfig(data=default.data)  # the package defaults are the default recipe
+    # a config file overrides only what it names; flags override the file
+    (tmp_path / "c.yaml").write_text("train: {epochs: 3}\n")
+    both = cli.config_from_args(parser.parse_args(
+        ["train", "--data", "d", "--recipe", "seed-study", "--config", str(tmp_path / "c.yaml"), "--patience", "2"]))
+    assert (both.train.epochs, both.train.patience, both.model.unfreeze_blocks) == (3, 2, 0)
