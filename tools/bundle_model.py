@@ -30,6 +30,8 @@ def card(meta: dict, validation: dict, command: str, where: str) -> str:
     else:
         how = (f"head trained on cached features of {cfg['train']['views']} augmented views per image "
                f"({t.get('feature_seconds')} s of feature extraction)")
+    numeric = meta["threshold_rule"].replace(".", "", 1).isdigit()
+    rule = "fixed, on the calibrated probability" if numeric else f"{meta['threshold_rule']} on validation"
     ci = validation["ci95"]
     rows = "\n".join(f"| {k} | {validation[k]:.3f} | [{ci[k][0]:.3f}, {ci[k][1]:.3f}] |"
                      for k in ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc"))
@@ -42,7 +44,7 @@ is not a diagnosis; a radiologist reviews every image.
 **Model.** {meta['architecture']} (ImageNet weights: {meta['backbone_weights']['source']}, {tuning}) with the
 head `{meta['head']}`; input {meta['image_size']}×{meta['image_size']} grayscale, normalisation
 {meta['normalization']['name']}; temperature {meta['temperature']:.3f} (fitted on validation);
-decision threshold {meta['threshold']:.4f} ({meta['threshold_rule']} on validation). Weights stored
+decision threshold {meta['threshold']:.4f} ({rule}). Weights stored
 as fp16, computed in fp32.
 
 **Training data.** Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's
@@ -51,7 +53,7 @@ patient-grouped validation split of {t.get('n_val')} images. Augmentation `{cfg[
 class weights `{cfg['data']['class_weights']}`; {how}: {t.get('epochs_run')} epochs (best {t.get('best_epoch')}),
 {t.get('seconds')} s of training ({t.get('seconds_per_epoch')} s/epoch) on {where}.
 
-**Validation metrics** (the validation split that chose the threshold; optimistic by construction —
+**Validation metrics** (the split that early stopping and calibration used; optimistic by construction —
 benchmarks/accuracy.md has out-of-fold cross-validation of the recipe):
 
 | metric | value | 95% CI |

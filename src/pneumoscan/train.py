@@ -341,7 +341,7 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
     model.temperature.fill_(temperature)
     val_prob = metrics.sigmoid(val_logits / temperature)
     threshold = metrics.choose_threshold(val_y, val_prob, tc.threshold)
-    log.info("temperature %.3f; threshold %.4f (%s on validation)", temperature, threshold, tc.threshold)
+    log.info("temperature %.3f (fitted on validation); threshold %.4f (rule %s)", temperature, threshold, tc.threshold)
 
     epochs_run = trainer.current_epoch
     meta = artifact.make_meta(
