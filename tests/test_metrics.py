@@ -345,3 +345,11 @@ def test_prevalence_weights_shift_the_positive_share_and_match_sklearn_weighted(
     assert m["roc_auc"] == pytest.approx(roc_auc_score(y, p))
     with pytest.raises(ValueError):
         prevalence_weights(y, 1.0)
+
+
+def test_describe_rule_says_fixed_or_fitted():
+    from pneumoscan.metrics import describe_rule
+
+    assert describe_rule("0.5") == "fixed at 0.5 on the calibrated probability"
+    assert describe_rule("youden") == "youden on the validation split"
+    assert describe_rule("sensitivity:0.95") == "sensitivity:0.95 on the validation split"

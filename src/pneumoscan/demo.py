@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pneumoscan import artifact, cli, explore, files, models, predict, train
+from pneumoscan import artifact, cli, explore, files, metrics, models, predict, train
 from pneumoscan.config import RunConfig
 from pneumoscan.errors import UserError
 
@@ -74,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\n1. explore:  {out / 'explore' / 'summary.md'}")
     print(f"2. trained on the sample's train split ({config.model.backbone_weights}): {run_dir}")
     print(f"   its test split (n={test['n']}, far too small to judge a model): accuracy {test['accuracy']:.3f}, "
-          f"ROC-AUC {test['roc_auc']:.3f}, threshold {test['threshold']:.3f} from validation")
+          f"ROC-AUC {test['roc_auc']:.3f}, threshold {test['threshold']:.3f} "
+          f"({metrics.describe_rule(config.train.threshold)})")
     print(f"   report: file://{run_dir / 'report.html'}")
     if worklist:
         print(f"3. bundled model's worklist, most suspicious first: {worklist}")

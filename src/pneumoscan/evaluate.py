@@ -178,7 +178,7 @@ def run(model_path: str | Path, data_root: str | Path, out_dir: str | Path, *, t
         "n_images": len(kept),
         "n_skipped": len(skipped),
         "threshold": thr,
-        "threshold_source": "--threshold" if threshold is not None else f"model ({meta['threshold_rule']} on validation)",
+        "threshold_source": "--threshold" if threshold is not None else f"model ({metrics.describe_rule(meta['threshold_rule'])})",
         "class_names": list(CLASS_NAMES),
     }
     write_json(out / "evaluation.json", evaluation)

@@ -249,6 +249,14 @@ def choose_threshold(y_true, prob, rule: str) -> float:
     return value
 
 
+def describe_rule(rule: str) -> str:
+    """How a threshold came about, for reports: fitted on validation, or fixed."""
+    try:
+        return f"fixed at {float(rule):g} on the calibrated probability"
+    except ValueError:
+        return f"{rule} on the validation split"
+
+
 def _parse_float(text: str, rule: str) -> float:
     try:
         return float(text)

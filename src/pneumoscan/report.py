@@ -19,7 +19,7 @@ from typing import Any, Mapping
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from pneumoscan import CLASS_NAMES, __version__
+from pneumoscan import CLASS_NAMES, __version__, metrics
 from pneumoscan.files import write_text
 
 log = logging.getLogger(__name__)
@@ -88,7 +88,8 @@ def _errors(eval_dir: Path, confusion: list[list[int]]) -> list[dict]:
 
 def _threshold_source(source: Mapping, meta: Mapping) -> str:
     """Where the cut-off came from, naming the model's own when a command-line value replaced it."""
-    text = source.get("threshold_source") or f"model ({meta.get('threshold_rule', '?')} on validation)"
+    rule = meta.get("threshold_rule")
+    text = source.get("threshold_source") or f"model ({metrics.describe_rule(rule) if rule else '?'})"
     if text == "--threshold" and "threshold" in meta:
         return (f"--threshold on the command line (the model's own is {meta['threshold']:.4f}, "
                 f"{meta.get('threshold_rule', '?')} on validation)")

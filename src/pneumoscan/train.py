@@ -379,7 +379,7 @@ def write_run_report(run_dir: Path, meta: dict, model: models.Classifier, split:
     paths = [s.path for s in samples]
     evaluate.write_errors(model, meta, images, y, prob, meta["threshold"], paths, run_dir / split)
     source = {"model": str(run_dir / "model.pt"), "data": meta["config"]["data"]["root"], "split": split,
-              "n_skipped": n_skipped, "threshold_source": f"{meta['threshold_rule']} on the validation split"}
+              "n_skipped": n_skipped, "threshold_source": metrics.describe_rule(meta["threshold_rule"])}
     return report.write_report(run_dir / split, meta, source, run_dir=run_dir, path=run_dir / "report.html")
 
 
