@@ -6,6 +6,16 @@ from pneumoscan.config import RunConfig
 from conftest import make_dataset
 
 
+def tiny_cv_config(root, out) -> RunConfig:
+    config = RunConfig()
+    config.data.root, config.data.image_size, config.data.batch_size = str(root), 32, 8
+    config.data.val_fraction = 0.34
+    config.model.backbone_weights = "none"
+    config.train.epochs, config.train.precision, config.train.views = 1, "32", 1
+    config.out_dir, config.name = str(out), "cv"
+    return config
+
+
 def test_folds_are_patient_disjoint_and_cover_every_image_once(tmp_path):
     root = make_dataset(tmp_path / "d", {"train": (20, 20)})
     pool = data.scan(root)
@@ -22,12 +32,7 @@ def test_folds_are_patient_disjoint_and_cover_every_image_once(tmp_path):
 
 def test_cross_validate_writes_per_fold_and_pooled_metrics(tmp_path):
     root = make_dataset(tmp_path / "d", {"train": (18, 18), "test": (4, 4)})
-    config = RunConfig()
-    config.data.root, config.data.image_size, config.data.batch_size = str(root), 32, 8
-    config.data.val_fraction = 0.34
-    config.model.backbone_weights = "none"
-    config.train.epochs, config.train.precision, config.train.views = 1, "32", 1
-    config.out_dir, config.name = str(tmp_path / "cv"), "cv"
+    config = tiny_cv_config(root, tmp_path / "cv")
     out = cv.cross_validate(config, folds=3)
     summary = json.loads((out / "cv.json").read_text())
     assert len(summary["per_fold"]) == 3
@@ -41,12 +46,7 @@ def test_cross_validate_writes_per_fold_and_pooled_metrics(tmp_path):
 
 def test_interrupted_cross_validation_keeps_finished_folds(tmp_path):
     root = make_dataset(tmp_path / "d", {"train": (12, 12)})
-    config = RunConfig()
-    config.data.root, config.data.image_size, config.data.batch_size = str(root), 32, 8
-    config.data.val_fraction = 0.34
-    config.model.backbone_weights = "none"
-    config.train.epochs, config.train.precision, config.train.views = 1, "32", 1
-    config.out_dir, config.name = str(tmp_path / "cv"), "cv"
+    config = tiny_cv_config(root, tmp_path / "cv")
     out = cv.cross_validate(config, folds=2)
     kept = (out / "fold1" / "model.pt").stat().st_mtime_ns
     (out / "fold2" / "test" / "predictions.csv").unlink()  # fold 2 "interrupted"
