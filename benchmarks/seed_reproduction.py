@@ -1,6 +1,6 @@
 """Reproduce the seed study on the full training split, with an honest hold-out.
 
-Trains the default configuration (frozen ImageNet MobileNetV2 + the study's head, seed
+Trains the seed-study recipe (frozen ImageNet MobileNetV2 + the study's head, seed
 augmentation, balanced class weights) on ../shared/data/chest_xray/train minus a patient-grouped
 ~15% hold-out, which serves as the test set (the official test split is held back). Prints the
 hold-out metrics with 95% CIs, the wall time and the time per epoch.
