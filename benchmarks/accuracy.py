@@ -18,7 +18,6 @@ out-of-fold images to the official test split's 62.5% pneumonia and compares thr
 from __future__ import annotations
 
 import argparse
-import copy
 import csv
 import json
 import os
@@ -29,19 +28,17 @@ from pathlib import Path
 
 import numpy as np
 
+from pneumoscan.config import RECIPES as config_recipes
+from pneumoscan.config import RunConfig, merge
+
 ROOT = Path(__file__).resolve().parents[1]
 
 def _with(base: dict, **sections) -> dict:
-    out = copy.deepcopy(base)
-    for section, values in sections.items():
-        out[section] = out.get(section, {}) | values
-    return out
+    return merge(base, sections)
 
 
-# Every recipe is spelled out against the package's RunConfig, so a change of the package's
-# defaults cannot change what a row of the table means.
-SEED = {"data": {"augment": "seed"}, "model": {"unfreeze_blocks": 0},
-        "train": {"epochs": 30, "patience": 7, "schedule": "constant", "threshold": "youden"}}
+# The seed study as the package defines it (`pneumoscan train --recipe seed-study`).
+SEED = config_recipes["seed-study"]
 
 # Full-network fine-tuning of the ImageNet MobileNetV2: the head at 1e-3, the backbone at 1e-4
 # (discriminative rates), cosine decay, early stopping on validation loss.
@@ -81,14 +78,9 @@ THRESHOLD_RULES = ("youden", "0.5", "sensitivity:0.95")
 
 
 def config_for(name: str, data: str, weights: str, out: str, cache_dir: str, smoke: bool = False):
-    from pneumoscan.config import RunConfig
-
-    config = RunConfig()
+    config = RunConfig.from_dict(merge(RunConfig().to_dict(), RECIPES[name]))
     config.data.root, config.model.backbone_weights = data, weights
     config.out_dir, config.name, config.train.cache_dir = out, name, cache_dir
-    for section, values in copy.deepcopy(RECIPES[name]).items():
-        for key, value in values.items():
-            setattr(getattr(config, section), key, value)
     if smoke:  # checks the plumbing in seconds; numbers meaningless
         config.data.image_size, config.train.epochs, config.train.views = 64, 1, 1
     return config
@@ -192,7 +184,7 @@ def ensemble(members: list[dict], name: str) -> dict:
         keys, y, prob = out["test"]
         pred = (prob >= threshold).astype(int)
         folds.append({"test": {k: (int(a), float(b), int(c)) for k, a, b, c in zip(keys, y, prob, pred)},
-                      "val": dict(zip(out["val"][0], zip(out["val"][1], out["val"][2], out["val"][2]))),
+                      "val": {k: (int(a), float(b), int(b >= threshold)) for k, a, b in zip(*out["val"])},
                       "metrics": metrics.binary_metrics(y, prob, threshold)})
     return {"name": name, "folds": folds, "n_folds": members[0]["n_folds"]}
 
@@ -208,6 +200,23 @@ def rethreshold(recipe: dict, rule: str, name: str) -> dict:
         ty, tp = (np.array([v[i] for v in test.values()]) for i in (0, 1))
         folds.append({"val": fold["val"], "test": test, "metrics": metrics.binary_metrics(ty, tp, threshold)})
     return {"name": name, "folds": folds, "n_folds": recipe["n_folds"]}
+
+
+def prior_corrected(recipe: dict, target: float) -> dict:
+    """Every test logit shifted by log-odds(target) - log-odds(training prevalence), cut at 0.5.
+    The validation split is stratified, so its prevalence is the training prevalence."""
+    from pneumoscan import metrics
+
+    log_odds = lambda p: np.log(p / (1 - p))  # noqa: E731
+    folds = []
+    for fold in recipe["folds"]:
+        shift = log_odds(target) - log_odds(np.mean([v[0] for v in fold["val"].values()]))
+        test = {}
+        for k, (y, p, _) in fold["test"].items():
+            q = float(metrics.sigmoid(log_odds(np.clip(p, 1e-7, 1 - 1e-7)) + shift))
+            test[k] = (y, q, int(q >= 0.5))
+        folds.append({"val": fold["val"], "test": test})
+    return {"name": recipe["name"], "folds": folds, "n_folds": recipe["n_folds"]}
 
 
 def pooled(recipe: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:
@@ -257,12 +266,13 @@ def cmd_table(args) -> int:
     print("| recipe | folds | ROC-AUC mean ± sd | accuracy mean ± sd | pooled ROC-AUC [95% CI] | pooled accuracy | "
           "recall | specificity | Δ ROC-AUC vs seed [95% CI] | Δ accuracy vs seed [95% CI] |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
-    order = sorted(recipes.values(), key=lambda r: -metrics.binary_metrics(*pooled(r)[1:3], 0.5)["roc_auc"])
-    for r in order:
+    rows = []
+    for r in recipes.values():
         _, y, prob, pred = pooled(r)
+        rows.append((metrics.binary_metrics(y, prob, 0.5)["roc_auc"], r, y, prob, pred))
+    for auc, r, y, prob, pred in sorted(rows, key=lambda row: -row[0]):
         per_fold = [f["metrics"] for f in r["folds"]]
         ci = metrics.bootstrap_ci(y, prob, 0.5, n_resamples=2000, seed=0)["roc_auc"]
-        auc = metrics.binary_metrics(y, prob, 0.5)["roc_auc"]
         (tn, fp), (fn, tp) = metrics.confusion(y, pred)
         sd = lambda k: f"{np.mean([m[k] for m in per_fold]):.4f} ± {np.std([m[k] for m in per_fold], ddof=1):.4f}"  # noqa: E731
         delta = "—"
@@ -280,10 +290,11 @@ def cmd_table(args) -> int:
           "that holds up keeps accuracy and sensitivity steady from fold to fold, not just on average.\n")
     print("| recipe | rule | fold thresholds | accuracy mean ± sd | worst-fold sensitivity | worst-fold specificity |")
     print("| --- | --- | --- | --- | --- | --- |")
-    for r in [recipes[n] for n in args.shift if n in recipes]:
+    shifted_recipes = [recipes[n] for n in args.shift if n in recipes]
+    by_rule = {(r["name"], rule): rethreshold(r, rule, r["name"]) for r in shifted_recipes for rule in THRESHOLD_RULES}
+    for r in shifted_recipes:
         for rule in THRESHOLD_RULES:
-            per = rethreshold(r, rule, r["name"])["folds"]
-            m = [f["metrics"] for f in per]
+            m = [f["metrics"] for f in by_rule[r["name"], rule]["folds"]]
             accs = [x["accuracy"] for x in m]
             thresholds = ", ".join(f"{x['threshold']:.2f}" for x in m)
             print(f"| {r['name']} | {rule} | {thresholds} | "
@@ -299,25 +310,11 @@ def cmd_table(args) -> int:
           "specificity | PPV (re-weighted) | mean predicted P (re-weighted; ideal "
           f"{args.prevalence:.3f}) |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    for r in [recipes[n] for n in args.shift if n in recipes]:
-        for rule in ("youden", "0.5", "sensitivity:0.95", "prior-corrected 0.5"):
-            ys, ps, preds = [], [], []
-            for fold in r["folds"]:
-                vy = np.array([v[0] for v in fold["val"].values()])
-                vp = np.array([v[1] for v in fold["val"].values()])
-                ty = np.array([v[0] for v in fold["test"].values()])
-                tp_ = np.array([v[1] for v in fold["test"].values()])
-                train_prev = vy.mean()  # grouped stratified split: the training prevalence
-                if rule == "prior-corrected 0.5":
-                    logit = np.log(np.clip(tp_, 1e-7, 1 - 1e-7) / np.clip(1 - tp_, 1e-7, 1))
-                    shift = np.log(args.prevalence / (1 - args.prevalence)) - np.log(train_prev / (1 - train_prev))
-                    tp_, threshold = metrics.sigmoid(logit + shift), 0.5
-                else:
-                    threshold = metrics.choose_threshold(vy, vp, rule)
-                ys.append(ty)
-                ps.append(tp_)
-                preds.append((tp_ >= threshold).astype(int))
-            y, prob, pred = np.concatenate(ys), np.concatenate(ps), np.concatenate(preds)
+    for r in shifted_recipes:
+        variants = [(rule, by_rule[r["name"], rule]) for rule in THRESHOLD_RULES]
+        variants.append(("prior-corrected 0.5", prior_corrected(r, args.prevalence)))
+        for rule, variant in variants:
+            _, y, prob, pred = pooled(variant)
             w = metrics.prevalence_weights(y, args.prevalence)
             plain = metrics.weighted_metrics(y, pred, 0.5, np.ones_like(w))
             shifted = metrics.weighted_metrics(y, pred, 0.5, w)

@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from pneumoscan import artifact
+from pneumoscan import artifact, metrics
 from pneumoscan.files import write_text
 
 ASSETS = Path(artifact.BUNDLED_MODEL).parent
@@ -30,8 +30,6 @@ def card(meta: dict, validation: dict, command: str, where: str) -> str:
     else:
         how = (f"head trained on cached features of {cfg['train']['views']} augmented views per image "
                f"({t.get('feature_seconds')} s of feature extraction)")
-    numeric = meta["threshold_rule"].replace(".", "", 1).isdigit()
-    rule = "fixed, on the calibrated probability" if numeric else f"{meta['threshold_rule']} on validation"
     ci = validation["ci95"]
     rows = "\n".join(f"| {k} | {validation[k]:.3f} | [{ci[k][0]:.3f}, {ci[k][1]:.3f}] |"
                      for k in ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc"))
@@ -44,7 +42,7 @@ is not a diagnosis; a radiologist reviews every image.
 **Model.** {meta['architecture']} (ImageNet weights: {meta['backbone_weights']['source']}, {tuning}) with the
 head `{meta['head']}`; input {meta['image_size']}×{meta['image_size']} grayscale, normalisation
 {meta['normalization']['name']}; temperature {meta['temperature']:.3f} (fitted on validation);
-decision threshold {meta['threshold']:.4f} ({rule}). Weights stored
+decision threshold {meta['threshold']:.4f} ({metrics.describe_rule(meta['threshold_rule'])}). Weights stored
 as fp16, computed in fp32.
 
 **Training data.** Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's

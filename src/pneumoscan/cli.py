@@ -85,18 +85,15 @@ TRAIN_FLAGS = {
 
 def config_from_args(args: argparse.Namespace) -> RunConfig:
     """--recipe (default: the package defaults) < --config file < explicit flags."""
-    from pneumoscan.config import RECIPES, recipe
+    from pneumoscan.config import merge, recipe
 
-    name = getattr(args, "recipe", None) or "default"
-    if name not in RECIPES:
-        raise UserError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
-    config = recipe(name)
+    config = recipe(getattr(args, "recipe", None) or "default")
     if args.config:
         path = Path(args.config)
         if not path.is_file():
             raise UserError(f"config file not found: {path}")
         try:
-            config = RunConfig.from_dict(_merge(config.to_dict(), yaml.safe_load(path.read_text()) or {}))
+            config = RunConfig.from_dict(merge(config.to_dict(), yaml.safe_load(path.read_text()) or {}))
         except (ValueError, TypeError, yaml.YAMLError) as exc:
             raise UserError(f"{path}: {exc}") from None
     for flag, (section, field) in TRAIN_FLAGS.items():
@@ -106,13 +103,6 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
     if not config.data.root and not args.resume:
         raise UserError("--data is required (a folder with train/NORMAL and train/PNEUMONIA)")
     return config
-
-
-def _merge(base: dict, override: dict) -> dict:
-    out = dict(base)
-    for key, value in override.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
 
 
 def cmd_train(args: argparse.Namespace) -> int:

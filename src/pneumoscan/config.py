@@ -10,9 +10,14 @@ written to every run folder, so a run can be repeated from that file alone.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
+
+from pneumoscan.errors import UserError
+
+SECTIONS = ("data", "model", "train")
 
 
 @dataclass
@@ -98,14 +103,24 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+def merge(base: dict, override: dict) -> dict:
+    """A config dict with ``override`` laid over ``base`` section by section (a grid entry, a
+    --config file or a recipe names only the settings it changes)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise UserError(f"'{key}' must be a mapping of {key} settings, not {value!r}")
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 def recipe(name: str) -> RunConfig:
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
-    config = RunConfig()
-    for section, values in RECIPES[name].items():
-        for key, value in values.items():
-            setattr(getattr(config, section), key, value)
-    return config
+        raise UserError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
+    return RunConfig.from_dict(merge(RunConfig().to_dict(), RECIPES[name]))
 
 
 def _build(kind: type, values: dict[str, Any]):

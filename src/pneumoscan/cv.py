@@ -16,6 +16,7 @@ from datetime import datetime
 from pathlib import Path
 
 import numpy as np
+import yaml
 
 from pneumoscan import data, metrics, train
 from pneumoscan.config import RunConfig
@@ -99,12 +100,10 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
 
 def _fold_done(run: Path, samples: list[data.Sample], config: RunConfig) -> bool:
     """A fold finished by an earlier, interrupted cross-validation of the same recipe and folds."""
-    import yaml
-
     if not all((run / f).is_file() for f in ("test/predictions.csv", "manifest.csv", "config.yaml")):
         return False
-    earlier = yaml.safe_load((run / "config.yaml").read_text())
-    if (earlier.get("model"), earlier.get("data")) != (config.to_dict()["model"], config.to_dict()["data"]):
+    earlier, now = yaml.safe_load((run / "config.yaml").read_text()), config.to_dict()
+    if (earlier.get("model"), earlier.get("data")) != (now["model"], now["data"]):
         return False
     earlier = {(s.path, s.split) for s in data.read_manifest(run / "manifest.csv")}
     return earlier == {(s.path, s.split) for s in samples}

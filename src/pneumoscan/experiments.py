@@ -30,7 +30,6 @@ store: ``pip install mlflow`` (the UI is not in mlflow-skinny), then
 
 from __future__ import annotations
 
-import copy
 import importlib.util
 import logging
 import math
@@ -44,7 +43,7 @@ import numpy as np
 import yaml
 
 from pneumoscan import artifact, compare, metrics, models, train
-from pneumoscan.config import RunConfig
+from pneumoscan.config import RunConfig, merge
 from pneumoscan.errors import UserError
 from pneumoscan.files import write_csv, write_text
 
@@ -52,7 +51,6 @@ log = logging.getLogger(__name__)
 
 INSTALL = "pip install 'pneumoscan[tracking]'  (i.e. mlflow-skinny, sqlalchemy, alembic)"
 GRID_KEYS = ("base", "seeds", "runs")
-SECTIONS = ("data", "model", "train")
 # (split, metric) columns of the comparison; the test split only where the data has one
 SPLIT_METRICS = ("roc_auc", "accuracy", "recall", "specificity", "f1")
 TIMINGS = ("seconds_per_epoch", "feature_seconds")
@@ -71,18 +69,6 @@ class Run:
     @property
     def name(self) -> str:
         return f"{self.variant}-s{self.seed}"
-
-
-def _merge(base: dict, override: dict) -> dict:
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if key in SECTIONS:
-            if not isinstance(value, dict):
-                raise UserError(f"'{key}' must be a mapping of {key} settings, not {value!r}")
-            merged[key] = {**merged.get(key, {}), **value}
-        else:
-            merged[key] = value
-    return merged
 
 
 def plan(grid_path: str | Path, *, seeds: int | None = None, data_root: str | None = None,
@@ -124,7 +110,7 @@ def plan(grid_path: str | Path, *, seeds: int | None = None, data_root: str | No
         name = str(entry.pop("name", "") or "")
         if not name or "/" in name or name.startswith(".") or name in variants:
             raise UserError(f"{grid_path}: every run needs a unique 'name' usable as a folder name (got {name!r})")
-        variants[name] = _merge(base, entry)
+        variants[name] = merge(base, entry)
     runs = []
     for seed in grid_seeds:  # seed-major: an interrupted grid still has every variant on its first seeds
         for name, merged in variants.items():
