@@ -2,7 +2,7 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-# torch/torchvision are pinned to the releases this machine has on disk; see README "Install".
+# torch/torchvision are pinned to the releases this machine has on disk; see README "The two commands".
 TORCH  := torch==2.14.1 torchvision==0.29.1
 
 .PHONY: demo test install clean

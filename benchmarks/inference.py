@@ -28,8 +28,9 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from pneumoscan import artifact, data, evaluate, export, metrics, models
-from pneumoscan.engine import OnnxEngine, default_threads
+from pneumoscan import artifact, export, imaging, metrics, models
+from pneumoscan.inference.engines import OnnxEngine, default_threads
+from pneumoscan.inference.torch_model import as_batch, predict_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -64,7 +65,7 @@ def real_images(root: Path, n: int, size: int) -> np.ndarray:
     for name in ("NORMAL", "PNEUMONIA"):
         files = sorted((root / "train" / name).glob("*.jpeg"))
         per_class.append(files[:: max(1, len(files) // (n // 2))][: n // 2])
-    return np.stack([data.load_image(p, size) for pair in zip(*per_class) for p in pair])
+    return np.stack([imaging.load_image(p, size) for pair in zip(*per_class) for p in pair])
 
 
 def torch_bf16(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
@@ -72,7 +73,7 @@ def torch_bf16(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
 
     @torch.inference_mode()
     def run(images: np.ndarray) -> np.ndarray:
-        x = evaluate.as_batch(images).contiguous(memory_format=torch.channels_last)
+        x = as_batch(images).contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return metrics.sigmoid(fast(x).float().numpy())
 
@@ -117,7 +118,7 @@ def main() -> int:
         work = Path(tmp)
         pt, described = model_file(args, work)
         model, meta = artifact.load(pt)
-        size = meta["image_size"]
+        size = meta.image_size
         decoded = real_images(Path(args.data), args.images + args.calibration, size)
         images, calibration = decoded[: args.images], decoded[args.images:]
 
@@ -129,7 +130,7 @@ def main() -> int:
         quantize_s = time.perf_counter() - t
 
         variants: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-            "PyTorch eager fp32": lambda x: metrics.sigmoid(evaluate.predict_logits(model, x, batch_size=len(x))),
+            "PyTorch eager fp32": lambda x: metrics.sigmoid(predict_logits(model, x, batch_size=len(x))),
             "PyTorch bf16 autocast + channels-last": torch_bf16(model),
             "ONNX Runtime fp32": scorer(OnnxEngine(fp32, threads=args.threads)),
             "ONNX Runtime INT8 (static QDQ, U8S8)": scorer(OnnxEngine(int8, threads=args.threads)),

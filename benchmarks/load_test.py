@@ -52,7 +52,7 @@ def pick_model(given: str | None) -> tuple[Path, str]:
         return Path(given), f"{given} (given)"
     if artifact.BUNDLED_MODEL.is_file():
         return artifact.BUNDLED_MODEL, "bundled model"
-    from pneumoscan.engine import cache_dir
+    from pneumoscan.inference.loading import cache_dir
 
     path = untrained_model(cache_dir() / "benchmarks" / "untrained_mobilenet_v2_224.pt")
     return path, "untrained MobileNetV2, 224 px (no bundled model)"

@@ -43,7 +43,7 @@ def main() -> int:
         rows = list(csv.DictReader(f))
     samples = [data.Sample(str(Path(args.data).joinpath(*Path(r["path"]).parts[-3:])), int(r["label"]),
                            data.patient_id(r["path"]), "test") for r in rows]
-    kept, images, _ = data.load_images(samples, meta["image_size"], strict=True)
+    kept, images, _ = data.load_images(samples, meta.image_size, strict=True)
     y = np.array([s.label for s in kept])
     prob = np.array([float(r["probability"]) for r in rows])
     evaluate.write_errors(model, meta, images, y, prob, threshold, [s.path for s in kept], args.out, k=args.k)

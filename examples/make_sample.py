@@ -26,7 +26,8 @@ import shutil
 from collections import defaultdict
 from pathlib import Path
 
-from pneumoscan.data import IMAGE_SUFFIXES, patient_id
+from pneumoscan.data import patient_id
+from pneumoscan.imaging import IMAGE_SUFFIXES
 
 log = logging.getLogger("make_sample")
 

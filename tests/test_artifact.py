@@ -18,9 +18,9 @@ def test_round_trip_restores_weights_meaning_and_outputs(tmp_path):
     path = artifact.save(tmp_path / "model.pt", model, _meta(info))
     loaded, meta = artifact.load(path)
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
-    assert meta["threshold"] == 0.37 and meta["temperature"] == pytest.approx(1.7)
-    assert meta["class_names"] == ["NORMAL", "PNEUMONIA"]
-    assert meta["normalization"]["mean"] == [0.5, 0.5, 0.5]
+    assert meta.threshold == 0.37 and meta.temperature == pytest.approx(1.7)
+    assert meta.class_names == ("NORMAL", "PNEUMONIA")
+    assert meta.normalization.mean == (0.5, 0.5, 0.5)
     # loads with the safe loader only: nothing but tensors and plain values inside
     torch.load(path, weights_only=True)
     assert not list(tmp_path.glob("*.tmp*"))
@@ -29,9 +29,9 @@ def test_round_trip_restores_weights_meaning_and_outputs(tmp_path):
 def test_tf_padding_survives_the_round_trip(tmp_path):
     model, info = models.build("mobilenet_v2", weights="none", tf_same_padding=True)
     model.eval()
-    path = artifact.save(tmp_path / "m.pt", model, _meta(info) | {"architecture": "mobilenet_v2"})
+    path = artifact.save(tmp_path / "m.pt", model, _meta(info).replace(architecture="mobilenet_v2"))
     loaded, meta = artifact.load(path)
-    assert meta["tf_same_padding"]
+    assert meta.tf_same_padding
     x = torch.rand(1, 1, 64, 64)
     assert torch.allclose(loaded(x), model(x), atol=1e-6)
 
@@ -52,10 +52,21 @@ def test_bad_files_are_user_errors(tmp_path):
 def test_half_precision_storage_is_smaller_and_loads_as_fp32(tmp_path):
     model, info = models.build("mobilenet_v2", weights="none")
     model.eval()
-    full = artifact.save(tmp_path / "full.pt", model, _meta(info) | {"architecture": "mobilenet_v2"})
-    half = artifact.save(tmp_path / "half.pt", model, _meta(info) | {"architecture": "mobilenet_v2"}, half=True)
+    full = artifact.save(tmp_path / "full.pt", model, _meta(info).replace(architecture="mobilenet_v2"))
+    half = artifact.save(tmp_path / "half.pt", model, _meta(info).replace(architecture="mobilenet_v2"), half=True)
     assert half.stat().st_size < 0.6 * full.stat().st_size
     loaded, _ = artifact.load(half)
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
     x = torch.rand(2, 1, 64, 64)
     assert torch.allclose(loaded(x), model(x), atol=1e-2)
+
+
+def test_meta_round_trips_through_the_plain_dict_and_keeps_unknown_keys():
+    _, info = models.build("resnet18", weights="none")
+    meta = _meta(info).replace(training=artifact.TrainingInfo(epochs_run=3, n_train=10))
+    raw = meta.to_dict() | {"added_later": {"x": 1}}
+    back = artifact.ModelMeta.from_dict(raw)
+    assert back.to_dict() == raw and back.extra == {"added_later": {"x": 1}}
+    assert back.training.epochs_run == 3 and back.label(0.5) == "PNEUMONIA" and back.label(0.2) == "NORMAL"
+    with pytest.raises(UserError, match="lacks image_size"):
+        artifact.ModelMeta.from_dict({k: v for k, v in raw.items() if k != "image_size"})

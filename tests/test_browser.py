@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 from conftest import synthetic_xray
-from pneumoscan.serve import create_app
+from pneumoscan.serve.app import create_app
 
 CHROMIUM = Path("/usr/bin/chromium")
 CHROMEDRIVER = Path("/usr/bin/chromedriver")
@@ -119,7 +119,7 @@ def test_upload_and_worklist(server, browser, tmp_path):
     for r in done:
         assert r.find_element(By.CLASS_NAME, "badge").text in ("NORMAL", "PNEUMONIA")
     error_row = browser.find_element(By.CSS_SELECTOR, "tr.row-error")
-    assert "notes.png" in error_row.text and "not a PNG, JPEG or DICOM" in error_row.text
+    assert "notes.png" in error_row.text and "not an image" in error_row.text
 
     done[0].click()
     wait_for(lambda: browser.execute_script(

@@ -36,7 +36,7 @@ def make_run(root, name, tiny_model, *, val_auc, test_auc=0.9, head="exp1", weig
         model, info = tiny_model
         meta = artifact.make_meta(architecture="resnet18", head=head, image_size=64, weights_info=info,
                                   threshold=0.5, threshold_rule="youden", config=config.to_dict(),
-                                  extra={"training": {"epochs_run": 12, "seconds_per_epoch": 3.25}})
+                                  training=artifact.TrainingInfo(epochs_run=12, seconds_per_epoch=3.25))
         artifact.save(run / "model.pt", model, meta)
     if val_auc is not None:
         (run / "validation" / "metrics.json").write_text(json.dumps(_metrics(val_auc)))

@@ -16,13 +16,11 @@ from PIL import Image
 from pneumoscan import CLASS_NAMES
 from pneumoscan.data import (
     ImageDataset,
-    ImageError,
     Sample,
     assign_validation,
     class_weights,
     grouped_folds,
     holdout_split,
-    load_image,
     load_images,
     patient_id,
     read_manifest,
@@ -30,7 +28,7 @@ from pneumoscan.data import (
     write_manifest,
     write_skipped,
 )
-from pneumoscan.errors import UserError
+from pneumoscan.errors import ImageError, UserError
 
 rng = np.random.default_rng(0)
 
@@ -38,6 +36,13 @@ rng = np.random.default_rng(0)
 def _jpeg(path: Path, size=(16, 16), value: int | None = None) -> Path:
     a = np.full(size[::-1], value, np.uint8) if value is not None else rng.integers(0, 256, size[::-1], np.uint8)
     Image.fromarray(a).save(path, quality=90)
+    return path
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64), np.uint8)).save(buf, format="JPEG")
+    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
     return path
 
 
@@ -131,7 +136,7 @@ def test_scan_keeps_relative_paths(kaggle, monkeypatch):
     assert all(s.path.startswith(kaggle.name) and Path(s.path).exists() for s in samples)
 
 
-def test_scan_class_layout_and_file_filtering(tmp_path):
+def test_scan_class_layout_and_file_filtering(tmp_path, caplog):
     for name in ("NORMAL", "PNEUMONIA"):
         (tmp_path / name).mkdir()
     _jpeg(tmp_path / "NORMAL" / "IM-0001-0001.jpeg")
@@ -142,7 +147,11 @@ def test_scan_class_layout_and_file_filtering(tmp_path):
     (tmp_path / "NORMAL" / "notes.txt").write_text("hi")
     (tmp_path / "NORMAL" / "sub").mkdir()
 
-    samples = scan(tmp_path, default_split="test")
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.data"):
+        samples = scan(tmp_path, default_split="test")
+    (line,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
+    assert "left out 2 entries" in line and "sub/ (a folder)" in line and "notes.txt" in line
+    assert ".DS_Store" not in line  # hidden files are not news
     assert [(Path(s.path).name, s.label, s.split) for s in samples] == [
         ("IM-0001-0001.jpeg", 0, "test"),
         ("IM-0002-0001.JPG", 0, "test"),
@@ -241,147 +250,6 @@ def test_grouped_folds(kaggle):
         assert {samples[i].patient for i in tr}.isdisjoint({samples[i].patient for i in te})
         assert {samples[i].label for i in te} == {0, 1}
     assert folds == grouped_folds(samples, k=4, seed=0)
-
-
-# ----------------------------------------------------------------------------- load_image
-
-
-def _gradient(w=40, h=30):
-    return (np.add.outer(np.arange(h), np.arange(w)) * 255 // (h + w - 2)).astype(np.uint8)
-
-
-@pytest.mark.parametrize(
-    "mode, suffix",
-    [
-        ("L", "png"),
-        ("L", "jpeg"),
-        ("LA", "png"),
-        ("RGB", "png"),
-        ("RGB", "jpg"),
-        ("RGBA", "png"),
-        ("P", "png"),
-        ("CMYK", "jpeg"),
-    ],
-)
-def test_load_image_modes(tmp_path, mode, suffix):
-    g = _gradient()
-    img = Image.fromarray(g).convert(mode)
-    if mode == "RGBA":
-        img.putalpha(0)  # fully transparent: the gray values must survive (alpha dropped, not composited)
-    if mode == "P":
-        img.info["transparency"] = 0
-    path = tmp_path / f"x.{suffix}"
-    img.save(path)
-    with Image.open(path) as check:
-        assert check.mode == mode
-    native = load_image(path, None)
-    assert native.dtype == np.uint8 and native.shape == g.shape
-    assert np.abs(native.astype(int) - g).max() <= (12 if suffix != "png" else 1)
-    small = load_image(str(path), 16)
-    assert small.dtype == np.uint8 and small.shape == (16, 16)
-
-
-def test_load_image_16bit_png_scaled_not_clipped(tmp_path):
-    a = np.linspace(0, 65535, 64 * 8).astype(np.uint16).reshape(8, 64)
-    a[0, :3] = (0, 32768, 65535)
-    path = tmp_path / "sixteen.png"
-    Image.fromarray(a).save(path)
-    with Image.open(path) as check:
-        assert check.mode.startswith("I")
-    out = load_image(path, None)
-    assert out.dtype == np.uint8 and out.shape == (8, 64)
-    assert tuple(out[0, :3]) == (0, 128, 255)
-    assert out.max() == 255 and out.min() == 0
-    assert (np.diff(out[1:].ravel().astype(int)) >= 0).all()  # monotone: no clipping plateau at 255
-    assert (out == 255).mean() < 0.05
-
-
-def test_load_image_int32_and_float(tmp_path):
-    i = np.array([[0, 32768, 65535, 70000]], np.int32)
-    Image.fromarray(i, mode="I").save(tmp_path / "i.tiff")
-    assert tuple(load_image(tmp_path / "i.tiff", None)[0]) == (0, 128, 255, 255)
-    f = np.array([[0.0, 0.5, 1.0]], np.float32)
-    Image.fromarray(f, mode="F").save(tmp_path / "f.tiff")
-    assert tuple(load_image(tmp_path / "f.tiff", None)[0]) == (0, 128, 255)
-
-
-@pytest.mark.parametrize("size", [(17, 23), (23, 17), (64, 64), (600, 400), (400, 600)])
-def test_load_image_sizes(tmp_path, size):
-    path = _jpeg(tmp_path / "x.jpeg", size, value=200)
-    out = load_image(path, 32)
-    assert out.shape == (32, 32) and out.dtype == np.uint8
-    assert np.abs(out.astype(int) - 200).max() <= 3
-    assert load_image(path, None).shape == (size[1], size[0])  # (H, W)
-
-
-def test_load_image_exif_orientation(tmp_path):
-    a = np.zeros((20, 40), np.uint8)  # W=40, H=20 as stored
-    a[:6, :10] = 255  # bright marker top-left as stored
-    exif = Image.Exif()
-    exif[0x0112] = 6  # display = stored rotated 90° clockwise
-    path = tmp_path / "rot.jpeg"
-    Image.fromarray(a).save(path, exif=exif.tobytes(), quality=95)
-
-    native = load_image(path, None)
-    assert native.shape == (40, 20)  # transposed before any resize
-    assert native[:10, -6:].mean() > 200 and native[:10, :6].mean() < 50  # marker now top-right
-    out = load_image(path, 32)
-    assert out[:4, -4:].mean() > 200 and out[:4, :4].mean() < 50 and out[-4:, :].mean() < 50
-
-
-def _truncated_jpeg(path: Path) -> Path:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (64, 64), np.uint8)).save(buf, format="JPEG")
-    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    return path
-
-
-def _truncated_png(path: Path) -> Path:
-    buf = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (64, 64), np.uint8)).save(buf, format="PNG")
-    path.write_bytes(buf.getvalue()[: len(buf.getvalue()) // 2])
-    return path
-
-
-def _random_bytes(path: Path) -> Path:
-    path.write_bytes(rng.bytes(500))
-    return path
-
-
-def _text(path: Path) -> Path:
-    path.write_text("hello, not a png")
-    return path
-
-
-@pytest.mark.parametrize(
-    "make, name, reason",
-    [
-        (_random_bytes, "random.jpeg", "not an image"),
-        (_text, "text.png", "not an image"),
-        (_truncated_jpeg, "trunc.jpeg", "truncated"),
-        (_truncated_png, "trunc.png", "truncated"),
-        (lambda p: p, "missing.jpeg", "not found"),
-    ],
-)
-def test_load_image_errors(tmp_path, make, name, reason):
-    path = make(tmp_path / name)
-    with pytest.raises(ImageError, match=reason) as e:
-        load_image(path, 16)
-    assert isinstance(e.value, UserError)
-    assert str(e.value).startswith(f"{path}: ") and e.value.path == str(path)
-    again = pickle.loads(pickle.dumps(e.value))
-    assert str(again) == str(e.value)
-
-
-@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
-@pytest.mark.parametrize("side", [12, 20])  # 144 px: PIL only warns; 400 px: PIL raises
-def test_load_image_decompression_bomb(tmp_path, monkeypatch, side):
-    path = tmp_path / "bomb.png"
-    Image.new("L", (side, side)).save(path)
-    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
-    with pytest.raises(ImageError, match="over the limit") as e:
-        load_image(path, 8)
-    assert str(path) in str(e.value)
 
 
 # ----------------------------------------------------------------------------- load_images

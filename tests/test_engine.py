@@ -9,11 +9,13 @@ import onnx
 import pytest
 from PIL import Image
 
-from pneumoscan import engine as engine_mod
-from pneumoscan import export, predict
-from pneumoscan.engine import OnnxEngine, TorchEngine, load_engine
+from pneumoscan import predict
+from pneumoscan.inference import loading, onnx_export
+from pneumoscan.inference.engines import OnnxEngine, TorchEngine
+from pneumoscan.inference.loading import load_engine
+from pneumoscan.inference.onnx_format import get_document
 from pneumoscan.errors import UserError
-from pneumoscan.models import file_sha256
+from pneumoscan.files import file_sha256
 from test_export import tiny_model, xrays
 
 
@@ -46,12 +48,12 @@ def test_pt_is_exported_once_then_reused(model_pt, cache, monkeypatch):
     first = load_engine(model_pt)
     assert isinstance(first, OnnxEngine) and first.name == "onnxruntime"
     assert first.sha256 == sha and first.path == model_pt and first.onnx_path == cached
-    assert export.get_document(onnx.load(cached))["source_sha256"] == sha
+    assert get_document(onnx.load(cached))["source_sha256"] == sha
 
     def no_export(*args, **kwargs):
         raise AssertionError("exported again instead of using the cache")
 
-    monkeypatch.setattr(export, "export_onnx", no_export)
+    monkeypatch.setattr(onnx_export, "export_onnx", no_export)
     mtime = cached.stat().st_mtime_ns
     second = load_engine(model_pt, "onnx")
     assert isinstance(second, OnnxEngine) and second.onnx_path == cached and cached.stat().st_mtime_ns == mtime
@@ -92,15 +94,15 @@ def test_wrong_input_is_a_clear_error(model_pt):
         engine.predict_proba(np.zeros((2, 32, 32), np.uint8))
 
 
-@pytest.mark.parametrize("failure", [RuntimeError("exporter bug"), export.ExportError("differs from PyTorch")])
+@pytest.mark.parametrize("failure", [RuntimeError("exporter bug"), onnx_export.ExportError("differs from PyTorch")])
 def test_export_failure_falls_back_to_torch(model_pt, monkeypatch, caplog, failure):
     monkeypatch.setenv("PNEUMOSCAN_CACHE_DIR", str(model_pt.parent / "empty-cache"))
 
     def broken(*args, **kwargs):
         raise failure
 
-    monkeypatch.setattr(export, "export_onnx", broken)
-    with caplog.at_level(logging.WARNING, logger="pneumoscan.engine"):
+    monkeypatch.setattr(onnx_export, "export_onnx", broken)
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.inference.loading"):
         engine = load_engine(model_pt)
     assert isinstance(engine, TorchEngine) and engine.name == "torch"
     assert "running it with PyTorch" in caplog.text and str(model_pt) in caplog.text
@@ -140,6 +142,6 @@ def test_predict_files_same_with_either_engine(model_pt, tmp_path):
 def test_cache_dir_location(monkeypatch, tmp_path):
     monkeypatch.delenv("PNEUMOSCAN_CACHE_DIR")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert engine_mod.cache_dir() == tmp_path / "pneumoscan"
+    assert loading.cache_dir() == tmp_path / "pneumoscan"
     monkeypatch.setenv("PNEUMOSCAN_CACHE_DIR", str(tmp_path / "mine"))
-    assert engine_mod.cache_dir() == tmp_path / "mine"
+    assert loading.cache_dir() == tmp_path / "mine"

@@ -84,7 +84,7 @@ def test_write_errors_lists_and_explains_the_most_confident(trained_model, tmp_p
     model, meta = artifact.load(trained_model)
     rng = np.random.default_rng(1)
     y = np.array([0, 0, 0, 1, 1, 1])
-    images = np.stack([synthetic_xray(rng, int(t), meta["image_size"]) for t in y])
+    images = np.stack([synthetic_xray(rng, int(t), meta.image_size) for t in y])
     prob = np.array([0.9, 0.6, 0.2, 0.1, 0.4, 0.8])
     paths = [f"n{i}.jpeg" for i in range(3)] + [f"person{i}_virus_1.jpeg" for i in range(3)]
     stale = tmp_path / "errors" / "false_positive" / "05_old.png"

@@ -15,6 +15,7 @@ from torch import nn
 from conftest import synthetic_xray
 from pneumoscan import artifact, cli, evaluate, explain, models
 from pneumoscan.errors import UserError
+from pneumoscan.inference.torch_model import as_batch, predict_logits
 
 SIZE = 64  # the smallest input whose last feature map is 2x2 for every backbone, so maps have a location
 
@@ -44,7 +45,7 @@ def _calibrate_batchnorm(model: models.Classifier, x: torch.Tensor) -> None:
 
 @pytest.fixture(scope="module", params=list(models.BACKBONES))
 def trained(request):
-    """(model, meta, PNEUMONIA training images it scores positive) for a tiny model of each backbone.
+    """(model, architecture, PNEUMONIA training images it scores positive) for a tiny model of each backbone.
 
     The last three stages and a linear head train for a few steps on synthetic X-rays (frozen
     stages get data statistics first, see above). With a linear head a positive logit implies
@@ -53,7 +54,7 @@ def trained(request):
     torch.manual_seed(0)
     images, labels = _images(48)
     model, _ = models.build(request.param, weights="none", head="linear", unfreeze_blocks=3)
-    x, y = evaluate.as_batch(images), torch.tensor(labels, dtype=torch.float32)
+    x, y = as_batch(images), torch.tensor(labels, dtype=torch.float32)
     _calibrate_batchnorm(model, x)
     opt = torch.optim.Adam(models.parameter_groups(model, 3e-3, 3e-3))
     model.train()
@@ -65,10 +66,10 @@ def trained(request):
         opt.step()
     model.zero_grad(set_to_none=True)
     _calibrate_batchnorm(model, x)
-    logits = evaluate.predict_logits(model, images)
+    logits = predict_logits(model, images)
     positive = images[(labels == 1) & (logits > 0)][:4]
     assert len(positive) >= 3, f"the tiny {request.param} did not learn: logits {logits}"
-    return model, {"architecture": request.param}, positive
+    return model, request.param, positive
 
 
 def _flat(cam: np.ndarray) -> bool:
@@ -153,7 +154,7 @@ def test_frozen_model_under_inference_mode_still_gets_maps():
     assert not any(flags[:-2])
     images, _ = _images(2)
     with torch.inference_mode():
-        cams = explain.compute_cams(model.eval(), {"architecture": "resnet18"}, images, "gradcam++")
+        cams = explain.compute_cams(model.eval(), "resnet18", images, "gradcam++")
     assert cams.shape == images.shape and np.isfinite(cams).all()
     assert [p.requires_grad for p in model.parameters()] == flags
 
@@ -165,7 +166,7 @@ def test_flat_or_nan_maps_become_zeros(value, caplog):
         model.head[-1].weight.fill_(value)  # 0: the logit ignores the features; nan: it is nan
     images, _ = _images(2)
     with caplog.at_level(logging.INFO, logger="pneumoscan.explain"):
-        cams = explain.compute_cams(model, {"architecture": "resnet18"}, images)
+        cams = explain.compute_cams(model, "resnet18", images)
     assert cams.shape == images.shape and not cams.any()
     assert "2 of 2 maps are flat or not finite" in caplog.text
 
@@ -173,10 +174,10 @@ def test_flat_or_nan_maps_become_zeros(value, caplog):
 def test_unknown_method_and_bad_input():
     model, _ = models.build("resnet18", weights="none", head="linear")
     with pytest.raises(UserError, match="gradcam"):
-        explain.compute_cams(model, {"architecture": "resnet18"}, _images(1)[0], method="lime")
+        explain.compute_cams(model, "resnet18", _images(1)[0], method="lime")
     with pytest.raises(ValueError, match="uint8"):
-        explain.compute_cams(model, {"architecture": "resnet18"}, np.zeros((1, 8, 8), np.float32))
-    assert explain.compute_cams(model, {"architecture": "resnet18"}, np.zeros((0, 8, 8), np.uint8)).shape == (0, 8, 8)
+        explain.compute_cams(model, "resnet18", np.zeros((1, 8, 8), np.float32))
+    assert explain.compute_cams(model, "resnet18", np.zeros((0, 8, 8), np.uint8)).shape == (0, 8, 8)
 
 
 def test_overlay_is_rgb_of_the_image_size():

@@ -9,8 +9,11 @@ import torch
 
 from conftest import synthetic_xray
 from pneumoscan import artifact, cli, evaluate, export, models
-from pneumoscan.engine import OnnxEngine, TorchEngine
-from pneumoscan.models import file_sha256
+from pneumoscan.inference import onnx_export
+from pneumoscan.inference.engines import OnnxEngine, TorchEngine
+from pneumoscan.inference.onnx_format import get_document
+from pneumoscan.inference.torch_model import as_batch, predict_logits
+from pneumoscan.files import file_sha256
 
 
 def xrays(n: int, size: int = 48, seed: int = 1) -> np.ndarray:
@@ -29,7 +32,7 @@ def tiny_model(path, *, tf_same_padding: bool = False, size: int = 48):
         bn.momentum = None  # running statistics = this batch's
         bn.train()
     with torch.no_grad():
-        model(evaluate.as_batch(xrays(16, size, seed=0)))
+        model(as_batch(xrays(16, size, seed=0)))
     model.eval()
     model.temperature.fill_(1.5)
     meta = artifact.make_meta(architecture="mobilenet_v2", head="seed", image_size=size, weights_info=info,
@@ -57,9 +60,9 @@ def test_onnx_is_valid_and_self_describing(trained_model, onnx_model):
     assert [d.dim_param or d.dim_value for d in out.type.tensor_type.shape.dim] == ["batch"]
     assert inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT
 
-    doc = export.get_document(proto)
+    doc = get_document(proto)
     _, meta = artifact.load(trained_model)
-    assert doc["meta"] == meta  # the whole artifact meta: threshold, temperature, class names, ...
+    assert doc["meta"] == meta.to_dict()  # the whole artifact meta: threshold, temperature, class names, ...
     assert doc["source_sha256"] == file_sha256(trained_model) and doc["precision"] == "fp32"
     assert {"image_size", "normalization", "threshold", "temperature", "class_names", "architecture",
             "pneumoscan_version"} <= set(doc["meta"])
@@ -78,10 +81,10 @@ def test_onnx_matches_pytorch_at_any_batch_size(trained_model, onnx_model):
 
 
 def test_export_that_disagrees_with_pytorch_is_refused(trained_model, tmp_path, monkeypatch):
-    real = export.predict_logits
-    monkeypatch.setattr(export, "predict_logits", lambda model, images: real(model, images) + 0.01)
+    real = onnx_export.predict_logits
+    monkeypatch.setattr(onnx_export, "predict_logits", lambda model, images: real(model, images) + 0.01)
     out = tmp_path / "model.onnx"
-    with pytest.raises(export.ExportError, match="differs from PyTorch"):
+    with pytest.raises(onnx_export.ExportError, match="differs from PyTorch"):
         export.export_onnx(trained_model, out)
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
 
@@ -95,7 +98,7 @@ def test_int8_quantisation_keeps_meta_and_roughly_the_scores(onnx_model, tmp_pat
     engine = OnnxEngine(int8)
     assert engine.name == "onnxruntime-int8"
     assert engine.meta == OnnxEngine(onnx_model).meta
-    assert export.get_document(proto)["quantization"]["n_calibration_images"] == 8
+    assert get_document(proto)["quantization"]["n_calibration_images"] == 8
     report = export.compare_auc(onnx_model, int8, images[8:], [0, 1] * 4)
     assert set(report) >= {"fp32_roc_auc", "int8_roc_auc", "delta", "max_abs_prob_delta"}
     assert 0 < report["max_abs_prob_delta"] < 0.2  # quantised, so not identical; but close

@@ -53,7 +53,7 @@ def test_evaluate_report_has_every_section_and_embeds_its_images(evaluated):
     assert f"{metrics['brier']:.3f}" in html and "Expected calibration error" in html
     for kind in metrics["recall_by_subtype"]:
         assert f"<td>{kind}</td>" in html
-    assert "model.backbone" in html and "mobilenet_v2" in html  # configuration from meta["config"]
+    assert "model.backbone" in html and "mobilenet_v2" in html  # configuration from meta.config
 
 
 def test_train_writes_a_report_for_its_test_split(trained_model):
@@ -67,8 +67,8 @@ def test_train_writes_a_report_for_its_test_split(trained_model):
 
 def test_report_of_a_model_outside_its_run_folder(evaluated, trained_model, tmp_path):
     lone = shutil.copy(trained_model, tmp_path / "model.pt")
-    blob = artifact.read(lone)
-    out = report.write_report(evaluated, blob["meta"], {"model": str(lone), "data": "d", "split": ["test"]},
+    meta = artifact.read_meta(lone)
+    out = report.write_report(evaluated, meta, {"model": str(lone), "data": "d", "split": ["test"]},
                               run_dir=tmp_path, path=tmp_path / "r.html")
     html = out.read_text()
     assert "No training curves" in html and "test split of d" in html
@@ -76,7 +76,7 @@ def test_report_of_a_model_outside_its_run_folder(evaluated, trained_model, tmp_
 
     (evaluated / "errors.csv").rename(tmp_path / "errors.csv")  # as after `evaluate --errors 0`
     try:
-        html = report.render(report.context(evaluated, {}, {}))
+        html = report.render(report.context(evaluated, meta.replace(config={}), {}))
     finally:
         (tmp_path / "errors.csv").rename(evaluated / "errors.csv")
     assert "Error analysis was not run" in html and "records no training configuration" in html

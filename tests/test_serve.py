@@ -16,8 +16,8 @@ from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import synthetic_xray
 from pneumoscan import artifact, cli, predict
-from pneumoscan.models import file_sha256
-from pneumoscan.serve import create_app
+from pneumoscan.files import file_sha256
+from pneumoscan.serve.app import create_app
 
 MAX_BYTES = 64 * 1024
 MAX_PIXELS = 200_000
@@ -71,7 +71,7 @@ def keyed(trained_model):
 
 @pytest.fixture(scope="module")
 def meta(trained_model):
-    return artifact.read(trained_model)["meta"]
+    return artifact.read_meta(trained_model)
 
 
 def post(c: TestClient, blob: bytes, name: str = "x.png", url: str = "/v1/predict", **kw):
@@ -97,11 +97,11 @@ def test_predict_matches_the_offline_scorer(client, trained_model, meta, tmp_pat
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["probability"] == pytest.approx(expected.probability, abs=1e-4)
-    assert body["prediction"] == int(body["probability"] >= meta["threshold"])
-    assert body["label"] == meta["class_names"][body["prediction"]]
-    assert body["threshold"] == pytest.approx(meta["threshold"])
+    assert body["prediction"] == int(body["probability"] >= meta.threshold)
+    assert body["label"] == meta.class_names[body["prediction"]]
+    assert body["threshold"] == pytest.approx(meta.threshold)
     assert body["model"]["sha256"] == file_sha256(trained_model)
-    assert body["model"]["name"] == meta["architecture"]
+    assert body["model"]["name"] == meta.architecture
     assert "overlay_png_base64" not in body
 
 
@@ -122,7 +122,7 @@ def test_explain_returns_decodable_overlay(client, meta):
     body = r.json()
     overlay = Image.open(io.BytesIO(base64.b64decode(body["overlay_png_base64"])))
     image = Image.open(io.BytesIO(base64.b64decode(body["image_png_base64"])))
-    size = meta["image_size"]
+    size = meta.image_size
     assert overlay.format == "PNG" and overlay.mode == "RGB" and overlay.size == (size, size)
     assert image.mode == "L" and image.size == (size, size)
     rgb = np.asarray(overlay).astype(int)
@@ -248,14 +248,14 @@ def test_health(client):
 
 def test_model_card(client, meta, trained_model):
     card = client.get("/v1/model").json()
-    assert card["architecture"] == meta["architecture"]
-    assert card["image_size"] == meta["image_size"]
-    assert card["threshold"] == pytest.approx(meta["threshold"])
-    assert card["threshold_rule"] == meta["threshold_rule"]
-    assert card["temperature"] == pytest.approx(meta["temperature"])
+    assert card["architecture"] == meta.architecture
+    assert card["image_size"] == meta.image_size
+    assert card["threshold"] == pytest.approx(meta.threshold)
+    assert card["threshold_rule"] == meta.threshold_rule
+    assert card["temperature"] == pytest.approx(meta.temperature)
     assert card["class_names"] == ["NORMAL", "PNEUMONIA"]
     assert card["sha256"] == file_sha256(trained_model)
-    assert card["training_data"]["n_train"] == meta["training"]["n_train"]
+    assert card["training_data"]["n_train"] == meta.training.n_train
     assert "/" not in card["training_data"]["dataset"]  # a folder name, not the server's path
     assert "not a diagnosis" in card["intended_use"]
     assert any("single centre" in x for x in card["limitations"])

@@ -43,14 +43,14 @@ def test_fit_writes_a_self_describing_run_folder(tiny_dataset, tmp_path):
     # the config round-trips
     assert RunConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())).data.root == str(tiny_dataset)
     _, meta = artifact.load(run / "model.pt")
-    assert meta["threshold"] == 0.5 and meta["threshold_rule"] == "0.5"  # the default rule
-    assert meta["temperature"] > 0 and meta["training"]["epochs_run"] == 1
+    assert meta.threshold == 0.5 and meta.threshold_rule == "0.5"  # the default rule
+    assert meta.temperature > 0 and meta.training.epochs_run == 1
     with open(run / "history.csv") as f:
         row = next(csv.DictReader(f))
     for col in ("train_loss", "val_loss", "train_accuracy", "val_accuracy", "val_precision", "val_recall", "val_auc"):
         assert row[col] != "", col
     test = json.loads((run / "test" / "metrics.json").read_text())
-    assert test["n"] == 12 and test["threshold"] == pytest.approx(meta["threshold"])
+    assert test["n"] == 12 and test["threshold"] == pytest.approx(meta.threshold)
 
 
 def test_training_learns_the_synthetic_signal(tiny_dataset, tmp_path):
@@ -72,7 +72,7 @@ def test_resume_continues_from_last_checkpoint(tiny_dataset, tmp_path):
     resumed = train.fit(RunConfig(), resume_dir=run)
     assert resumed == run
     _, meta = artifact.load(run / "model.pt")
-    assert meta["training"]["epochs_run"] == 2
+    assert meta.training.epochs_run == 2
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["epoch"] >= 1
     with open(run / "history.csv") as f:
         assert [r["epoch"] for r in csv.DictReader(f)] == ["1", "2"]  # the first session's epoch is kept
@@ -87,7 +87,7 @@ def test_threshold_rule_comes_from_validation(tiny_dataset, tmp_path):
     run = train.fit(tiny_config(tiny_dataset, tmp_path / "runs", threshold="sensitivity:0.95"))
     _, meta = artifact.load(run / "model.pt")
     val = json.loads((run / "validation" / "metrics.json").read_text())
-    assert val["recall"] >= 0.95 and meta["threshold_rule"] == "sensitivity:0.95"
+    assert val["recall"] >= 0.95 and meta.threshold_rule == "sensitivity:0.95"
 
 
 def test_fast_path_caches_features_and_matches_slow_path_shape(tiny_dataset, tmp_path, caplog):
@@ -104,7 +104,7 @@ def test_fast_path_caches_features_and_matches_slow_path_shape(tiny_dataset, tmp
     for run in (fast, slow):
         assert json.loads((run / "validation" / "metrics.json").read_text())["n"] > 0
         _, meta = artifact.load(run / "model.pt")
-        assert meta["training"]["epochs_run"] == 2
+        assert meta.training.epochs_run == 2
 
 
 def test_progressive_unfreezing_adds_stages_to_the_optimizer_on_schedule(tiny_dataset, tmp_path):

@@ -20,8 +20,8 @@ from pneumoscan.files import write_text
 ASSETS = Path(artifact.BUNDLED_MODEL).parent
 
 
-def card(meta: dict, validation: dict, command: str, where: str) -> str:
-    t, cfg = meta.get("training", {}), meta["config"]
+def card(meta: artifact.ModelMeta, validation: dict, command: str, where: str) -> str:
+    t, cfg = meta.training, meta.config
     fine_tuned = cfg["model"]["unfreeze_blocks"] != 0
     tuning = "fine-tuned end to end" if fine_tuned else "frozen"
     if fine_tuned:
@@ -29,7 +29,7 @@ def card(meta: dict, validation: dict, command: str, where: str) -> str:
                f"{cfg['train']['schedule']} schedule")
     else:
         how = (f"head trained on cached features of {cfg['train']['views']} augmented views per image "
-               f"({t.get('feature_seconds')} s of feature extraction)")
+               f"({t.feature_seconds} s of feature extraction)")
     ci = validation["ci95"]
     rows = "\n".join(f"| {k} | {validation[k]:.3f} | [{ci[k][0]:.3f}, {ci[k][1]:.3f}] |"
                      for k in ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc"))
@@ -39,17 +39,17 @@ def card(meta: dict, validation: dict, command: str, where: str) -> str:
 orders a worklist by the probability of pneumonia and shows Grad-CAM maps of where it looked. It
 is not a diagnosis; a radiologist reviews every image.
 
-**Model.** {meta['architecture']} (ImageNet weights: {meta['backbone_weights']['source']}, {tuning}) with the
-head `{meta['head']}`; input {meta['image_size']}×{meta['image_size']} grayscale, normalisation
-{meta['normalization']['name']}; temperature {meta['temperature']:.3f} (fitted on validation);
-decision threshold {meta['threshold']:.4f} ({metrics.describe_rule(meta['threshold_rule'])}). Weights stored
+**Model.** {meta.architecture} (ImageNet weights: {Path(meta.backbone_weights['source']).name}, {tuning}) with the
+head `{meta.head}`; input {meta.image_size}×{meta.image_size} grayscale, normalisation
+{meta.normalization.name}; temperature {meta.temperature:.3f} (fitted on validation);
+decision threshold {meta.threshold:.4f} ({metrics.describe_rule(meta.threshold_rule)}). Weights stored
 as fp16, computed in fp32.
 
 **Training data.** Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's
-Medical Center, ages 1–5), the Kaggle training split: {t.get('n_train')} images for training and a
-patient-grouped validation split of {t.get('n_val')} images. Augmentation `{cfg['data']['augment']}`,
-class weights `{cfg['data']['class_weights']}`; {how}: {t.get('epochs_run')} epochs (best {t.get('best_epoch')}),
-{t.get('seconds')} s of training ({t.get('seconds_per_epoch')} s/epoch) on {where}.
+Medical Center, ages 1–5), the Kaggle training split: {t.n_train} images for training and a
+patient-grouped validation split of {t.n_val} images. Augmentation `{cfg['data']['augment']}`,
+class weights `{cfg['data']['class_weights']}`; {how}: {t.epochs_run} epochs (best {t.best_epoch}),
+{t.seconds} s of training ({t.seconds_per_epoch} s/epoch) on {where}.
 
 **Validation metrics** (the split that early stopping and calibration used; optimistic by construction —
 benchmarks/accuracy.md has out-of-fold cross-validation of the recipe):

@@ -1,67 +1,151 @@
-"""``model.pt``: trained weights plus everything needed to use them.
+"""``model.pt``: trained weights plus ``ModelMeta``, everything needed to use them.
 
 The file is a plain dict of tensors and JSON-like values, so it loads with
-``torch.load(..., weights_only=True)`` (no pickled code runs). Its ``meta`` says what the model
+``torch.load(..., weights_only=True)`` (no pickled code runs). ``ModelMeta`` says what the model
 means (class names, image size, normalisation, temperature, decision threshold, training config,
-versions); every loader builds the model from that record instead of re-declaring it.
+versions); every loader builds the model from it instead of re-declaring it. The same record,
+as a plain dict, sits in an exported ONNX file's metadata, so this module imports torch only
+when it reads or writes weights: the ONNX scoring path needs the meta, not torch.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from pneumoscan import CLASS_NAMES, __version__
-from pneumoscan import models
 from pneumoscan.errors import UserError
 from pneumoscan.files import atomic_path
+
+if TYPE_CHECKING:
+    from pneumoscan.models import Classifier
 
 log = logging.getLogger(__name__)
 
 FORMAT = "pneumoscan-model/1"
+INPUT = "grayscale in [0, 1], shape (N, 1, H, W); repeated to 3 channels inside the model"
+OUTPUT = "calibrated logit of PNEUMONIA (temperature applied inside the model); probability = sigmoid"
 
 
-def make_meta(*, architecture: str, head: str, image_size: int, weights_info: dict,
-              threshold: float, threshold_rule: str, config: dict, extra: dict | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class Normalization:
+    name: str  # imagenet | inception (models.NORMALIZATIONS)
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class TrainingInfo:
+    """How the run went; facts for the model card, not needed to score."""
+
+    epochs_run: int | None = None
+    best_epoch: int | None = None
+    seconds: float | None = None
+    feature_seconds: float | None = None
+    fast_path: bool | None = None
+    seconds_per_epoch: float | None = None
+    n_train: int | None = None
+    n_val: int | None = None
+
+
+@dataclass(frozen=True)
+class ModelMeta:
+    """What a model file means. ``to_dict``/``from_dict`` round-trip through the plain dict stored
+    in ``model.pt`` and in ONNX metadata; keys this version does not know are kept in ``extra``."""
+
+    architecture: str
+    head: str
+    image_size: int
+    normalization: Normalization
+    threshold: float
+    threshold_rule: str
+    temperature: float = 1.0
+    tf_same_padding: bool = False
+    backbone_weights: dict[str, Any] = field(default_factory=dict)  # {"source", "sha256"}
+    class_names: tuple[str, ...] = CLASS_NAMES
+    config: dict[str, Any] = field(default_factory=dict)  # the RunConfig that trained it
+    training: TrainingInfo = field(default_factory=TrainingInfo)
+    input: str = INPUT
+    output: str = OUTPUT
+    pneumoscan_version: str = __version__
+    torch_version: str = ""
+    format: str = FORMAT
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def label(self, probability: float, threshold: float | None = None) -> str:
+        """The class name a probability gets at ``threshold`` (default: the model's)."""
+        return self.class_names[int(probability >= (self.threshold if threshold is None else threshold))]
+
+    def replace(self, **changes) -> "ModelMeta":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out["normalization"] = dataclasses.asdict(self.normalization)
+        out["normalization"]["mean"], out["normalization"]["std"] = (list(self.normalization.mean),
+                                                                     list(self.normalization.std))
+        out["training"] = {k: v for k, v in dataclasses.asdict(self.training).items() if v is not None}
+        out["class_names"] = list(self.class_names)
+        return out | self.extra
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "ModelMeta":
+        names = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        missing = {"architecture", "head", "image_size", "normalization", "threshold", "threshold_rule"} - set(raw)
+        if missing:
+            raise UserError(f"model metadata lacks {', '.join(sorted(missing))}")
+        known = {k: v for k, v in raw.items() if k in names}
+        norm = known["normalization"]
+        known["normalization"] = Normalization(norm["name"], tuple(norm["mean"]), tuple(norm["std"]))
+        training_fields = {f.name for f in dataclasses.fields(TrainingInfo)}
+        known["training"] = TrainingInfo(**{k: v for k, v in (known.get("training") or {}).items()
+                                            if k in training_fields})
+        known["class_names"] = tuple(known.get("class_names", CLASS_NAMES))
+        for key, kind in (("image_size", int), ("threshold", float), ("temperature", float)):
+            if key in known:
+                known[key] = kind(known[key])
+        return cls(**known, extra={k: v for k, v in raw.items() if k not in names})
+
+
+def make_meta(*, architecture: str, head: str, image_size: int, weights_info: dict, threshold: float,
+              threshold_rule: str, config: dict, training: TrainingInfo | None = None) -> ModelMeta:
+    import torch
+
+    from pneumoscan import models
+
     mean, std = models.NORMALIZATIONS[weights_info["normalization"]]
-    meta = {
-        "format": FORMAT,
-        "architecture": architecture,
-        "head": head,
-        "image_size": image_size,
-        "input": "grayscale in [0, 1], shape (N, 1, H, W); repeated to 3 channels inside the model",
-        "normalization": {"name": weights_info["normalization"], "mean": list(mean), "std": list(std)},
-        "tf_same_padding": bool(weights_info.get("tf_same_padding", False)),
-        "backbone_weights": {"source": weights_info.get("source"), "sha256": weights_info.get("sha256")},
-        "class_names": list(CLASS_NAMES),
-        "threshold": float(threshold),
-        "threshold_rule": threshold_rule,
-        "output": "calibrated logit of PNEUMONIA (temperature applied inside the model); probability = sigmoid",
-        "config": config,
-        "pneumoscan_version": __version__,
-        "torch_version": str(torch.__version__),
-    }
-    meta |= extra or {}
-    return meta
+    return ModelMeta(
+        architecture=architecture, head=head, image_size=image_size,
+        normalization=Normalization(weights_info["normalization"], tuple(mean), tuple(std)),
+        tf_same_padding=bool(weights_info.get("tf_same_padding", False)),
+        backbone_weights={"source": weights_info.get("source"), "sha256": weights_info.get("sha256")},
+        threshold=float(threshold), threshold_rule=threshold_rule, config=config,
+        training=training or TrainingInfo(), torch_version=str(torch.__version__),
+    )
 
 
-def save(path: str | Path, model: models.Classifier, meta: dict, *, half: bool = False) -> Path:
+def save(path: str | Path, model: "Classifier", meta: ModelMeta, *, half: bool = False) -> Path:
     """``half`` stores float weights as fp16 (half the size, e.g. for the bundled model); loading
-    always computes in fp32."""
+    always computes in fp32. The temperature stored is the model's own."""
+    import torch
+
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if half:
         state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
-    meta = meta | {"temperature": float(model.temperature)}
+    meta = meta.replace(temperature=float(model.temperature))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object: torch.save would otherwise record the temp name,
-            torch.save({"format": FORMAT, "meta": meta, "state_dict": state}, f)  # changing the sha256
+            torch.save({"format": FORMAT, "meta": meta.to_dict(), "state_dict": state}, f)  # changing the sha256
     return Path(path)
 
 
 def read(path: str | Path) -> dict:
+    """The raw blob ({"format", "meta", "state_dict"}) of a model file, or UserError."""
+    import torch
+
     path = Path(path)
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
@@ -74,18 +158,22 @@ def read(path: str | Path) -> dict:
     return blob
 
 
-def load(path: str | Path | None) -> tuple[models.Classifier, dict]:
+def read_meta(path: str | Path) -> ModelMeta:
+    return ModelMeta.from_dict(read(path)["meta"])
+
+
+def load(path: str | Path | None) -> tuple["Classifier", ModelMeta]:
     """The model in eval mode and its meta; ``None`` means the bundled model."""
+    from pneumoscan import models
+
     path = resolve(path)
     blob = read(path)
-    meta = blob["meta"]
-    model, _ = models.build(
-        meta["architecture"], weights="none", head=meta["head"],
-        normalization=meta["normalization"]["name"], tf_same_padding=meta["tf_same_padding"],
-    )
+    meta = ModelMeta.from_dict(blob["meta"])
+    model, _ = models.build(meta.architecture, weights="none", head=meta.head,
+                            normalization=meta.normalization.name, tf_same_padding=meta.tf_same_padding)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
     model.eval()
-    log.debug("loaded %s (%s, threshold %.3f)", path, meta["architecture"], meta["threshold"])
+    log.debug("loaded %s (%s, threshold %.3f)", path, meta.architecture, meta.threshold)
     return model, meta
 
 

@@ -253,8 +253,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pneumoscan import files, predict
 
     rows, skipped = predict.predict_files(args.model, args.paths, threshold=args.threshold, engine=args.engine)
-    header = ["path", "probability", "prediction", "label_name"]
-    table = [(r.path, f"{r.probability:.6f}", r.prediction, r.label_name) for r in rows]
+    header = ["path", "probability", "prediction", "label", "threshold", "model_sha256"]
+    table = [(r.path, f"{r.probability:.6f}", r.prediction, r.label, f"{r.threshold:.6f}", r.model_sha256) for r in rows]
     if args.out:
         files.write_csv(args.out, header, table)
         print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
@@ -265,7 +265,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
         writer.writerow(header)
         writer.writerows(table)
     for path, reason in skipped:
-        print(f"pneumoscan: skipped {reason}", file=sys.stderr)
+        print(f"pneumoscan: skipped {path}: {reason}", file=sys.stderr)
     if args.explain and rows:
         from pneumoscan import explain
 
@@ -343,7 +343,8 @@ def cmd_explore(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
-    from pneumoscan.serve import create_app, settings
+    from pneumoscan.serve import settings
+    from pneumoscan.serve.app import create_app
 
     app = create_app(args.model, max_upload_bytes=int(args.max_upload_mb * settings.MiB),
                      max_pixels=args.max_pixels, engine=args.engine, cors_origins=args.cors_origin)

@@ -59,20 +59,18 @@ def _metrics(run: Path, split: str) -> dict:
 
 def run_row(run: Path) -> dict:
     """One run as a flat dict: config columns, then ``<split>_<metric>`` with ``_lo`` / ``_hi``."""
-    meta = artifact.read(run / "model.pt")["meta"]
-    config = meta.get("config") or {}
-    model_cfg, data_cfg = config.get("model", {}), config.get("data", {})
-    training = meta.get("training") or {}
-    weights = str(model_cfg.get("backbone_weights", (meta.get("backbone_weights") or {}).get("source", "")))
+    meta = artifact.read_meta(run / "model.pt")
+    model_cfg, data_cfg = meta.config.get("model", {}), meta.config.get("data", {})
+    weights = str(model_cfg.get("backbone_weights", meta.backbone_weights.get("source", "")))
     row: dict = {
         "run": run.name, "path": str(run),
-        "backbone": meta.get("architecture", model_cfg.get("backbone")),
-        "head": meta.get("head", model_cfg.get("head")),
+        "backbone": meta.architecture,
+        "head": meta.head,
         "augment": data_cfg.get("augment"),
         "unfreeze_blocks": model_cfg.get("unfreeze_blocks"),
         "weights": Path(weights).name if weights not in ("imagenet", "none") else weights,
-        "epochs_run": training.get("epochs_run"),
-        "seconds_per_epoch": training.get("seconds_per_epoch"),
+        "epochs_run": meta.training.epochs_run,
+        "seconds_per_epoch": meta.training.seconds_per_epoch,
     }
     for split in SPLITS:
         result = _metrics(run, split)

@@ -126,7 +126,8 @@ def _read_json(path: Path) -> dict:
 
 def markdown(summary: dict) -> str:
     lines = [f"# {summary['folds']}-fold patient-grouped cross-validation ({summary['n_images']} images)", "",
-             "Each fold's threshold and temperature were chosen on that fold's own validation split.", "",
+             "Each fold's temperature was fitted on that fold's own validation split, and so was its threshold "
+             "when the rule is fitted (youden, sensitivity:X); a fixed rule such as 0.5 is the same in every fold.", "",
              "| metric | mean ± sd over folds | pooled out-of-fold |", "| --- | --- | --- |"]
     pooled = summary["pooled_out_of_fold"]
     for k in SUMMARY_KEYS:

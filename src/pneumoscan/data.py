@@ -1,4 +1,4 @@
-"""Finding, splitting and decoding chest X-rays.
+"""Finding and splitting chest X-rays: scanning layouts, patients, grouped splits, manifests, datasets.
 
 The Kaggle layout is ``<root>/{train,val,test}/{NORMAL,PNEUMONIA}/*.jpeg``. Its val split has 16
 images, too few to stop early on, and one patient often has several images, so every split made
@@ -10,32 +10,26 @@ from __future__ import annotations
 
 import csv
 import dataclasses
-import io
 import logging
 import os
 import re
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from pneumoscan import CLASS_NAMES
+from pneumoscan import CLASS_NAMES, imaging
 from pneumoscan.errors import UserError
 from pneumoscan.files import write_csv
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".jpeg", ".jpg", ".png", ".dcm")  # files scanned for; decoding sniffs content
 SPLITS = ("train", "val", "test")
 CLASS_WEIGHT_MODES = ("balanced", "none")
 MANIFEST_COLUMNS = ("path", "label", "class_name", "patient", "split")
-
-_MAX_LISTED = 10  # paths named in one log line / error before "..."
 
 
 @dataclass(frozen=True)
@@ -44,25 +38,6 @@ class Sample:
     label: int  # 0 NORMAL, 1 PNEUMONIA
     patient: str
     split: str  # "train" | "val" | "test"
-
-
-class ImageError(UserError):
-    """An image that cannot be used, kept apart from other input errors so a loader can skip it."""
-
-    def __init__(self, path: str, reason: str) -> None:
-        super().__init__(f"{path}: {reason}")
-        self.path = path
-        self.reason = reason
-
-    def __reduce__(self):  # keep it picklable (worker processes) despite the two-argument init
-        return type(self), (self.path, self.reason)
-
-
-def unreadable(path: str, exc: OSError) -> ImageError:
-    """One wording for a file that cannot even be opened, whichever decoder tried."""
-    reason = {FileNotFoundError: "file not found", IsADirectoryError: "is a directory",
-              PermissionError: "permission denied"}.get(type(exc))
-    return ImageError(path, reason or f"cannot read ({exc.strerror or type(exc).__name__})")
 
 
 # ----------------------------------------------------------------------------- patients
@@ -103,14 +78,19 @@ def _subdirs(folder: Path) -> dict[str, Path]:
 
 
 def _class_images(folder: Path, label: int, split: str) -> list[Sample]:
-    samples = []
+    """The images of one class folder; what it passes over (subfolders, other files) is named in
+    one warning, because a forgotten NORMAL/extra/ silently changes the data."""
+    samples, left_out = [], []
     for p in sorted(folder.iterdir()):
-        if p.name.startswith("."):
-            continue  # .DS_Store, ._foo.jpeg (macOS resource forks)
-        if not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
-            log.debug("ignoring %s (not a %s file)", p, "/".join(IMAGE_SUFFIXES))
-            continue
-        samples.append(Sample(str(p), label, patient_id(p.name), split))
+        reason = imaging.leave_out_reason(p)
+        if reason is None:
+            samples.append(Sample(str(p), label, patient_id(p.name), split))
+        elif reason != "hidden":
+            left_out.append(f"{p.name}{'/' if p.is_dir() else ''} ({reason})")
+    if left_out:
+        log.warning("%s: left out %d entr%s that %s not image files (class folders are not searched "
+                    "recursively): %s", folder, len(left_out), "y" if len(left_out) == 1 else "ies",
+                    "is" if len(left_out) == 1 else "are", imaging.truncate(left_out))
     if not samples:
         raise UserError(f"no images in {folder}")
     return samples
@@ -208,7 +188,7 @@ def _check_disjoint(samples: Sequence[Sample]) -> None:
         log.warning(
             "%d patients have images in more than one split (%s); their scores will be optimistic",
             len(shared),
-            _truncate(shared),
+            imaging.truncate(shared),
         )
 
 
@@ -267,118 +247,6 @@ def holdout_split(samples: Sequence[Sample], fraction: float, seed: int, split_n
 # ----------------------------------------------------------------------------- decoding
 
 
-def _to_gray(img: Image.Image) -> Image.Image:
-    """8-bit grayscale without losing the range of 16-bit and float X-rays."""
-    mode = img.mode
-    if mode == "L":
-        return img
-    if mode.startswith("I"):
-        # 16-bit PNGs open as I;16 (or I in older Pillow). convert("L") would clip at 255 and turn
-        # most of the image white, so scale the full 16-bit range linearly instead.
-        a = np.asarray(img).astype(np.float32).clip(0, 65535)
-        return Image.fromarray((a * (255 / 65535) + 0.5).astype(np.uint8))
-    if mode == "F":
-        # No standard range for floats: [0, 1] if it fits there, else taken as 0..255.
-        a = np.nan_to_num(np.asarray(img, dtype=np.float32))
-        if a.size and a.min() >= 0 and a.max() <= 1:
-            a = a * 255
-        return Image.fromarray((a.clip(0, 255) + 0.5).astype(np.uint8))
-    if mode in ("P", "PA"):
-        img = img.convert("RGBA")  # via RGBA: palette transparency converts without warnings
-    return img.convert("L")  # LA/RGBA: alpha dropped; RGB/CMYK/YCbCr: ITU-R 601-2 luma
-
-
-_DICOM_MAGIC_AT = 128  # DICOM Part 10: a 128-byte preamble, then "DICM"
-_SNIFF_BYTES = _DICOM_MAGIC_AT + 4
-UPLOAD_FORMATS = ("PNG", "JPEG")  # what PIL may parse from untrusted bytes; DICOM goes to pydicom
-
-
-def sniff_format(head: bytes) -> str | None:
-    """The format ("dicom", "png", "jpeg", or None) from a file's first bytes: names can lie."""
-    if head[_DICOM_MAGIC_AT:_SNIFF_BYTES] == b"DICM":
-        return "dicom"
-    if head.startswith(b"\x89PNG\r\n\x1a\n"):
-        return "png"
-    if head.startswith(b"\xff\xd8\xff"):
-        return "jpeg"
-    return None
-
-
-def load_image(path: str | os.PathLike, size: int | None) -> np.ndarray:
-    """Decode one image to a uint8 (size, size) grayscale array, or ImageError saying why not.
-
-    Squashed to a square (the dataset's convention: the aspect ratio is not kept). Truncated files
-    raise rather than decode half-grey: a partial X-ray is a wrong input, not a smaller one. DICOM
-    is recognised by content (a renamed or suffix-less file still works), or by a ``.dcm`` suffix
-    for files without the standard preamble.
-    """
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            head = f.read(_SNIFF_BYTES)
-    except OSError as e:
-        raise unreadable(path, e) from None
-    kind = sniff_format(head)
-    if kind is None and path.lower().endswith(".dcm"):
-        kind = "dicom"
-    return _decode(path, path, size, kind, formats=None)
-
-
-def decode_image_bytes(blob: bytes, size: int | None, name: str = "upload") -> np.ndarray:
-    """``load_image`` for bytes (uploads): the format comes from the content only, and only PNG,
-    JPEG and DICOM are parsed, so an upload cannot reach Pillow's rarer, riskier decoders."""
-    kind = sniff_format(bytes(blob[:_SNIFF_BYTES]))
-    if kind is None:
-        raise ImageError(name, "not a PNG, JPEG or DICOM image")
-    return _decode(bytes(blob), name, size, kind, formats=UPLOAD_FORMATS)
-
-
-def _decode(source: str | bytes, name: str, size: int | None, kind: str | None,
-            formats: Sequence[str] | None) -> np.ndarray:
-    """The one pipeline behind load_image and decode_image_bytes: decode, grayscale, resize."""
-    if kind == "dicom":
-        from pneumoscan import dicom  # pydicom is only imported when a DICOM shows up
-
-        img = Image.fromarray(dicom.read_dicom(source, name=name))
-    else:
-        img = _open_pil(io.BytesIO(source) if isinstance(source, bytes) else source, name, size, formats)
-    try:
-        img = _to_gray(img)
-    except ValueError as e:
-        raise ImageError(name, f"unsupported image mode {img.mode} ({e})") from None
-    if size is not None and img.size != (size, size):
-        img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return np.array(img, dtype=np.uint8)
-
-
-def _open_pil(fp, name: str, size: int | None, formats: Sequence[str] | None) -> Image.Image:
-    limit = Image.MAX_IMAGE_PIXELS
-    try:
-        with Image.open(fp, formats=formats) as img:
-            # PIL only warns between 1x and 2x its limit. Checked here rather than by turning the
-            # warning into an error: warnings.catch_warnings is not thread-safe.
-            if limit and img.width * img.height > limit:
-                raise ImageError(name, f"{img.width * img.height} pixels is over the limit of {limit}")
-            if size is not None and img.format == "JPEG":
-                img.draft("L", (size, size))  # let libjpeg downscale while decoding huge JPEGs
-            img.load()  # force the full decode so truncation surfaces now
-            return ImageOps.exif_transpose(img)
-    except ImageError:
-        raise
-    except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
-        raise unreadable(name, e) from None
-    except Image.DecompressionBombError as e:
-        raise ImageError(name, f"pixel count is over the limit ({e})") from None
-    except UnidentifiedImageError:
-        raise ImageError(name, "not an image (unrecognised format)") from None
-    except Exception as e:  # Pillow raises many types (OSError, SyntaxError, struct.error...) for bad data
-        raise ImageError(name, f"corrupt or truncated image ({type(e).__name__}: {e})") from None
-
-
-def _truncate(items: Sequence[str], n: int = _MAX_LISTED) -> str:
-    return ", ".join(items[:n]) + (", ..." if len(items) > n else "")
-
-
 def load_images(
     samples: Sequence[Sample],
     size: int,
@@ -386,51 +254,19 @@ def load_images(
     strict: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[Sample], np.ndarray, list[tuple[str, str]]]:
-    """Decode every image once into one (N, size, size) uint8 array.
+    """Decode every image once into one (N, size, size) uint8 array: (kept samples, images, skipped).
 
-    Unreadable files are skipped and reported (one warning, plus the ``skipped`` list for a CSV)
-    unless ``strict``: one bad JPEG among 5,000 should not cost a run, but it must not go unseen.
-    ``progress(k)`` gets the number of images handled so far, in order, from the calling thread.
+    Unreadable files are skipped and listed (``imaging.decode_many``) unless ``strict``; a class
+    left with no readable image is an error, since nothing could be learned or scored for it.
     """
     samples = list(samples)
-    images = np.empty((len(samples), size, size), dtype=np.uint8)
-
-    def decode(i: int) -> None:
-        images[i] = load_image(samples[i].path, size)  # rows are disjoint: safe across threads
-
-    kept: list[int] = []
-    skipped: list[tuple[str, str]] = []
-    # Two threads: PIL releases the GIL while decoding, and the machines have few cores.
-    with ThreadPoolExecutor(max_workers=2) as pool:
-        futures = [pool.submit(decode, i) for i in range(len(samples))]
-        try:
-            for i, fut in enumerate(futures):
-                try:
-                    fut.result()
-                    kept.append(i)
-                except ImageError as e:
-                    if strict:
-                        raise
-                    skipped.append((e.path, e.reason))
-                if progress is not None:
-                    progress(i + 1)
-        except BaseException:
-            pool.shutdown(wait=True, cancel_futures=True)
-            raise
-
-    if skipped:
-        log.warning("skipped %d unreadable files: %s", len(skipped), _truncate([p for p, _ in skipped]))
-        for j, i in enumerate(kept):  # compact in place rather than copying ~260 MB
-            if i != j:
-                images[j] = images[i]
-        images = images[: len(kept)]
-    kept_samples = [samples[i] for i in kept]
-
+    decoded = imaging.decode_many([s.path for s in samples], size, strict=strict, progress=progress)
+    kept_samples = [samples[i] for i in decoded.kept]
     have = Counter(s.label for s in kept_samples)
     for label in sorted({s.label for s in samples}):
         if have[label] == 0:
             raise UserError(f"no readable {CLASS_NAMES[label]} images: all of them were skipped as unreadable")
-    return kept_samples, images, skipped
+    return kept_samples, decoded.images, decoded.skipped
 
 
 class ImageDataset(torch.utils.data.Dataset):

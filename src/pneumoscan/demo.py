@@ -65,8 +65,8 @@ def main(argv: list[str] | None = None) -> int:
         if artifact.BUNDLED_MODEL.is_file():
             rows, _ = predict.predict_files(None, [Path(args.data) / "test"])
             rows.sort(key=lambda r: -r.probability)
-            worklist = files.write_csv(out / "worklist.csv", ["path", "probability", "prediction", "label_name"],
-                                       [(r.path, f"{r.probability:.4f}", r.prediction, r.label_name) for r in rows])
+            worklist = files.write_csv(out / "worklist.csv", ["path", "probability", "prediction", "label"],
+                                       [(r.path, f"{r.probability:.4f}", r.prediction, r.label) for r in rows])
     except UserError as exc:
         print(f"pneumoscan: error: {exc}", file=sys.stderr)
         return 2
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if worklist:
         print(f"3. bundled model's worklist, most suspicious first: {worklist}")
         for r in rows[:5]:
-            print(f"   {r.probability:.3f}  {r.label_name:9s}  {Path(r.path).name}")
+            print(f"   {r.probability:.3f}  {r.label:9s}  {Path(r.path).name}")
         print("   (these sample images were part of the bundled model's training data: this shows the output, "
               "not its accuracy; see README 'Results')")
     else:

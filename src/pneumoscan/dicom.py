@@ -6,7 +6,7 @@ MONOCHROME1 inversion (bright = low value). Applying those in that order is what
 like the JPEGs the model was trained on; a plain min-max of the stored values would not.
 
 Only files that can be a single chest radiograph are accepted (one grayscale frame, modality CR,
-DX or DR — a missing Modality is accepted); anything else is rejected with ``data.ImageError``
+DX or DR — a missing Modality is accepted); anything else is rejected with ``errors.ImageError``
 rather than scored, because a CT slice or a colour secondary capture would still get a confident
 probability.
 
@@ -32,7 +32,7 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
-from pneumoscan.data import ImageError, unreadable
+from pneumoscan.errors import ImageError, unreadable
 
 log = logging.getLogger(__name__)
 

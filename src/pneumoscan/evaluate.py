@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
-import torch
 from scipy.stats import binomtest
 
-from pneumoscan import CLASS_NAMES, artifact, data, metrics, plots
-from pneumoscan.files import write_csv, write_json
+from pneumoscan import CLASS_NAMES, artifact, data, explain, metrics, plots
+from pneumoscan.artifact import ModelMeta
 from pneumoscan.errors import UserError
+from pneumoscan.files import write_csv, write_json
+from pneumoscan.inference.loading import load_engine
 
 log = logging.getLogger(__name__)
 
@@ -26,26 +27,6 @@ ECE_BINS = 15
 ERROR_KINDS = ("false_positive", "false_negative")
 SUBTYPES = ("bacteria", "virus")
 _SUBTYPE = re.compile(r"(?:^|[_\-.\s])(" + "|".join(SUBTYPES) + r")(?=[_\-.\s]|$)", re.IGNORECASE)
-
-
-def as_batch(images: np.ndarray) -> torch.Tensor:
-    """uint8 (N, H, W) -> float (N, 1, H, W) in [0, 1], the input every Classifier expects."""
-    return torch.from_numpy(np.ascontiguousarray(images)).unsqueeze(1).float().div_(255)
-
-
-def predict_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64,
-                   device: str | torch.device = "cpu") -> np.ndarray:
-    """fp32 logits; channels-last is ~2x faster on CPU convolutions and changes no numbers that matter.
-    The model goes back to the CPU afterwards."""
-    model.eval()
-    model.to(device, memory_format=torch.channels_last)  # outside inference mode: parameters stay ordinary
-    try:
-        with torch.inference_mode():
-            out = [model(as_batch(images[i:i + batch_size]).to(device).contiguous(memory_format=torch.channels_last))
-                   .float().cpu() for i in range(0, len(images), batch_size)]
-    finally:
-        model.to("cpu", memory_format=torch.contiguous_format)
-    return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
 def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float, out_dir: str | Path,
@@ -119,19 +100,25 @@ def select_errors(y_true, prob, threshold: float, k: int = 16) -> dict[str, np.n
             "false_negative": fn[np.argsort(p[fn], kind="stable")][:k]}
 
 
-def write_errors(model: torch.nn.Module, meta: dict, images: np.ndarray, y_true, prob, threshold: float,
+def write_errors(model, meta: ModelMeta, images: np.ndarray, y_true, prob, threshold: float,
                  paths: Sequence[str], out_dir: str | Path, *, k: int = 16, method: str = "gradcam") -> dict:
-    """``errors.csv`` (path, label, probability, kind, rank) and the Grad-CAM galleries in ``errors/``."""
-    from pneumoscan import explain  # grad-cam and OpenCV load only when explanations are asked for
-
+    """``errors.csv`` (path, label, probability, kind, rank) and, when ``model`` (the PyTorch
+    Classifier) is given, the Grad-CAM galleries in ``errors/``."""
     out = Path(out_dir)
     chosen = select_errors(y_true, prob, threshold, k)
     rows = [(paths[i], int(y_true[i]), f"{prob[i]:.6f}", kind, rank)
             for kind in ERROR_KINDS for rank, i in enumerate(chosen[kind], start=1)]
     write_csv(out / "errors.csv", ["path", "label", "probability", "kind", "rank"], rows)
+    n_fp, n_fn = len(chosen["false_positive"]), len(chosen["false_negative"])
+    if model is None:
+        log.info("errors: %d false positives, %d false negatives listed in %s", n_fp, n_fn, out / "errors.csv")
+        return {}
+    # called without errors too: it clears the galleries of an earlier evaluation
     galleries = explain.error_galleries(model, meta, images, np.asarray(prob), paths, chosen, out / "errors", method)
-    log.info("errors: %d false positives, %d false negatives explained in %s",
-             len(chosen["false_positive"]), len(chosen["false_negative"]), out / "errors")
+    if n_fp + n_fn:
+        log.info("errors: %d false positives, %d false negatives explained in %s", n_fp, n_fn, out / "errors")
+    else:
+        log.info("errors: none at threshold %.3f, nothing to explain", threshold)
     return galleries
 
 
@@ -149,45 +136,60 @@ def select_split(samples: list[data.Sample], split: str | None) -> list[data.Sam
     return chosen
 
 
-def run(model_path: str | Path, data_root: str | Path, out_dir: str | Path, *, threshold: float | None = None,
-        split: str | None = None, strict: bool = False, n_bootstrap: int = 2000,
+def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Path, *, threshold: float | None = None,
+        split: str | None = None, strict: bool = False, n_bootstrap: int = 2000, engine: str = "auto",
         decode_progress: Callable[[int], None] | None = None, errors: int = 16, method: str = "gradcam",
         report: bool = False) -> dict:
-    """Evaluate a model file on labelled images; ``errors`` most confident mistakes of each kind
-    are explained with ``method`` (0 = none), and ``report`` adds OUT/report.html."""
+    """Evaluate a model file (``None``: the bundled model) on labelled images, scored by the same
+    ``engine`` that ``predict`` and ``serve`` use; the ``errors`` most confident mistakes of each
+    kind are explained with ``method`` (0 = none), and ``report`` adds OUT/report.html."""
     if errors > 0:
-        from pneumoscan import explain
-
         explain.check_method(method)  # before minutes of decoding, not after
-    model, meta = artifact.load(model_path)
+    model_path = artifact.resolve(model_path)
+    scorer = load_engine(model_path, engine)
+    meta = scorer.meta
     samples = select_split(data.scan(data_root, default_split="test"), split)
-    kept, images, skipped = data.load_images(samples, meta["image_size"], strict=strict, progress=decode_progress)
+    kept, images, skipped = data.load_images(samples, meta.image_size, strict=strict, progress=decode_progress)
     out = Path(out_dir)
     if skipped:
         data.write_skipped(skipped, out / "skipped.csv")
-    prob = metrics.sigmoid(predict_logits(model, images))
+    prob = scorer.predict_proba(images)
     y = np.array([s.label for s in kept])
-    thr = meta["threshold"] if threshold is None else float(threshold)
+    thr = meta.threshold if threshold is None else float(threshold)
     result = evaluate_predictions(y, prob, thr, out, [s.path for s in kept], n_bootstrap=n_bootstrap)
     if errors > 0:
-        write_errors(model, meta, images, y, prob, thr, [s.path for s in kept], out, k=errors, method=method)
+        write_errors(_cam_model(scorer), meta, images, y, prob, thr, [s.path for s in kept], out, k=errors,
+                     method=method)
     evaluation = {
         "model": str(model_path),
+        "model_sha256": scorer.sha256,
+        "runtime": scorer.name,
         "data": str(data_root),
         "split": split or sorted({s.split for s in kept}),
         "n_images": len(kept),
         "n_skipped": len(skipped),
         "threshold": thr,
-        "threshold_source": "--threshold" if threshold is not None else f"model ({metrics.describe_rule(meta['threshold_rule'])})",
+        "threshold_source": "--threshold" if threshold is not None else f"model ({metrics.describe_rule(meta.threshold_rule)})",
         "class_names": list(CLASS_NAMES),
     }
     write_json(out / "evaluation.json", evaluation)
-    log.info("evaluated %d images from %s: %s", len(kept), data_root, summary_line(result))
+    log.info("evaluated %d images from %s with %s: %s", len(kept), data_root, scorer.name, summary_line(result))
     if report:
         from pneumoscan import report as html_report
 
-        html_report.write_report(out, meta, evaluation, run_dir=Path(model_path).parent)
+        html_report.write_report(out, meta, evaluation, run_dir=model_path.parent)
     return result
+
+
+def _cam_model(scorer):
+    """The PyTorch model behind an engine, for Grad-CAM; None for a bare ONNX file."""
+    if getattr(scorer, "model", None) is not None:
+        return scorer.model
+    if scorer.path.suffix.lower() == ".pt":
+        return artifact.load(scorer.path)[0]
+    log.warning("%s is an ONNX file: the errors are listed in errors.csv but not explained (Grad-CAM needs "
+                "the model.pt)", scorer.path.name)
+    return None
 
 
 def summary_line(result: dict) -> str:

@@ -220,7 +220,7 @@ def run_grid(grid_path: str | Path, *, seeds: int | None = None, tracking_uri: s
             client.set_terminated(logger.run_id, "FAILED")
             raise
         row = compare.run_row(run_dir)
-        row["feature_seconds"] = (artifact.read(run_dir / "model.pt")["meta"].get("training") or {}).get("feature_seconds")
+        row["feature_seconds"] = artifact.read_meta(run_dir / "model.pt").training.feature_seconds
         row |= {"variant": run.variant, "seed": run.seed, "mlflow_run_id": logger.run_id}
         _log_results(client, logger.run_id, run_dir, row)
         rows.append(row)

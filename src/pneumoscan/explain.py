@@ -30,7 +30,9 @@ from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
-from pneumoscan import CLASS_NAMES, artifact, data, evaluate, metrics, models, plots, predict
+from pneumoscan import CLASS_NAMES, artifact, data, imaging, metrics, models, plots
+from pneumoscan.artifact import ModelMeta
+from pneumoscan.inference.torch_model import as_batch, predict_logits
 from pneumoscan.errors import UserError
 
 log = logging.getLogger(__name__)
@@ -51,9 +53,9 @@ class _WithClassAxis(nn.Module):
         return self.model(x).unsqueeze(1)
 
 
-def cam_layer(model: nn.Module, meta: Mapping) -> nn.Module:
+def cam_layer(model: nn.Module, architecture: str) -> nn.Module:
     """The module whose activations are explained, as the backbone registry declares it."""
-    return model.get_submodule(models.backbone(meta["architecture"]).cam_layer)
+    return model.get_submodule(models.backbone(architecture).cam_layer)
 
 
 def check_method(method: str) -> str:
@@ -62,7 +64,7 @@ def check_method(method: str) -> str:
     return method
 
 
-def compute_cams(model: nn.Module, meta: Mapping, images: np.ndarray, method: str = "gradcam",
+def compute_cams(model: nn.Module, architecture: str, images: np.ndarray, method: str = "gradcam",
                  batch_size: int = 16) -> np.ndarray:
     """Heat maps for uint8 images (N, H, W): float32 (N, H, W) in [0, 1], one per image.
 
@@ -84,9 +86,9 @@ def compute_cams(model: nn.Module, meta: Mapping, images: np.ndarray, method: st
     # inference_mode(False): a caller inside inference_mode would otherwise get tensors autograd refuses
     with torch.inference_mode(False), torch.enable_grad():
         net = copy.deepcopy(model).float().eval().requires_grad_(True)
-        with METHODS[method](model=_WithClassAxis(net), target_layers=[cam_layer(net, meta)]) as cam:
+        with METHODS[method](model=_WithClassAxis(net), target_layers=[cam_layer(net, architecture)]) as cam:
             for start in range(0, len(images), batch_size):
-                batch = evaluate.as_batch(images[start:start + batch_size])
+                batch = as_batch(images[start:start + batch_size])
                 cams[start:start + len(batch)] = cam(input_tensor=batch,
                                                      targets=[ClassifierOutputTarget(0)] * len(batch))
                 done += len(batch)
@@ -186,37 +188,30 @@ def explain_files(model_path: str | Path, paths: Iterable[str | Path], out_dir: 
     """
     check_method(method)
     model, meta = artifact.load(model_path)
-    files = predict.collect_files(paths)
-    thr = meta["threshold"] if threshold is None else float(threshold)
-    names = meta["class_names"]
+    files = imaging.collect_files(paths)
     out = Path(out_dir)
     written: list[Path] = []
     skipped: list[tuple[str, str]] = []
     taken: set[str] = set()
     for start in range(0, len(files), batch_size):
-        kept, images = [], []
-        for f in files[start:start + batch_size]:
-            try:
-                images.append(data.load_image(f, meta["image_size"]))
-                kept.append(f)
-            except data.ImageError as exc:
-                skipped.append((str(f), exc.reason))
-        if not kept:
+        chunk = files[start:start + batch_size]
+        decoded = imaging.decode_many(chunk, meta.image_size)
+        skipped += decoded.skipped
+        if not decoded.kept:
             continue
-        batch = np.stack(images)
-        prob = metrics.sigmoid(evaluate.predict_logits(model, batch))
-        cams = compute_cams(model, meta, batch, method)
-        for f, image, cam, p in zip(kept, batch, cams, prob):
-            written.append(save_explanation(image, cam, float(p), names[int(p >= thr)],
+        kept = [chunk[i] for i in decoded.kept]
+        prob = metrics.sigmoid(predict_logits(model, decoded.images))
+        cams = compute_cams(model, meta.architecture, decoded.images, method)
+        for f, image, cam, p in zip(kept, decoded.images, cams, prob):
+            written.append(save_explanation(image, cam, float(p), meta.label(float(p), threshold),
                                             out / _png_name(f, method, taken), title=Path(f).name, method=method))
     if skipped:
-        log.warning("skipped %d unreadable files: %s", len(skipped), ", ".join(p for p, _ in skipped[:10]))
         data.write_skipped(skipped, out / "skipped.csv")
     log.debug("wrote %d %s explanations to %s", len(written), method, out)
     return written, skipped
 
 
-def error_galleries(model: nn.Module, meta: Mapping, images: np.ndarray, prob: np.ndarray,
+def error_galleries(model: nn.Module, meta: ModelMeta, images: np.ndarray, prob: np.ndarray,
                     paths: Sequence[str], selection: Mapping[str, np.ndarray], out_dir: str | Path,
                     method: str = "gradcam") -> dict[str, Path]:
     """For each kind of error: ``<kind>.png`` (a grid, most confident first) and ``<kind>/NN_<file>.png``.
@@ -227,7 +222,7 @@ def error_galleries(model: nn.Module, meta: Mapping, images: np.ndarray, prob: n
     """
     check_method(method)
     out = Path(out_dir)
-    names = meta["class_names"]
+    names = meta.class_names
     galleries: dict[str, Path] = {}
     for kind, idx in selection.items():
         folder = out / kind
@@ -238,7 +233,7 @@ def error_galleries(model: nn.Module, meta: Mapping, images: np.ndarray, prob: n
         if not idx.size:
             (out / f"{kind}.png").unlink(missing_ok=True)
             continue
-        cams = compute_cams(model, meta, images[idx], method)
+        cams = compute_cams(model, meta.architecture, images[idx], method)
         captions = []
         for rank, (i, cam) in enumerate(zip(idx, cams), start=1):
             name = Path(paths[i]).name

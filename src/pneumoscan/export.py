@@ -1,136 +1,35 @@
-"""model.pt -> ONNX (checked against PyTorch), and optional INT8 quantisation checked on ROC-AUC.
+"""``pneumoscan export``: the checked ONNX export, and static INT8 quantisation checked on ROC-AUC.
 
-The ONNX file is self-describing: its ``metadata_props["pneumoscan"]`` holds the artifact's meta
-(image size, normalisation, threshold, temperature, class names, ...) and the source model's
-sha256, so ONNX Runtime users need nothing else. Input ``image`` is float32 (N, 1, H, W) in [0, 1];
-output ``logit`` is the calibrated logit (N,); the batch axis is dynamic.
-
-The exporter is TorchScript's (``dynamo=False``): in this torch it exports MobileNetV2 in about a
-second at opset 17, while the dynamo exporter takes several times longer and cannot lower the
-TF-'SAME' padding to opset 17. Tracing runs forward pre-hooks, so the padding hooks of
-``models.use_tf_same_padding`` become ``Pad`` nodes; with a fixed image size their pads are
-constants, which is exact. Every export is compared with PyTorch before it is kept.
+The fp32 export itself is ``inference.onnx_export.export_onnx`` (the engines export a
+``model.pt`` on first use through it too); this module adds what only the export command does.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import io
-import json
 import logging
 import os
 import tempfile
-import warnings
 from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import onnx
-import torch
 
-from pneumoscan import __version__, artifact, data
-from pneumoscan.engine import INPUT_NAME, METADATA_KEY, ONNX_FORMAT, OUTPUT_NAME, OnnxEngine
+from pneumoscan import data
 from pneumoscan.errors import UserError
-from pneumoscan.evaluate import predict_logits
 from pneumoscan.files import atomic_path
-from pneumoscan.metrics import sigmoid
-from pneumoscan.models import file_sha256
+from pneumoscan.inference.batching import spans, unit_interval
+from pneumoscan.inference.engines import OnnxEngine
+from pneumoscan.inference.onnx_export import export_onnx
+from pneumoscan.inference.onnx_format import INPUT_NAME, get_document, set_document
+
+__all__ = ["export_onnx", "quantize_onnx", "quantize_checked", "compare_auc"]
 
 log = logging.getLogger(__name__)
 
-PARITY_TOLERANCE = 1e-4  # max |prob_onnx - prob_torch| accepted for an fp32 export
 INT8_AUC_TOLERANCE = 0.005  # max |ROC-AUC int8 - ROC-AUC fp32| for an INT8 model to be kept
-
-
-class ExportError(UserError):
-    """The exported model does not behave like the PyTorch one; nothing was written."""
-
-
-def export_onnx(model_path: str | Path, out_path: str | Path, *, opset: int = 17,
-                check_images: np.ndarray | None = None) -> Path:
-    """Export ``model_path`` to ONNX at ``out_path`` (atomically), or raise ExportError.
-
-    ``check_images`` (uint8 (N, H, W) at the model's size) are what the ONNX and PyTorch
-    probabilities are compared on; by default a fixed set of synthetic images (noise, gradients,
-    black and white), which exercises every layer without needing data.
-    """
-    model, meta = artifact.load(model_path)
-    size = meta["image_size"]
-    try:
-        proto = _trace(model, size, opset)
-    except Exception as exc:  # an operator or construct the exporter cannot handle
-        raise ExportError(f"cannot export {model_path} to ONNX ({type(exc).__name__}: {exc})") from exc
-    proto.producer_name, proto.producer_version = "pneumoscan", __version__
-    proto.doc_string = ("P(PNEUMONIA) = sigmoid(logit). Input 'image': grayscale float32 (N, 1, "
-                        f"{size}, {size}) in [0, 1]. Meta: metadata_props['{METADATA_KEY}'].")
-    set_document(proto, {
-        "format": ONNX_FORMAT,
-        "meta": meta,
-        "source_sha256": file_sha256(model_path),
-        "precision": "fp32",
-        "opset": opset,
-        "exported_by": f"pneumoscan {__version__}, torch {torch.__version__}",
-    })
-    try:
-        onnx.checker.check_model(proto, full_check=True)
-    except onnx.checker.ValidationError as exc:
-        raise ExportError(f"ONNX export of {model_path} is not a valid model: {exc}") from exc
-
-    images = synthetic_check_images(size) if check_images is None else check_images
-    expected = sigmoid(predict_logits(model, images))
-    with atomic_path(out_path) as tmp:
-        onnx.save(proto, tmp)
-        try:
-            got = OnnxEngine(tmp, source=model_path).predict_proba(images)
-        except UserError as exc:  # ONNX Runtime cannot load or run what was exported
-            raise ExportError(f"ONNX export of {model_path} does not run in ONNX Runtime: {exc}") from exc
-        delta = float(np.abs(got - expected).max())
-        if not delta < PARITY_TOLERANCE:
-            raise ExportError(f"ONNX export of {model_path} differs from PyTorch by {delta:.2e} in probability "
-                              f"(tolerance {PARITY_TOLERANCE:.0e}); not written")
-    log.info("exported %s to %s (opset %d, max |Δprob| vs PyTorch %.1e)", model_path, out_path, opset, delta)
-    return Path(out_path)
-
-
-def _trace(model: torch.nn.Module, size: int, opset: int) -> onnx.ModelProto:
-    buf = io.BytesIO()
-    with warnings.catch_warnings():
-        # TracerWarnings from the padding hooks' shape arithmetic (constant at a fixed image size)
-        # and the TorchScript exporter's deprecation notice: neither is actionable for a user.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (torch.zeros(2, 1, size, size),), buf, dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, do_constant_folding=True,
-        )
-    return onnx.load_from_string(buf.getvalue())
-
-
-def set_document(proto: onnx.ModelProto, document: dict) -> None:
-    """Store pneumoscan's JSON document in ``metadata_props`` (replacing an older one)."""
-    kept = [p for p in proto.metadata_props if p.key != METADATA_KEY]
-    del proto.metadata_props[:]
-    proto.metadata_props.extend(kept)
-    proto.metadata_props.add(key=METADATA_KEY, value=json.dumps(document))
-
-
-def get_document(proto: onnx.ModelProto) -> dict:
-    for p in proto.metadata_props:
-        if p.key == METADATA_KEY:
-            return json.loads(p.value)
-    raise UserError(f"not a pneumoscan ONNX model (no {METADATA_KEY!r} metadata)")
-
-
-def synthetic_check_images(size: int, n: int = 6, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    ramp = np.linspace(0, 255, size, dtype=np.float32)
-    images = [
-        np.zeros((size, size)), np.full((size, size), 255.0),
-        np.broadcast_to(ramp, (size, size)), np.broadcast_to(ramp[:, None], (size, size)),
-    ]
-    images += [rng.integers(0, 256, (size, size)) for _ in range(max(0, n - len(images)))]
-    return np.stack(images).astype(np.uint8)
 
 
 # ----------------------------------------------------------------------------- INT8
@@ -148,8 +47,7 @@ class _CalibrationReader:
         return next(self._batches, None)
 
     def rewind(self) -> None:
-        self._batches = ({INPUT_NAME: self.images[i:i + self.batch_size, None].astype(np.float32) / 255}
-                         for i in range(0, len(self.images), self.batch_size))
+        self._batches = ({INPUT_NAME: unit_interval(self.images[s])} for s in spans(len(self.images), self.batch_size))
 
     def __iter__(self):
         return self
@@ -178,7 +76,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration_image
     if calibration_images.ndim != 3 or calibration_images.dtype != np.uint8 or not len(calibration_images):
         raise UserError(f"calibration images must be a non-empty uint8 (N, H, W) array, "
                         f"got {calibration_images.dtype} {calibration_images.shape}")
-    document = get_document(onnx.load(fp32_path, load_external_data=False))
+    document = get_document(onnx.load(fp32_path, load_external_data=False), fp32_path)
     with tempfile.TemporaryDirectory(prefix="pneumoscan-quant-") as work:
         prepared = Path(work) / "prepared.onnx"
         # shape inference + graph optimisation first, as ORT recommends: the ranges then belong to
@@ -252,7 +150,7 @@ def quantize_checked(fp32_path: str | Path, out_path: str | Path, calibration_di
     """
     tolerance = INT8_AUC_TOLERANCE if tolerance is None else tolerance
     fp32_path, out_path = Path(fp32_path), Path(out_path)
-    size = get_document(onnx.load(fp32_path, load_external_data=False))["meta"]["image_size"]
+    size = get_document(onnx.load(fp32_path, load_external_data=False), fp32_path)["meta"]["image_size"]
     pool = [dataclasses.replace(s, split="train") for s in data.scan(calibration_dir)]
     split = data.holdout_split(pool, 0.5, seed, split_name="test")
     rng = np.random.default_rng(seed)

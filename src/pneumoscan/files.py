@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -53,3 +54,9 @@ def write_csv(path: str | Path, header: Sequence[str], rows) -> Path:
     writer.writerow(header)
     writer.writerows(rows)
     return write_text(path, buf.getvalue())
+
+
+def file_sha256(path: str | Path) -> str:
+    """Content hash that names a model or weights file wherever it is copied."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()

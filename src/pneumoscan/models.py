@@ -9,7 +9,6 @@ never re-declares preprocessing.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from torch import nn
 from torchvision import models as tvm
 
 from pneumoscan.errors import UserError
+from pneumoscan.files import file_sha256
 
 log = logging.getLogger(__name__)
 
@@ -183,11 +183,6 @@ def use_tf_same_padding(features: nn.Module) -> None:
         if isinstance(m, nn.Conv2d) and m.stride[0] == 2 and m.kernel_size[0] > 1:
             m.padding = (0, 0)
             m.register_forward_pre_hook(_tf_same_pad_hook)
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def resolve_weights(name: str, weights: str, normalization: str = "auto") -> dict:

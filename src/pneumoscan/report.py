@@ -19,7 +19,8 @@ from typing import Any, Mapping
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
-from pneumoscan import CLASS_NAMES, __version__, metrics
+from pneumoscan import __version__, metrics
+from pneumoscan.artifact import ModelMeta
 from pneumoscan.files import write_text
 
 log = logging.getLogger(__name__)
@@ -86,17 +87,16 @@ def _errors(eval_dir: Path, confusion: list[list[int]]) -> list[dict]:
             for kind, rows in by_kind.items()]
 
 
-def _threshold_source(source: Mapping, meta: Mapping) -> str:
+def _threshold_source(source: Mapping, meta: ModelMeta) -> str:
     """Where the cut-off came from, naming the model's own when a command-line value replaced it."""
-    rule = meta.get("threshold_rule")
-    text = source.get("threshold_source") or f"model ({metrics.describe_rule(rule) if rule else '?'})"
-    if text == "--threshold" and "threshold" in meta:
-        return (f"--threshold on the command line (the model's own is {meta['threshold']:.4f}, "
-                f"{meta.get('threshold_rule', '?')} on validation)")
+    text = source.get("threshold_source") or f"model ({metrics.describe_rule(meta.threshold_rule)})"
+    if text == "--threshold":
+        return (f"--threshold on the command line (the model's own is {meta.threshold:.4f}, "
+                f"{metrics.describe_rule(meta.threshold_rule)})")
     return text
 
 
-def context(eval_dir: str | Path, meta: Mapping, source: Mapping, run_dir: str | Path | None = None) -> dict:
+def context(eval_dir: str | Path, meta: ModelMeta, source: Mapping, run_dir: str | Path | None = None) -> dict:
     """Everything the template shows, gathered from the evaluation folder, the meta and the run folder."""
     eval_dir = Path(eval_dir)
     result = json.loads((eval_dir / "metrics.json").read_text())
@@ -109,10 +109,10 @@ def context(eval_dir: str | Path, meta: Mapping, source: Mapping, run_dir: str |
                      "ci": ci.get(key)} for key, name, help_ in METRIC_ROWS if key in result]
     split = source.get("split")
     return {
-        "title": f"pneumoscan evaluation: {meta.get('architecture', 'model')}",
+        "title": f"pneumoscan evaluation: {meta.architecture}",
         "generated": datetime.now().strftime("%Y-%m-%d %H:%M"),
         "version": __version__,
-        "class_names": list(meta.get("class_names", CLASS_NAMES)),
+        "class_names": list(meta.class_names),
         "source": {
             "model": source.get("model", ""),
             "data": source.get("data", ""),
@@ -124,24 +124,24 @@ def context(eval_dir: str | Path, meta: Mapping, source: Mapping, run_dir: str |
             "prevalence": n_pneumonia / result["n"] if result["n"] else math.nan,
             "threshold": result["threshold"],
             "threshold_source": _threshold_source(source, meta),
-            "temperature": meta.get("temperature"),
+            "temperature": meta.temperature,
         },
         "headline": [{"name": name, "value": result.get(key), "ci": ci.get(key)}
                      for key, name in (("roc_auc", "ROC-AUC"), ("recall", "Sensitivity"),
                                        ("specificity", "Specificity"))],
         "model": [
-            ("architecture", meta.get("architecture")), ("head", meta.get("head")),
-            ("image size", meta.get("image_size")),
-            ("input normalisation", (meta.get("normalization") or {}).get("name")),
-            ("backbone weights", (meta.get("backbone_weights") or {}).get("source")),
-            ("decision threshold", _number(meta.get("threshold"), 4)),
-            ("threshold rule", meta.get("threshold_rule")),
-            ("temperature", _number(meta.get("temperature"))),
-            ("pneumoscan / torch", f"{meta.get('pneumoscan_version', '?')} / {meta.get('torch_version', '?')}"),
+            ("architecture", meta.architecture), ("head", meta.head),
+            ("image size", meta.image_size),
+            ("input normalisation", meta.normalization.name),
+            ("backbone weights", meta.backbone_weights.get("source")),
+            ("decision threshold", _number(meta.threshold, 4)),
+            ("threshold rule", meta.threshold_rule),
+            ("temperature", _number(meta.temperature)),
+            ("pneumoscan / torch", f"{meta.pneumoscan_version} / {meta.torch_version or '?'}"),
         ],
-        "config": _flatten(meta.get("config") or {}),
+        "config": _flatten(meta.config),
         "training": {
-            "stats": [(k.replace("_", " "), v) for k, v in (meta.get("training") or {}).items()],
+            "stats": [(k.replace("_", " "), v) for k, v in meta.to_dict()["training"].items()],
             "run_dir": str(run) if in_run else None,
             "curves": data_uri(run / "curves.png") if in_run else None,
         },
@@ -163,7 +163,7 @@ def render(ctx: Mapping) -> str:
     return env.get_template(TEMPLATE).render(**ctx)
 
 
-def write_report(eval_dir: str | Path, meta: Mapping, source: Mapping, *, run_dir: str | Path | None = None,
+def write_report(eval_dir: str | Path, meta: ModelMeta, source: Mapping, *, run_dir: str | Path | None = None,
                  path: str | Path | None = None) -> Path:
     """Render ``report.html`` (default: inside ``eval_dir``) from one evaluation folder.
 

@@ -14,6 +14,7 @@ import csv
 import logging
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Callable
@@ -33,6 +34,7 @@ from pneumoscan import artifact, data, evaluate, features, metrics, models, plot
 from pneumoscan.config import RunConfig
 from pneumoscan.errors import UserError
 from pneumoscan.files import write_csv, write_json, write_text
+from pneumoscan.inference.torch_model import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -239,8 +241,53 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
     ``images`` are those samples already decoded (cross-validation decodes once for all folds);
     ``report=False`` skips the HTML report and its Grad-CAM galleries (cross-validation folds).
     """
-    resuming = resume_dir is not None
-    if resuming:
+    prepared = prepare(config, resume_dir=resume_dir, samples=samples, images=images, progress=progress)
+    trained = train_model(prepared, callbacks=callbacks, loggers=loggers, progress=progress)
+    if not trained.is_global_zero:
+        return trained.run_dir  # under DDP, rank 0 calibrates, saves and evaluates
+    return finalize(prepared, trained, report=report)
+
+
+@dataclass
+class Prepared:
+    """A run whose input is known good: everything that can fail on user input has been checked,
+    and nothing is written yet."""
+
+    config: RunConfig
+    run_dir: Path
+    last_checkpoint: Path | None  # set when resuming
+    model: models.Classifier
+    weights_info: dict
+    augment: torch.nn.Module | None
+    unfreeze_schedule: dict[int, int]
+    samples: list[data.Sample]  # decoded ones, with their splits
+    skipped: list[tuple[str, str]]
+    split_data: dict[str, tuple[list[data.Sample], np.ndarray]]
+
+    @property
+    def fast(self) -> bool:
+        """Frozen backbone: train the head on cached features."""
+        tc = self.config.train
+        return self.config.model.unfreeze_blocks == 0 and tc.feature_cache and not self.unfreeze_schedule
+
+
+@dataclass
+class Trained:
+    model: models.Classifier  # best weights (early stopping's "restore best"), on the CPU, eval mode
+    device: torch.device  # where it trained; it also scores validation and test there
+    history: Path
+    epochs_run: int
+    train_seconds: float
+    feature_seconds: float
+    is_global_zero: bool
+    run_dir: Path  # rank 0's folder, which ModelCheckpoint broadcast to every rank
+
+
+def prepare(config: RunConfig, *, resume_dir: str | Path | None = None, samples: list[data.Sample] | None = None,
+            images: np.ndarray | None = None, progress: Progress | None = None) -> Prepared:
+    """Resolve the config (a resumed run's own), build the model, scan, split and decode."""
+    last = None
+    if resume_dir is not None:
         run_dir = Path(resume_dir)
         cfg_file = run_dir / "config.yaml"
         if not cfg_file.is_file():
@@ -251,8 +298,6 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
             raise UserError(f"cannot resume: no checkpoint at {last}")
     tc, dc, mc = config.train, config.data, config.model
     L.seed_everything(tc.seed, workers=True, verbose=False)
-
-    # Everything that can fail on user input happens before the run folder exists.
     model, weights_info = models.build(mc.backbone, weights=mc.backbone_weights, head=mc.head,
                                        unfreeze_blocks=mc.unfreeze_blocks, normalization=mc.weights_normalization,
                                        batchnorm=mc.batchnorm)
@@ -260,126 +305,141 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
     unfreeze_schedule = models.stages_to_unfreeze(tc.unfreeze_at, weights_info["n_stages"])
     augment = transforms.train_transform(dc.augment, dc.image_size)
     if samples is None:
-        samples = split_samples(config, run_dir / "manifest.csv" if resuming else None)
+        samples = split_samples(config, run_dir / "manifest.csv" if last else None)
     if images is None:
-        kept, images, skipped = data.load_images(
+        samples, images, skipped = data.load_images(
             samples, dc.image_size, strict=dc.strict,
             progress=(lambda k: progress("decoding images", k, len(samples))) if progress else None)
     else:
-        kept, skipped = list(samples), []
-    if not resuming:
-        run_dir, last = new_run_dir(config), None
-    fast = mc.unfreeze_blocks == 0 and tc.feature_cache and not unfreeze_schedule
-    checkpoint = ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="best", monitor="val_loss",
+        skipped = []
+    split_data = by_split(samples, images)
+    data.class_weights([s.label for s in split_data["train"][0]], dc.class_weights)  # both classes present
+    return Prepared(config=config, run_dir=run_dir if last else new_run_dir(config), last_checkpoint=last,
+                    model=model, weights_info=weights_info, augment=augment, unfreeze_schedule=unfreeze_schedule,
+                    samples=list(samples), skipped=skipped, split_data=split_data)
+
+
+def train_model(p: Prepared, *, callbacks: list | None = None, loggers: list | None = None,
+                progress: Progress | None = None) -> Trained:
+    """The Lightning loop with early stopping; writes the run folder's config, manifest and logs."""
+    tc, dc = p.config.train, p.config.data
+    checkpoint = ModelCheckpoint(dirpath=p.run_dir / "checkpoints", filename="best", monitor="val_loss",
                                  mode="min", save_top_k=1, save_last=True)
-    callbacks = list(callbacks or [])
-    several = tc.devices != 1 or tc.num_nodes > 1  # processes, i.e. DDP
-    trainer = L.Trainer(
-        max_epochs=tc.epochs, accelerator="auto", devices=tc.devices, num_nodes=tc.num_nodes,
-        strategy=tc.strategy, precision="32-true" if fast else resolve_precision(tc.precision),
-        # one BatchNorm over the global batch, as in a single process; PyTorch syncs BN only on GPUs
-        sync_batchnorm=several and torch.cuda.is_available(),
-        callbacks=[EarlyStopping("val_loss", patience=tc.patience, mode="min"), checkpoint, *callbacks,
-                   *([ProgressiveUnfreezing(unfreeze_schedule, tc.backbone_lr)] if unfreeze_schedule else [])],
-        logger=[CSVLogger(run_dir, name="", version=log_version(run_dir)), *(loggers or [])], deterministic=False,
-        enable_progress_bar=any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks),
-        enable_model_summary=False, limit_train_batches=int(tc.max_train_batches) if tc.max_train_batches > 1 else tc.max_train_batches, log_every_n_steps=1,
-        default_root_dir=run_dir,
-    )
+    trainer = make_trainer(p, checkpoint, callbacks or [], loggers or [])
     # Under DDP (torchrun, SLURM, or Lightning re-running the script) every process runs this
     # function, each with its own guess at a fresh folder name; the Trainer already knows its rank,
     # and only global rank 0 creates and writes the run folder.
-    if not resuming and trainer.is_global_zero:
-        run_dir.mkdir(parents=True)
-        data.write_manifest(kept, run_dir / "manifest.csv")
-        data.write_skipped(skipped, run_dir / "skipped.csv")
-        write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
     if trainer.is_global_zero:
-        log.info("run folder: %s", run_dir)
-    split_data = by_split(kept, images)
-    (train_samples, train_images), (val_samples, val_images) = split_data["train"], split_data["val"]
-    y_train = [s.label for s in train_samples]
+        if p.last_checkpoint is None:
+            write_run_folder(p)
+        log.info("run folder: %s", p.run_dir)
+    (train_samples, train_images), (val_samples, val_images) = p.split_data["train"], p.split_data["val"]
+    y_train, y_val = [s.label for s in train_samples], [s.label for s in val_samples]
     weights = data.class_weights(y_train, dc.class_weights)
     log.info("train %d images, val %d; class weights NORMAL %.4f, PNEUMONIA %.4f",
              len(train_samples), len(val_samples), *weights)
 
-    y_val = [s.label for s in val_samples]
     started = time.perf_counter()
-    if fast:
-        train_loader, val_loader = feature_loaders(config, model, weights_info, split_data, augment, progress)
+    if p.fast:
+        train_loader, val_loader = feature_loaders(p.config, p.model, p.weights_info, p.split_data, p.augment, progress)
     else:  # augmentation runs on the device, in LitClassifier.on_after_batch_transfer
         train_loader = make_loader(train_images, y_train, dc.batch_size, dc.num_workers, shuffle=True)
         val_loader = make_loader(val_images, y_val, dc.batch_size * 2, 0)
-    lit = LitClassifier(model, weights, tc.lr, tc.backbone_lr, from_features=fast, augment=None if fast else augment,
-                        label_smoothing=tc.label_smoothing, schedule=tc.schedule)
+    lit = LitClassifier(p.model, weights, tc.lr, tc.backbone_lr, from_features=p.fast,
+                        augment=None if p.fast else p.augment, label_smoothing=tc.label_smoothing,
+                        schedule=tc.schedule)
     feature_seconds = time.perf_counter() - started
     started = time.perf_counter()
     # Lightning (>= 2.2) trains modules in whatever mode they are in: set it here, so the head's
     # BatchNorm learns while frozen stages (and, with batchnorm=frozen, all backbone BN) stay in eval
     lit.train()
     # Lightning shards both loaders with a DistributedSampler under DDP (reshuffled each epoch)
-    trainer.fit(lit, train_loader, val_loader, ckpt_path=last)
+    trainer.fit(lit, train_loader, val_loader, ckpt_path=p.last_checkpoint)
     train_seconds = time.perf_counter() - started
-    if not trainer.is_global_zero:
-        # calibration and evaluation run once, on rank 0, over all images; ModelCheckpoint
-        # broadcast rank 0's folder, so every rank returns the same folder
-        return Path(checkpoint.dirpath).parent
+    history = p.run_dir / "history.csv"
+    if trainer.is_global_zero:
+        best = checkpoint.best_model_path or str(p.run_dir / "checkpoints" / "best.ckpt")
+        lit.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        tidy_history(p.run_dir, history)
+        plots.training_curves(history, p.run_dir / "curves.png")
+    return Trained(model=lit.model.cpu().float().eval(), device=trainer.strategy.root_device, history=history,
+                   epochs_run=trainer.current_epoch, train_seconds=train_seconds, feature_seconds=feature_seconds,
+                   is_global_zero=trainer.is_global_zero, run_dir=Path(checkpoint.dirpath).parent)
 
-    best = checkpoint.best_model_path or str(run_dir / "checkpoints" / "best.ckpt")
-    state = torch.load(best, map_location="cpu", weights_only=True)["state_dict"]
-    lit.load_state_dict(state)  # early stopping's "restore best weights"
-    model = lit.model.cpu().float().eval()
 
-    history = tidy_history(run_dir, run_dir / "history.csv")
-    plots.training_curves(history, run_dir / "curves.png")
+def make_trainer(p: Prepared, checkpoint: ModelCheckpoint, callbacks: list, loggers: list) -> L.Trainer:
+    tc = p.config.train
+    several = tc.devices != 1 or tc.num_nodes > 1  # processes, i.e. DDP
+    unfreezing = [ProgressiveUnfreezing(p.unfreeze_schedule, tc.backbone_lr)] if p.unfreeze_schedule else []
+    limit = int(tc.max_train_batches) if tc.max_train_batches > 1 else tc.max_train_batches
+    return L.Trainer(
+        max_epochs=tc.epochs, accelerator="auto", devices=tc.devices, num_nodes=tc.num_nodes,
+        strategy=tc.strategy, precision="32-true" if p.fast else resolve_precision(tc.precision),
+        # one BatchNorm over the global batch, as in a single process; PyTorch syncs BN only on GPUs
+        sync_batchnorm=several and torch.cuda.is_available(),
+        callbacks=[EarlyStopping("val_loss", patience=tc.patience, mode="min"), checkpoint, *callbacks, *unfreezing],
+        logger=[CSVLogger(p.run_dir, name="", version=log_version(p.run_dir)), *loggers], deterministic=False,
+        enable_progress_bar=any(isinstance(c, L.pytorch.callbacks.ProgressBar) for c in callbacks),
+        enable_model_summary=False, limit_train_batches=limit, log_every_n_steps=1, default_root_dir=p.run_dir,
+    )
 
-    # Calibrate, then choose the operating point, both on validation only.
+
+def write_run_folder(p: Prepared) -> None:
+    """What makes a run repeatable from its folder alone: its config, its split manifest, its skips."""
+    p.run_dir.mkdir(parents=True)
+    data.write_manifest(p.samples, p.run_dir / "manifest.csv")
+    data.write_skipped(p.skipped, p.run_dir / "skipped.csv")
+    write_text(p.run_dir / "config.yaml", yaml.safe_dump(p.config.to_dict(), sort_keys=False))
+
+
+def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
+    """Calibrate and choose the operating point on validation only, save model.pt, measure val
+    (and test, when the data has one), and write the report."""
+    tc, dc, mc = p.config.train, p.config.data, p.config.model
+    model = t.model
+    val_samples, val_images = p.split_data["val"]
     val_y = np.array([s.label for s in val_samples])
-    device = trainer.strategy.root_device  # the GPU that trained it, if any, also scores val and test
-    val_logits = evaluate.predict_logits(model, val_images, device=device)
+    val_logits = predict_logits(model, val_images, device=t.device)
     temperature = metrics.fit_temperature(val_logits, val_y)
     model.temperature.fill_(temperature)
     val_prob = metrics.sigmoid(val_logits / temperature)
     threshold = metrics.choose_threshold(val_y, val_prob, tc.threshold)
     log.info("temperature %.3f (fitted on validation); threshold %.4f (rule %s)", temperature, threshold, tc.threshold)
 
-    epochs_run = trainer.current_epoch
-    meta = artifact.make_meta(
-        architecture=mc.backbone, head=mc.head, image_size=dc.image_size, weights_info=weights_info,
-        threshold=threshold, threshold_rule=tc.threshold, config=config.to_dict(),
-        extra={"training": {"epochs_run": epochs_run, "best_epoch": best_epoch(history),
-                            "seconds": round(train_seconds, 1),
-                            "feature_seconds": round(feature_seconds, 1), "fast_path": fast,
-                            "seconds_per_epoch": round(train_seconds / max(epochs_run, 1), 2),
-                            "n_train": len(train_samples), "n_val": len(val_samples)}},
-    )
-    artifact.save(run_dir / "model.pt", model, meta)
-    evaluate.evaluate_predictions(val_y, val_prob, threshold, run_dir / "validation",
-                                  [s.path for s in val_samples])
+    training = artifact.TrainingInfo(
+        epochs_run=t.epochs_run, best_epoch=best_epoch(t.history), seconds=round(t.train_seconds, 1),
+        feature_seconds=round(t.feature_seconds, 1), fast_path=p.fast,
+        seconds_per_epoch=round(t.train_seconds / max(t.epochs_run, 1), 2),
+        n_train=len(p.split_data["train"][0]), n_val=len(val_samples))
+    meta = artifact.make_meta(architecture=mc.backbone, head=mc.head, image_size=dc.image_size,
+                              weights_info=p.weights_info, threshold=threshold, threshold_rule=tc.threshold,
+                              config=p.config.to_dict(), training=training).replace(temperature=temperature)
+    artifact.save(p.run_dir / "model.pt", model, meta)
+    evaluate.evaluate_predictions(val_y, val_prob, threshold, p.run_dir / "validation", [s.path for s in val_samples])
 
     shown = ("validation", val_samples, val_images, val_prob)
-    if "test" in split_data:
-        test_samples, test_images = split_data["test"]
-        test_prob = metrics.sigmoid(evaluate.predict_logits(model, test_images, device=device))
+    if "test" in p.split_data:
+        test_samples, test_images = p.split_data["test"]
+        test_prob = metrics.sigmoid(predict_logits(model, test_images, device=t.device))
         result = evaluate.evaluate_predictions(np.array([s.label for s in test_samples]), test_prob, threshold,
-                                               run_dir / "test", [s.path for s in test_samples])
+                                               p.run_dir / "test", [s.path for s in test_samples])
         log.info("test: %s", evaluate.summary_line(result))
         shown = ("test", test_samples, test_images, test_prob)
     if report:
-        write_run_report(run_dir, meta | {"temperature": temperature}, model, *shown, n_skipped=len(skipped))
-    return run_dir
+        write_run_report(p.run_dir, meta, model, *shown, n_skipped=len(p.skipped))
+    return p.run_dir
 
 
-def write_run_report(run_dir: Path, meta: dict, model: models.Classifier, split: str,
+def write_run_report(run_dir: Path, meta: artifact.ModelMeta, model: models.Classifier, split: str,
                      samples: list[data.Sample], images: np.ndarray, prob: np.ndarray, *, n_skipped: int = 0) -> Path:
     """``run_dir/report.html`` on the test split (else validation), with Grad-CAM galleries of its errors."""
     from pneumoscan import report
 
     y = np.array([s.label for s in samples])
     paths = [s.path for s in samples]
-    evaluate.write_errors(model, meta, images, y, prob, meta["threshold"], paths, run_dir / split)
-    source = {"model": str(run_dir / "model.pt"), "data": meta["config"]["data"]["root"], "split": split,
-              "n_skipped": n_skipped, "threshold_source": metrics.describe_rule(meta["threshold_rule"])}
+    evaluate.write_errors(model, meta, images, y, prob, meta.threshold, paths, run_dir / split)
+    source = {"model": str(run_dir / "model.pt"), "data": meta.config["data"]["root"], "split": split,
+              "n_skipped": n_skipped, "threshold_source": metrics.describe_rule(meta.threshold_rule)}
     return report.write_report(run_dir / split, meta, source, run_dir=run_dir, path=run_dir / "report.html")
 
 

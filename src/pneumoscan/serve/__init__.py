@@ -1,14 +1,5 @@
 """The screening service: REST API and offline web page (``pneumoscan serve``).
 
-``create_app`` is imported on first use, so ``pneumoscan.serve.settings`` stays light.
+``app.create_app`` builds it; ``settings`` holds its default limits and stays light (the CLI's
+--help reads them without importing FastAPI or torch).
 """
-
-__all__ = ["create_app"]
-
-
-def __getattr__(name: str):
-    if name == "create_app":
-        from pneumoscan.serve.app import create_app
-
-        return create_app
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

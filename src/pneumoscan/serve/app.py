@@ -14,11 +14,12 @@ import contextlib
 import logging
 import os
 import secrets
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
-from fastapi import FastAPI, File, Query, Request, Security, UploadFile
+from fastapi import APIRouter, FastAPI, File, Query, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import FileResponse, JSONResponse
@@ -30,8 +31,9 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from pneumoscan import __version__, artifact
-from pneumoscan.engine import KINDS
+from pneumoscan.inference.loading import check_kind
 from pneumoscan.errors import UserError
+from pneumoscan.imaging import FORMAT_NAMES
 from pneumoscan.serve import uploads
 from pneumoscan.serve.card import INTENDED_USE, model_card
 from pneumoscan.serve.middleware import AccessLog, ContentLengthLimit, SecurityHeaders
@@ -142,6 +144,32 @@ def _results(service: Service, images: list[np.ndarray], explain: bool) -> list[
     return scores
 
 
+@dataclass(frozen=True)
+class ServerLimits:
+    """What the service accepts, decided once in ``create_app`` and read by every stage."""
+
+    uploads: uploads.Limits
+    max_batch_files: int
+    api_key: str | None
+
+    @property
+    def single_body(self) -> int:
+        return self.uploads.max_bytes + MULTIPART_OVERHEAD
+
+    @property
+    def batch_body(self) -> int:
+        return self.single_body * self.max_batch_files
+
+    def body_limit(self, path: str) -> int:
+        return {"/v1/predict": self.single_body, "/v1/predict/batch": self.batch_body}.get(path, MULTIPART_OVERHEAD)
+
+    def body_detail(self, path: str) -> str:
+        per_file = f"{self.uploads.max_bytes / MiB:.1f} MiB"
+        if path == "/v1/predict/batch":
+            return f"the request is over the limit of {self.max_batch_files} files of {per_file}"
+        return f"the request is over the limit of {per_file} per file"
+
+
 def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_files: int = DEFAULT_MAX_BATCH_FILES,
                api_key: str | None | object = _FROM_ENV, cors_origins: tuple[str, ...] | list[str] = (),
@@ -151,47 +179,44 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     ``api_key``: required in the X-API-Key header of every /v1 call except health; by default
     read from $PNEUMOSCAN_API_KEY, ``None`` (or empty) for no key. ``cors_origins``: browser
     origins allowed to call the API from other pages; none by default. ``engine``: the runtime
-    for scores (see ``engine.load_engine``); Grad-CAM always runs in PyTorch.
+    for scores (see ``inference.loading.load_engine``); Grad-CAM always runs in PyTorch.
     """
     path = artifact.resolve(model_path)  # fail here, not at startup, on a model that is not there
     if not path.is_file():
         raise UserError(f"model file not found: {path}")
-    if engine not in KINDS:
-        raise UserError(f"unknown engine {engine!r}; choose one of: {', '.join(KINDS)}")
-    if api_key is _FROM_ENV:
-        api_key = os.environ.get(API_KEY_ENV)
-    api_key = api_key or None
-    limits = uploads.Limits(max_bytes=int(max_upload_bytes), max_pixels=int(max_pixels))
-    single_limit = limits.max_bytes + MULTIPART_OVERHEAD
-    batch_limit = (limits.max_bytes + MULTIPART_OVERHEAD) * max_batch_files
-    body_limits = {"/v1/predict": single_limit, "/v1/predict/batch": batch_limit}
+    check_kind(engine)
+    key = os.environ.get(API_KEY_ENV) if api_key is _FROM_ENV else api_key
+    limits = ServerLimits(uploads.Limits(max_bytes=int(max_upload_bytes), max_pixels=int(max_pixels)),
+                          int(max_batch_files), key or None)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.service = await run_in_threadpool(Service.load, model_path, engine)
         yield
 
-    app = FastAPIOffline(
-        title="pneumoscan", version=__version__, lifespan=lifespan,
-        description=(
-            f"Pneumonia screening for chest X-rays (NORMAL vs PNEUMONIA). {INTENDED_USE}\n\n"
-            f"Uploads: PNG, JPEG or DICOM, at most {limits.max_bytes / MiB:.0f} MiB and "
-            f"{limits.max_pixels:,} pixels per file, {max_batch_files} files per batch."
-            + ("\n\nEvery /v1 endpoint except /v1/health needs the `X-API-Key` header." if api_key else "")
-        ),
-    )
+    app = FastAPIOffline(title="pneumoscan", version=__version__, lifespan=lifespan, description=_description(limits))
+    add_error_handlers(app, limits)
+    app.include_router(api_routes(limits))
+    add_page(app)
+    add_middleware(app, limits, cors_origins)
+    return app
 
-    def body_detail(path: str) -> str:
-        if path == "/v1/predict/batch":
-            return f"the request is over the limit of {max_batch_files} files of {limits.max_bytes / MiB:.1f} MiB"
-        return f"the request is over the limit of {limits.max_bytes / MiB:.1f} MiB per file"
 
-    # --- errors: always {"error", "detail"} ----------------------------------------------------
+def _description(limits: ServerLimits) -> str:
+    return (f"Pneumonia screening for chest X-rays (NORMAL vs PNEUMONIA). {INTENDED_USE}\n\n"
+            f"Uploads: {FORMAT_NAMES}, at most {limits.uploads.max_bytes / MiB:.0f} MiB and "
+            f"{limits.uploads.max_pixels:,} pixels per file, {limits.max_batch_files} files per batch "
+            "(field `file` for /v1/predict, repeated field `files` for /v1/predict/batch)."
+            + ("\n\nEvery /v1 endpoint except /v1/health needs the `X-API-Key` header." if limits.api_key else ""))
+
+
+def add_error_handlers(app: FastAPI, limits: ServerLimits) -> None:
+    """Every error is JSON {"error": code, "detail": sentence}."""
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = ERROR_CODES.get(exc.status_code, "error")
-        detail = body_detail(request.url.path) if exc.status_code == 413 else str(exc.detail)
+        detail = limits.body_detail(request.url.path) if exc.status_code == 413 else str(exc.detail)
         return _error(exc.status_code, code, detail, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -206,63 +231,70 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     async def rejected(request: Request, exc: uploads.Rejected) -> JSONResponse:
         return _error(exc.status, exc.error, exc.detail)
 
-    # --- auth ------------------------------------------------------------------------------------
+
+def _key_check(api_key: str | None) -> list:
+    """The dependency that guards /v1 routes when the service has a key; none otherwise."""
+    if not api_key:
+        return []
 
     async def require_key(key: KeyHeader) -> None:
         if not key or not secrets.compare_digest(key.encode(), api_key.encode()):
             raise HTTPException(401, "missing or wrong API key (send it in the X-API-Key header)")
 
-    protected = [Security(require_key)] if api_key else []
-    errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if api_key else {}
+    return [Security(require_key)]
+
+
+def api_routes(limits: ServerLimits) -> APIRouter:
+    """/v1: health, the model card, and scoring one file or a batch."""
+    router = APIRouter(prefix="/v1")
+    protected = _key_check(limits.api_key)
+    errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if limits.api_key else {}
     upload_errors = errors | {
         413: {"model": ErrorBody, "description": "file or request too large (bytes or pixels)"},
-        422: {"model": ErrorBody, "description": "not a PNG, JPEG or DICOM image; empty upload; missing field"},
+        422: {"model": ErrorBody, "description": f"not a {FORMAT_NAMES} image; empty upload; missing field"},
     }
 
-    # --- API ------------------------------------------------------------------------------------
-
-    @app.get("/v1/health", response_model=Health, tags=["service"])
+    @router.get("/health", response_model=Health, tags=["service"])
     async def health(request: Request) -> dict:
         """Liveness; open even when an API key is set."""
         return {"status": "ok", "model_loaded": getattr(request.app.state, "service", None) is not None}
 
-    @app.get("/v1/model", dependencies=protected, responses=errors, tags=["service"])
+    @router.get("/model", dependencies=protected, responses=errors, tags=["service"])
     async def model(request: Request) -> dict:
         """The model card: what the model is, its threshold and calibration, intended use, limitations."""
         service: Service = request.app.state.service
         return model_card(service.meta, sha256=service.engine.sha256, runtime=service.engine.name) | {"service": {
-            "explanations": service.can_explain, "max_upload_bytes": limits.max_bytes,
-            "max_pixels": limits.max_pixels, "max_batch_files": max_batch_files}}
+            "explanations": service.can_explain, "max_upload_bytes": limits.uploads.max_bytes,
+            "max_pixels": limits.uploads.max_pixels, "max_batch_files": limits.max_batch_files}}
 
-    def _check_explain(service: Service, explain: bool) -> None:
-        if explain and not service.can_explain:
-            raise HTTPException(501, "explanations need the PyTorch model.pt; this server has none")
-
-    @app.post("/v1/predict", response_model=Prediction, response_model_exclude_none=True, dependencies=protected,
-              responses=upload_errors, max_body_size=single_limit, tags=["predict"])
-    async def predict(request: Request, file: Annotated[UploadFile, File(description="a PNG, JPEG or DICOM")],
+    @router.post("/predict", response_model=Prediction, response_model_exclude_none=True, dependencies=protected,
+                 responses=upload_errors, max_body_size=limits.single_body, tags=["predict"])
+    async def predict(request: Request, file: Annotated[UploadFile, File(description=f"a {FORMAT_NAMES} image")],
                       explain: ExplainQuery = False) -> dict:
-        """Score one chest X-ray."""
+        """Score one chest X-ray (multipart field `file`)."""
         service: Service = request.app.state.service
         _check_explain(service, explain)
-        image = await _image(file, service.image_size, limits)
+        image = await _image(file, service.image_size, limits.uploads)
         if isinstance(image, uploads.Rejected):
             raise image
         (result,) = await run_in_threadpool(_results, service, [image], explain)
         return result | {"model": service.model_ref}
 
-    @app.post("/v1/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True,
-              dependencies=protected, responses=upload_errors, max_body_size=batch_limit, tags=["predict"])
-    async def predict_batch(request: Request, files: Annotated[list[UploadFile], File(description="several images")],
+    @router.post("/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True,
+                 dependencies=protected, responses=upload_errors, max_body_size=limits.batch_body, tags=["predict"])
+    async def predict_batch(request: Request,
+                            files: Annotated[list[UploadFile], File(description="several images, one `files` field each")],
                             explain: ExplainQuery = False) -> dict:
-        """Score several X-rays; a file that cannot be scored gets an error entry, the rest still count.
+        """Score several X-rays (repeated multipart field `files`); a file that cannot be scored gets
+        an error entry, the rest still count.
 
         Results keep the request order (sort by probability for a worklist)."""
         service: Service = request.app.state.service
         _check_explain(service, explain)
-        if len(files) > max_batch_files:
-            raise uploads.Rejected(413, "too_many_files", f"{len(files)} files; the limit is {max_batch_files} per batch")
-        images = [await _image(f, service.image_size, limits) for f in files]
+        if len(files) > limits.max_batch_files:
+            raise uploads.Rejected(413, "too_many_files",
+                                   f"{len(files)} files; the limit is {limits.max_batch_files} per batch")
+        images = [await _image(f, service.image_size, limits.uploads) for f in files]
         scored = iter(await run_in_threadpool(
             _results, service, [i for i in images if not isinstance(i, uploads.Rejected)], explain))
         items = [{"filename": f.filename} | ({"error": i.error, "detail": i.detail, "status": i.status}
@@ -270,8 +302,15 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
                  for f, i in zip(files, images, strict=True)]
         return {"results": items, "model": service.model_ref}
 
-    # --- the page ---------------------------------------------------------------------------------
+    return router
 
+
+def _check_explain(service: Service, explain: bool) -> None:
+    if explain and not service.can_explain:
+        raise HTTPException(501, "explanations need the PyTorch model.pt; this server has none")
+
+
+def add_page(app: FastAPI) -> None:
     @app.get("/", include_in_schema=False)
     async def page() -> FileResponse:
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": PAGE_CSP,
@@ -279,12 +318,12 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
 
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
+
+def add_middleware(app: FastAPI, limits: ServerLimits, cors_origins) -> None:
     # outermost last: the access log sees every answer, including the early 413
-    app.add_middleware(ContentLengthLimit, limit_for=lambda p: body_limits.get(p, MULTIPART_OVERHEAD),
-                       detail_for=body_detail)
+    app.add_middleware(ContentLengthLimit, limit_for=limits.body_limit, detail_for=limits.body_detail)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key"])
     app.add_middleware(SecurityHeaders)
     app.add_middleware(AccessLog)
-    return app

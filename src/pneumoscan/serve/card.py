@@ -9,6 +9,9 @@ from __future__ import annotations
 from pathlib import PurePath
 from typing import Any
 
+from pneumoscan.artifact import ModelMeta
+from pneumoscan.metrics import describe_rule
+
 INTENDED_USE = (
     "Screening aid and second opinion for chest X-rays: it sorts a worklist so the most suspicious "
     "images are read first. It is not a diagnosis; a radiologist must review every image."
@@ -21,43 +24,46 @@ LIMITATIONS = [
     "Two classes only (NORMAL vs PNEUMONIA): it does not detect other findings, and it does not tell "
     "bacterial from viral pneumonia.",
     "Images are squashed to a square of the model's input size; the aspect ratio is not kept.",
-    "The threshold was chosen on validation data; the probability is calibrated (temperature "
-    "scaling) on that same data and may be off on other populations.",
     "Grad-CAM overlays show where the model looked, not where the pathology is.",
 ]
 
 
-def model_card(meta: dict[str, Any], *, sha256: str, runtime: str) -> dict[str, Any]:
-    config = meta.get("config", {})
-    data_config = config.get("data", {})
-    training = meta.get("training", {})
-    weights_source = (meta.get("backbone_weights") or {}).get("source")
+def model_card(meta: ModelMeta, *, sha256: str, runtime: str) -> dict[str, Any]:
+    data_config = meta.config.get("data", {})
+    weights_source = meta.backbone_weights.get("source")
     return {
-        "name": meta.get("architecture"),
+        "name": meta.architecture,
         "sha256": sha256,
         "runtime": runtime,
-        "pneumoscan_version": meta.get("pneumoscan_version"),
-        "architecture": meta.get("architecture"),
-        "head": meta.get("head"),
-        "image_size": meta.get("image_size"),
-        "input": meta.get("input"),
-        "normalization": meta.get("normalization", {}).get("name"),
-        "class_names": meta.get("class_names"),
-        "output": meta.get("output"),
-        "threshold": meta.get("threshold"),
-        "threshold_rule": meta.get("threshold_rule"),
-        "temperature": meta.get("temperature"),
+        "pneumoscan_version": meta.pneumoscan_version,
+        "architecture": meta.architecture,
+        "head": meta.head,
+        "image_size": meta.image_size,
+        "input": meta.input,
+        "normalization": meta.normalization.name,
+        "class_names": list(meta.class_names),
+        "output": meta.output,
+        "threshold": meta.threshold,
+        "threshold_rule": meta.threshold_rule,
+        "threshold_source": describe_rule(meta.threshold_rule),
+        "temperature": meta.temperature,
         "training_data": {
             # the folder name only: the server's paths are none of the client's business
             "dataset": PurePath(data_config["root"]).name if data_config.get("root") else None,
-            "n_train": training.get("n_train"),
-            "n_val": training.get("n_val"),
+            "n_train": meta.training.n_train,
+            "n_val": meta.training.n_val,
             "augment": data_config.get("augment"),
             "class_weights": data_config.get("class_weights"),
             "backbone_weights": PurePath(weights_source).name if weights_source else None,
-            "epochs_run": training.get("epochs_run"),
-            "best_epoch": training.get("best_epoch"),
+            "epochs_run": meta.training.epochs_run,
+            "best_epoch": meta.training.best_epoch,
         },
         "intended_use": INTENDED_USE,
-        "limitations": LIMITATIONS,
+        "limitations": limitations(meta),
     }
+
+
+def limitations(meta: ModelMeta) -> list[str]:
+    return [*LIMITATIONS[:3], f"The decision threshold is {meta.threshold:.3f} ({describe_rule(meta.threshold_rule)}); "
+            "the probability is calibrated (temperature scaling) on validation images from the training "
+            "collection and may be off on other populations.", *LIMITATIONS[3:]]

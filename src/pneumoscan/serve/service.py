@@ -21,7 +21,9 @@ import torch
 from PIL import Image
 
 from pneumoscan import artifact, explain
-from pneumoscan.engine import Engine, load_engine
+from pneumoscan.artifact import ModelMeta
+from pneumoscan.inference.engines import Engine
+from pneumoscan.inference.loading import load_engine
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ def png_bytes(image: np.ndarray) -> bytes:
 class Service:
     def __init__(self, engine: Engine, cam_model: torch.nn.Module | None) -> None:
         self.engine = engine
-        self.meta: dict[str, Any] = engine.meta
+        self.meta: ModelMeta = engine.meta
         self.cam_model = cam_model
         self._score_lock = threading.Lock()
         self._cam_lock = threading.Lock()
@@ -50,23 +52,22 @@ class Service:
             cam_model, _ = artifact.load(engine.path)
         if cam_model is None:
             log.warning("Grad-CAM disabled: %s is not a PyTorch model.pt", engine.path.name)
-        log.info("model loaded: %s on %s (input %d px, threshold %.3f)", engine.meta.get("architecture"),
-                 engine.name, engine.meta["image_size"], engine.meta["threshold"])
+        log.info("model loaded: %s on %s (input %d px, threshold %.3f)", engine.meta.architecture,
+                 engine.name, engine.meta.image_size, engine.meta.threshold)
         return cls(engine, cam_model)
 
     @property
     def image_size(self) -> int:
-        return int(self.meta["image_size"])
+        return self.meta.image_size
 
     @property
     def threshold(self) -> float:
-        return float(self.meta["threshold"])
+        return self.meta.threshold
 
     @property
     def model_ref(self) -> dict[str, str]:
         """What every answer names as its source: enough to trace a score to one model file."""
-        return {"name": str(self.meta.get("architecture", "unknown")),
-                "version": str(self.meta.get("pneumoscan_version", "unknown")),
+        return {"name": self.meta.architecture, "version": self.meta.pneumoscan_version,
                 "sha256": self.engine.sha256, "runtime": self.engine.name}
 
     @property
@@ -77,14 +78,13 @@ class Service:
         """One {probability, prediction, label, threshold} per uint8 (N, H, W) image."""
         with self._score_lock:
             prob = np.asarray(self.engine.predict_proba(images), dtype=np.float64).reshape(-1)
-        names = self.meta["class_names"]
         thr = self.threshold
-        return [{"probability": float(p), "prediction": int(p >= thr), "label": names[int(p >= thr)],
+        return [{"probability": float(p), "prediction": int(p >= thr), "label": self.meta.label(float(p)),
                  "threshold": thr} for p in prob]
 
     def overlays(self, images: np.ndarray) -> list[bytes]:
         """A Grad-CAM overlay PNG per image."""
         with self._cam_lock:
-            cams = explain.compute_cams(self.cam_model, self.meta, images)
+            cams = explain.compute_cams(self.cam_model, self.meta.architecture, images)
         return [png_bytes(explain.overlay(img, cam)) for img, cam in zip(images, cams, strict=True)]
 

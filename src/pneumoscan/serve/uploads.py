@@ -14,7 +14,8 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
-from pneumoscan import data
+from pneumoscan import imaging
+from pneumoscan.errors import ImageError
 
 
 @dataclass(frozen=True)
@@ -41,7 +42,7 @@ def pixel_count(blob: bytes, kind: str) -> int:
         ds = pydicom.dcmread(io.BytesIO(blob), stop_before_pixels=True)
         frames = int(ds.get("NumberOfFrames", 1) or 1)
         return int(ds.get("Rows", 0)) * int(ds.get("Columns", 0)) * frames
-    with Image.open(io.BytesIO(blob), formats=data.UPLOAD_FORMATS) as img:
+    with Image.open(io.BytesIO(blob), formats=imaging.PIL_FORMATS) as img:
         return img.width * img.height * getattr(img, "n_frames", 1)
 
 
@@ -56,9 +57,9 @@ def check(blob: bytes, limits: Limits) -> str:
     if not blob:
         raise Rejected(422, "empty_upload", "the uploaded file is empty")
     check_size(len(blob), limits)
-    kind = data.sniff_format(blob[:256])
+    kind = imaging.sniff_format(blob[:imaging.SNIFF_BYTES])
     if kind is None:
-        raise Rejected(422, "not_an_image", "not a PNG, JPEG or DICOM image (checked from the file's content)")
+        raise Rejected(422, "not_an_image", imaging.NOT_AN_IMAGE)
     try:
         pixels = pixel_count(blob, kind)
     except Image.DecompressionBombError:
@@ -78,7 +79,7 @@ def to_model_input(blob: bytes, size: int, limits: Limits) -> np.ndarray:
     check(blob, limits)
     try:
         # name="upload", never the client's file name: decode errors may end up in logs
-        return data.decode_image_bytes(blob, size, name="upload")
-    except data.ImageError as exc:
+        return imaging.read_bytes(blob, size, name="upload").pixels
+    except ImageError as exc:
         raise Rejected(422, "not_an_image", exc.reason) from None
 

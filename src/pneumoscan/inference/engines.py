@@ -1,0 +1,103 @@
+"""One inference interface over two runtimes: ONNX Runtime and PyTorch eager.
+
+An ``Engine`` scores uint8 images at the model's size and names the file it came from (its
+``sha256``), so every result can be traced to one model file whatever the runtime. ``loading``
+chooses the engine for a file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan import metrics
+from pneumoscan.artifact import ModelMeta
+from pneumoscan.errors import UserError
+from pneumoscan.files import file_sha256
+from pneumoscan.inference.batching import check_images, spans, unit_interval
+from pneumoscan.inference.onnx_format import INPUT_NAME, OUTPUT_NAME, session_document
+
+log = logging.getLogger(__name__)
+
+
+def default_threads() -> int:
+    """The CPUs this process may use (cgroup cpusets included), not the host's core count, which
+    in a container would oversubscribe the few cores actually granted."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Engine:
+    """A loaded model: ``meta``, ``predict_logits``/``predict_proba``, and where it came from.
+
+    ``sha256`` is that of the file the caller named (the ``.pt`` even when a cached ONNX export
+    runs it).
+    """
+
+    name: str
+    meta: ModelMeta
+    sha256: str
+    path: Path  # the file the caller named
+
+    def predict_logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        raise NotImplementedError
+
+    def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """uint8 (N, H, W) at ``meta.image_size`` -> P(PNEUMONIA), float64 (N,)."""
+        return metrics.sigmoid(self.predict_logits(images, batch_size))
+
+    def _check(self, images: np.ndarray) -> np.ndarray:
+        return check_images(images, self.meta.image_size, self.name)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.path} sha256={self.sha256[:12]}>"
+
+
+class TorchEngine(Engine):
+    def __init__(self, path: str | Path):
+        from pneumoscan import artifact
+
+        self.path = Path(path)
+        self.model, self.meta = artifact.load(self.path)
+        self.sha256 = file_sha256(self.path)
+        self.name = "torch"
+
+    def predict_logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        from pneumoscan.inference.torch_model import predict_logits
+
+        return predict_logits(self.model, self._check(images), batch_size)
+
+
+class OnnxEngine(Engine):
+    """ONNX Runtime on CPU. ``source``/``sha256`` name the ``.pt`` a cached export was made from."""
+
+    def __init__(self, onnx_path: str | Path, *, source: str | Path | None = None, sha256: str | None = None,
+                 threads: int | None = None):
+        import onnxruntime as ort
+
+        self.onnx_path = Path(onnx_path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads or default_threads()
+        options.inter_op_num_threads = 1  # a single chain of convolutions: nothing to run side by side
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3  # ORT's own warnings go to stderr, not through logging
+        try:
+            self.session = ort.InferenceSession(str(self.onnx_path), options, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise UserError(f"{self.onnx_path} is not a loadable ONNX model ({type(exc).__name__})") from None
+        self.document = session_document(self.session, self.onnx_path)
+        self.meta = ModelMeta.from_dict(self.document["meta"])
+        self.path = Path(source) if source else self.onnx_path
+        self.sha256 = sha256 or file_sha256(self.path)
+        self.name = "onnxruntime-int8" if self.document.get("precision") == "int8" else "onnxruntime"
+
+    def predict_logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        images = self._check(images)
+        out = [self.session.run([OUTPUT_NAME], {INPUT_NAME: unit_interval(images[s])})[0]
+               for s in spans(len(images), batch_size)]
+        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)

@@ -1,0 +1,90 @@
+"""Which engine answers for a model file.
+
+A ``.onnx`` file runs in ONNX Runtime. A ``model.pt`` is exported to ONNX once, cached under the
+user's cache folder by the file's sha256 (so a retrained model never reuses a stale export), and
+run there: ONNX Runtime starts faster, uses less memory and is quicker on CPU than eager
+PyTorch. Any export failure falls back to PyTorch with a warning, because a slower answer beats
+none; ``kind="torch"`` forces PyTorch (Grad-CAM needs it anyway, and it is the reference the
+export is checked against).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from pneumoscan import artifact
+from pneumoscan.errors import UserError
+from pneumoscan.files import file_sha256
+from pneumoscan.inference.engines import Engine, OnnxEngine, TorchEngine
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "onnx", "torch")
+
+
+def cache_dir() -> Path:
+    """``$PNEUMOSCAN_CACHE_DIR``, else ``$XDG_CACHE_HOME/pneumoscan``, else ``~/.cache/pneumoscan``."""
+    if os.environ.get("PNEUMOSCAN_CACHE_DIR"):
+        return Path(os.environ["PNEUMOSCAN_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "pneumoscan"
+
+
+def check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise UserError(f"unknown engine {kind!r}; choose one of: {', '.join(KINDS)}")
+    return kind
+
+
+def load_engine(path: str | Path | None = None, kind: str = "auto", *, threads: int | None = None) -> Engine:
+    """The model at ``path`` (default: the bundled one) ready to score images.
+
+    kind: ``auto`` (ONNX Runtime, via a cached export for ``.pt``; PyTorch if that fails),
+    ``onnx`` (ONNX Runtime or an error) or ``torch`` (PyTorch eager; ``.pt`` only).
+    """
+    check_kind(kind)
+    path = artifact.resolve(path)
+    if not path.is_file():
+        raise UserError(f"model file not found: {path}")
+    if path.suffix.lower() == ".onnx":
+        if kind == "torch":
+            raise UserError(f"{path} is an ONNX model; the torch engine needs a model.pt")
+        return OnnxEngine(path, threads=threads)
+    if kind == "torch":
+        return TorchEngine(path)
+    try:
+        return cached_onnx_engine(path, threads=threads)
+    except UserError as exc:
+        from pneumoscan.inference.onnx_export import ExportError
+
+        if kind == "onnx" or not isinstance(exc, ExportError):
+            raise  # a file that is not a model fails the same way in PyTorch: say so once
+        reason = str(exc)
+    except Exception as exc:  # an exporter or runtime limitation, not the user's mistake
+        if kind == "onnx":
+            raise UserError(f"cannot run {path} with ONNX Runtime ({type(exc).__name__}: {exc})") from exc
+        reason = f"{type(exc).__name__}: {exc}"
+    log.warning("ONNX export of %s failed (%s); running it with PyTorch instead", path, reason)
+    return TorchEngine(path)
+
+
+def cached_onnx_engine(model_path: Path, *, threads: int | None = None) -> OnnxEngine:
+    """Run ``model_path`` through its ONNX export, exporting it on first use."""
+    sha = file_sha256(model_path)
+    onnx_path = cache_dir() / "onnx" / f"{sha}.onnx"
+    if onnx_path.is_file():
+        try:
+            engine = OnnxEngine(onnx_path, source=model_path, sha256=sha, threads=threads)
+            if engine.document.get("source_sha256") == sha:
+                log.debug("using cached ONNX export %s of %s", onnx_path, model_path)
+                return engine
+        except UserError:
+            pass
+        log.info("cached ONNX export %s is stale or unreadable; exporting again", onnx_path)
+    from pneumoscan.inference.onnx_export import export_onnx  # torch and onnx: only on first use
+
+    log.info("exporting %s to ONNX (once; cached at %s)", model_path, onnx_path)
+    export_onnx(model_path, onnx_path)
+    return OnnxEngine(onnx_path, source=model_path, sha256=sha, threads=threads)
