@@ -105,6 +105,7 @@ class BatchPrediction(BaseModel):
 class Health(BaseModel):
     status: str
     model_loaded: bool
+    api_key_required: bool = Field(description="whether /v1 calls other than health need the X-API-Key header")
 
 
 class ErrorBody(BaseModel):
@@ -257,7 +258,8 @@ def api_routes(limits: ServerLimits) -> APIRouter:
     @router.get("/health", response_model=Health, tags=["service"])
     async def health(request: Request) -> dict:
         """Liveness; open even when an API key is set."""
-        return {"status": "ok", "model_loaded": getattr(request.app.state, "service", None) is not None}
+        return {"status": "ok", "model_loaded": getattr(request.app.state, "service", None) is not None,
+                "api_key_required": api_key is not None}
 
     @router.get("/model", dependencies=protected, responses=errors, tags=["service"])
     async def model(request: Request) -> dict:
