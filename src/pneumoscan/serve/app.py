@@ -259,7 +259,7 @@ def api_routes(limits: ServerLimits) -> APIRouter:
     async def health(request: Request) -> dict:
         """Liveness; open even when an API key is set."""
         return {"status": "ok", "model_loaded": getattr(request.app.state, "service", None) is not None,
-                "api_key_required": api_key is not None}
+                "api_key_required": limits.api_key is not None}
 
     @router.get("/model", dependencies=protected, responses=errors, tags=["service"])
     async def model(request: Request) -> dict:

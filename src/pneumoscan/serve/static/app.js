@@ -192,7 +192,7 @@
       const s = c.service || {};
       if (s.max_upload_bytes) {
         $("drop-hint").textContent =
-          `PNG, JPEG or DICOM · up to ${mib(s.max_upload_bytes)} each · analysed on this server only`;
+          `PNG, JPEG, BMP, TIFF, WebP or DICOM · up to ${mib(s.max_upload_bytes)} each · analysed on this server only`;
       }
       updateKeyButton();
     } catch (e) {
