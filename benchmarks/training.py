@@ -30,17 +30,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_reproduction import ROOT, holdout_tree  # noqa: E402
 
-from pneumoscan import cli, train  # noqa: E402
-from pneumoscan.config import recipe  # noqa: E402
+from pneumoscan import console, train  # noqa: E402
+from pneumoscan.config import apply_overrides, recipe  # noqa: E402
 
 
-def run(root: Path, out: str, name: str, weights: str, **overrides) -> dict:
-    config = recipe("seed-study")
-    config.data.root, config.model.backbone_weights = str(root), weights
-    config.out_dir, config.name = out, name
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        setattr(getattr(config, section), field, value)
+def run(root: Path, out: str, name: str, weights: str, *overrides: str) -> dict:
+    """Train the seed-study recipe with ``overrides`` ("section.field=value", config.apply_overrides)."""
+    config = apply_overrides(recipe("seed-study"), [f"data.root={root}", f"model.backbone_weights={weights}",
+                                                    f"out_dir={out}", f"name={name}", *overrides])
     started = time.perf_counter()
     run_dir = train.fit(config)
     wall = time.perf_counter() - started
@@ -57,13 +54,13 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench-training")
     p.add_argument("--epochs-slow", type=int, default=2)
     args = p.parse_args()
-    cli.configure_logging(False)
+    console.configure_logging(False)
     with tempfile.TemporaryDirectory() as tmp:
         root = holdout_tree(Path(args.data), Path(tmp) / "chest_xray", 0.15, 42)
-        fast = run(root, args.out, "fast", args.weights, train__cache_dir=str(Path(tmp) / "cache"))
-        slow = run(root, args.out, "slow", args.weights, train__feature_cache=False, train__epochs=args.epochs_slow)
-        tune = run(root, args.out, "finetune", args.weights, model__unfreeze_blocks=3,
-                   train__epochs=args.epochs_slow)
+        fast = run(root, args.out, "fast", args.weights, f"train.cache_dir={Path(tmp) / 'cache'}")
+        slow = run(root, args.out, "slow", args.weights, "train.feature_cache=false", f"train.epochs={args.epochs_slow}")
+        tune = run(root, args.out, "finetune", args.weights, "model.unfreeze_blocks=3",
+                   f"train.epochs={args.epochs_slow}")
 
     best = fast["best_epoch"] or fast["epochs_run"]
     print(f"\n## Training speed ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

@@ -48,8 +48,9 @@ def test_train_evaluate_predict_end_to_end(tiny_dataset, tmp_path, capsys):
     code, out = run_cli("predict", "--model", model, tiny_dataset / "test", capsys=capsys)
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out.out)))
-    assert len(rows) == 12 and rows[0].keys() == {"path", "probability", "prediction", "label_name"}
-    assert all(r["label_name"] in ("NORMAL", "PNEUMONIA") for r in rows)
+    assert len(rows) == 12 and rows[0].keys() == {"path", "probability", "prediction", "label", "threshold",
+                                                  "model_sha256"}
+    assert all(r["label"] in ("NORMAL", "PNEUMONIA") for r in rows)
 
     # one unreadable file among good ones: the rest are still predicted, the bad one named, exit 2
     bad = tmp_path / "bad.jpeg"

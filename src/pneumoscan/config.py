@@ -301,6 +301,12 @@ def field_type(kind: type, name: str) -> type:
     return typing.get_type_hints(kind)[name]
 
 
+def setting_type(key: str) -> type:
+    """The declared type of ``section.field`` (or a top-level field)."""
+    section, name = _locate(key)
+    return field_type(_SECTION_TYPES[section] if section else RunConfig, name)
+
+
 def default(key: str) -> Any:
     """The package default of ``section.field`` (or a top-level field), for help texts."""
     section, name = _locate(key)
