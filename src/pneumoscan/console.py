@@ -19,6 +19,7 @@ progress_log = logging.getLogger("pneumoscan.progress")
 
 LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pytorch_lightning", "lightning_fabric")
 QUIET_LOGGERS = ("matplotlib", "PIL")
+EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_auc")  # the epoch line; all if none logged
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
@@ -165,7 +166,9 @@ def training_callbacks(run_log: RunLog | None = None, *, tty: bool | None = None
 
         def on_train_epoch_end(self, trainer, pl_module) -> None:
             if trainer.is_global_zero:
-                shown = ", ".join(f"{k} {float(v):.4f}" for k, v in sorted(trainer.callback_metrics.items()))
+                found = {k: float(v) for k, v in trainer.callback_metrics.items()}
+                keys = [k for k in EPOCH_METRICS if k in found] or sorted(found)
+                shown = ", ".join(f"{k} {found[k]:.4f}" for k in keys)
                 log.info("epoch %d/%d: %s", trainer.current_epoch + 1, trainer.max_epochs, shown)
 
     class AttachRunLog(Callback):
