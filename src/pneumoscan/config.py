@@ -137,8 +137,8 @@ class RunConfig:
         for key, check in CHECKS.items():
             section, _, name = key.partition(".")
             problem = check(getattr(getattr(self, section), name))
-            if problem:
-                raise ConfigError(f"{key}: {problem}")
+            if problem:  # the syntax checks name the setting in their own sentence
+                raise ConfigError(problem if f"({key})" in problem else f"{key}: {problem}")
         if not self.out_dir:
             raise ConfigError("out_dir: must name a folder")
         return self
@@ -154,7 +154,7 @@ def _at_least(low, what: str = ""):
     return lambda v: None if v >= low else f"must be >= {low}{what}, not {v!r}"
 
 
-def check_threshold_rule(rule: str) -> str | None:
+def check_threshold_rule(rule: str, key: str = "train.threshold") -> str | None:
     """None if ``rule`` is a threshold rule metrics.choose_threshold accepts, else why not."""
     rule = rule.strip()
     if rule == "youden":
@@ -162,37 +162,37 @@ def check_threshold_rule(rule: str) -> str | None:
     if rule.startswith("sensitivity:"):
         target = _float_or_none(rule.removeprefix("sensitivity:"))
         if target is None or not 0 < target <= 1:
-            return f"bad rule {rule!r}: the sensitivity must be a number in (0, 1]; use {THRESHOLD_RULES}"
+            return f"bad threshold rule {rule!r} ({key}): the sensitivity must be in (0, 1]; use {THRESHOLD_RULES}"
         return None
     value = _float_or_none(rule)
     if value is None:
-        return f"unknown rule {rule!r}; use {THRESHOLD_RULES}"
+        return f"unknown threshold rule {rule!r} ({key}); use {THRESHOLD_RULES}"
     if not 0 < value < 1:
-        return f"rule {rule!r} is outside (0, 1); use {THRESHOLD_RULES}"
+        return f"threshold rule {rule!r} ({key}) is outside (0, 1); use {THRESHOLD_RULES}"
     return None
 
 
-def check_unfreeze_at(schedule: str) -> str | None:
+def check_unfreeze_at(schedule: str, key: str = "train.unfreeze_at") -> str | None:
     """None if ``schedule`` parses as models.stages_to_unfreeze's "EPOCH:STAGES,..." (-1 = all)."""
     for part in filter(None, (p.strip() for p in schedule.split(","))):
         if not _UNFREEZE_PAIR.fullmatch(part):
-            return f"bad schedule {schedule!r}: use EPOCH:STAGES pairs like '2:3,4:-1' (STAGES -1 = all)"
+            return f"bad unfreeze schedule {schedule!r} ({key}): use EPOCH:STAGES pairs like '2:3,4:-1' (-1 = all)"
     return None
 
 
-def check_head(spec: str) -> str | None:
+def check_head(spec: str, key: str = "model.head") -> str | None:
     """None if ``spec`` is a head name or a spec models.build_head can build."""
     if spec in HEAD_NAMES:
         return None
     for token in filter(None, (t.strip() for t in spec.split(","))):
         if not _HEAD_TOKEN.fullmatch(token):
-            return (f"bad head spec {spec!r} at {token!r}: use names {', '.join(HEAD_NAMES)} or "
+            return (f"bad head spec {spec!r} ({key}) at {token!r}: use names {', '.join(HEAD_NAMES)} or "
                     "comma-separated layers like '64,bn,d0.3,32'")
     return None
 
 
 def _check_backbone(name: str) -> str | None:
-    return None if name in BACKBONES else f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}"
+    return None if name in BACKBONES else f"unknown backbone {name!r} (model.backbone); valid: {', '.join(BACKBONES)}"
 
 
 CHECKS = {
