@@ -58,7 +58,8 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         root = holdout_tree(Path(args.data), Path(tmp) / "chest_xray", 0.15, 42)
         fast = run(root, args.out, "fast", args.weights, f"train.cache_dir={Path(tmp) / 'cache'}")
-        slow = run(root, args.out, "slow", args.weights, "train.feature_cache=false", f"train.epochs={args.epochs_slow}")
+        slow = run(root, args.out, "slow", args.weights, "train.feature_cache=false",
+                   f"train.epochs={args.epochs_slow}")
         tune = run(root, args.out, "finetune", args.weights, "model.unfreeze_blocks=3",
                    f"train.epochs={args.epochs_slow}")
 
