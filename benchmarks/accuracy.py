@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from pneumoscan.config import RECIPES as config_recipes
-from pneumoscan.config import RunConfig, merge
+from pneumoscan.config import RunConfig, apply_overrides, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -77,13 +77,15 @@ RETHRESHOLDED = {"finetune_radiograph, threshold 0.5 (the default)": ("finetune_
 THRESHOLD_RULES = ("youden", "0.5", "sensitivity:0.95")
 
 
-def config_for(name: str, data: str, weights: str, out: str, cache_dir: str, smoke: bool = False):
+# checks the plumbing in seconds; numbers meaningless
+SMOKE = {"data.image_size": 64, "train.epochs": 1, "train.views": 1}
+
+
+def config_for(name: str, data: str, weights: str, out: str, cache_dir: str, smoke: bool = False) -> RunConfig:
+    """Recipe ``name`` on this machine's data and weights (config.apply_overrides, validated)."""
     config = RunConfig.from_dict(merge(RunConfig().to_dict(), RECIPES[name]))
-    config.data.root, config.model.backbone_weights = data, weights
-    config.out_dir, config.name, config.train.cache_dir = out, name, cache_dir
-    if smoke:  # checks the plumbing in seconds; numbers meaningless
-        config.data.image_size, config.train.epochs, config.train.views = 64, 1, 1
-    return config
+    return apply_overrides(config, {"data.root": data, "model.backbone_weights": weights, "out_dir": out,
+                                    "name": name, "train.cache_dir": cache_dir, **(SMOKE if smoke else {})})
 
 
 def cmd_run(args) -> int:
@@ -100,9 +102,9 @@ def cmd_run(args) -> int:
             procs.append(subprocess.Popen([*base, name], stdout=log, stderr=subprocess.STDOUT, env=env))
         return max(p.wait() for p in procs)
 
-    from pneumoscan import cli, cv
+    from pneumoscan import console, cv
 
-    cli.configure_logging(False)
+    console.configure_logging(False)
     for name in args.recipes:
         config = config_for(name, args.data, args.weights, args.out, args.cache_dir, args.smoke)
         started = time.perf_counter()

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import artifact, cli, data, evaluate
+from pneumoscan import artifact, console, data, evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--k", type=int, default=16, help="errors of each kind in the galleries")
     args = p.parse_args()
-    cli.configure_logging(False)
+    console.configure_logging(False)
     fold = Path(args.fold)
     model, meta = artifact.load(args.model or fold / "model.pt")
     threshold = json.loads((fold / "test" / "metrics.json").read_text())["threshold"]

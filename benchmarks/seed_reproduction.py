@@ -19,8 +19,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from pneumoscan import cli, data, train
-from pneumoscan.config import recipe
+from pneumoscan import console, data, train
+from pneumoscan.config import apply_overrides, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,23 +44,17 @@ def main() -> int:
     p.add_argument("--holdout", type=float, default=0.15)
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--slow", action="store_true", help="run the backbone every batch (no feature cache)")
-    p.add_argument("--set", nargs="*", default=[], metavar="SECTION.KEY=VALUE", help="config overrides")
+    p.add_argument("--set", nargs="+", action="extend", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="config overrides, e.g. --set train.lr=3e-4 data.augment=seed-noflip (repeatable)")
     args = p.parse_args()
-    cli.configure_logging(False)
+    console.configure_logging(False)
 
     with tempfile.TemporaryDirectory() as tmp:
         root = holdout_tree(Path(args.data), Path(tmp) / "chest_xray", args.holdout, args.seed)
-        config = recipe("seed-study")
-        config.data.root = str(root)
-        config.model.backbone_weights = args.weights
-        config.train.seed = args.seed
-        config.train.feature_cache = not args.slow
-        config.out_dir, config.name = args.out, args.name
-        for item in args.set:
-            key, value = item.split("=", 1)
-            section, field = key.split(".")
-            target = getattr(config, section)
-            setattr(target, field, type(getattr(target, field))(yaml_value(value)))
+        config = apply_overrides(recipe("seed-study"), {
+            "data.root": str(root), "model.backbone_weights": args.weights, "train.seed": args.seed,
+            "train.feature_cache": not args.slow, "out_dir": args.out, "name": args.name})
+        config = apply_overrides(config, args.set)
         started = time.perf_counter()
         run = train.fit(config)
         wall = time.perf_counter() - started
@@ -84,12 +78,6 @@ def main() -> int:
           f"({blob['seconds_per_epoch']:.2f} s/epoch), best epoch {blob['best_epoch']}")
     print(f"run folder: {run}")
     return 0
-
-
-def yaml_value(text: str):
-    import yaml
-
-    return yaml.safe_load(text)
 
 
 if __name__ == "__main__":

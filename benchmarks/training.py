@@ -1,6 +1,7 @@
 """Training speed: slow path vs fast path vs fine-tuning, measured in one run on this machine.
 
-All three train the default config on the same patient-grouped split of
+All three train the seed-study recipe (frozen ImageNet MobileNetV2; ``--recipe seed-study``) on the
+same patient-grouped split of
 ../shared/data/chest_xray/train (the 15% hold-out is the test set):
 
 - fast path: frozen backbone, head trained on cached features of K augmented views (the default);
@@ -30,21 +31,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_reproduction import ROOT, holdout_tree  # noqa: E402
 
-from pneumoscan import cli, train  # noqa: E402
-from pneumoscan.config import recipe  # noqa: E402
+from pneumoscan import artifact, console, train  # noqa: E402
+from pneumoscan.config import apply_overrides, recipe  # noqa: E402
 
 
-def run(root: Path, out: str, name: str, weights: str, **overrides) -> dict:
-    config = recipe("seed-study")
-    config.data.root, config.model.backbone_weights = str(root), weights
-    config.out_dir, config.name = out, name
-    for key, value in overrides.items():
-        section, field = key.split("__")
-        setattr(getattr(config, section), field, value)
+def run(root: Path, out: str, name: str, weights: str, *overrides: str) -> dict:
+    """Train the seed-study recipe with ``overrides`` ("section.field=value", config.apply_overrides)."""
+    config = apply_overrides(recipe("seed-study"), [f"data.root={root}", f"model.backbone_weights={weights}",
+                                                    f"out_dir={out}", f"name={name}", *overrides])
     started = time.perf_counter()
     run_dir = train.fit(config)
     wall = time.perf_counter() - started
-    meta = torch.load(run_dir / "model.pt", weights_only=True)["meta"]["training"]
+    meta = artifact.read_meta(run_dir / "model.pt").to_dict()["training"]
     test = json.loads((run_dir / "test" / "metrics.json").read_text())
     return {"name": name, "wall": wall, **meta, "roc_auc": test["roc_auc"], "accuracy": test["accuracy"],
             "images_per_s": meta["n_train"] * meta["epochs_run"] / max(meta["seconds"], 1e-9)}
@@ -57,13 +55,14 @@ def main() -> int:
     p.add_argument("--out", default="runs/bench-training")
     p.add_argument("--epochs-slow", type=int, default=2)
     args = p.parse_args()
-    cli.configure_logging(False)
+    console.configure_logging(False)
     with tempfile.TemporaryDirectory() as tmp:
         root = holdout_tree(Path(args.data), Path(tmp) / "chest_xray", 0.15, 42)
-        fast = run(root, args.out, "fast", args.weights, train__cache_dir=str(Path(tmp) / "cache"))
-        slow = run(root, args.out, "slow", args.weights, train__feature_cache=False, train__epochs=args.epochs_slow)
-        tune = run(root, args.out, "finetune", args.weights, model__unfreeze_blocks=3,
-                   train__epochs=args.epochs_slow)
+        fast = run(root, args.out, "fast", args.weights, f"train.cache_dir={Path(tmp) / 'cache'}")
+        slow = run(root, args.out, "slow", args.weights, "train.feature_cache=false",
+                   f"train.epochs={args.epochs_slow}")
+        tune = run(root, args.out, "finetune", args.weights, "model.unfreeze_blocks=3",
+                   f"train.epochs={args.epochs_slow}")
 
     best = fast["best_epoch"] or fast["epochs_run"]
     print(f"\n## Training speed ({platform.processor() or platform.machine()}, {os.cpu_count()} cores, "

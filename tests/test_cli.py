@@ -3,8 +3,11 @@
 import csv
 import io
 import json
+import logging
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from PIL import Image
@@ -21,13 +24,17 @@ def run_cli(*args, capsys=None):
     return code, out
 
 
-def test_train_evaluate_predict_end_to_end(tiny_dataset, tmp_path, capsys):
+def test_train_evaluate_predict_end_to_end(tiny_dataset, tmp_path, capsys, caplog):
+    caplog.set_level(logging.INFO)
     code, out = run_cli("train", "--data", tiny_dataset, "--backbone-weights", "none", "--epochs", 1,
                         "--image-size", 48, "--batch-size", 8, "--val-fraction", 0.25, "--precision", 32,
                         "--out", tmp_path / "runs", "--name", "e2e", capsys=capsys)
     assert code == 0, out.err
     model = tmp_path / "runs" / "e2e" / "model.pt"
     assert str(model) in out.out
+    # the run's log, from its first line (decoding, before the folder existed) to its last
+    train_log = (tmp_path / "runs" / "e2e" / "train.log").read_text()
+    assert "found 52 images" in train_log and "epoch 1/1: train_loss" in train_log and "test: n=12" in train_log
 
     code, out = run_cli("evaluate", "--model", model, "--data", tiny_dataset, "--out", tmp_path / "eval",
                         "--bootstrap", 200, capsys=capsys)
@@ -48,8 +55,14 @@ def test_train_evaluate_predict_end_to_end(tiny_dataset, tmp_path, capsys):
     code, out = run_cli("predict", "--model", model, tiny_dataset / "test", capsys=capsys)
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out.out)))
-    assert len(rows) == 12 and rows[0].keys() == {"path", "probability", "prediction", "label", "threshold", "model_sha256"}
+    assert len(rows) == 12 and rows[0].keys() == {"path", "probability", "prediction", "label", "threshold",
+                                                  "model_sha256"}
     assert all(r["label"] in ("NORMAL", "PNEUMONIA") for r in rows)
+    from pneumoscan.files import file_sha256
+
+    threshold = json.loads((tmp_path / "runs" / "e2e" / "validation" / "metrics.json").read_text())["threshold"]
+    assert {r["model_sha256"] for r in rows} == {file_sha256(model)}
+    assert all(float(r["threshold"]) == pytest.approx(threshold, abs=1e-6) for r in rows)
 
     # one unreadable file among good ones: the rest are still predicted, the bad one named, exit 2
     bad = tmp_path / "bad.jpeg"
@@ -58,6 +71,10 @@ def test_train_evaluate_predict_end_to_end(tiny_dataset, tmp_path, capsys):
                         "--out", tmp_path / "p.csv", capsys=capsys)
     assert code == 2 and "bad.jpeg" in out.err
     assert len(list(csv.DictReader(open(tmp_path / "p.csv")))) == 6
+    # one line for the skipped file, one summary with the right plural
+    first, summary = out.err.splitlines()
+    assert first.startswith(f"pneumoscan: skipped {bad}: ") and first.count("bad.jpeg") == 1
+    assert summary == f"wrote 6 predictions to {tmp_path / 'p.csv'}; skipped 1 unreadable file"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -70,9 +87,18 @@ def test_train_evaluate_predict_end_to_end(tiny_dataset, tmp_path, capsys):
     (["train", "--resume", "{tmp}"], "cannot resume"),
     (["train", "--data", "{data}", "--recipe", "best-ever"], "valid: default, seed-study"),
     (["train", "--data", "{data}", "--backbone-weights", "none", "--unfreeze-at", "soon"], "EPOCH:STAGES"),
+    (["train", "--data", "{data}", "--epochs", "0"], "train.epochs: must be >= 1"),
+    (["train", "--data", "{data}", "--set", "train.lr=fast"], "train.lr: expected a number"),
+    (["train", "--data", "{data}", "--set", "train.nope=1"], "unknown setting 'train.nope'"),
+    (["train", "--data", "{data}", "--set", "lr"], "section.field=value"),
+    (["train", "--data", "{data}", "--config", "{tmp}/bad.yaml"], "bad.yaml: data.augment: unknown value"),
+    (["train", "--set", "train.epochs=2"], "--data is required"),
+    (["predict", "{tmp}/note.txt"], "skipped"),
 ])
 def test_user_mistakes_give_one_line_and_exit_2(tiny_dataset, tmp_path, capsys, args, message):
     args = [a.format(tmp=tmp_path, data=tiny_dataset) for a in args]
+    (tmp_path / "bad.yaml").write_text("data: {augment: mixup}\n")
+    (tmp_path / "note.txt").write_text("not an image")
     code, out = run_cli(*args, capsys=capsys)
     assert code == 2
     assert message in out.err
@@ -109,3 +135,64 @@ def test_recipe_then_config_file_then_flags(tmp_path):
     both = cli.config_from_args(parser.parse_args(
         ["train", "--data", "d", "--recipe", "seed-study", "--config", str(tmp_path / "c.yaml"), "--patience", "2"]))
     assert (both.train.epochs, both.train.patience, both.model.unfreeze_blocks) == (3, 2, 0)
+
+
+def test_set_overrides_after_config_file_and_before_flags(tmp_path):
+    parser = cli.build_parser()
+    (tmp_path / "c.yaml").write_text("train: {epochs: 3, lr: 0.01}\n")
+    config = cli.config_from_args(parser.parse_args(
+        ["train", "--data", "d", "--config", str(tmp_path / "c.yaml"), "--set", "train.lr=3e-4",
+         "--set", "data.augment=seed", "--set", "model.unfreeze_blocks=0", "--set", "train.epochs=5",
+         "--epochs", "4"]))
+    assert (config.train.lr, config.data.augment, config.model.unfreeze_blocks, config.train.epochs) == \
+        (3e-4, "seed", 0, 4)
+    # data.root may come from --set instead of --data
+    assert cli.config_from_args(parser.parse_args(["train", "--set", "data.root=x"])).data.root == "x"
+
+
+def test_flag_choices_come_from_config():
+    from pneumoscan import config
+
+    train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
+    choices = {a.option_strings[0]: a.choices for a in train._actions if a.choices}
+    assert choices == {"--augment": config.AUGMENTATIONS, "--class-weights": config.CLASS_WEIGHT_MODES,
+                       "--weights-normalization": config.WEIGHTS_NORMALIZATIONS,
+                       "--batchnorm": config.BATCHNORM_MODES, "--schedule": config.SCHEDULES,
+                       "--precision": config.PRECISIONS}
+
+
+def help_text(*command):
+    result = subprocess.run([sys.executable, "-m", "pneumoscan.cli", *command, "--help"], capture_output=True,
+                            text=True, env=os.environ | {"COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_help_shows_one_true_default_each():
+    train = help_text("train")
+    assert "default: None" not in train and "(default:" not in train
+    assert "maximum epochs [8]" in train and "head learning rate [0.001]" in train
+    assert "usage: pneumoscan train (--data DIR | --resume RUN_FOLDER)" in train
+    assert "required unless --resume" in train
+    for command in ("evaluate", "predict", "explain", "export", "serve", "explore", "cv", "compare"):
+        text = help_text(command)
+        assert "default: None" not in text and "(default:" not in text, command
+        assert text.count("[the bundled model]") <= 1
+    assert "TCP port to listen on [8000]" in help_text("serve")
+    assert "random seed of the sample images shown [0]" in help_text("explore")
+    assert "Writes to OUT: summary.md" in help_text("explore")
+    assert "one CSV row per image" in help_text("predict")
+
+
+def test_evaluate_without_model_uses_the_bundled_one(tmp_path, capsys):
+    from pneumoscan import artifact
+
+    if not artifact.BUNDLED_MODEL.is_file():
+        pytest.skip("no bundled model in this installation")
+    sample = Path(__file__).resolve().parents[1] / "examples" / "chest_xray_sample"
+    code, out = run_cli("evaluate", "--data", sample, "--out", tmp_path / "eval", "--report", "--errors", 0,
+                        "--bootstrap", 20, capsys=capsys)
+    assert code == 0, out.err
+    evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
+    assert evaluation["model"] == str(artifact.BUNDLED_MODEL)
+    assert (tmp_path / "eval" / "report.html").is_file() and (tmp_path / "eval" / "evaluate.log").is_file()

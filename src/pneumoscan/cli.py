@@ -1,7 +1,9 @@
 """Command line: argument parsing only; each command calls one library function.
 
-Mistakes in the input (missing folders, unreadable images, unknown names) end with one line on
-stderr and exit status 2, never a traceback.
+Every command is an ``add_X`` (its parser) / ``cmd_X`` (its run) pair. Training settings are
+declared in config.py once: a flag here names the setting, and its type, choices and default come
+from there. Mistakes in the input (missing folders, unreadable images, unknown names) end with one
+line on stderr and exit status 2, never a traceback.
 """
 
 from __future__ import annotations
@@ -10,18 +12,17 @@ import argparse
 import logging
 import os
 import sys
-import warnings
 from pathlib import Path
 
-import yaml
-
-from pneumoscan import __version__
+from pneumoscan import __version__, config, console
 from pneumoscan.config import RunConfig
 from pneumoscan.errors import UserError
 
 log = logging.getLogger("pneumoscan")
 
 CAM_METHODS = ("gradcam", "gradcam++", "eigencam")  # explain.METHODS; not imported here to keep --help fast
+ENGINES = ("auto", "onnx", "torch")  # inference.loading.KINDS, likewise
+SETTING = "setting:"  # dest prefix of flags that set a config field: "setting:train.epochs"
 
 DESCRIPTION = """\
 pneumoscan: pneumonia detection in chest X-rays (NORMAL vs PNEUMONIA).
@@ -38,87 +39,94 @@ missing), or simply DIR/{NORMAL,PNEUMONIA}/. Label 0 = NORMAL, 1 = PNEUMONIA.
 """
 
 
-class _Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-    pass
+class _Formatter(argparse.RawDescriptionHelpFormatter):
+    """Each option's default once, as "[value]": appended from the parser's default when there is
+    one; training flags (default None, so an unset flag leaves the config alone) carry the
+    config's default in their help text instead. A one-line description is wrapped to the
+    terminal; one with line breaks is printed as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text.strip():
+            return super()._fill_text(text, width, indent)
+        return argparse.HelpFormatter._fill_text(self, text, width, indent)
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help = action.help or ""
+        if "%(default)" in help or action.default is None or action.default is False \
+                or action.default is argparse.SUPPRESS or action.default == []:
+            return help
+        return f"{help} [%(default)s]"
 
 
-class StageBars:
-    """tqdm bars for the library's (stage, done, total) progress callbacks; silent when not a terminal."""
-
-    def __init__(self):
-        self.bars: dict = {}
-
-    def __call__(self, stage: str, done: int, total: int) -> None:
-        from tqdm.auto import tqdm
-
-        if stage not in self.bars:
-            self.bars[stage] = tqdm(desc=stage, total=total or None, unit="img", leave=False, file=sys.stderr,
-                                    disable=not sys.stderr.isatty())
-        bar = self.bars[stage]
-        bar.update(done - bar.n)
-
-    def close(self) -> None:
-        for bar in self.bars.values():
-            bar.close()
+def add_parser(sub, name: str, help: str, description: str | None = None, **kwargs) -> argparse.ArgumentParser:
+    return sub.add_parser(name, help=help, description=description or help[:1].upper() + help[1:] + ".",
+                          formatter_class=_Formatter, **kwargs)
 
 
-# --- train -------------------------------------------------------------------------------------
-
-# flag -> (config section, field); defaults live in config.py so they are declared once
-TRAIN_FLAGS = {
-    "data": ("data", "root"), "image_size": ("data", "image_size"), "val_fraction": ("data", "val_fraction"),
-    "augment": ("data", "augment"), "class_weights": ("data", "class_weights"), "strict": ("data", "strict"),
-    "batch_size": ("data", "batch_size"), "workers": ("data", "num_workers"),
-    "backbone": ("model", "backbone"), "backbone_weights": ("model", "backbone_weights"),
-    "weights_normalization": ("model", "weights_normalization"), "head": ("model", "head"),
-    "unfreeze_blocks": ("model", "unfreeze_blocks"), "batchnorm": ("model", "batchnorm"),
-    "schedule": ("train", "schedule"), "label_smoothing": ("train", "label_smoothing"),
-    "unfreeze_at": ("train", "unfreeze_at"),
-    "epochs": ("train", "epochs"), "lr": ("train", "lr"), "backbone_lr": ("train", "backbone_lr"),
-    "patience": ("train", "patience"), "seed": ("train", "seed"), "precision": ("train", "precision"),
-    "threshold": ("train", "threshold"), "max_train_batches": ("train", "max_train_batches"),
-    "feature_cache": ("train", "feature_cache"), "views": ("train", "views"), "cache_dir": ("train", "cache_dir"),
-    "devices": ("train", "devices"), "num_nodes": ("train", "num_nodes"), "strategy": ("train", "strategy"),
-    "out": (None, "out_dir"), "name": (None, "name"),
-}
+def skipped_line(path: str, reason: str) -> str:
+    """One line per skipped file, whether the library's reason already starts with the path or not."""
+    return f"pneumoscan: skipped {path}: {reason.removeprefix(f'{path}: ')}"
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """--recipe (default: the package defaults) < --config file < explicit flags."""
-    from pneumoscan.config import merge, recipe
+# --- explore ------------------------------------------------------------------------------------
 
-    config = recipe(getattr(args, "recipe", None) or "default")
-    if args.config:
-        path = Path(args.config)
-        if not path.is_file():
-            raise UserError(f"config file not found: {path}")
-        try:
-            config = RunConfig.from_dict(merge(config.to_dict(), yaml.safe_load(path.read_text()) or {}))
-        except (ValueError, TypeError, yaml.YAMLError) as exc:
-            raise UserError(f"{path}: {exc}") from None
-    for flag, (section, field) in TRAIN_FLAGS.items():
-        value = getattr(args, flag, None)
-        if value is not None:
-            setattr(getattr(config, section) if section else config, field, value)
-    if not config.data.root and not args.resume:
-        raise UserError("--data is required (a folder with train/NORMAL and train/PNEUMONIA)")
-    return config
+def add_explore(sub) -> None:
+    p = add_parser(sub, "explore", "describe a dataset: counts, samples, sizes, duplicates, patients",
+                   "Describes a dataset without training anything. Writes to OUT: summary.md (images and "
+                   "patients per split and class, image sizes and modes, unreadable files, duplicates, patients "
+                   "in more than one split, balanced class weights), counts.csv, class_counts.png, samples.png "
+                   "(sample images per class), image_stats.csv (one row per file), duplicates.csv and "
+                   "patient_overlap.csv.")
+    p.add_argument("--data", required=True, help="dataset root or NORMAL/PNEUMONIA folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--samples", type=int, default=8, help="sample images per class in samples.png")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the sample images shown")
+    p.set_defaults(func=cmd_explore)
+
+
+def cmd_explore(args: argparse.Namespace) -> int:
+    from pneumoscan import explore
+
+    explore.explore(args.data, args.out, n_samples=args.samples, seed=args.seed)
+    print(f"summary: {Path(args.out) / 'summary.md'}")
+    return 0
+
+
+# --- train / cv ---------------------------------------------------------------------------------
+
+TRAIN_DESCRIPTION = (
+    "Train a classifier. The default recipe won 5-fold patient-grouped cross-validation (README, "
+    "'Accuracy'): ImageNet MobileNetV2 fine-tuned end to end with the seed study's head (Dense 64, BN, BN, "
+    "Dense 32), 'radiograph' augmentation (no horizontal flip; contrast/brightness/gamma), balanced class "
+    "weights, Adam (head 1e-3, backbone 1e-4, cosine), at most 8 epochs with early stopping on validation "
+    "loss. --recipe seed-study trains the study we started from (frozen backbone). Writes a run folder with "
+    "config, data manifest, curves, checkpoints, train.log and model.pt.")
+
+
+def add_train(sub) -> None:
+    p = add_parser(sub, "train", "train a model on a folder of labelled X-rays", TRAIN_DESCRIPTION,
+                   usage="%(prog)s (--data DIR | --resume RUN_FOLDER) [options]")
+    add_training_options(p)
+    p.add_argument("--resume", metavar="RUN_FOLDER",
+                   help="continue an interrupted run from its last checkpoint (its config.yaml; --data not needed)")
+    p.set_defaults(func=cmd_train)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from lightning.pytorch.callbacks import TQDMProgressBar
-
     from pneumoscan import train
 
     config = config_from_args(args)
-    bars = StageBars()
+    run_log = console.start_run_log()  # RUN/train.log, from the first line, once fit creates RUN
+    bars = console.StageBars()
     try:
-        run_dir = train.fit(config, resume_dir=args.resume, callbacks=[TQDMProgressBar()], progress=bars)
+        run_dir = train.fit(config, resume_dir=args.resume, callbacks=console.training_callbacks(run_log),
+                            progress=bars)
     except KeyboardInterrupt:
         print("\ninterrupted; continue with: pneumoscan train --resume RUN_FOLDER", file=sys.stderr)
         return 130
     finally:
         bars.close()
+        run_log.close()
     from lightning.fabric.utilities.rank_zero import rank_zero_only
 
     if rank_zero_only.rank != 0:  # under DDP, rank 0 finishes the run (and says so) after the others exit
@@ -132,24 +140,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_train(sub) -> None:
-    p = sub.add_parser("train", help="train a model on a folder of labelled X-rays", formatter_class=_Formatter,
-                       description="Train a classifier. The default recipe won 5-fold patient-grouped "
-                       "cross-validation (README, 'Accuracy'): ImageNet MobileNetV2 fine-tuned end to end "
-                       "with the seed study's head (Dense 64, BN, BN, Dense 32), 'radiograph' augmentation "
-                       "(no horizontal flip; contrast/brightness/gamma), balanced class weights, Adam (head "
-                       "1e-3, backbone 1e-4, cosine), at most 8 epochs with early stopping on validation "
-                       "loss. --recipe seed-study trains the study we started from (frozen backbone). "
-                       "Writes a run folder with config, data manifest, curves, checkpoints and model.pt.")
-    add_training_options(p)
-    p.add_argument("--resume", metavar="RUN_FOLDER", help="continue an interrupted run from its last checkpoint")
-    p.set_defaults(func=cmd_train)
-
-    p = sub.add_parser("cv", help="patient-grouped k-fold cross-validation of a training recipe",
-                       formatter_class=_Formatter,
-                       description="Trains the recipe k times on the train (and val) images, each time testing on "
-                       "patients the fold never saw; writes per-fold and pooled out-of-fold metrics "
-                       "(cv.md, cv.json, oof_predictions.csv). The data's own test split is never used.")
+def add_cv(sub) -> None:
+    p = add_parser(sub, "cv", "patient-grouped k-fold cross-validation of a training recipe",
+                   "Trains the recipe k times on the train (and val) images, each time testing on patients the "
+                   "fold never saw; writes per-fold and pooled out-of-fold metrics (cv.md, cv.json, "
+                   "oof_predictions.csv). The data's own test split is never used.",
+                   usage="%(prog)s --data DIR [options]")
     add_training_options(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds")
     p.add_argument("--split-seed", type=int, default=42,
@@ -160,9 +156,11 @@ def add_train(sub) -> None:
 def cmd_cv(args: argparse.Namespace) -> int:
     from pneumoscan import cv
 
-    bars = StageBars()
+    config = config_from_args(args)
+    console.route_lightning_logs()
+    bars = console.StageBars()
     try:
-        out = cv.cross_validate(config_from_args(args), folds=args.folds, progress=bars, split_seed=args.split_seed)
+        out = cv.cross_validate(config, folds=args.folds, progress=bars, split_seed=args.split_seed)
     finally:
         bars.close()
     print((out / "cv.md").read_text())
@@ -170,109 +168,225 @@ def cmd_cv(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_setting(group, flag: str, key: str, help: str, *, shown=None, **kwargs) -> None:
+    """A flag that sets config field ``key``: type, choices and the [default] shown come from
+    config.py. Its own default stays None, so an unset flag leaves the recipe or --config alone."""
+    kind = config.setting_type(key)
+    if kind is bool:
+        kwargs.setdefault("action", "store_true")
+    else:
+        kwargs.setdefault("type", kind)
+        if "choices" not in kwargs:
+            kwargs.setdefault("metavar", flag.lstrip("-").upper().replace("-", "_"))
+    value = config.default(key) if shown is None else shown
+    if value != "" and help != argparse.SUPPRESS and kind is not bool:
+        help = f"{help} [{value}]"
+    group.add_argument(flag, dest=SETTING + key, default=None, help=help, **kwargs)
+
+
 def add_training_options(p: argparse.ArgumentParser) -> None:
     d = RunConfig()
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="dataset root (train/ and optionally val/, test/)")
-    g.add_argument("--image-size", type=int, help=f"square input size in pixels [{d.data.image_size}]")
-    g.add_argument("--val-fraction", type=float,
-                   help=f"validation share carved from train, grouped by patient, when val/ has "
-                   f"< {d.data.min_val_images} images [{d.data.val_fraction}]")
-    g.add_argument("--augment", choices=["seed", "seed-noflip", "radiograph", "none"],
-                   help="training augmentation: the study's Keras one (seed), without its horizontal flip, "
-                   f"or milder geometry plus contrast/brightness/gamma (radiograph) [{d.data.augment}]")
-    g.add_argument("--class-weights", choices=["balanced", "none"], help=f"[{d.data.class_weights}]")
-    g.add_argument("--strict", action="store_true", default=None, help="stop at the first unreadable image")
-    g.add_argument("--batch-size", type=int, help=f"[{d.data.batch_size}]")
-    g.add_argument("--workers", type=int, help=f"DataLoader worker processes [{d.data.num_workers}]")
+    g.add_argument("--data", dest=SETTING + "data.root", default=None, metavar="DIR",
+                   help="dataset root (train/ and optionally val/, test/); required unless --resume, or a "
+                   "--config/--set gives data.root")
+    add_setting(g, "--image-size", "data.image_size", "square input size in pixels")
+    add_setting(g, "--val-fraction", "data.val_fraction", "validation share carved from train, grouped by "
+                f"patient, when val/ has < {d.data.min_val_images} images")
+    add_setting(g, "--augment", "data.augment", "training augmentation: the study's Keras one (seed), without "
+                "its horizontal flip, or milder geometry plus contrast/brightness/gamma (radiograph)",
+                choices=config.AUGMENTATIONS)
+    add_setting(g, "--class-weights", "data.class_weights", "loss weights per class", choices=config.CLASS_WEIGHT_MODES)
+    add_setting(g, "--strict", "data.strict", "stop at the first unreadable image")
+    add_setting(g, "--batch-size", "data.batch_size", "images per batch")
+    add_setting(g, "--workers", "data.num_workers", "DataLoader worker processes")
     g = p.add_argument_group("model")
-    g.add_argument("--backbone", help=f"mobilenet_v2, resnet18, efficientnet_b0, densenet121 [{d.model.backbone}]")
-    g.add_argument("--backbone-weights",
-                   help="'imagenet' (torchvision's, needs internet once), 'none' (random init) or a local "
-                   f"state_dict file [{d.model.backbone_weights}]")
-    g.add_argument("--weights-normalization", choices=["auto", "imagenet", "inception"],
-                   help="input normalisation the weights expect; 'auto' knows torchvision's and the shared file")
-    g.add_argument("--head", help=f"head name (seed, exp1..exp10, linear) or spec like '64,bn,d0.3,32' [{d.model.head}]")
-    g.add_argument("--unfreeze-blocks", type=int,
-                   help=f"train the last N backbone stages (-1 = all, 0 = frozen) [{d.model.unfreeze_blocks}]")
-    g.add_argument("--batchnorm", choices=["train", "frozen"],
-                   help="BatchNorm statistics of trainable stages: update them, or keep the pretrained "
-                   f"ones [{d.model.batchnorm}]")
+    add_setting(g, "--backbone", "model.backbone", f"one of {', '.join(config.BACKBONES)}")
+    add_setting(g, "--backbone-weights", "model.backbone_weights", "'imagenet' (torchvision's, needs internet "
+                "once), 'none' (random init) or a local state_dict file")
+    add_setting(g, "--weights-normalization", "model.weights_normalization", "input normalisation the weights "
+                "expect; 'auto' knows torchvision's and the shared file", choices=config.WEIGHTS_NORMALIZATIONS)
+    add_setting(g, "--head", "model.head", f"head name ({', '.join(config.HEAD_NAMES)}) or a spec like "
+                "'64,bn,d0.3,32'")
+    add_setting(g, "--unfreeze-blocks", "model.unfreeze_blocks",
+                "train the last N backbone stages (-1 = all, 0 = frozen)")
+    add_setting(g, "--batchnorm", "model.batchnorm", "BatchNorm statistics of trainable stages: update them, "
+                "or keep the pretrained ones", choices=config.BATCHNORM_MODES)
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, help=f"maximum epochs [{d.train.epochs}]")
-    g.add_argument("--lr", type=float, help=f"head learning rate [{d.train.lr}]")
-    g.add_argument("--backbone-lr", type=float, help=f"learning rate of unfrozen stages [{d.train.backbone_lr}]")
-    g.add_argument("--patience", type=int, help=f"early-stopping patience in epochs [{d.train.patience}]")
-    g.add_argument("--schedule", choices=["constant", "cosine"], help=f"learning-rate schedule [{d.train.schedule}]")
-    g.add_argument("--label-smoothing", type=float, help=f"BCE label smoothing [{d.train.label_smoothing}]")
-    g.add_argument("--unfreeze-at", metavar="EPOCH:STAGES,...",
-                   help="progressive unfreezing, e.g. '1:3,3:-1' = last 3 stages train from epoch 2, all from "
-                   "epoch 4 (epochs counted from 0)")
-    g.add_argument("--threshold", help="decision threshold rule on validation: youden, sensitivity:0.95 or a "
-                   f"number [{d.train.threshold}]")
-    g.add_argument("--seed", type=int, help=f"[{d.train.seed}]")
-    g.add_argument("--precision", choices=["auto", "32", "bf16"], help=f"[{d.train.precision}]")
-    g.add_argument("--max-train-batches", type=float, help=argparse.SUPPRESS)
-    g.add_argument("--no-feature-cache", dest="feature_cache", action="store_false", default=None,
+    add_setting(g, "--epochs", "train.epochs", "maximum epochs")
+    add_setting(g, "--lr", "train.lr", "head learning rate")
+    add_setting(g, "--backbone-lr", "train.backbone_lr", "learning rate of unfrozen stages")
+    add_setting(g, "--patience", "train.patience", "early-stopping patience in epochs")
+    add_setting(g, "--schedule", "train.schedule", "learning-rate schedule", choices=config.SCHEDULES)
+    add_setting(g, "--label-smoothing", "train.label_smoothing", "BCE label smoothing")
+    add_setting(g, "--unfreeze-at", "train.unfreeze_at", "progressive unfreezing, e.g. '1:3,3:-1' = last 3 "
+                "stages train from epoch 2, all from epoch 4 (epochs counted from 0)", metavar="EPOCH:STAGES,...",
+                shown="off")
+    add_setting(g, "--threshold", "train.threshold", f"decision threshold rule on validation: {config.THRESHOLD_RULES}")
+    add_setting(g, "--seed", "train.seed", "random seed (split, initialisation, augmentation)")
+    add_setting(g, "--precision", "train.precision", "numeric precision; auto = bf16 on a GPU that has it",
+                choices=config.PRECISIONS)
+    add_setting(g, "--max-train-batches", "train.max_train_batches", argparse.SUPPRESS)
+    g.add_argument("--no-feature-cache", dest=SETTING + "train.feature_cache", action="store_false", default=None,
                    help="with a frozen backbone, run it on every batch instead of training the head on "
                    "cached features (the slow path; same model, ~50x slower)")
-    g.add_argument("--views", type=int, help=f"augmented views per image in the feature cache [{d.train.views}]")
-    g.add_argument("--cache-dir", help="feature cache folder [OUT/.feature-cache]")
+    add_setting(g, "--views", "train.views", "augmented views per image in the feature cache")
+    add_setting(g, "--cache-dir", "train.cache_dir", "feature cache folder", shown="OUT/.feature-cache")
     g = p.add_argument_group("scale out (Lightning)")
-    g.add_argument("--devices", type=int, help="devices per node [1]")
-    g.add_argument("--num-nodes", type=int, help="[1]")
-    g.add_argument("--strategy", help="e.g. ddp [auto]")
+    add_setting(g, "--devices", "train.devices", "devices per node (-1 = all)")
+    add_setting(g, "--num-nodes", "train.num_nodes", "machines")
+    add_setting(g, "--strategy", "train.strategy", "e.g. ddp")
     g = p.add_argument_group("run")
     g.add_argument("--recipe", help="starting point: default (fine-tuning) or seed-study (frozen backbone, "
-                   "Keras augmentation, 30 epochs, patience 7); --config and flags override it [default]")
-    g.add_argument("--config", help="YAML with data/model/train sections (flags override it)")
-    g.add_argument("--out", help=f"folder for run folders [{d.out_dir}]")
-    g.add_argument("--name", help="run folder name [timestamp-backbone]")
+                   "Keras augmentation, 30 epochs, patience 7); --config, --set and flags override it [default]")
+    g.add_argument("--config", help="YAML with data/model/train sections (--set and flags override it)")
+    g.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="any setting, e.g. --set train.lr=3e-4 --set data.augment=seed (repeatable; after "
+                   "--recipe and --config, before the flags above)")
+    add_setting(g, "--out", "out_dir", "folder for run folders")
+    add_setting(g, "--name", "name", "run folder name", shown="timestamp-backbone")
 
 
-# --- evaluate / predict / explore --------------------------------------------------------------
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """--recipe (default: the package defaults) < --config file < --set < explicit flags, each
+    step validated (RunConfig.validate) before anything is decoded or written."""
+    run_config = config.recipe(getattr(args, "recipe", None) or "default")
+    if args.config:
+        try:
+            run_config = RunConfig.from_dict(config.merge(run_config.to_dict(), read_config_file(args.config)))
+        except config.ConfigError as exc:
+            raise UserError(f"{args.config}: {exc}") from None
+    flags = {key.removeprefix(SETTING): value for key, value in vars(args).items()
+             if key.startswith(SETTING) and value is not None}
+    run_config = config.apply_overrides(config.apply_overrides(run_config, args.overrides), flags)
+    if not run_config.data.root and not args.resume:
+        raise UserError("--data is required (a folder with train/NORMAL and train/PNEUMONIA), unless --resume")
+    return run_config
+
+
+def read_config_file(path: str) -> dict:
+    import yaml
+
+    file = Path(path)
+    if not file.is_file():
+        raise UserError(f"config file not found: {file}")
+    try:
+        raw = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise UserError(f"{file}: not valid YAML ({str(exc).splitlines()[0]})") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{file}: expected data/model/train sections, not {type(raw).__name__}")
+    return raw
+
+
+# --- evaluate / predict / explain ---------------------------------------------------------------
+
+def add_evaluate(sub) -> None:
+    p = add_parser(sub, "evaluate", "measure a model on labelled images (metrics with 95%% CIs, plots)",
+                   "Writes OUT/metrics.json (with stratified-bootstrap 95% CIs, Brier score, ECE and recall per "
+                   "pneumonia subtype), OUT/predictions.csv and plots (ROC, PR, reliability), OUT/errors.csv "
+                   "with Grad-CAM galleries of the most confident mistakes in OUT/errors/, OUT/evaluate.log, and "
+                   "with --report one self-contained OUT/report.html. Scores come from the same engine as predict and "
+                   "serve (--engine). The threshold is the one stored in the model (its rule is in the model card: "
+                   "fixed, or fitted on validation data) unless --threshold overrides it.")
+    p.add_argument("--model", help="model.pt from a training run [the bundled model]")
+    p.add_argument("--data", required=True, help="dataset root (its test/ split is used) or NORMAL/PNEUMONIA folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", help="which split to evaluate when DIR has several [test]")
+    p.add_argument("--threshold", type=float, help="override the model's decision threshold")
+    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument("--errors", type=int, default=16, metavar="K",
+                   help="explain the K most confident false positives and false negatives in OUT/errors/ (0 = off)")
+    p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="explanation method for the errors")
+    p.add_argument("--report", action="store_true", help="also write OUT/report.html, one self-contained page")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="runtime for scores: auto = ONNX Runtime, as predict and serve use (PyTorch if export fails)")
+    p.set_defaults(func=cmd_evaluate)
+
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from pneumoscan import evaluate
+    from pneumoscan import artifact, evaluate
 
-    bars = StageBars()
+    model = artifact.resolve(args.model)  # the report links the model's run folder: a real path, not None
+    run_log = console.start_run_log()
+    bars = console.StageBars()
     try:
-        evaluate.run(args.model, args.data, args.out, threshold=args.threshold, split=args.split,
-                     strict=args.strict, n_bootstrap=args.bootstrap,
+        evaluate.run(model, args.data, args.out, threshold=args.threshold, split=args.split,
+                     strict=args.strict, n_bootstrap=args.bootstrap, engine=args.engine,
                      decode_progress=lambda k: bars("decoding images", k, 0),
                      errors=args.errors, method=args.method, report=args.report)
     finally:
         bars.close()
+        if Path(args.out).is_dir():
+            run_log.attach(Path(args.out) / "evaluate.log")
+        run_log.close()
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
     if args.report:
         print(f"report:  {Path(args.out) / 'report.html'}")
     return 0
 
 
+PREDICTION_COLUMNS = ["path", "probability", "prediction", "label", "threshold", "model_sha256"]  # as the web CSV
+
+
+def add_predict(sub) -> None:
+    p = add_parser(sub, "predict", "score new images; CSV of probabilities",
+                   "Scores unlabelled images and writes one CSV row per image (to stdout, or to --out): path, "
+                   "P(PNEUMONIA), the 0/1 prediction and its label at the model's threshold, that threshold and "
+                   "the model file's sha256. Unreadable files are named on stderr and skipped (exit status 2); "
+                   "with --explain also one Grad-CAM PNG per image.")
+    p.add_argument("--model", help="model.pt or exported .onnx [the bundled model]")
+    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--out", help="write the CSV here instead of stdout")
+    p.add_argument("--threshold", type=float, help="override the model's decision threshold")
+    p.add_argument("--engine", choices=ENGINES, default="auto",
+                   help="runtime: auto = ONNX Runtime through a cached export (PyTorch if export fails)")
+    p.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM overlay PNG per image to DIR")
+    p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="explanation method for --explain")
+    p.set_defaults(func=cmd_predict)
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     from pneumoscan import files, predict
 
     rows, skipped = predict.predict_files(args.model, args.paths, threshold=args.threshold, engine=args.engine)
-    header = ["path", "probability", "prediction", "label", "threshold", "model_sha256"]
-    table = [(r.path, f"{r.probability:.6f}", r.prediction, r.label, f"{r.threshold:.6f}", r.model_sha256) for r in rows]
+    table = [(r.path, f"{r.probability:.6f}", r.prediction, r.label, round(r.threshold, 6), r.model_sha256)
+             for r in rows]
+    for path, reason in skipped:
+        print(skipped_line(path, reason), file=sys.stderr)
+    unreadable = f"; skipped {console.plural(len(skipped), 'unreadable file')}" if skipped else ""
     if args.out:
-        files.write_csv(args.out, header, table)
-        print(f"wrote {len(rows)} predictions to {args.out}", file=sys.stderr)
+        files.write_csv(args.out, PREDICTION_COLUMNS, table)
+        print(f"wrote {console.plural(len(rows), 'prediction')} to {args.out}{unreadable}", file=sys.stderr)
     else:
         import csv
 
         writer = csv.writer(sys.stdout)
-        writer.writerow(header)
+        writer.writerow(PREDICTION_COLUMNS)
         writer.writerows(table)
-    for path, reason in skipped:
-        print(f"pneumoscan: skipped {path}: {reason}", file=sys.stderr)
+        if len(skipped) > 1:
+            print(f"pneumoscan: {unreadable.removeprefix('; ')}", file=sys.stderr)
     if args.explain and rows:
         from pneumoscan import explain
 
         written, _ = explain.explain_files(args.model, [r.path for r in rows], args.explain, args.method,
                                            threshold=args.threshold)
-        print(f"wrote {len(written)} explanations to {args.explain}", file=sys.stderr)
+        print(f"wrote {console.plural(len(written), 'explanation')} to {args.explain}", file=sys.stderr)
     return 2 if skipped else 0
+
+
+def add_explain(sub) -> None:
+    p = add_parser(sub, "explain", "Grad-CAM overlays: where in each X-ray the PNEUMONIA score came from",
+                   "Writes one PNG per image: the X-ray beside its heat map, titled with P(PNEUMONIA) and the "
+                   "predicted label. Warm regions raised the PNEUMONIA score; each map is scaled to its own "
+                   "maximum. Maps are coarse and are not a localisation of disease.")
+    p.add_argument("--model", help="model.pt [the bundled model]")
+    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
+    p.add_argument("--out", required=True, help="output folder for the PNGs")
+    p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="gradcam, gradcam++ or eigencam")
+    p.add_argument("--threshold", type=float, help="override the model's decision threshold for the label")
+    p.set_defaults(func=cmd_explain)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
@@ -280,9 +394,22 @@ def cmd_explain(args: argparse.Namespace) -> int:
 
     written, skipped = explain.explain_files(args.model, args.paths, args.out, args.method, threshold=args.threshold)
     for path, reason in skipped:
-        print(f"pneumoscan: skipped {path}: {reason}", file=sys.stderr)
-    print(f"wrote {len(written)} explanations to {args.out}")
+        print(skipped_line(path, reason), file=sys.stderr)
+    print(f"wrote {console.plural(len(written), 'explanation')} to {args.out}")
     return 2 if skipped else 0
+
+
+# --- compare / experiments / export -------------------------------------------------------------
+
+def add_compare(sub) -> None:
+    p = add_parser(sub, "compare", "table of several runs' configs and metrics, best validation ROC-AUC first",
+                   "Prints a markdown table of each run's configuration (backbone, head, augmentation, unfrozen "
+                   "blocks, weights, epochs, seconds per epoch) and its validation and test metrics with 95% CIs, "
+                   "sorted by validation ROC-AUC. A folder without model.pt is searched one level down, so "
+                   "'compare runs/' works.")
+    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or folders of run folders)")
+    p.add_argument("--out", help="also write compare.md and compare.csv (every column, CIs included) here")
+    p.set_defaults(func=cmd_compare)
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
@@ -294,10 +421,25 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_experiments(sub) -> None:
+    p = add_parser(sub, "experiments", "train a grid of variants x seeds, tracked in MLflow, mean ± sd table",
+                   "Trains every named run of a grid file on each seed (run folders OUT/<name>-s<seed>, one "
+                   "shared feature cache), tracks each in MLflow and writes OUT/comparison.md and .csv: mean ± "
+                   "sd over seeds of validation and test metrics, best mean validation ROC-AUC first. See "
+                   "experiments/*.yaml for the grid format. Needs: pip install 'pneumoscan[tracking]'.")
+    p.add_argument("--grid", required=True, help="grid YAML: base: (a config), seeds: [...], runs: [{name: ..., ...}]")
+    p.add_argument("--seeds", type=int, help="train N consecutive seeds from the grid's first [the grid's seeds]")
+    p.add_argument("--data", help="dataset root, overriding the grid's base data.root")
+    p.add_argument("--out", help="output folder [BASE_OUT_DIR/<grid name>]")
+    p.add_argument("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db]")
+    p.set_defaults(func=cmd_experiments)
+
+
 def cmd_experiments(args: argparse.Namespace) -> int:
     from pneumoscan import experiments
 
-    bars = StageBars()
+    console.route_lightning_logs()
+    bars = console.StageBars()
     try:
         out = experiments.run_grid(args.grid, seeds=args.seeds, tracking_uri=args.tracking_uri, out_dir=args.out,
                                    data_root=args.data, progress=bars)
@@ -306,6 +448,22 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     print((out / "comparison.md").read_text())
     print(f"written: {out / 'comparison.md'}, {out / 'comparison.csv'}, {out / 'runs.csv'}", file=sys.stderr)
     return 0
+
+
+def add_export(sub) -> None:
+    p = add_parser(sub, "export", "export a model to ONNX (optionally INT8), checked against PyTorch",
+                   "Writes an ONNX model whose metadata carries the model's meta (input size,\n"
+                   "threshold, class names...), checked against PyTorch. Input 'image': float32 (N,1,H,W)\n"
+                   "in [0,1]; output 'logit': (N,); P(PNEUMONIA) = sigmoid(logit).\n"
+                   "With --int8 also writes OUT.int8.onnx, calibrated on half of DIR's patients and kept\n"
+                   "only if its ROC-AUC on the other half is within 0.005 of fp32's.")
+    p.add_argument("--model", help="model.pt [the bundled model]")
+    p.add_argument("--out", required=True, help="ONNX file to write")
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
+    p.add_argument("--int8", action="store_true", help="also write a static INT8 model")
+    p.add_argument("--calibration", metavar="DIR", help="labelled images (NORMAL/, PNEUMONIA/ or a split layout) "
+                   "for INT8 calibration and its ROC-AUC check")
+    p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -330,15 +488,25 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_explore(args: argparse.Namespace) -> int:
-    from pneumoscan import explore
-
-    explore.explore(args.data, args.out, n_samples=args.samples, seed=args.seed)
-    print(f"summary: {Path(args.out) / 'summary.md'}")
-    return 0
-
-
 # --- serve --------------------------------------------------------------------------------------
+
+def add_serve(sub) -> None:
+    from pneumoscan.serve.settings import API_KEY_ENV, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
+
+    p = add_parser(sub, "serve", "REST API and web page for radiologists",
+                   "Serve the model over HTTP: a web page at / (drop X-rays or DICOMs, see scores, Grad-CAM "
+                   "overlays and a worklist sorted by probability), the REST API under /v1 and its docs at "
+                   f"/docs. Works offline. Set ${API_KEY_ENV} to require an X-API-Key header on the API.")
+    p.add_argument("--model", help="model.pt or exported .onnx [the bundled model]")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
+    p.add_argument("--port", type=int, default=8000, help="TCP port to listen on")
+    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20, help="per file")
+    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="per image, read from its header")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help="runtime for scores")
+    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
+                   help="allow browser calls from this origin (repeatable); none by default")
+    p.set_defaults(func=cmd_serve)
+
 
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
@@ -359,23 +527,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def add_serve(sub) -> None:
-    from pneumoscan.serve.settings import API_KEY_ENV, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES
+# --- main ---------------------------------------------------------------------------------------
 
-    p = sub.add_parser("serve", help="REST API and web page for radiologists", formatter_class=_Formatter,
-                       description="Serve the model over HTTP: a web page at / (drop X-rays or DICOMs, see "
-                       "scores, Grad-CAM overlays and a worklist sorted by probability), the REST API under "
-                       f"/v1 and its docs at /docs. Works offline. Set ${API_KEY_ENV} to require an "
-                       "X-API-Key header on the API.")
-    p.add_argument("--model", help="model.pt or exported .onnx [the bundled model]")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind; 0.0.0.0 exposes it to the network")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--max-upload-mb", type=float, default=DEFAULT_MAX_UPLOAD_BYTES / 2**20, help="per file")
-    p.add_argument("--max-pixels", type=int, default=DEFAULT_MAX_PIXELS, help="per image, read from its header")
-    p.add_argument("--engine", choices=["auto", "onnx", "torch"], default="auto", help="runtime for scores")
-    p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
-                   help="allow browser calls from this origin (repeatable); none by default")
-    p.set_defaults(func=cmd_serve)
+COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_predict, add_explain, add_compare, add_experiments,
+            add_export, add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -383,117 +538,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"pneumoscan {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    p = sub.add_parser("explore", help="describe a dataset: counts, samples, sizes, duplicates, patients",
-                       formatter_class=_Formatter)
-    p.add_argument("--data", required=True, help="dataset root or NORMAL/PNEUMONIA folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--samples", type=int, default=8, help="sample images per class in samples.png")
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=cmd_explore)
-
-    add_train(sub)
-
-    p = sub.add_parser("evaluate", help="measure a model on labelled images (metrics with 95%% CIs, plots)",
-                       formatter_class=_Formatter,
-                       description="Writes OUT/metrics.json (with stratified-bootstrap 95% CIs, Brier score, "
-                       "ECE and recall per pneumonia subtype), OUT/predictions.csv and plots (ROC, PR, "
-                       "reliability), OUT/errors.csv with Grad-CAM galleries of the most confident mistakes in "
-                       "OUT/errors/, and with --report one self-contained OUT/report.html. The threshold is the "
-                       "one stored in the model (chosen on validation data) unless --threshold overrides it.")
-    p.add_argument("--model", help="model.pt from a training run [the bundled model]")
-    p.add_argument("--data", required=True, help="dataset root (its test/ split is used) or NORMAL/PNEUMONIA folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--split", help="which split to evaluate when DIR has several [test]")
-    p.add_argument("--threshold", type=float, help="override the model's decision threshold")
-    p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
-    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
-    p.add_argument("--errors", type=int, default=16, metavar="K",
-                   help="explain the K most confident false positives and false negatives in OUT/errors/ (0 = off)")
-    p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="explanation method for the errors")
-    p.add_argument("--report", action="store_true", help="also write OUT/report.html, one self-contained page")
-    p.set_defaults(func=cmd_evaluate)
-
-    p = sub.add_parser("predict", help="score new images; CSV of probabilities", formatter_class=_Formatter)
-    p.add_argument("--model", help="model.pt or exported .onnx [the bundled model]")
-    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", help="write the CSV here instead of stdout")
-    p.add_argument("--threshold", type=float, help="override the model's decision threshold")
-    p.add_argument("--engine", choices=["auto", "onnx", "torch"], default="auto",
-                   help="runtime: auto = ONNX Runtime through a cached export (PyTorch if export fails)")
-    p.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM overlay PNG per image to DIR")
-    p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="explanation method for --explain")
-    p.set_defaults(func=cmd_predict)
-
-    p = sub.add_parser("explain", help="Grad-CAM overlays: where in each X-ray the PNEUMONIA score came from",
-                       formatter_class=_Formatter,
-                       description="Writes one PNG per image: the X-ray beside its heat map, titled with "
-                       "P(PNEUMONIA) and the predicted label. Warm regions raised the PNEUMONIA score; each "
-                       "map is scaled to its own maximum. Maps are coarse and are not a localisation of disease.")
-    p.add_argument("--model", help="model.pt [the bundled model]")
-    p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
-    p.add_argument("--out", required=True, help="output folder for the PNGs")
-    p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="gradcam, gradcam++ or eigencam")
-    p.add_argument("--threshold", type=float, help="override the model's decision threshold for the label")
-    p.set_defaults(func=cmd_explain)
-
-    p = sub.add_parser("compare", help="table of several runs' configs and metrics, best validation ROC-AUC first",
-                       formatter_class=_Formatter,
-                       description="Prints a markdown table of each run's configuration (backbone, head, "
-                       "augmentation, unfrozen blocks, weights, epochs, seconds per epoch) and its validation "
-                       "and test metrics with 95% CIs, sorted by validation ROC-AUC. A folder without model.pt "
-                       "is searched one level down, so 'compare runs/' works.")
-    p.add_argument("runs", nargs="+", metavar="RUN", help="run folders (or folders of run folders)")
-    p.add_argument("--out", help="also write compare.md and compare.csv (every column, CIs included) here")
-    p.set_defaults(func=cmd_compare)
-
-    p = sub.add_parser("experiments", help="train a grid of variants x seeds, tracked in MLflow, mean ± sd table",
-                       formatter_class=_Formatter,
-                       description="Trains every named run of a grid file on each seed (run folders "
-                       "OUT/<name>-s<seed>, one shared feature cache), tracks each in MLflow and writes "
-                       "OUT/comparison.md and .csv: mean ± sd over seeds of validation and test metrics, "
-                       "best mean validation ROC-AUC first. See experiments/*.yaml for the grid format. "
-                       "Needs: pip install 'pneumoscan[tracking]'.")
-    p.add_argument("--grid", required=True, help="grid YAML: base: (a config), seeds: [...], runs: [{name: ..., ...}]")
-    p.add_argument("--seeds", type=int, help="train N consecutive seeds from the grid's first [the grid's seeds]")
-    p.add_argument("--data", help="dataset root, overriding the grid's base data.root")
-    p.add_argument("--out", help="output folder [BASE_OUT_DIR/<grid name>]")
-    p.add_argument("--tracking-uri", help="MLflow tracking URI [$MLFLOW_TRACKING_URI, else sqlite:///OUT/mlflow.db]")
-    p.set_defaults(func=cmd_experiments)
-
-    p = sub.add_parser("export", help="export a model to ONNX (optionally INT8), checked against PyTorch",
-                       formatter_class=_Formatter,
-                       description="Writes an ONNX model whose metadata carries the model's meta (input size,\n"
-                       "threshold, class names...), checked against PyTorch. Input 'image': float32 (N,1,H,W)\n"
-                       "in [0,1]; output 'logit': (N,); P(PNEUMONIA) = sigmoid(logit).\n"
-                       "With --int8 also writes OUT.int8.onnx, calibrated on half of DIR's patients and kept\n"
-                       "only if its ROC-AUC on the other half is within 0.005 of fp32's.")
-    p.add_argument("--model", help="model.pt [the bundled model]")
-    p.add_argument("--out", required=True, help="ONNX file to write")
-    p.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    p.add_argument("--int8", action="store_true", help="also write a static INT8 model")
-    p.add_argument("--calibration", metavar="DIR", help="labelled images (NORMAL/, PNEUMONIA/ or a split layout) "
-                   "for INT8 calibration and its ROC-AUC check")
-    p.set_defaults(func=cmd_export)
-
-    add_serve(sub)
+    for add in COMMANDS:
+        add(sub)
     return parser
-
-
-def configure_logging(verbose: bool) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
-    for noisy in ("lightning", "lightning.pytorch", "lightning.fabric", "matplotlib", "PIL"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
-    if not verbose:
-        warnings.filterwarnings("ignore", module="lightning")
-        warnings.filterwarnings("ignore", message=".*does not have many workers.*")
 
 
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     parser = build_parser()
     args = parser.parse_args(argv)
-    configure_logging(args.verbose)
+    console.configure_logging(args.verbose)
     try:
         return args.func(args)
     except UserError as exc:

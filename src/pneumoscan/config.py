@@ -1,4 +1,4 @@
-"""Typed configuration of a training run.
+"""Typed configuration of a training run, its choices and its one override syntax.
 
 The defaults are the recipe that won patient-grouped 5-fold cross-validation on the training split
 (benchmarks/accuracy.md): ImageNet MobileNetV2 fine-tuned end to end (head at 1e-3, backbone at
@@ -6,18 +6,40 @@ The defaults are the recipe that won patient-grouped 5-fold cross-validation on 
 "radiograph" augmentation and balanced class weights. ``RECIPES["seed-study"]`` is the study we
 started from (frozen backbone, Keras augmentation, Adam 1e-3, patience 7). The resolved config is
 written to every run folder, so a run can be repeated from that file alone.
+
+Every choice a setting accepts is declared here once (the CLI's ``choices=`` come from these
+tuples) and ``RunConfig.validate`` checks every field before anything is decoded or written, so a
+typo costs one readable line, not an hour of training. Nothing here imports torch.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import re
+import typing
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Iterable, Mapping
 
 from pneumoscan.errors import UserError
 
 SECTIONS = ("data", "model", "train")
+
+# --- the choices, declared once -----------------------------------------------------------------
+# Library modules keep their own copies for direct callers (tests/test_config.py checks they agree).
+AUGMENTATIONS = ("seed", "seed-noflip", "radiograph", "none")  # transforms.AUGMENTATIONS
+CLASS_WEIGHT_MODES = ("balanced", "none")  # data.class_weights
+BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_b0", "densenet121")  # models.BACKBONES
+WEIGHTS_NORMALIZATIONS = ("auto", "imagenet", "inception")  # "auto" + models.NORMALIZATIONS
+HEAD_NAMES = ("seed", "exp1", "exp2", "exp3", "exp4", "exp5", "exp6", "exp7", "exp8", "exp9", "exp10",
+              "linear")  # models.HEADS
+BATCHNORM_MODES = ("train", "frozen")
+SCHEDULES = ("constant", "cosine")
+PRECISIONS = ("auto", "32", "bf16")
+THRESHOLD_RULES = "0.5, youden, sensitivity:0.95 or a number in (0, 1)"
+
+_HEAD_TOKEN = re.compile(r"bn|d0?\.\d+|\d+")  # models.build_head's layer tokens
+_UNFREEZE_PAIR = re.compile(r"\s*(\d+)\s*:\s*(-?\d+)\s*")
 
 
 @dataclass
@@ -26,8 +48,8 @@ class DataConfig:
     image_size: int = 224
     val_fraction: float = 0.1  # carved from train, grouped by patient, when val is too small
     min_val_images: int = 100
-    augment: str = "radiograph"  # radiograph | seed | seed-noflip | none (see transforms.py)
-    class_weights: str = "balanced"  # balanced | none
+    augment: str = "radiograph"  # AUGMENTATIONS (see transforms.py)
+    class_weights: str = "balanced"  # CLASS_WEIGHT_MODES
     strict: bool = False  # fail on unreadable files instead of skipping them
     batch_size: int = 32
     num_workers: int = 0
@@ -35,12 +57,12 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    backbone: str = "mobilenet_v2"
+    backbone: str = "mobilenet_v2"  # BACKBONES
     backbone_weights: str = "imagenet"  # imagenet | none | path to a state_dict
-    weights_normalization: str = "auto"  # auto (known files) | imagenet | inception
-    head: str = "seed"  # see models.HEADS
+    weights_normalization: str = "auto"  # WEIGHTS_NORMALIZATIONS; auto knows torchvision's and known files
+    head: str = "seed"  # HEAD_NAMES or a spec like "64,bn,d0.3,32" (see models.HEADS)
     unfreeze_blocks: int = -1  # last N backbone stages train; 0 = frozen backbone; -1 = all
-    batchnorm: str = "train"  # train | frozen: trainable stages keep their ImageNet BN statistics
+    batchnorm: str = "train"  # BATCHNORM_MODES; frozen: trainable stages keep their ImageNet BN statistics
 
 
 @dataclass
@@ -49,21 +71,29 @@ class TrainConfig:
     lr: float = 1e-3
     backbone_lr: float = 1e-4  # used only for unfrozen backbone stages
     patience: int = 3
-    schedule: str = "cosine"  # constant | cosine (learning rate over `epochs`)
+    schedule: str = "cosine"  # SCHEDULES (learning rate over `epochs`)
     label_smoothing: float = 0.0  # BCE targets 0 -> e/2, 1 -> 1 - e/2
     unfreeze_at: str = ""  # progressive unfreezing, "EPOCH:STAGES,...", e.g. "2:3,4:-1"
     seed: int = 42
-    precision: str = "auto"  # auto | 32 | bf16
+    precision: str = "auto"  # PRECISIONS
     # on the temperature-calibrated probability; in CV, Youden's cut-off wandered from 0.30 to 0.91
     # between folds for the same mean accuracy (benchmarks/accuracy.md)
-    threshold: str = "0.5"  # 0.5 | youden | sensitivity:0.95 | any float
+    threshold: str = "0.5"  # 0.5 | youden | sensitivity:0.95 | any float in (0, 1)
     max_train_batches: float = 1.0  # fraction or count; for quick tests
     feature_cache: bool = True  # frozen backbone: train the head on cached features (fast path)
     views: int = 8  # augmented views per training image in the feature cache
     cache_dir: str = ""  # default: <out_dir>/.feature-cache
-    devices: int = 1
+    devices: int = 1  # -1 = all
     num_nodes: int = 1
     strategy: str = "auto"
+
+
+class ConfigError(UserError, ValueError):
+    """A setting that cannot work. A ValueError too, so callers that wrap config errors with the
+    file they came from (``except ValueError``) keep doing so."""
+
+
+_SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
 
 
 @dataclass
@@ -79,18 +109,121 @@ class RunConfig:
 
     @classmethod
     def from_dict(cls, raw: dict[str, Any]) -> "RunConfig":
-        """Unknown keys are an error: a typo in a grid file must not be silently ignored."""
-        kwargs: dict[str, Any] = {}
-        for f in dataclasses.fields(cls):
-            if f.name not in raw:
-                continue
-            value = raw[f.name]
-            sub = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}.get(f.name)
-            kwargs[f.name] = _build(sub, value) if sub else value
+        """A validated config. Unknown keys are an error: a typo in a grid file must not be
+        silently ignored. YAML scalars are taken at the field's type where nothing is lost
+        (``precision: 32`` is "32", ``lr: 1`` is 1.0)."""
+        if not isinstance(raw, dict):
+            raise ConfigError(f"a config must be a mapping of sections, not {raw!r}")
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
-            raise ValueError(f"unknown config keys: {sorted(unknown)}")
-        return cls(**kwargs)
+            raise ConfigError(f"unknown config keys: {sorted(unknown)}; valid: {', '.join(field_names(cls))}")
+        kwargs: dict[str, Any] = {}
+        for name, value in raw.items():
+            kind = _SECTION_TYPES.get(name)
+            kwargs[name] = _build(kind, name, value) if kind else _coerce(f"{name}", field_type(cls, name), value)
+        config = cls(**kwargs)
+        config.validate()
+        return config
+
+    def validate(self) -> "RunConfig":
+        """Check every setting (types, ranges, names, rule syntax); raise ConfigError naming the
+        first bad one in one line. Returns the config, so ``RunConfig(...).validate()`` chains."""
+        for section in SECTIONS:
+            part = getattr(self, section)
+            for f in dataclasses.fields(part):
+                _check_type(f"{section}.{f.name}", field_type(type(part), f.name), getattr(part, f.name))
+        for name in ("out_dir", "name"):
+            _check_type(name, str, getattr(self, name))
+        for key, check in CHECKS.items():
+            section, _, name = key.partition(".")
+            problem = check(getattr(getattr(self, section), name))
+            if problem:  # the syntax checks name the setting in their own sentence
+                raise ConfigError(problem if f"({key})" in problem else f"{key}: {problem}")
+        if not self.out_dir:
+            raise ConfigError("out_dir: must name a folder")
+        return self
+
+
+# --- checks, one per setting that has a constraint beyond its type ------------------------------
+
+def _choice(options: tuple[str, ...]):
+    return lambda v: None if v in options else f"unknown value {v!r}; valid: {', '.join(options)}"
+
+
+def _at_least(low, what: str = ""):
+    return lambda v: None if v >= low else f"must be >= {low}{what}, not {v!r}"
+
+
+def check_threshold_rule(rule: str, key: str = "train.threshold") -> str | None:
+    """None if ``rule`` is a threshold rule metrics.choose_threshold accepts, else why not."""
+    rule = rule.strip()
+    if rule == "youden":
+        return None
+    if rule.startswith("sensitivity:"):
+        target = _float_or_none(rule.removeprefix("sensitivity:"))
+        if target is None or not 0 < target <= 1:
+            return f"bad threshold rule {rule!r} ({key}): the sensitivity must be in (0, 1]; use {THRESHOLD_RULES}"
+        return None
+    value = _float_or_none(rule)
+    if value is None:
+        return f"unknown threshold rule {rule!r} ({key}); use {THRESHOLD_RULES}"
+    if not 0 < value < 1:
+        return f"threshold rule {rule!r} ({key}) is outside (0, 1); use {THRESHOLD_RULES}"
+    return None
+
+
+def check_unfreeze_at(schedule: str, key: str = "train.unfreeze_at") -> str | None:
+    """None if ``schedule`` parses as models.stages_to_unfreeze's "EPOCH:STAGES,..." (-1 = all)."""
+    for part in filter(None, (p.strip() for p in schedule.split(","))):
+        if not _UNFREEZE_PAIR.fullmatch(part):
+            return f"bad unfreeze schedule {schedule!r} ({key}): use EPOCH:STAGES pairs like '2:3,4:-1' (-1 = all)"
+    return None
+
+
+def check_head(spec: str, key: str = "model.head") -> str | None:
+    """None if ``spec`` is a head name or a spec models.build_head can build."""
+    if spec in HEAD_NAMES:
+        return None
+    for token in filter(None, (t.strip() for t in spec.split(","))):
+        if not _HEAD_TOKEN.fullmatch(token):
+            return (f"bad head spec {spec!r} ({key}) at {token!r}: use names {', '.join(HEAD_NAMES)} or "
+                    "comma-separated layers like '64,bn,d0.3,32'")
+    return None
+
+
+def _check_backbone(name: str) -> str | None:
+    return None if name in BACKBONES else f"unknown backbone {name!r} (model.backbone); valid: {', '.join(BACKBONES)}"
+
+
+CHECKS = {
+    "data.image_size": _at_least(32, " pixels"),
+    "data.val_fraction": lambda v: None if 0 < v < 1 else f"must be between 0 and 1 (exclusive), not {v!r}",
+    "data.min_val_images": _at_least(0),
+    "data.augment": _choice(AUGMENTATIONS),
+    "data.class_weights": _choice(CLASS_WEIGHT_MODES),
+    "data.batch_size": _at_least(1),
+    "data.num_workers": _at_least(0),
+    "model.backbone": _check_backbone,
+    "model.backbone_weights": lambda v: None if v else "must be 'imagenet', 'none' or a state_dict file",
+    "model.weights_normalization": _choice(WEIGHTS_NORMALIZATIONS),
+    "model.head": check_head,
+    "model.unfreeze_blocks": _at_least(-1, " (-1 = all stages)"),
+    "model.batchnorm": _choice(BATCHNORM_MODES),
+    "train.epochs": _at_least(1),
+    "train.lr": lambda v: None if v > 0 else f"must be > 0, not {v!r}",
+    "train.backbone_lr": lambda v: None if v > 0 else f"must be > 0, not {v!r}",
+    "train.patience": _at_least(0),
+    "train.schedule": _choice(SCHEDULES),
+    "train.label_smoothing": lambda v: None if 0 <= v < 1 else f"must be in [0, 1), not {v!r}",
+    "train.unfreeze_at": check_unfreeze_at,
+    "train.precision": _choice(PRECISIONS),
+    "train.threshold": check_threshold_rule,
+    "train.max_train_batches": lambda v: None if v > 0 else f"must be > 0 (a fraction or a count), not {v!r}",
+    "train.views": _at_least(1),
+    "train.devices": lambda v: None if v >= 1 or v == -1 else f"must be >= 1 or -1 (all), not {v!r}",
+    "train.num_nodes": _at_least(1),
+    "train.strategy": lambda v: None if v else "must name a Lightning strategy (auto, ddp, ...)",
+}
 
 
 # Named starting points; `pneumoscan train --recipe NAME`, flags and --config override them.
@@ -123,9 +256,126 @@ def recipe(name: str) -> RunConfig:
     return RunConfig.from_dict(merge(RunConfig().to_dict(), RECIPES[name]))
 
 
-def _build(kind: type, values: dict[str, Any]):
-    names = {f.name for f in dataclasses.fields(kind)}
-    unknown = set(values) - names
+# --- overrides: section.field=value ------------------------------------------------------------
+
+Overrides = Iterable[str] | Mapping[str, Any]
+
+
+def parse_overrides(overrides: Overrides) -> dict[str, Any]:
+    """``["train.lr=3e-4", "data.augment=seed", "name=x"]`` (or ``{"train.lr": 3e-4}``) as a
+    config dict of sections, each value taken at its field's type (bool, int, float, str), so
+    ``merge`` can lay it over any config dict. The one override syntax of the CLI's ``--set``,
+    the benchmarks and the grids' command lines."""
+    items = overrides.items() if isinstance(overrides, Mapping) else (_split_item(i) for i in overrides)
+    out: dict[str, Any] = {}
+    for key, value in items:
+        section, name = _locate(key)
+        kind = field_type(_SECTION_TYPES[section], name) if section else field_type(RunConfig, name)
+        value = _from_text(key, kind, value) if isinstance(value, str) else _coerce(key, kind, value)
+        (out.setdefault(section, {}) if section else out)[name] = value
+    return out
+
+
+@typing.overload
+def apply_overrides(config: RunConfig, overrides: Overrides) -> RunConfig: ...
+@typing.overload
+def apply_overrides(config: dict, overrides: Overrides) -> dict: ...
+def apply_overrides(config, overrides):
+    """``config`` with ``overrides`` (see ``parse_overrides``) applied in order, later ones
+    winning. A RunConfig comes back as a new, validated RunConfig; a dict (a recipe or grid entry,
+    possibly partial) as a merged dict, validated when it becomes a RunConfig."""
+    merged = merge(config.to_dict() if isinstance(config, RunConfig) else config, parse_overrides(overrides))
+    return RunConfig.from_dict(merged) if isinstance(config, RunConfig) else merged
+
+
+def field_names(kind: type = None) -> list[str]:
+    """Every settable key, ``section.field`` or top-level, e.g. for --set's help and errors."""
+    if kind is not None and kind is not RunConfig:
+        return [f.name for f in dataclasses.fields(kind)]
+    return [*(f"{s}.{f.name}" for s in SECTIONS for f in dataclasses.fields(_SECTION_TYPES[s])),
+            *(f.name for f in dataclasses.fields(RunConfig) if f.name not in SECTIONS)]
+
+
+def field_type(kind: type, name: str) -> type:
+    """The declared type (bool, int, float or str) of ``kind.name`` (annotations are strings here)."""
+    return typing.get_type_hints(kind)[name]
+
+
+def setting_type(key: str) -> type:
+    """The declared type of ``section.field`` (or a top-level field)."""
+    section, name = _locate(key)
+    return field_type(_SECTION_TYPES[section] if section else RunConfig, name)
+
+
+def default(key: str) -> Any:
+    """The package default of ``section.field`` (or a top-level field), for help texts."""
+    section, name = _locate(key)
+    return getattr(getattr(RunConfig(), section) if section else RunConfig(), name)
+
+
+def _locate(key: str) -> tuple[str | None, str]:
+    section, dot, name = key.strip().rpartition(".")
+    if not dot and name in {f.name for f in dataclasses.fields(RunConfig)} - set(SECTIONS):
+        return None, name
+    if section in _SECTION_TYPES and name in field_names(_SECTION_TYPES[section]):
+        return section, name
+    raise ConfigError(f"unknown setting {key!r}; use section.field, e.g. train.lr "
+                      f"(sections: {', '.join(SECTIONS)}; top level: out_dir, name)")
+
+
+def _split_item(item: str) -> tuple[str, str]:
+    key, eq, value = str(item).partition("=")
+    if not eq or not key.strip():
+        raise ConfigError(f"bad override {item!r}: use section.field=value, e.g. train.lr=3e-4")
+    return key.strip(), value.strip()
+
+
+_TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
+
+
+def _from_text(key: str, kind: type, text: str) -> Any:
+    """A command-line value at its field's type; str fields keep the text as typed ('none', '0.5')."""
+    if kind is str:
+        return text
+    if kind is bool:
+        if text.lower() in _TRUE | _FALSE:
+            return text.lower() in _TRUE
+        raise ConfigError(f"{key}: expected true or false, not {text!r}")
+    try:
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{key}: expected {'an integer' if kind is int else 'a number'}, not {text!r}") from None
+
+
+def _coerce(key: str, kind: type, value: Any) -> Any:
+    """A value read from YAML or given in code, at its field's type when nothing is lost."""
+    if kind is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if kind is str and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+def _check_type(key: str, kind: type, value: Any) -> None:
+    ok = isinstance(value, kind) and (kind is bool or not isinstance(value, bool))
+    if kind is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok:
+        raise ConfigError(f"{key}: expected {kind.__name__}, not {value!r}")
+
+
+def _float_or_none(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def _build(kind: type, section: str, values: Any):
+    if not isinstance(values, dict):
+        raise ConfigError(f"'{section}' must be a mapping of {section} settings, not {values!r}")
+    names = field_names(kind)
+    unknown = set(values) - set(names)
     if unknown:
-        raise ValueError(f"unknown {kind.__name__} keys: {sorted(unknown)}; valid: {sorted(names)}")
-    return kind(**values)
+        raise ConfigError(f"unknown {kind.__name__} keys: {sorted(unknown)}; valid: {sorted(names)}")
+    return kind(**{k: _coerce(f"{section}.{k}", field_type(kind, k), v) for k, v in values.items()})

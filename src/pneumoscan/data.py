@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 from pneumoscan import CLASS_NAMES, imaging
+from pneumoscan.config import CLASS_WEIGHT_MODES
 from pneumoscan.errors import UserError
 from pneumoscan.files import write_csv
 
 log = logging.getLogger(__name__)
 
 SPLITS = ("train", "val", "test")
-CLASS_WEIGHT_MODES = ("balanced", "none")
 MANIFEST_COLUMNS = ("path", "label", "class_name", "patient", "split")
 
 

@@ -16,8 +16,8 @@ import logging
 import sys
 from pathlib import Path
 
-from pneumoscan import artifact, cli, explore, files, metrics, models, predict, train
-from pneumoscan.config import RunConfig
+from pneumoscan import artifact, console, explore, files, metrics, models, predict, train
+from pneumoscan.config import RunConfig, apply_overrides
 from pneumoscan.errors import UserError
 
 log = logging.getLogger("pneumoscan.demo")
@@ -47,18 +47,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="demo-out")
     parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
     args = parser.parse_args(argv)
-    cli.configure_logging(False)
+    console.configure_logging(False)
     out = Path(args.out).resolve()
     try:
         explore.explore(args.data, out / "explore")
 
-        config = RunConfig()
-        config.data.root = args.data
-        config.data.val_fraction = 0.2
-        config.model.backbone_weights = pick_backbone_weights()
-        config.train.epochs = args.epochs or config.train.epochs
-        config.out_dir = str(out / "runs")
-        run_dir = train.fit(config)
+        config = apply_overrides(RunConfig(), {
+            "data.root": args.data, "data.val_fraction": 0.2, "model.backbone_weights": pick_backbone_weights(),
+            "train.epochs": args.epochs or RunConfig().train.epochs, "out_dir": str(out / "runs")})
+        bars = console.StageBars()
+        try:
+            run_dir = train.fit(config, callbacks=console.training_callbacks(), progress=bars)
+        finally:
+            bars.close()
         test = json.loads((run_dir / "test" / "metrics.json").read_text())
 
         worklist = None

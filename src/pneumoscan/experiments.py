@@ -43,7 +43,7 @@ import numpy as np
 import yaml
 
 from pneumoscan import artifact, compare, metrics, models, train
-from pneumoscan.config import RunConfig, merge
+from pneumoscan.config import RunConfig, apply_overrides, merge
 from pneumoscan.errors import UserError
 from pneumoscan.files import write_csv, write_text
 
@@ -116,12 +116,12 @@ def plan(grid_path: str | Path, *, seeds: int | None = None, data_root: str | No
         for name, merged in variants.items():
             try:
                 config = RunConfig.from_dict(merged)
+                config = apply_overrides(config, {
+                    "train.seed": seed, "out_dir": str(out),
+                    "train.cache_dir": config.train.cache_dir or str(out / ".feature-cache"),
+                    **({"data.root": data_root} if data_root else {})})
             except (ValueError, TypeError) as exc:
                 raise UserError(f"{grid_path}: run {name}: {exc}") from None
-            config.train.seed, config.out_dir = seed, str(out)
-            config.train.cache_dir = config.train.cache_dir or str(out / ".feature-cache")
-            if data_root:
-                config.data.root = data_root
             run = Run(name, seed, config)
             config.name = run.name
             runs.append(run)

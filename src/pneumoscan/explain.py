@@ -195,7 +195,7 @@ def explain_files(model_path: str | Path, paths: Iterable[str | Path], out_dir: 
     taken: set[str] = set()
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
-        decoded = imaging.decode_many(chunk, meta.image_size)
+        decoded = imaging.decode_many(chunk, meta.image_size, warn=False)  # returned, and in skipped.csv
         skipped += decoded.skipped
         if not decoded.kept:
             continue

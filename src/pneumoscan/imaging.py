@@ -230,12 +230,13 @@ class Decoded:
     sizes: list[tuple[int, int]]  # stored (width, height) of each kept image
 
 
-def decode_many(paths: Sequence[str | os.PathLike], size: int, *, strict: bool = False,
+def decode_many(paths: Sequence[str | os.PathLike], size: int, *, strict: bool = False, warn: bool = True,
                 progress: Callable[[int], None] | None = None) -> Decoded:
     """Decode files into one (N, size, size) uint8 array, skipping (and listing) unreadable ones.
 
     One bad JPEG among 5,000 should not cost a run, but it must not go unseen: every caller gets
-    the same ``skipped`` list and one warning line (``strict`` raises at the first instead).
+    the same ``skipped`` list and, unless ``warn`` is off because the caller names each file itself,
+    one warning line (``strict`` raises at the first instead).
     ``progress(k)`` gets the number of files handled so far, from the calling thread.
     """
     paths = [os.fspath(p) for p in paths]
@@ -267,7 +268,8 @@ def decode_many(paths: Sequence[str | os.PathLike], size: int, *, strict: bool =
             pool.shutdown(wait=True, cancel_futures=True)
             raise
     if skipped:
-        warn_skipped(skipped)
+        if warn:
+            warn_skipped(skipped)
         for j, i in enumerate(kept):  # compact in place rather than copying ~260 MB
             if i != j:
                 images[j] = images[i]

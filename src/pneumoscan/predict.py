@@ -30,7 +30,7 @@ def predict_files(model_path: str | Path | None, paths: Iterable[str | Path], *,
         engine = load_engine(model_path, engine)
     meta = engine.meta
     files = imaging.collect_files(paths)
-    decoded = imaging.decode_many(files, meta.image_size)
+    decoded = imaging.decode_many(files, meta.image_size, warn=False)  # the caller gets them all
     if not decoded.kept:
         return [], decoded.skipped
     prob = engine.predict_proba(decoded.images, batch_size)

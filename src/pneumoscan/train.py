@@ -296,12 +296,12 @@ def prepare(config: RunConfig, *, resume_dir: str | Path | None = None, samples:
         last = run_dir / "checkpoints" / "last.ckpt"
         if not last.is_file():
             raise UserError(f"cannot resume: no checkpoint at {last}")
+    config.validate()  # a config built or changed in code is checked like one from the CLI
     tc, dc, mc = config.train, config.data, config.model
     L.seed_everything(tc.seed, workers=True, verbose=False)
     model, weights_info = models.build(mc.backbone, weights=mc.backbone_weights, head=mc.head,
                                        unfreeze_blocks=mc.unfreeze_blocks, normalization=mc.weights_normalization,
                                        batchnorm=mc.batchnorm)
-    metrics.choose_threshold([0, 1], [0.2, 0.8], tc.threshold)  # validates the rule now, not after training
     unfreeze_schedule = models.stages_to_unfreeze(tc.unfreeze_at, weights_info["n_stages"])
     augment = transforms.train_transform(dc.augment, dc.image_size)
     if samples is None:

@@ -31,11 +31,10 @@ from collections.abc import Sequence
 import torch
 import torch.nn.functional as F
 
+from pneumoscan.config import AUGMENTATIONS  # declared once, with the config
 from pneumoscan.errors import UserError
 
 log = logging.getLogger(__name__)
-
-AUGMENTATIONS = ("seed", "seed-noflip", "radiograph", "none")
 
 
 class SeedAugment(torch.nn.Module):
