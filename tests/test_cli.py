@@ -56,7 +56,7 @@ def test_train_evaluate_predict_end_to_end(tiny_dataset, tmp_path, capsys, caplo
     assert code == 0
     rows = list(csv.DictReader(io.StringIO(out.out)))
     assert len(rows) == 12 and rows[0].keys() == {"path", "probability", "prediction", "label", "threshold",
-                                                  "model_sha256"}
+                                                  "flags", "flag_details", "model_sha256"}
     assert all(r["label"] in ("NORMAL", "PNEUMONIA") for r in rows)
     from pneumoscan.files import file_sha256
 

@@ -73,6 +73,10 @@ class ModelMeta:
     pneumoscan_version: str = __version__
     torch_version: str = ""
     format: str = FORMAT
+    # out-of-distribution detector (ood.OODState without its arrays, which live in the weights as
+    # the OOD head): cut-offs and how they were chosen; None for a model fitted without one
+    ood: dict[str, Any] | None = None
+    quality: dict[str, Any] | None = None  # gate.QualityLimits the model's inputs must meet
     extra: dict[str, Any] = field(default_factory=dict)
 
     def label(self, probability: float, threshold: float | None = None) -> str:
@@ -133,8 +137,9 @@ def save(path: str | Path, model: "Classifier", meta: ModelMeta, *, half: bool =
     import torch
 
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    if half:
-        state = {k: v.half() if v.is_floating_point() else v for k, v in state.items()}
+    if half:  # not the OOD head: its distances meet cut-offs fitted in fp32
+        state = {k: v.half() if v.is_floating_point() and not k.startswith("ood_head.") else v
+                 for k, v in state.items()}
     meta = meta.replace(temperature=float(model.temperature))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object: torch.save would otherwise record the temp name,
@@ -171,7 +176,11 @@ def load(path: str | Path | None) -> tuple["Classifier", ModelMeta]:
     meta = ModelMeta.from_dict(blob["meta"])
     model, _ = models.build(meta.architecture, weights="none", head=meta.head,
                             normalization=meta.normalization.name, tf_same_padding=meta.tf_same_padding)
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()})
+    state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
+    if meta.ood is not None:
+        model.ood_head = models.MahalanobisHead(state["ood_head.W"], state["ood_head.b"], state["ood_head.M"],
+                                                l2_normalize=bool(meta.ood.get("l2_normalize", True)))
+    model.load_state_dict(state)
     model.eval()
     log.debug("loaded %s (%s, threshold %.3f)", path, meta.architecture, meta.threshold)
     return model, meta

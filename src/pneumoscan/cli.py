@@ -327,15 +327,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
-PREDICTION_COLUMNS = ["path", "probability", "prediction", "label", "threshold", "model_sha256"]  # as the web CSV
+# as the web CSV; flags are ";"-separated codes, flag_details their sentences, " | "-separated
+PREDICTION_COLUMNS = ["path", "probability", "prediction", "label", "threshold", "flags", "flag_details",
+                      "model_sha256"]
 
 
 def add_predict(sub) -> None:
     p = add_parser(sub, "predict", "score new images; CSV of probabilities",
                    "Scores unlabelled images and writes one CSV row per image (to stdout, or to --out): path, "
-                   "P(PNEUMONIA), the 0/1 prediction and its label at the model's threshold, that threshold and "
-                   "the model file's sha256. Unreadable files are named on stderr and skipped (exit status 2); "
-                   "with --explain also one Grad-CAM PNG per image.")
+                   "P(PNEUMONIA), the 0/1 prediction and its label at the model's threshold, that threshold, "
+                   "flags and the model file's sha256. An image the model is not competent for (flag "
+                   "not_chest_xray or low_quality) is labelled NOT_ASSESSED, its probability not meaningful; "
+                   "out_of_distribution keeps the label but marks the image as unlike the training films. "
+                   "Unreadable files are named on stderr and skipped (exit status 2); with --explain also one "
+                   "Grad-CAM PNG per image.")
     p.add_argument("--model", help="model.pt or exported .onnx [the bundled model]")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", help="write the CSV here instead of stdout")
@@ -351,8 +356,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from pneumoscan import files, predict
 
     rows, skipped = predict.predict_files(args.model, args.paths, threshold=args.threshold, engine=args.engine)
-    table = [(r.path, f"{r.probability:.6f}", r.prediction, r.label, round(r.threshold, 6), r.model_sha256)
-             for r in rows]
+    table = [(r.path, f"{r.probability:.6f}", "" if r.prediction is None else r.prediction, r.label,
+              round(r.threshold, 6), ";".join(r.flags), " | ".join(r.details), r.model_sha256) for r in rows]
     for path, reason in skipped:
         print(skipped_line(path, reason), file=sys.stderr)
     unreadable = f"; skipped {console.plural(len(skipped), 'unreadable file')}" if skipped else ""

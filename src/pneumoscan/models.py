@@ -129,6 +129,28 @@ def build_head(spec: str, in_features: int) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
+class MahalanobisHead(nn.Module):
+    """Distance of pooled features from the training films: ``min_c ||n(f) @ W - b - M_c||^2``.
+
+    The folded form of ``ood.OODState`` (``ood.arrays``): PCA, the tied precision and the class
+    means are absorbed into W, b and M, so scoring is one matmul in PyTorch and in the ONNX graph.
+    """
+
+    def __init__(self, W: torch.Tensor, b: torch.Tensor, M: torch.Tensor, l2_normalize: bool = True):
+        super().__init__()
+        self.register_buffer("W", torch.as_tensor(W, dtype=torch.float32))
+        self.register_buffer("b", torch.as_tensor(b, dtype=torch.float32))
+        self.register_buffer("M", torch.as_tensor(M, dtype=torch.float32))
+        self.l2_normalize = l2_normalize
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        f = f.float()
+        if self.l2_normalize:
+            f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        z = f @ self.W - self.b
+        return ((z.unsqueeze(1) - self.M.unsqueeze(0)) ** 2).sum(-1).amin(1)
+
+
 class Classifier(nn.Module):
     def __init__(self, features: nn.Sequential, head: nn.Sequential,
                  normalization: str = "imagenet", frozen_stages: int = 0, freeze_batchnorm: bool = False):
@@ -141,6 +163,7 @@ class Classifier(nn.Module):
         self.register_buffer("temperature", torch.tensor(1.0))
         self.frozen_stages = frozen_stages
         self.freeze_batchnorm = freeze_batchnorm  # trainable stages keep their pretrained BN statistics
+        self.add_module("ood_head", None)  # a MahalanobisHead once an OOD detector is fitted
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features; the cacheable part when the backbone is frozen."""
@@ -152,6 +175,12 @@ class Classifier(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.embed(x))
+
+    def assess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logit, out-of-distribution score) from one pass; NaN scores without an OOD head."""
+        f = self.embed(x)
+        ood = self.ood_head(f) if self.ood_head is not None else torch.full((len(f),), float("nan"))
+        return self.classify(f), ood
 
     def train(self, mode: bool = True) -> "Classifier":
         # Frozen stages stay in eval mode: their BatchNorm statistics are part of the pretrained weights.

@@ -18,7 +18,7 @@ from pneumoscan.artifact import ModelMeta
 from pneumoscan.errors import UserError
 from pneumoscan.files import file_sha256
 from pneumoscan.inference.batching import check_images, spans, unit_interval
-from pneumoscan.inference.onnx_format import INPUT_NAME, OUTPUT_NAME, session_document
+from pneumoscan.inference.onnx_format import INPUT_NAME, OOD_NAME, OUTPUT_NAME, session_document
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +45,11 @@ class Engine:
     path: Path  # the file the caller named
 
     def predict_logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        return self.assess(images, batch_size)[0]
+
+    def assess(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        """(logits, out-of-distribution scores), float32 (N,) each; the scores are NaN for a model
+        fitted without an OOD detector."""
         raise NotImplementedError
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -67,10 +72,10 @@ class TorchEngine(Engine):
         self.sha256 = file_sha256(self.path)
         self.name = "torch"
 
-    def predict_logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        from pneumoscan.inference.torch_model import predict_logits
+    def assess(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+        from pneumoscan.inference.torch_model import assess
 
-        return predict_logits(self.model, self._check(images), batch_size)
+        return assess(self.model, self._check(images), batch_size)
 
 
 class OnnxEngine(Engine):
@@ -96,8 +101,12 @@ class OnnxEngine(Engine):
         self.sha256 = sha256 or file_sha256(self.path)
         self.name = "onnxruntime-int8" if self.document.get("precision") == "int8" else "onnxruntime"
 
-    def predict_logits(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+    def assess(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         images = self._check(images)
-        out = [self.session.run([OUTPUT_NAME], {INPUT_NAME: unit_interval(images[s])})[0]
-               for s in spans(len(images), batch_size)]
-        return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)
+        outputs = [o.name for o in self.session.get_outputs()]
+        names = [OUTPUT_NAME] + ([OOD_NAME] if OOD_NAME in outputs else [])
+        runs = [self.session.run(names, {INPUT_NAME: unit_interval(images[s])}) for s in spans(len(images), batch_size)]
+        logits = np.concatenate([r[0] for r in runs]).astype(np.float32) if runs else np.zeros(0, np.float32)
+        if OOD_NAME not in names:
+            return logits, np.full(len(logits), np.nan, np.float32)
+        return logits, np.concatenate([r[1] for r in runs]).astype(np.float32)

@@ -22,13 +22,14 @@ from pneumoscan import __version__, artifact
 from pneumoscan.errors import UserError
 from pneumoscan.files import atomic_path, file_sha256
 from pneumoscan.inference.engines import OnnxEngine
-from pneumoscan.inference.onnx_format import FORMAT, INPUT_NAME, METADATA_KEY, OUTPUT_NAME, set_document
-from pneumoscan.inference.torch_model import predict_logits
+from pneumoscan.inference.onnx_format import FORMAT, INPUT_NAME, METADATA_KEY, OOD_NAME, OUTPUT_NAME, set_document
+from pneumoscan.inference.torch_model import assess, predict_logits
 from pneumoscan.metrics import sigmoid
 
 log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # max |prob_onnx - prob_torch| accepted for an fp32 export
+OOD_TOLERANCE = 1e-3  # max relative difference of the OOD distance (cut-offs are hundreds wide)
 
 
 class ExportError(UserError):
@@ -78,29 +79,49 @@ def export_onnx(model_path: str | Path, out_path: str | Path, *, opset: int = 17
 
     images = synthetic_check_images(size) if check_images is None else check_images
     expected = sigmoid(predict_logits(model, images))
+    expected_ood = assess(model, images)[1]
     with atomic_path(out_path) as tmp:
         onnx.save(proto, tmp)
         try:
-            got = OnnxEngine(tmp, source=model_path).predict_proba(images)
+            logits, got_ood = OnnxEngine(tmp, source=model_path).assess(images)
         except UserError as exc:  # ONNX Runtime cannot load or run what was exported
             raise ExportError(f"ONNX export of {model_path} does not run in ONNX Runtime: {exc}") from exc
-        delta = float(np.abs(got - expected).max())
+        delta = float(np.abs(sigmoid(logits) - expected).max())
         if not delta < PARITY_TOLERANCE:
             raise ExportError(f"ONNX export of {model_path} differs from PyTorch by {delta:.2e} in probability "
                               f"(tolerance {PARITY_TOLERANCE:.0e}); not written")
+        ood_delta = (float((np.abs(got_ood - expected_ood) / np.maximum(np.abs(expected_ood), 1.0)).max())
+                     if model.ood_head is not None else 0.0)
+        if not ood_delta < OOD_TOLERANCE:
+            raise ExportError(f"ONNX export of {model_path} differs from PyTorch by {ood_delta:.2e} (relative) in "
+                              f"its out-of-distribution score (tolerance {OOD_TOLERANCE:.0e}); not written")
     log.info("exported %s to %s (opset %d, max |Δprob| vs PyTorch %.1e)", model_path, out_path, opset, delta)
     return Path(out_path)
 
 
+class _Assess(torch.nn.Module):
+    """The graph of a model with an OOD head: (logit, ood_score) from one pass."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.model.assess(x)
+
+
 def _trace(model: torch.nn.Module, size: int, opset: int) -> onnx.ModelProto:
+    outputs = [OUTPUT_NAME] + ([OOD_NAME] if model.ood_head is not None else [])
+    graph = _Assess(model).eval() if model.ood_head is not None else model
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # TracerWarnings from the padding hooks' shape arithmetic (constant at a fixed image size)
         # and the TorchScript exporter's deprecation notice: neither is actionable for a user.
         warnings.simplefilter("ignore")
         torch.onnx.export(
-            model, (torch.zeros(2, 1, size, size),), buf, dynamo=False, opset_version=opset,
-            input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-            dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}}, do_constant_folding=True,
+            graph, (torch.zeros(2, 1, size, size),), buf, dynamo=False, opset_version=opset,
+            input_names=[INPUT_NAME], output_names=outputs,
+            dynamic_axes={INPUT_NAME: {0: "batch"}} | {name: {0: "batch"} for name in outputs},
+            do_constant_folding=True,
         )
     return onnx.load_from_string(buf.getvalue())

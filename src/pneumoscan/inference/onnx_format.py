@@ -3,7 +3,8 @@
 The file is self-describing: ``metadata_props["pneumoscan"]`` holds a JSON document with the
 model's ``ModelMeta`` (image size, normalisation, threshold, temperature, class names, ...) and
 the source model's sha256, so ONNX Runtime users need nothing else. Input ``image`` is float32
-(N, 1, H, W) in [0, 1]; output ``logit`` is the calibrated logit (N,); the batch axis is dynamic.
+(N, 1, H, W) in [0, 1]; output ``logit`` is the calibrated logit (N,), and ``ood_score`` (N,) the
+out-of-distribution distance when the model has a detector; the batch axis is dynamic.
 
 ``onnx_export`` writes such files; ``engines`` reads them.
 """
@@ -22,6 +23,7 @@ if TYPE_CHECKING:
 METADATA_KEY = "pneumoscan"  # ONNX metadata_props key holding the JSON document
 FORMAT = "pneumoscan-onnx/1"  # {"format", "meta", "source_sha256", "precision", "opset", "exported_by", ...}
 INPUT_NAME, OUTPUT_NAME = "image", "logit"
+OOD_NAME = "ood_score"  # second output, when the model has an OOD detector: (N,) Mahalanobis distance
 
 
 def parse_document(raw: str | None, path: str | Path) -> dict[str, Any]:

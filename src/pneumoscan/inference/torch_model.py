@@ -27,3 +27,17 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int =
     finally:
         model.to("cpu", memory_format=torch.contiguous_format)
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
+
+
+def assess(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, OOD scores) from one pass per batch (``Classifier.assess``), on the CPU."""
+    model.eval()
+    logits, scores = [], []
+    with torch.inference_mode():
+        for s in spans(len(images), batch_size):
+            z, d = model.assess(as_batch(images[s]))
+            logits.append(z.float())
+            scores.append(d.float())
+    if not logits:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32)
+    return torch.cat(logits).numpy(), torch.cat(scores).numpy()

@@ -1,0 +1,103 @@
+"""From scores to what a reader is told: a label, or NOT_ASSESSED with the reason, and flags.
+
+A screening aid that answers every upload is dangerous, so every image passes two checks beside
+the classifier, and every command (predict, evaluate, the API and the page) reports them the same:
+
+* the input-quality gate (``gate``): too small, too thin, near-constant or noise-like images get
+  ``low_quality``;
+* the out-of-distribution score of the model's own features (``ood``, a Mahalanobis distance
+  fitted at training time): far from every training film gives ``not_chest_xray``; unusual but
+  still plausibly a radiograph gives ``out_of_distribution``.
+
+``not_chest_xray`` and ``low_quality`` mean the model is not competent for the image: the label
+is NOT_ASSESSED (the probability is still returned, marked as not meaningful).
+``out_of_distribution`` keeps the label and says that the image is unlike the training data.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from pneumoscan import gate, ood
+from pneumoscan.artifact import ModelMeta
+from pneumoscan.inference.engines import Engine
+
+NOT_ASSESSED = "NOT_ASSESSED"
+LOW_QUALITY, NOT_CHEST, OUT_OF_DISTRIBUTION = gate.CODE, ood.NOT_CHEST, ood.OOD
+FLAGS = (NOT_CHEST, LOW_QUALITY, OUT_OF_DISTRIBUTION)
+NOT_COMPETENT = (NOT_CHEST, LOW_QUALITY)  # the model's answer means nothing for such an image
+
+
+@dataclass(frozen=True)
+class Verdict:
+    probability: float  # calibrated P(PNEUMONIA); not meaningful when not assessed
+    logit: float
+    label: str  # NORMAL | PNEUMONIA | NOT_ASSESSED
+    prediction: int | None  # 1 if probability >= threshold, else 0; None when not assessed
+    threshold: float
+    flags: tuple[str, ...] = ()
+    details: tuple[str, ...] = ()  # one sentence per flag, in the same order
+    ood_score: float | None = None
+
+    @property
+    def assessed(self) -> bool:
+        return self.label != NOT_ASSESSED
+
+
+def quality_limits(meta: ModelMeta) -> gate.QualityLimits:
+    return gate.QualityLimits.from_dict(meta.quality) if meta.quality else gate.QualityLimits()
+
+
+def ood_sentence(code: str, score: float, meta: ModelMeta) -> str:
+    o = meta.ood or {}
+    if code == NOT_CHEST:
+        return (f"far from every training radiograph (distance {score:.0f} > {o['cutoff_not_chest']:.0f}, which "
+                f"{100 - o['percentile']:g}% of validation films exceed): probably not a frontal chest X-ray")
+    return (f"unusual for the training films (distance {score:.0f} > {o['cutoff_ood']:.0f}, which "
+            f"{100 - o['ood_percentile']:g}% of validation films exceed): check the image and read the score "
+            "with care")
+
+
+def ood_flag(meta: ModelMeta, score: float) -> str | None:
+    o = meta.ood
+    if o is None or not math.isfinite(score):
+        return None
+    if score > o["cutoff_not_chest"]:
+        return NOT_CHEST
+    return OUT_OF_DISTRIBUTION if score > o["cutoff_ood"] else None
+
+
+def decide(meta: ModelMeta, logits: np.ndarray, ood_scores: np.ndarray, quality: Sequence[Sequence[gate.Flag]],
+           threshold: float | None = None) -> list[Verdict]:
+    """One Verdict per image from its logit, OOD score and failed quality checks."""
+    thr = meta.threshold if threshold is None else float(threshold)
+    out = []
+    for z, s, failed in zip(np.asarray(logits, dtype=np.float64), np.asarray(ood_scores, dtype=np.float64),
+                            quality, strict=True):
+        p = float(1.0 / (1.0 + math.exp(-z))) if z > -700 else 0.0
+        flags, details = [], []
+        code = ood_flag(meta, float(s))
+        if code is not None:
+            flags.append(code)
+            details.append(ood_sentence(code, float(s), meta))
+        if failed:
+            flags.append(LOW_QUALITY)
+            details.append(gate.summary(list(failed)))
+        assessed = not any(f in NOT_COMPETENT for f in flags)
+        prediction = int(p >= thr) if assessed else None
+        out.append(Verdict(p, float(z), meta.class_names[prediction] if assessed else NOT_ASSESSED, prediction,
+                           thr, tuple(flags), tuple(details), float(s) if math.isfinite(s) else None))
+    return out
+
+
+def assess(engine: Engine, images: np.ndarray, sizes: Sequence[tuple[int, int]], *, threshold: float | None = None,
+           batch_size: int = 32) -> list[Verdict]:
+    """Gate, score and decide decoded images (``sizes``: their stored width and height)."""
+    limits = quality_limits(engine.meta)
+    quality = [gate.check_quality(image, size, limits) for image, size in zip(images, sizes, strict=True)]
+    logits, scores = engine.assess(images, batch_size)
+    return decide(engine.meta, logits, scores, quality, threshold)
