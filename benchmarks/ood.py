@@ -79,6 +79,7 @@ class ImageSet:
         self.name, self.group, self.kind, self.source = name, group, kind, source
         self.images: list[np.ndarray] = []
         self.sizes: list[tuple[int, int]] = []
+        self.labels: np.ndarray | None = None  # class labels, for chest films that have them
 
     def add(self, gray: np.ndarray) -> None:
         gray = to_gray(gray) if gray.dtype != np.uint8 or gray.ndim != 2 else gray
@@ -182,6 +183,18 @@ SHIFTS = {  # mild acquisition / export differences: must mostly pass
     "mirror": lambda a, r: np.ascontiguousarray(a[:, ::-1]),
 }
 
+def random_shift(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One or two acquisition shifts with random strength (the test shifts use fixed strengths on
+    other patients' films): what widening the detector's covariance with these buys is measured."""
+    ops = [lambda a: gamma(a, rng.uniform(0.6, 1.7)), lambda a: contrast(a, rng.uniform(0.6, 1.4), rng.uniform(-20, 20)),
+           lambda a: blur(a, rng.uniform(0.5, 2.0)), lambda a: noise(a, rng.uniform(2, 10), rng),
+           lambda a: jpeg(a, int(rng.integers(10, 60))), lambda a: zoom_out(a, rng.uniform(0.7, 0.95), int(rng.choice([0, 255]))),
+           lambda a: rotate(a, rng.uniform(-12, 12)), lambda a: burn_text(a, rng), lambda a: crop_zoom(a, rng.uniform(0.8, 0.95))]
+    for j in rng.choice(len(ops), int(rng.integers(1, 3)), replace=False):
+        a = ops[j](a)
+    return a
+
+
 WRONG_STUDY = {  # proxies for radiographs the model is not competent for
     "rotated 90": lambda a: np.ascontiguousarray(np.rot90(a, 1)),
     "rotated 270": lambda a: np.ascontiguousarray(np.rot90(a, 3)),
@@ -238,7 +251,8 @@ def skimage_images(names: list[str]) -> dict[str, np.ndarray]:
     out = {}
     for n in names:
         try:
-            out[n] = to_gray(getattr(skd, n)())
+            fn = getattr(skd, n)
+            out[n] = to_gray(fn(rng=0) if n == "binary_blobs" else fn())  # binary_blobs is random otherwise
         except Exception as e:  # not bundled in this version: skip, say so
             log.warning("skimage.data.%s unavailable (%s)", n, type(e).__name__)
     return out
@@ -359,7 +373,8 @@ def embed_all(sets: dict[str, ImageSet]) -> dict[str, dict[str, np.ndarray]]:
 # ----------------------------------------------------------------------------- sets
 
 
-def build_sets(data_root: Path, seed: int = 0, n_shift: int = 150, n_wrong: int = 150) -> tuple[dict[str, ImageSet], np.ndarray]:
+def build_sets(data_root: Path, seed: int = 0, n_shift: int = 60, n_wrong: int = 60,
+               n_aug: int = 1000) -> tuple[dict[str, ImageSet], np.ndarray]:
     from pneumoscan import data
 
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # bundled test files are deliberately odd
@@ -377,6 +392,15 @@ def build_sets(data_root: Path, seed: int = 0, n_shift: int = 150, n_wrong: int 
         (val if v else fit).add_resized(img)
     sets[fit.name], sets[val.name] = fit, val
 
+    fit_imgs = images[~is_val]
+    aug = ImageSet("fit-aug: shifted fit films", "chest", "fit-aug", "fit films, 1-2 random acquisition shifts")
+    arng = np.random.default_rng(seed + 100)  # own stream: the other sets stay as they were (and cached)
+    idx = arng.choice(len(fit_imgs), n_aug, replace=False)
+    for i in idx:
+        aug.add_resized(random_shift(fit_imgs[i], arng))
+    aug.labels = labels[~is_val][idx]
+    sets[aug.name] = aug
+
     val_imgs = images[is_val]
     pick = rng.choice(len(val_imgs), n_shift, replace=False)
     for k, f in SHIFTS.items():
@@ -392,11 +416,11 @@ def build_sets(data_root: Path, seed: int = 0, n_shift: int = 150, n_wrong: int 
         sets[s.name] = s
 
     # fit-negatives (frontal-CXR classifier only)
-    sets["fit-neg: synthetic"] = synthetic(240, rng)
+    sets["fit-neg: synthetic"] = synthetic(120, rng)
     sets["fit-neg: skimage photos"] = photo_views("fit-neg: skimage photos", skimage_images(SKIMAGE_PHOTOS), 12,
                                                   "fit", "non-CXR", rng, "skimage.data")
     # test-negatives
-    sets["synthetic (test draw)"] = synthetic(160, np.random.default_rng(seed + 1))
+    sets["synthetic (test draw)"] = synthetic(80, np.random.default_rng(seed + 1))
     sets["synthetic (test draw)"].name = "synthetic (test draw)"
     sets["synthetic (test draw)"].kind = "test"
     sets["sklearn photos"] = photo_views("sklearn photos", sklearn_sources(), 40, "test", "non-CXR", rng,
@@ -465,6 +489,7 @@ def report(sets: dict[str, ImageSet], fit_labels: np.ndarray, feats: dict, t0: f
               "non-CXR": [n for n in test_sets if sets[n].group == "non-CXR"],
               "medical": [n for n in test_sets if sets[n].group == "medical"]}
     fit_neg = [n for n, s in sets.items() if s.kind == "fit" and s.group != "chest"]
+    aug_name = "fit-aug: shifted fit films"
     print("# OOD benchmark (benchmarks/ood.py)\n")
     print(f"machine: {cpu_name()}, {os.cpu_count()} cores; python {platform.python_version()}\n")
 
@@ -475,7 +500,7 @@ def report(sets: dict[str, ImageSet], fit_labels: np.ndarray, feats: dict, t0: f
     print("| set | group | used for | n | source |")
     print("|---|---|---|---|---|")
     for n, s in sets.items():
-        used = {"fit": "fit", "val": "cut-offs"}.get(s.kind, "test only")
+        used = {"fit": "fit", "fit-aug": "fit", "val": "cut-offs"}.get(s.kind, "test only")
         print(f"| {n} | {s.group} | {used} | {len(s)} | {s.source} |")
     print()
 
@@ -501,6 +526,8 @@ def report(sets: dict[str, ImageSet], fit_labels: np.ndarray, feats: dict, t0: f
           "| AUROC non-CXR | AUROC medical |")
     print("|---|---|---|---|---|---|---|---|")
     choices: dict[tuple[str, str], dict[str, np.ndarray]] = {}
+    aug_name = "fit-aug: shifted fit films"
+    aug_labels_ = sets[aug_name].labels
     negs = {ex: np.concatenate([feats[ex][n] for n in fit_neg]) for ex in feats}
     for ex in ("finetuned", "imagenet"):
         F = feats[ex]
@@ -510,6 +537,11 @@ def report(sets: dict[str, ImageSet], fit_labels: np.ndarray, feats: dict, t0: f
             opts[f"Mahalanobis k={k or 1280}"] = (lambda x, st=st: ood.score(st, x), st)
         st = ood.fit(F[fit_name], fit_labels, F[val_name], k=None, l2_normalize=False, feature_source=ex)
         opts["Mahalanobis k=1280, raw (no L2)"] = (lambda x, st=st: ood.score(st, x), st)
+        aug = np.concatenate([F[fit_name], F[aug_name]])
+        aug_labels = np.r_[fit_labels, aug_labels_]
+        for k in (512, None):
+            st = ood.fit(aug, aug_labels, F[val_name], k=k, feature_source=ex)
+            opts[f"Mahalanobis k={k or 1280}, fit + shifted fit films"] = (lambda x, st=st: ood.score(st, x), st)
         opts["kNN k=10 (Sun 2022)"] = (lambda x, b=F[fit_name]: knn_scores(b, x), None)
         st = ood.fit(F[fit_name], fit_labels, F[val_name], k=None, negatives=negs[ex], feature_source=ex)
         opts["frontal-CXR logistic (-logit)"] = (lambda x, st=st: -ood.classifier_logit(st, x), st)
@@ -525,42 +557,68 @@ def report(sets: dict[str, ImageSet], fit_labels: np.ndarray, feats: dict, t0: f
             choices[(ex, name)] = {"scores": sc, "state": st}
     print()
 
-    # --- the chosen design, per set
+    # --- the chosen design: cut-off sweep and per set
     for ex in ("imagenet", "finetuned"):
         F = feats[ex]
-        st = ood.fit(F[fit_name], fit_labels, F[val_name], k=None, feature_source=ex, negatives=negs[ex])
-        table(sets, F, st, gated, groups, fit_name, val_name, ex)
+        x, y = (np.concatenate([F[fit_name], F[aug_name]]), np.r_[fit_labels, aug_labels_]) if FINAL_AUG \
+            else (F[fit_name], fit_labels)
+        st = ood.fit(x, y, F[val_name], k=FINAL_K, feature_source=ex)
+        sweep(sets, F, st, gated, groups, val_name, ex)
+        table(sets, F, st, gated, groups, val_name, ex)
     print(f"\nwall time {time.perf_counter() - t0:.0f}s (features cached in .cache/ood/ are reused on a re-run)")
     return 0
 
 
-def table(sets, F, st, gated, groups, fit_name, val_name, ex) -> None:
+FINAL_K = None  # all 1280 dimensions
+FINAL_AUG = True  # covariance also fitted on shifted fit films
+
+
+def sweep(sets, F, st, gated, groups, val_name, ex) -> None:
+    """NOT_ASSESSED (gate or score above the cut-off) for candidate not_chest_xray cut-offs."""
     from pneumoscan import ood
 
-    print(f"## Per set: {ex} features, Mahalanobis k=1280 (L2-normalised) + frontal-CXR classifier\n")
-    print(f"cut-offs: not_chest_xray score > {st.cutoff_not_chest:.1f} (p{st.percentile:g} of val) or "
-          f"classifier logit < {st.clf_cutoff:.2f} (p{st.clf_percentile:g} of val); "
-          f"out_of_distribution score > {st.cutoff_ood:.1f} (p{st.ood_percentile:g} of val)\n")
-    print("| set | group | used for | n | gate | Mahalanobis | classifier | NOT_ASSESSED (gate or either) "
-          "| marked out_of_distribution | AUROC Mahalanobis |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+    sc = {n: ood.score(st, F[n]) for n in sets}
+    p995 = np.percentile(sc[val_name], 99.5)
+    cands = [(f"p{q:g} of val", np.percentile(sc[val_name], q)) for q in (99, 99.5, 99.9)]
+    cands += [(f"{m:g} x p99.5", m * p995) for m in (1.25, 1.5, 2.0)]
+    print(f"## Cut-off sweep: {ex} features (NOT_ASSESSED = gate or Mahalanobis > cut-off)\n")
+    print("| cut-off | value | val films | shifted (pooled) | worst shift | medical | non-CXR |")
+    print("|---|---|---|---|---|---|---|")
+    for name, cut in cands:
+        na = {n: gated[n] | (sc[n] > cut) for n in sets}
+        worst = max(groups["shifted chest"], key=lambda n: na[n].mean())
+        row = [pct(na[val_name])] + [pct(np.concatenate([na[n] for n in groups["shifted chest"]]))]
+        row += [f"{pct(na[worst])} ({worst.split(': ')[1]})"]
+        row += [pct(np.concatenate([na[n] for n in groups[g]])) for g in ("medical", "non-CXR")]
+        print(f"| {name} | {cut:.0f} | " + " | ".join(row) + " |")
+    print()
+
+
+def table(sets, F, st, gated, groups, val_name, ex) -> None:
+    from pneumoscan import ood
+
+    src = "fit + shifted fit films" if FINAL_AUG else "fit films"
+    print(f"## Per set: {ex} features, Mahalanobis k={FINAL_K or 1280} (L2-normalised, fitted on {src})\n")
+    print(f"cut-offs: not_chest_xray score > {st.cutoff_not_chest:.0f} (p{st.percentile:g} of val x {st.margin:g}); "
+          f"out_of_distribution score > {st.cutoff_ood:.0f} (p{st.ood_percentile:g} of val)\n")
+    print("| set | group | used for | n | gate | Mahalanobis not_chest | NOT_ASSESSED (gate or score) "
+          "| marked out_of_distribution | AUROC (score vs val films) |")
+    print("|---|---|---|---|---|---|---|---|---|")
     val_sc = ood.score(st, F[val_name])
     agg: dict[str, list[np.ndarray]] = {}
     for n, s in sets.items():
         sc = ood.score(st, F[n])
-        lg = ood.classifier_logit(st, F[n])
-        m, c = sc > st.cutoff_not_chest, lg < st.clf_cutoff
-        na = gated[n] | m | c
+        m = sc > st.cutoff_not_chest
+        na = gated[n] | m
         marked = ~na & (sc > st.cutoff_ood)
-        au = "" if n == val_name or s.kind == "fit" else f"{auroc(val_sc, sc):.3f}"
-        used = {"fit": "fit", "val": "cut-offs"}.get(s.kind, "test only")
-        print(f"| {n} | {s.group} | {used} | {len(s)} | {pct(gated[n])} | {pct(m)} | {pct(c)} | {pct(na)} "
-              f"| {pct(marked)} | {au} |")
+        au = "" if s.kind != "test" else f"{auroc(val_sc, sc):.3f}"
+        used = {"fit": "fit", "fit-aug": "fit", "val": "cut-offs"}.get(s.kind, "test only")
+        print(f"| {n} | {s.group} | {used} | {len(s)} | {pct(gated[n])} | {pct(m)} | {pct(na)} | {pct(marked)} | {au} |")
         for g, names in groups.items():
             if n in names:
-                agg.setdefault(g, []).append(np.c_[gated[n], m, c, na])
+                agg.setdefault(g, []).append(np.c_[gated[n], m, na, marked])
     print()
-    print("| group (test sets pooled) | n | gate | Mahalanobis | classifier | NOT_ASSESSED |")
+    print("| group (test sets pooled) | n | gate | Mahalanobis | NOT_ASSESSED | marked out_of_distribution |")
     print("|---|---|---|---|---|---|")
     for g, parts in agg.items():
         a = np.concatenate(parts)
