@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import gzip
 import hashlib
-import io
 import logging
 import os
 import platform
@@ -40,6 +39,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
+
+from pneumoscan import shifts
+from pneumoscan.shifts import blur, burn_text, contrast, crop_zoom, gamma, jpeg, noise, rotate, zoom_out
 
 SIZE = 224
 ROOT = Path(__file__).resolve().parents[1]
@@ -115,59 +117,6 @@ def random_views(gray: np.ndarray, n: int, rng: np.random.Generator) -> list[np.
 # ----------------------------------------------------------------------------- chest transforms
 
 
-def _pil(a: np.ndarray) -> Image.Image:
-    return Image.fromarray(a)
-
-
-def gamma(a, g):
-    return (255 * (a / 255.0) ** g).round().astype(np.uint8)
-
-
-def contrast(a, c, b=0.0):
-    m = a.mean()
-    return np.clip((a - m) * c + m + b, 0, 255).round().astype(np.uint8)
-
-
-def blur(a, s):
-    return np.asarray(_pil(a).filter(ImageFilter.GaussianBlur(s)))
-
-
-def noise(a, s, rng):
-    return np.clip(a + rng.normal(0, s, a.shape), 0, 255).round().astype(np.uint8)
-
-
-def jpeg(a, q):
-    buf = io.BytesIO()
-    _pil(a).save(buf, "JPEG", quality=q)
-    return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"))
-
-
-def zoom_out(a, f, fill=0):
-    small = np.asarray(_pil(a).resize((int(SIZE * f), int(SIZE * f)), Image.Resampling.BILINEAR))
-    out = np.full_like(a, fill)
-    o = (SIZE - small.shape[0]) // 2
-    out[o:o + small.shape[0], o:o + small.shape[1]] = small
-    return out
-
-
-def burn_text(a, rng):
-    img = _pil(a.copy())
-    d = ImageDraw.Draw(img)
-    for txt in ("L", "AP PORTABLE", f"2024-0{rng.integers(1, 9)}-1{rng.integers(0, 9)}", "R"):
-        d.text((int(rng.integers(2, 150)), int(rng.integers(2, 200))), txt, fill=255)
-    return np.asarray(img)
-
-
-def rotate(a, deg):
-    return np.asarray(_pil(a).rotate(deg, Image.Resampling.BILINEAR))
-
-
-def crop_zoom(a, frac, cy=0.5, cx=0.5):
-    h = int(SIZE * frac)
-    y, x = int((SIZE - h) * cy), int((SIZE - h) * cx)
-    return resize(np.ascontiguousarray(a[y:y + h, x:x + h]))
-
-
 SHIFTS = {  # mild acquisition / export differences: must mostly pass
     "gamma 0.7": lambda a, r: gamma(a, 0.7),
     "gamma 1.5": lambda a, r: gamma(a, 1.5),
@@ -182,18 +131,6 @@ SHIFTS = {  # mild acquisition / export differences: must mostly pass
     "crop 85%": lambda a, r: crop_zoom(a, 0.85),
     "mirror": lambda a, r: np.ascontiguousarray(a[:, ::-1]),
 }
-
-def random_shift(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One or two acquisition shifts with random strength (the test shifts use fixed strengths on
-    other patients' films): what widening the detector's covariance with these buys is measured."""
-    ops = [lambda a: gamma(a, rng.uniform(0.6, 1.7)), lambda a: contrast(a, rng.uniform(0.6, 1.4), rng.uniform(-20, 20)),
-           lambda a: blur(a, rng.uniform(0.5, 2.0)), lambda a: noise(a, rng.uniform(2, 10), rng),
-           lambda a: jpeg(a, int(rng.integers(10, 60))), lambda a: zoom_out(a, rng.uniform(0.7, 0.95), int(rng.choice([0, 255]))),
-           lambda a: rotate(a, rng.uniform(-12, 12)), lambda a: burn_text(a, rng), lambda a: crop_zoom(a, rng.uniform(0.8, 0.95))]
-    for j in rng.choice(len(ops), int(rng.integers(1, 3)), replace=False):
-        a = ops[j](a)
-    return a
-
 
 WRONG_STUDY = {  # proxies for radiographs the model is not competent for
     "rotated 90": lambda a: np.ascontiguousarray(np.rot90(a, 1)),
@@ -280,6 +217,8 @@ def dicom_sources() -> dict[str, np.ndarray]:
     import pydicom
     from pydicom.data import get_testdata_files
     from pydicom.pixels import apply_modality_lut, apply_voi_lut
+
+    logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # after import: pydicom sets its own level
 
     out: dict[str, np.ndarray] = {}
     seen: set[str] = set()
@@ -394,10 +333,9 @@ def build_sets(data_root: Path, seed: int = 0, n_shift: int = 60, n_wrong: int =
 
     fit_imgs = images[~is_val]
     aug = ImageSet("fit-aug: shifted fit films", "chest", "fit-aug", "fit films, 1-2 random acquisition shifts")
-    arng = np.random.default_rng(seed + 100)  # own stream: the other sets stay as they were (and cached)
-    idx = arng.choice(len(fit_imgs), n_aug, replace=False)
-    for i in idx:
-        aug.add_resized(random_shift(fit_imgs[i], arng))
+    views, idx = shifts.shifted_views(fit_imgs, n_aug, seed + 100)  # own stream: other sets unchanged
+    for v in views:
+        aug.add_resized(v)
     aug.labels = labels[~is_val][idx]
     sets[aug.name] = aug
 

@@ -95,3 +95,15 @@ def test_scoring_does_not_import_torch():
             "ood.score(s, np.random.rand(3, 4)); gate.check_quality(np.zeros((8, 8), np.uint8)); "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_shifted_views_keep_shape_and_source_index_and_are_reproducible():
+    from pneumoscan import shifts
+
+    imgs = np.random.default_rng(0).integers(30, 220, (5, 64, 64)).astype(np.uint8)
+    v, idx = shifts.shifted_views(imgs, 8, seed=1)
+    assert v.shape == (8, 64, 64) and v.dtype == np.uint8 and idx.shape == (8,) and idx.max() < 5
+    v2, idx2 = shifts.shifted_views(imgs, 8, seed=1)
+    np.testing.assert_array_equal(v, v2)
+    np.testing.assert_array_equal(idx, idx2)
+    assert shifts.zoom_out(imgs[0], 0.5)[0, 0] == 0 and shifts.crop_zoom(imgs[0], 0.5).shape == (64, 64)
