@@ -82,6 +82,7 @@ class TrainConfig:
     max_train_batches: float = 1.0  # fraction or count; for quick tests
     feature_cache: bool = True  # frozen backbone: train the head on cached features (fast path)
     views: int = 8  # augmented views per training image in the feature cache
+    ood: bool = True  # fit the out-of-distribution detector (ood.py) on the training films' features
     cache_dir: str = ""  # default: <out_dir>/.feature-cache
     devices: int = 1  # -1 = all
     num_nodes: int = 1

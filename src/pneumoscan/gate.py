@@ -40,6 +40,7 @@ borderline image still meets the OOD detector after this gate.
 from __future__ import annotations
 
 import logging
+import dataclasses
 from dataclasses import asdict, dataclass, fields
 
 import numpy as np
@@ -183,3 +184,14 @@ def fit_limits(images: np.ndarray, *, min_side: int = 64, max_aspect: float = 4.
                         min_entropy=lower("entropy"), max_dominant_fraction=upper("dominant_fraction", 1.0),
                         max_saturated_fraction=upper("saturated_fraction", 1.0), max_roughness=upper("roughness"))
     return lim, pct
+
+
+def default_limits(image_size: int = 224) -> QualityLimits:
+    """``QualityLimits()`` for a model of another input size. The minimum side keeps its reason (no
+    more than 3.5x upsampling to the model's input). Roughness is measured on the model input, and
+    neighbouring pixels of a smaller input lie further apart on the film, so its limit grows as the
+    input shrinks; the grey-level statistics do not depend on the size and stay as fitted."""
+    scale = 224 / image_size
+    base = QualityLimits()
+    return dataclasses.replace(base, min_side=max(1, round(base.min_side / scale)),
+                               max_roughness=round(base.max_roughness * max(scale, 1.0), 3))

@@ -52,6 +52,9 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 VERSION = 1
+# Below this many validation films a 99.5th-percentile cut-off is the largest of a handful of
+# scores, and new films of the same kind exceed it often: no detector is fitted then.
+MIN_VALIDATION = 100
 NOT_CHEST = "not_chest_xray"
 OOD = "out_of_distribution"
 
@@ -129,9 +132,8 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, *, k: int | None =
     labels = np.asarray(labels)
     center = x.mean(0)
     xc = x - center
-    if k is None or k >= min(xc.shape):
-        k = min(xc.shape) if k is not None else xc.shape[1]
     _, _, vt = np.linalg.svd(xc, full_matrices=False)
+    k = min(k or xc.shape[1], len(vt))  # fewer films than dimensions: the span of the films
     comps = vt[:k].T  # (d, k)
     z = xc @ comps
     classes = np.unique(labels)
@@ -288,3 +290,9 @@ def torch_module(state: OODState):
             return ((z.unsqueeze(1) - self.M.unsqueeze(0)) ** 2).sum(-1).amin(1)
 
     return MahalanobisScore()
+
+
+def describe(state: OODState) -> dict[str, Any]:
+    """The state without its arrays: cut-offs and how they were chosen, for ``ModelMeta.ood``
+    (the arrays travel in the weights, folded into the model's OOD head)."""
+    return {k: v for k, v in state.to_dict().items() if k not in OODState._ARRAYS}

@@ -49,7 +49,7 @@ class Verdict:
 
 
 def quality_limits(meta: ModelMeta) -> gate.QualityLimits:
-    return gate.QualityLimits.from_dict(meta.quality) if meta.quality else gate.QualityLimits()
+    return gate.QualityLimits.from_dict(meta.quality) if meta.quality else gate.default_limits(meta.image_size)
 
 
 def ood_sentence(code: str, score: float, meta: ModelMeta) -> str:
