@@ -1,0 +1,79 @@
+"""The decision layer: NOT_ASSESSED for what the model is not competent for, flags for the rest,
+fitted at training time and the same through PyTorch and ONNX Runtime."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import make_dataset, synthetic_xray
+from pneumoscan import artifact, gate, predict
+from pneumoscan.inference import decision
+from pneumoscan.inference.engines import OnnxEngine, TorchEngine
+from pneumoscan.inference.onnx_export import export_onnx
+
+
+def _meta(**ood):
+    _, info = __import__("pneumoscan.models", fromlist=["build"]).build("resnet18", weights="none")
+    meta = artifact.make_meta(architecture="resnet18", head="seed", image_size=32, weights_info=info,
+                              threshold=0.5, threshold_rule="0.5", config={})
+    return meta.replace(ood={"cutoff_not_chest": 100.0, "cutoff_ood": 50.0, "percentile": 99.5,
+                             "ood_percentile": 97.5, **ood})
+
+
+def test_decide_labels_flags_and_reasons():
+    meta = _meta()
+    low = [gate.Flag("low_quality", "min_side", "image is 1x1 px")]
+    verdicts = decision.decide(meta, np.array([2.0, 2.0, -2.0, 2.0, 0.0]), np.array([10, 70, 150, 10, np.nan]),
+                               [[], [], [], low, []])
+    assert [v.label for v in verdicts] == ["PNEUMONIA", "PNEUMONIA", "NOT_ASSESSED", "NOT_ASSESSED", "PNEUMONIA"]
+    assert [v.flags for v in verdicts] == [(), ("out_of_distribution",), ("not_chest_xray",), ("low_quality",), ()]
+    assert verdicts[2].prediction is None and verdicts[2].probability == pytest.approx(1 / (1 + np.exp(2)))
+    assert "not a frontal chest X-ray" in verdicts[2].details[0] and verdicts[3].details == ("image is 1x1 px",)
+    assert verdicts[4].ood_score is None  # NaN: a model without a detector gets no OOD flag
+    # without a detector at all, only the gate speaks
+    plain = meta.replace(ood=None)
+    assert [v.flags for v in decision.decide(plain, np.zeros(2), np.array([1e9, 1e9]), [[], low])] == \
+        [(), ("low_quality",)]
+
+
+@pytest.fixture(scope="module")
+def ood_model(tmp_path_factory):
+    """A tiny model with enough validation films (>= ood.MIN_VALIDATION) for a detector."""
+    from pneumoscan import train
+    from pneumoscan.config import RunConfig
+
+    root = make_dataset(tmp_path_factory.mktemp("data") / "d", {"train": (130, 130), "test": (4, 4)}, size=32)
+    config = RunConfig()
+    config.data.root, config.data.image_size, config.data.val_fraction = str(root), 32, 0.5
+    config.model.backbone, config.model.backbone_weights, config.model.head = "resnet18", "none", "linear"
+    config.train.epochs, config.train.max_train_batches, config.train.precision = 1, 2, "32"
+    config.out_dir, config.name = str(tmp_path_factory.mktemp("runs")), "ood"
+    return train.fit(config, report=False) / "model.pt", root
+
+
+def test_training_fits_a_detector_that_onnx_computes_too(ood_model, tmp_path):
+    path, root = ood_model
+    meta = artifact.read_meta(path)
+    assert meta.ood["n_val"] >= 100 and meta.ood["cutoff_not_chest"] >= meta.ood["cutoff_ood"] > 0
+    assert meta.quality == gate.default_limits(32).to_dict()
+    images = np.stack([synthetic_xray(np.random.default_rng(i), i % 2, 32) for i in range(6)])
+    torch_logits, torch_scores = TorchEngine(path).assess(images)
+    onnx_logits, onnx_scores = OnnxEngine(export_onnx(path, tmp_path / "m.onnx")).assess(images)
+    np.testing.assert_allclose(onnx_logits, torch_logits, atol=1e-4)
+    np.testing.assert_allclose(onnx_scores, torch_scores, rtol=1e-3)
+    assert np.isfinite(torch_scores).all() and (torch_scores > 0).all()
+
+
+def test_predict_refuses_what_no_film_looks_like(ood_model, tmp_path):
+    path, root = ood_model
+    Image.new("L", (1, 1), 200).save(tmp_path / "pixel.png")
+    Image.new("L", (4000, 8), 128).save(tmp_path / "strip.png")
+    Image.new("L", (64, 64), 0).save(tmp_path / "black.png")
+    rows, skipped = predict.predict_files(path, [tmp_path, root / "test"], engine="torch")
+    by_name = {r.path.split("/")[-1]: r for r in rows}
+    for name in ("pixel.png", "strip.png", "black.png"):
+        assert by_name[name].label == "NOT_ASSESSED" and "low_quality" in by_name[name].flags
+    films = [r for r in rows if "/test/" in r.path]
+    assert len(films) == 8 and sum(r.label != "NOT_ASSESSED" for r in films) >= 6
