@@ -46,7 +46,7 @@ def test_train_evaluate_predict_end_to_end(tiny_dataset, tmp_path, capsys, caplo
         assert (tmp_path / "eval" / png).is_file()
     with open(tmp_path / "eval" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 12 and set(rows[0]) == {"path", "label", "probability", "prediction"}
+    assert len(rows) == 12 and set(rows[0]) == {"path", "label", "probability", "prediction", "decision", "flags"}
 
     code, out = run_cli("evaluate", "--model", model, "--data", tiny_dataset, "--out", tmp_path / "eval2",
                         "--threshold", 0.0, "--bootstrap", 50, capsys=capsys)

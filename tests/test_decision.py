@@ -77,3 +77,22 @@ def test_predict_refuses_what_no_film_looks_like(ood_model, tmp_path):
         assert by_name[name].label == "NOT_ASSESSED" and "low_quality" in by_name[name].flags
     films = [r for r in rows if "/test/" in r.path]
     assert len(films) == 8 and sum(r.label != "NOT_ASSESSED" for r in films) >= 6
+
+
+def test_evaluate_counts_flagged_images_and_reports_metrics_without_them(ood_model, tmp_path):
+    import json
+    import shutil
+
+    from pneumoscan import evaluate
+
+    path, root = ood_model
+    data = shutil.copytree(root / "test", tmp_path / "d")
+    Image.new("L", (64, 64), 0).save(data / "NORMAL" / "IM-9999-0001.png")  # an all-black "film"
+    evaluate.run(path, data, tmp_path / "out", errors=0, engine="torch", n_bootstrap=50)
+    result = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    flagged = result["flagged"]
+    assert result["n"] == 9 and flagged["n_not_assessed"] >= 1
+    assert flagged["by_flag"]["low_quality"] == {"NORMAL": 1, "PNEUMONIA": 0}
+    assert flagged["n_assessed"] + flagged["n_not_assessed"] == 9
+    rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
+    assert any("IM-9999-0001.png" in r and "NOT_ASSESSED" in r and "low_quality" in r for r in rows)

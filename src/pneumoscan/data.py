@@ -254,10 +254,17 @@ def load_images(
     strict: bool = False,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[list[Sample], np.ndarray, list[tuple[str, str]]]:
-    """Decode every image once into one (N, size, size) uint8 array: (kept samples, images, skipped).
+    """Decode every image once into one (N, size, size) uint8 array: (kept samples, images, skipped)."""
+    kept, decoded = decode_samples(samples, size, strict=strict, progress=progress)
+    return kept, decoded.images, decoded.skipped
 
-    Unreadable files are skipped and listed (``imaging.decode_many``) unless ``strict``; a class
-    left with no readable image is an error, since nothing could be learned or scored for it.
+
+def decode_samples(samples: Sequence[Sample], size: int, *, strict: bool = False,
+                   progress: Callable[[int], None] | None = None) -> tuple[list[Sample], imaging.Decoded]:
+    """The kept samples and their ``imaging.Decoded`` (images, skipped files, stored sizes).
+
+    Unreadable files are skipped and listed unless ``strict``; a class left with no readable
+    image is an error, since nothing could be learned or scored for it.
     """
     samples = list(samples)
     decoded = imaging.decode_many([s.path for s in samples], size, strict=strict, progress=progress)
@@ -266,7 +273,7 @@ def load_images(
     for label in sorted({s.label for s in samples}):
         if have[label] == 0:
             raise UserError(f"no readable {CLASS_NAMES[label]} images: all of them were skipped as unreadable")
-    return kept_samples, decoded.images, decoded.skipped
+    return kept_samples, decoded
 
 
 class ImageDataset(torch.utils.data.Dataset):

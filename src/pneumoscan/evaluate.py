@@ -19,6 +19,7 @@ from pneumoscan import CLASS_NAMES, artifact, data, explain, metrics, plots
 from pneumoscan.artifact import ModelMeta
 from pneumoscan.errors import UserError
 from pneumoscan.files import write_csv, write_json
+from pneumoscan.inference import decision
 from pneumoscan.inference.loading import load_engine
 
 log = logging.getLogger(__name__)
@@ -30,8 +31,14 @@ _SUBTYPE = re.compile(r"(?:^|[_\-.\s])(" + "|".join(SUBTYPES) + r")(?=[_\-.\s]|$
 
 
 def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float, out_dir: str | Path,
-                         paths: Sequence[str], *, n_bootstrap: int = 2000, seed: int = 0) -> dict:
-    """Write metrics.json, predictions.csv and the plots for one set of predictions."""
+                         paths: Sequence[str], *, n_bootstrap: int = 2000, seed: int = 0,
+                         flags: Sequence[Sequence[str]] | None = None) -> dict:
+    """Write metrics.json, predictions.csv and the plots for one set of predictions.
+
+    The metrics cover every image, as the model scored it. With ``flags`` (per image, from
+    ``inference.decision``) they also say how many images were flagged and what the metrics are on
+    the images the model did assess, i.e. without the NOT_ASSESSED ones.
+    """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = metrics.binary_metrics(y_true, prob, threshold)
@@ -39,10 +46,14 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
     result["brier"] = metrics.brier(y_true, prob)
     result["ece"] = metrics.expected_calibration_error(y_true, prob, n_bins=ECE_BINS)
     result["recall_by_subtype"] = recall_by_subtype(paths, y_true, prob, threshold)
+    flags = [tuple(f) for f in flags] if flags is not None else [()] * len(prob)
+    if any(flags):
+        result["flagged"] = flag_summary(y_true, prob, threshold, flags, n_bootstrap=n_bootstrap, seed=seed)
     write_json(out / "metrics.json", result)
     pred = (prob >= threshold).astype(int)
-    write_csv(out / "predictions.csv", ["path", "label", "probability", "prediction"],
-              [(p, int(t), f"{q:.6f}", int(k)) for p, t, q, k in zip(paths, y_true, prob, pred)])
+    write_csv(out / "predictions.csv", ["path", "label", "probability", "prediction", "decision", "flags"],
+              [(p, int(t), f"{q:.6f}", int(k), _decision(q, threshold, f), ";".join(f))
+               for p, t, q, k, f in zip(paths, y_true, prob, pred, flags)])
     plots.confusion_matrix_plot(result["confusion_matrix"], out / "confusion_matrix.png")
     if len(set(y_true.tolist())) == 2:
         plots.roc_plot(y_true, prob, out / "roc.png", threshold=threshold)
@@ -51,6 +62,27 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
     plots.reliability_diagram(y_true, prob, out / "reliability.png", n_bins=ECE_BINS)
     return result
 
+
+
+def _decision(prob: float, threshold: float, flags: Sequence[str]) -> str:
+    if any(f in decision.NOT_COMPETENT for f in flags):
+        return decision.NOT_ASSESSED
+    return CLASS_NAMES[int(prob >= threshold)]
+
+
+def flag_summary(y_true, prob, threshold: float, flags: Sequence[Sequence[str]], *, n_bootstrap: int = 2000,
+                 seed: int = 0) -> dict:
+    """How many images each flag caught, by class, and the metrics without the NOT_ASSESSED ones."""
+    y, p = np.asarray(y_true).astype(int), np.asarray(prob, dtype=float)
+    assessed = np.array([not any(f in decision.NOT_COMPETENT for f in fs) for fs in flags])
+    out: dict = {"n_not_assessed": int((~assessed).sum()), "n_assessed": int(assessed.sum()),
+                 "by_flag": {code: {name: int(sum(code in fs for fs, t in zip(flags, y) if t == label))
+                                    for label, name in enumerate(CLASS_NAMES)} for code in decision.FLAGS}}
+    if assessed.any() and len(set(y[assessed].tolist())) == 2:
+        kept = metrics.binary_metrics(y[assessed], p[assessed], threshold)
+        kept["ci95"] = metrics.bootstrap_ci(y[assessed], p[assessed], threshold, n_resamples=n_bootstrap, seed=seed)
+        out["assessed_metrics"] = kept
+    return out
 
 
 def subtype_of(path: str | Path) -> str | None:
@@ -149,14 +181,17 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
     scorer = load_engine(model_path, engine)
     meta = scorer.meta
     samples = select_split(data.scan(data_root, default_split="test"), split)
-    kept, images, skipped = data.load_images(samples, meta.image_size, strict=strict, progress=decode_progress)
+    kept, decoded = data.decode_samples(samples, meta.image_size, strict=strict, progress=decode_progress)
+    images, skipped = decoded.images, decoded.skipped
     out = Path(out_dir)
     if skipped:
         data.write_skipped(skipped, out / "skipped.csv")
-    prob = scorer.predict_proba(images)
+    verdicts = decision.assess(scorer, images, decoded.sizes, threshold=threshold)
+    prob = np.array([v.probability for v in verdicts])
     y = np.array([s.label for s in kept])
     thr = meta.threshold if threshold is None else float(threshold)
-    result = evaluate_predictions(y, prob, thr, out, [s.path for s in kept], n_bootstrap=n_bootstrap)
+    result = evaluate_predictions(y, prob, thr, out, [s.path for s in kept], n_bootstrap=n_bootstrap,
+                                  flags=[v.flags for v in verdicts])
     if errors > 0:
         write_errors(_cam_model(scorer), meta, images, y, prob, thr, [s.path for s in kept], out, k=errors,
                      method=method)
@@ -174,6 +209,11 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
     }
     write_json(out / "evaluation.json", evaluation)
     log.info("evaluated %d images from %s with %s: %s", len(kept), data_root, scorer.name, summary_line(result))
+    if "flagged" in result:
+        f = result["flagged"]
+        log.warning("%d of %d images NOT_ASSESSED (%s); metrics without them are in metrics.json (flagged)",
+                    f["n_not_assessed"], len(kept), ", ".join(f"{code} {sum(n.values())}" for code, n in f["by_flag"].items()
+                                                               if sum(n.values())))
     if report:
         from pneumoscan import report as html_report
 
