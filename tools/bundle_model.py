@@ -60,7 +60,8 @@ benchmarks/accuracy.md has out-of-fold cross-validation of the recipe):
 
 **Limitations.** Trained on one centre's pediatric images: expect lower specificity on other
 hospitals, scanners, adults, and at other pneumonia prevalences. No lateral views. Bacterial and viral
-pneumonia are not told apart. Unusual inputs (non-chest images, heavy annotations) are not detected.
+pneumonia are not told apart. Unusual inputs are flagged by the input checks above, which were tested on
+proxies only: a wrong study that resembles a frontal chest film can still get a label.
 Grad-CAM on cross-validation errors sometimes points at the "R" laterality marker, image borders or
 ECG leads: features that differ between hospitals.
 
@@ -84,7 +85,12 @@ def main() -> int:
     command = ("pneumoscan train --data ../shared/data/chest_xray "
                "--backbone-weights ../shared/weights/mobilenet_v2_imagenet.pth --out runs --name bundled\n"
                "python tools/bundle_model.py runs/bundled")
-    write_text(ASSETS / "MODEL_CARD.md", card(meta, validation, command, args.where))
+    text = card(meta, validation, command, args.where)
+    if meta.ood is not None:
+        from add_ood import input_checks_section, with_section  # tools/, beside this script
+
+        text = with_section(text, input_checks_section(meta))
+    write_text(ASSETS / "MODEL_CARD.md", text)
     print(f"{out} ({out.stat().st_size / 1e6:.1f} MB) and {ASSETS / 'MODEL_CARD.md'}")
     return 0
 

@@ -25,6 +25,9 @@ LIMITATIONS = [
     "bacterial from viral pneumonia.",
     "Images are squashed to a square of the model's input size; the aspect ratio is not kept.",
     "Grad-CAM overlays show where the model looked, not where the pathology is.",
+    "Images that are not frontal chest films are flagged by an input-quality gate and an out-of-distribution "
+    "score and left NOT_ASSESSED, but the detector was tested on proxies only (see input_checks): a wrong "
+    "study that resembles a chest film can still get a label.",
 ]
 
 
@@ -60,6 +63,33 @@ def model_card(meta: ModelMeta, *, sha256: str, runtime: str) -> dict[str, Any]:
         },
         "intended_use": INTENDED_USE,
         "limitations": limitations(meta),
+        "input_checks": input_checks(meta),
+    }
+
+
+FLAG_MEANINGS = {
+    "low_quality": "the input-quality gate refused the image (too small, extreme aspect ratio, near-constant, "
+                   "too few grey levels, mostly black/white or noise-like): label NOT_ASSESSED",
+    "not_chest_xray": "the image's features are far from every training radiograph: label NOT_ASSESSED",
+    "out_of_distribution": "the image is unusual for the training films but plausibly a radiograph: the label "
+                           "is kept, read it with care",
+}
+
+
+def input_checks(meta: ModelMeta) -> dict[str, Any]:
+    """What the model refuses to judge, and by which limits: the gate's and the OOD cut-offs."""
+    from pneumoscan import gate
+    from pneumoscan.inference.decision import quality_limits
+
+    o = meta.ood
+    return {
+        "flags": FLAG_MEANINGS,
+        "quality_limits": gate.limits_table(quality_limits(meta)),
+        "ood": None if o is None else {
+            "method": "Mahalanobis distance of the model's pooled features (Lee et al. 2018), tied covariance "
+                      "fitted on training films plus shifted copies",
+            "cutoff_not_chest_xray": o["cutoff_not_chest"], "cutoff_out_of_distribution": o["cutoff_ood"],
+            "percentiles_of_validation": [o["percentile"], o["ood_percentile"]], "n_validation": o["n_val"]},
     }
 
 
