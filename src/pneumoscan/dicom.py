@@ -32,6 +32,7 @@ from PIL import Image
 from pydicom.errors import InvalidDicomError
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
 
+from pneumoscan import MAX_PIXELS
 from pneumoscan.errors import ImageError, unreadable
 
 log = logging.getLogger(__name__)
@@ -96,7 +97,7 @@ def _check_radiograph(ds: pydicom.Dataset, name: str) -> None:
     if bits not in BITS_ALLOCATED:
         raise ImageError(name, f"{bits}-bit pixel data is not supported (accepted: 8 or 16 bits allocated)")
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
-    limit = Image.MAX_IMAGE_PIXELS  # the same decompression-bomb limit as other images
+    limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)  # the same limit as other images
     if limit and rows * cols > limit:
         raise ImageError(name, f"{rows * cols} pixels is over the limit of {limit}")
 

@@ -5,7 +5,8 @@ Training, ``predict``, ``explain``, ``evaluate``, the API and the web page all d
 same one-line reasons. The format is sniffed from the content, never from the file name: PNG,
 JPEG, BMP, TIFF and WebP through Pillow (and only those of Pillow's decoders), DICOM through
 pydicom (``dicom``). Refused: anything else (GIF included), multi-frame images, PNGs whose
-checksums fail, truncated files, and more pixels than ``Image.MAX_IMAGE_PIXELS``.
+checksums fail, truncated files, and more pixels than ``pneumoscan.MAX_PIXELS`` (the service's
+default limit too).
 
 Images are squashed to a square (the dataset's convention: the aspect ratio is not kept); the
 original width and height travel with the pixels, so the input-quality gate can see what the
@@ -25,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from pneumoscan import MAX_PIXELS
 from pneumoscan.errors import ImageError, UserError, unreadable
 
 log = logging.getLogger(__name__)
@@ -120,7 +122,7 @@ def _decode(source: str | bytes, name: str, size: int | None, kind: str | None) 
 def _open_pil(source: str | bytes, name: str, size: int | None) -> tuple[Image.Image, tuple[int, int]]:
     """The decoded image and its stored size; truncated or corrupt data raise rather than decode
     half-grey, because a partial X-ray is a wrong input, not a smaller one."""
-    limit = Image.MAX_IMAGE_PIXELS
+    limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
 
     def open_() -> Image.Image:
         return Image.open(io.BytesIO(source) if isinstance(source, bytes) else source, formats=PIL_FORMATS)
