@@ -35,7 +35,10 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     result = metrics.binary_metrics(y_true, prob, threshold)
-    result["ci95"] = metrics.bootstrap_ci(y_true, prob, threshold, n_resamples=n_bootstrap, seed=seed)
+    intervals = metrics.confidence_intervals(y_true, prob, threshold, n_resamples=n_bootstrap, seed=seed)
+    result["ci95"] = intervals["ci"]
+    result["ci_method"] = intervals["method"]  # wilson for rates, bootstrap for the rest
+    result["ci_notes"] = intervals["note"]  # why an interval is nan: undefined or not estimable
     result["brier"] = metrics.brier(y_true, prob)
     result["ece"] = metrics.expected_calibration_error(y_true, prob, n_bins=ECE_BINS)
     result["recall_by_subtype"] = recall_by_subtype(paths, y_true, prob, threshold)
@@ -197,6 +200,8 @@ def summary_line(result: dict) -> str:
 
     def fmt(key: str) -> str:
         lo, hi = ci.get(key, (float("nan"), float("nan")))
+        if lo != lo and key in result.get("ci_notes", {}):  # nan: say so rather than "[nan, nan]"
+            return f"{key} {result[key]:.3f} [CI not estimable]"
         return f"{key} {result[key]:.3f} [{lo:.3f}, {hi:.3f}]"
 
     keys = ("accuracy", "roc_auc", "recall", "specificity")
