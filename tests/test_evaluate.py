@@ -97,6 +97,9 @@ def test_write_errors_lists_and_explains_the_most_confident(trained_model, tmp_p
     assert [(r["path"], r["label"], r["kind"], r["rank"]) for r in rows] == [
         ("n0.jpeg", "0", "false_positive", "1"), ("person0_virus_1.jpeg", "1", "false_negative", "1")]
     assert float(rows[0]["probability"]) == pytest.approx(0.9)
+    for r in rows:  # where each explained map's mass lies (issue 14); empty only for a flat map
+        assert all(r[c] == "" for c in ("cam_outside_lungs", "cam_on_border")) or \
+            all(0 <= float(r[c]) <= 1 for c in ("cam_outside_lungs", "cam_on_border"))
     assert set(galleries) == {"false_positive", "false_negative"}
     assert not stale.exists()  # overlays of an earlier evaluation are gone
     for kind, stem in (("false_positive", "n0"), ("false_negative", "person0_virus_1")):
@@ -106,5 +109,7 @@ def test_write_errors_lists_and_explains_the_most_confident(trained_model, tmp_p
 
     # no errors at all: an empty CSV, no galleries, and the old ones removed
     evaluate.write_errors(model, meta, images, y, np.array([0.1, 0.1, 0.1, 0.9, 0.9, 0.9]), 0.5, paths, tmp_path)
-    assert (tmp_path / "errors.csv").read_text().strip() == "path,label,probability,kind,rank"
+    assert (tmp_path / "errors.csv").read_text().strip() == ",".join(evaluate.ERROR_COLUMNS)
+    assert evaluate.ERROR_COLUMNS == ["path", "label", "probability", "kind", "rank", "cam_outside_lungs",
+                                      "cam_on_border"]
     assert not list((tmp_path / "errors").rglob("*.png"))

@@ -127,6 +127,10 @@ def test_explain_returns_decodable_overlay(client, meta):
     assert image.mode == "L" and image.size == (size, size)
     rgb = np.asarray(overlay).astype(int)
     assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 10  # a colour map, not the gray image again
+    # how to read it (issue 14): the scale, flatness and where the map's mass lies
+    assert body["cam_scale"] == "absolute" and isinstance(body["cam_flat"], bool)
+    if not body["cam_flat"]:
+        assert 0 <= body["cam_outside_lungs"] <= 1 and 0 <= body["cam_on_border"] <= 1
 
 
 def test_batch_keeps_order_and_reports_bad_files(client):

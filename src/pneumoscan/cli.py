@@ -379,20 +379,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def add_explain(sub) -> None:
     p = add_parser(sub, "explain", "Grad-CAM overlays: where in each X-ray the PNEUMONIA score came from",
                    "Writes one PNG per image: the X-ray beside its heat map, titled with P(PNEUMONIA) and the "
-                   "predicted label. Warm regions raised the PNEUMONIA score; each map is scaled to its own "
-                   "maximum. Maps are coarse and are not a localisation of disease.")
+                   "predicted label, and OUT/explanations.csv (per image: the scale, whether the map is flat, and the share "
+                   "of its mass outside the lung fields and on the border). Warm regions raised the PNEUMONIA score; "
+                   "with --scale absolute (default) a map's brightest colour is the image's probability, so a low "
+                   "score looks low; relative scales each map to its own maximum. Maps are coarse and are not a "
+                   "localisation of disease.")
     p.add_argument("--model", help="model.pt [the bundled model]")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder for the PNGs")
     p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="gradcam, gradcam++ or eigencam")
     p.add_argument("--threshold", type=float, help="override the model's decision threshold for the label")
+    p.add_argument("--scale", choices=("absolute", "relative"), default="absolute",
+                   help="colour scale: absolute = the map times P(PNEUMONIA); relative = each map to its own maximum")
     p.set_defaults(func=cmd_explain)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from pneumoscan import explain
 
-    written, skipped = explain.explain_files(args.model, args.paths, args.out, args.method, threshold=args.threshold)
+    written, skipped = explain.explain_files(args.model, args.paths, args.out, args.method, threshold=args.threshold,
+                                              scale=args.scale)
     for path, reason in skipped:
         print(skipped_line(path, reason), file=sys.stderr)
     print(f"wrote {console.plural(len(written), 'explanation')} to {args.out}")

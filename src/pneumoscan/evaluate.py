@@ -103,25 +103,42 @@ def select_errors(y_true, prob, threshold: float, k: int = 16) -> dict[str, np.n
             "false_negative": fn[np.argsort(p[fn], kind="stable")][:k]}
 
 
+ERROR_COLUMNS = ["path", "label", "probability", "kind", "rank", "cam_outside_lungs", "cam_on_border"]
+
+
 def write_errors(model, meta: ModelMeta, images: np.ndarray, y_true, prob, threshold: float,
                  paths: Sequence[str], out_dir: str | Path, *, k: int = 16, method: str = "gradcam") -> dict:
-    """``errors.csv`` (path, label, probability, kind, rank) and, when ``model`` (the PyTorch
-    Classifier) is given, the Grad-CAM galleries in ``errors/``."""
+    """``errors.csv`` (ERROR_COLUMNS) and, when ``model`` (the PyTorch Classifier) is given, the
+    Grad-CAM galleries in ``errors/``. The cam_ columns are the share of each map's mass outside
+    the lung fields and on the image border (``explain.mass_fractions``): empty when the errors are
+    not explained (no model, or a flat map)."""
     out = Path(out_dir)
     chosen = select_errors(y_true, prob, threshold, k)
-    rows = [(paths[i], int(y_true[i]), f"{prob[i]:.6f}", kind, rank)
-            for kind in ERROR_KINDS for rank, i in enumerate(chosen[kind], start=1)]
-    write_csv(out / "errors.csv", ["path", "label", "probability", "kind", "rank"], rows)
     n_fp, n_fn = len(chosen["false_positive"]), len(chosen["false_negative"])
-    if model is None:
-        log.info("errors: %d false positives, %d false negatives listed in %s", n_fp, n_fn, out / "errors.csv")
-        return {}
-    # called without errors too: it clears the galleries of an earlier evaluation
-    galleries = explain.error_galleries(model, meta, images, np.asarray(prob), paths, chosen, out / "errors", method)
-    if n_fp + n_fn:
-        log.info("errors: %d false positives, %d false negatives explained in %s", n_fp, n_fn, out / "errors")
-    else:
+    fractions: dict[int, tuple[float | None, float | None]] = {}
+    galleries: dict = {}
+    if model is not None:
+        # called without errors too: it clears the galleries of an earlier evaluation
+        galleries = explain.error_galleries(model, meta, images, np.asarray(prob), paths, chosen, out / "errors",
+                                            method, fractions=fractions)
+
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    rows = [(paths[i], int(y_true[i]), f"{prob[i]:.6f}", kind, rank, *map(cell, fractions.get(int(i), (None, None))))
+            for kind in ERROR_KINDS for rank, i in enumerate(chosen[kind], start=1)]
+    write_csv(out / "errors.csv", ERROR_COLUMNS, rows)
+    if not n_fp + n_fn:
         log.info("errors: none at threshold %.3f, nothing to explain", threshold)
+    elif model is None:
+        log.info("errors: %d false positives, %d false negatives listed in %s", n_fp, n_fn, out / "errors.csv")
+    else:
+        log.info("errors: %d false positives, %d false negatives explained in %s", n_fp, n_fn, out / "errors")
+        shortcuts = [i for i, (o, b) in fractions.items() if max(o or 0, b or 0) > explain.OUTSIDE_ALERT]
+        if shortcuts:
+            log.warning("errors: %d of %d explained maps have most of their mass outside the lung fields or on "
+                        "the border (a shortcut?): see the cam_ columns of %s", len(shortcuts), len(fractions),
+                        out / "errors.csv")
     return galleries
 
 
