@@ -18,7 +18,7 @@ from scipy.stats import binomtest
 from pneumoscan import CLASS_NAMES, artifact, data, explain, metrics, plots
 from pneumoscan.artifact import ModelMeta
 from pneumoscan.errors import UserError
-from pneumoscan.files import write_csv, write_json
+from pneumoscan.files import content_digest, write_csv, write_json
 from pneumoscan.inference.loading import load_engine
 
 log = logging.getLogger(__name__)
@@ -30,11 +30,13 @@ _SUBTYPE = re.compile(r"(?:^|[_\-.\s])(" + "|".join(SUBTYPES) + r")(?=[_\-.\s]|$
 
 
 def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float, out_dir: str | Path,
-                         paths: Sequence[str], *, n_bootstrap: int = 2000, seed: int = 0) -> dict:
-    """Write metrics.json, predictions.csv and the plots for one set of predictions."""
+                         paths: Sequence[str], *, n_bootstrap: int = 2000, seed: int = 0,
+                         extra: dict | None = None) -> dict:
+    """Write metrics.json, predictions.csv and the plots for one set of predictions; ``extra``
+    (e.g. ``training_overlap``'s keys) is stored in metrics.json too."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = metrics.binary_metrics(y_true, prob, threshold)
+    result = metrics.binary_metrics(y_true, prob, threshold) | dict(extra or {})
     intervals = metrics.confidence_intervals(y_true, prob, threshold, n_resamples=n_bootstrap, seed=seed)
     result["ci95"] = intervals["ci"]
     result["ci_method"] = intervals["method"]  # wilson for rates, bootstrap for the rest
@@ -54,6 +56,31 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
     plots.reliability_diagram(y_true, prob, out / "reliability.png", n_bins=ECE_BINS)
     return result
 
+
+
+def training_overlap(meta: ModelMeta, paths: Sequence[str | Path]) -> dict:
+    """How many evaluated files the model was trained (or validated) on, found by content.
+
+    ``{"n_in_training_data": k, "n_checked": n}``; k is None when the model records no digests of
+    its training data (a model.pt older than ``ModelMeta.data_digests``): overlap cannot be checked.
+    Logged as a warning either way, because metrics on seen images are optimistic.
+    """
+    if not meta.data_digests:
+        log.warning("this model records no digests of its training data: overlap of the %d evaluated files "
+                    "with it cannot be checked", len(paths))
+        return {"n_in_training_data": None, "n_checked": len(paths)}
+    seen = set(meta.data_digests)
+    n = sum(content_digest(p) in seen for p in paths)
+    if n:
+        log.warning("%s", overlap_sentence(n, len(paths)))
+    return {"n_in_training_data": int(n), "n_checked": len(paths)}
+
+
+def overlap_sentence(n_in_training: int | None, n: int) -> str:
+    """The warning line the log, the CLI and the report share."""
+    if n_in_training is None:
+        return "overlap with this model's training data cannot be checked (the model records no digests of it)"
+    return f"{n_in_training} of {n} evaluated files were in this model's training data: these numbers are optimistic"
 
 
 def subtype_of(path: str | Path) -> str | None:
@@ -176,7 +203,8 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
     prob = scorer.predict_proba(images)
     y = np.array([s.label for s in kept])
     thr = meta.threshold if threshold is None else float(threshold)
-    result = evaluate_predictions(y, prob, thr, out, [s.path for s in kept], n_bootstrap=n_bootstrap)
+    overlap = training_overlap(meta, [s.path for s in kept])
+    result = evaluate_predictions(y, prob, thr, out, [s.path for s in kept], n_bootstrap=n_bootstrap, extra=overlap)
     if errors > 0:
         write_errors(_cam_model(scorer), meta, images, y, prob, thr, [s.path for s in kept], out, k=errors,
                      method=method)
@@ -188,6 +216,7 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
         "split": split or sorted({s.split for s in kept}),
         "n_images": len(kept),
         "n_skipped": len(skipped),
+        **overlap,
         "threshold": thr,
         "threshold_source": "--threshold" if threshold is not None else f"model ({metrics.describe_rule(meta.threshold_rule)})",
         "class_names": list(CLASS_NAMES),
