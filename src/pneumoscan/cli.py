@@ -312,7 +312,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_log = console.start_run_log()
     bars = console.StageBars()
     try:
-        evaluate.run(model, args.data, args.out, threshold=args.threshold, split=args.split,
+        result = evaluate.run(model, args.data, args.out, threshold=args.threshold, split=args.split,
                      strict=args.strict, n_bootstrap=args.bootstrap, engine=args.engine,
                      decode_progress=lambda k: bars("decoding images", k, 0),
                      errors=args.errors, method=args.method, report=args.report)
@@ -322,6 +322,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             run_log.attach(Path(args.out) / "evaluate.log")
         run_log.close()
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    if "n_in_training_data" in result and result["n_in_training_data"] != 0:
+        print(f"pneumoscan: warning: {evaluate.overlap_sentence(result['n_in_training_data'], result['n'])}",
+              file=sys.stderr)
+    if args.errors > 0:  # the same words as the report
+        (_, fp), (fn, _) = result["confusion_matrix"]
+        errors_dir = Path(args.out) / "errors"
+        print("errors:  no errors at this threshold" if not fp + fn else
+              f"errors:  {errors_dir}" if errors_dir.is_dir() and any(errors_dir.glob("*.png")) else
+              f"errors:  {Path(args.out) / 'errors.csv'} (not explained: Grad-CAM needs the model.pt)")
     if args.report:
         print(f"report:  {Path(args.out) / 'report.html'}")
     return 0
