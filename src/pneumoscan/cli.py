@@ -520,7 +520,7 @@ def add_serve(sub) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto", help="runtime for scores")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser calls from this origin (repeatable); none by default")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, log_timestamps=True)  # a server's log is read later: every line is dated
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -537,9 +537,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"pneumoscan: open http://{shown}:{args.port}/ in a browser (API docs at /docs); Ctrl+C stops",
           file=sys.stderr)
-    # access_log off: the app logs method, path, status, latency and size, and nothing else
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_config=None, server_header=False)
+    # access_log off: the app logs method, path, status, latency and size, and nothing else.
+    # timeout_graceful_shutdown: after Ctrl+C, requests still running get this long to finish (uvicorn's
+    # default is to wait for every open connection, however long a client keeps it busy).
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_config=None, server_header=False,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    if getattr(app.state, "service", None) is not None:  # it really served (startup ran) and has shut down
+        exit_now(0)
     return 0
+
+
+SHUTDOWN_GRACE_S = 1
+
+
+def exit_now(code: int) -> None:
+    """End a server that has shut down without the interpreter's teardown.
+
+    Freeing torch, torchvision and the grad-cam stack module by module takes about a second on two
+    cores (more on a loaded machine) after uvicorn has already said "Finished server process", so
+    Ctrl+C seemed to hang. Nothing is left to clean up: the model is read-only, every output was
+    written atomically, and the log is flushed here; so the process leaves at once.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -562,7 +584,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     parser = build_parser()
     args = parser.parse_args(argv)
-    console.configure_logging(args.verbose)
+    console.configure_logging(args.verbose, timestamps=getattr(args, "log_timestamps", False))
     try:
         return args.func(args)
     except UserError as exc:
