@@ -70,3 +70,29 @@ def test_meta_round_trips_through_the_plain_dict_and_keeps_unknown_keys():
     assert back.training.epochs_run == 3 and back.label(0.5) == "PNEUMONIA" and back.label(0.2) == "NORMAL"
     with pytest.raises(UserError, match="lacks image_size"):
         artifact.ModelMeta.from_dict({k: v for k, v in raw.items() if k != "image_size"})
+
+
+def test_add_data_digests_changes_only_the_meta(tmp_path):
+    import torch
+
+    from pneumoscan.files import content_digest, content_digests, file_sha256
+
+    model, info = models.build("mobilenet_v2", weights="none", head="linear")
+    meta = artifact.make_meta(architecture="mobilenet_v2", head="linear", image_size=32, weights_info=info,
+                              threshold=0.5, threshold_rule="0.5", config={})
+    path = artifact.save(tmp_path / "model.pt", model, meta, half=True)
+    assert artifact.read_meta(path).data_digests == ()  # what an older model reads as
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    a.write_bytes(b"one image")
+    b.write_bytes(b"another image")
+    (tmp_path / "copy.png").write_bytes(b"one image")
+    digests = content_digests([a, b, tmp_path / "copy.png"])
+    assert digests == sorted({content_digest(a), content_digest(b)}) and all(len(d) == 16 for d in digests)
+    before = file_sha256(path)
+    out = artifact.add_data_digests(path, digests, tmp_path / "with.pt")
+    assert file_sha256(path) == before  # --out leaves the original alone
+    blob = torch.load(out, map_location="cpu", weights_only=True)
+    assert blob["meta"]["data_digests"] == digests
+    original = torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+    assert all(torch.equal(v, original[k]) and v.dtype == original[k].dtype for k, v in blob["state_dict"].items())
+    assert artifact.load(out)[1].data_digests == tuple(digests)

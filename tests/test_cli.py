@@ -195,4 +195,10 @@ def test_evaluate_without_model_uses_the_bundled_one(tmp_path, capsys):
     assert code == 0, out.err
     evaluation = json.loads((tmp_path / "eval" / "evaluation.json").read_text())
     assert evaluation["model"] == str(artifact.BUNDLED_MODEL)
+    # the sample images were in the bundled model's training data, and it says so (issue 14)
+    if artifact.read_meta(artifact.BUNDLED_MODEL).data_digests:
+        n = evaluation["n_images"]
+        assert n > 0 and evaluation["n_in_training_data"] == n
+        assert f"{n} of {n} evaluated files were in this model's training data" in out.err
+        assert "these numbers are optimistic" in (tmp_path / "eval" / "report.html").read_text()
     assert (tmp_path / "eval" / "report.html").is_file() and (tmp_path / "eval" / "evaluate.log").is_file()

@@ -2,6 +2,7 @@
 
 import csv
 import json
+import logging
 import math
 
 import numpy as np
@@ -97,6 +98,9 @@ def test_write_errors_lists_and_explains_the_most_confident(trained_model, tmp_p
     assert [(r["path"], r["label"], r["kind"], r["rank"]) for r in rows] == [
         ("n0.jpeg", "0", "false_positive", "1"), ("person0_virus_1.jpeg", "1", "false_negative", "1")]
     assert float(rows[0]["probability"]) == pytest.approx(0.9)
+    for r in rows:  # where each explained map's mass lies (issue 14); empty only for a flat map
+        assert all(r[c] == "" for c in ("cam_outside_lungs", "cam_on_border")) or \
+            all(0 <= float(r[c]) <= 1 for c in ("cam_outside_lungs", "cam_on_border"))
     assert set(galleries) == {"false_positive", "false_negative"}
     assert not stale.exists()  # overlays of an earlier evaluation are gone
     for kind, stem in (("false_positive", "n0"), ("false_negative", "person0_virus_1")):
@@ -106,5 +110,43 @@ def test_write_errors_lists_and_explains_the_most_confident(trained_model, tmp_p
 
     # no errors at all: an empty CSV, no galleries, and the old ones removed
     evaluate.write_errors(model, meta, images, y, np.array([0.1, 0.1, 0.1, 0.9, 0.9, 0.9]), 0.5, paths, tmp_path)
-    assert (tmp_path / "errors.csv").read_text().strip() == "path,label,probability,kind,rank"
+    assert (tmp_path / "errors.csv").read_text().strip() == ",".join(evaluate.ERROR_COLUMNS)
+    assert evaluate.ERROR_COLUMNS == ["path", "label", "probability", "kind", "rank", "cam_outside_lungs",
+                                      "cam_on_border"]
     assert not list((tmp_path / "errors").rglob("*.png"))
+
+
+def test_training_overlap_counts_seen_files_by_content(tmp_path, caplog):
+    from pneumoscan.files import content_digests
+
+    files = []
+    for i in range(4):
+        f = tmp_path / f"img{i}.png"
+        f.write_bytes(f"image {i}".encode())
+        files.append(f)
+    renamed = tmp_path / "elsewhere.png"
+    renamed.write_bytes(b"image 0")  # a training image under another name is still seen
+    meta = artifact.ModelMeta(architecture="a", head="h", image_size=8,
+                              normalization=artifact.Normalization("imagenet", (0.5,), (0.5,)),
+                              threshold=0.5, threshold_rule="0.5", data_digests=tuple(content_digests(files[:2])))
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.evaluate"):
+        assert evaluate.training_overlap(meta, [renamed, files[1], files[2], files[3]]) == {
+            "n_in_training_data": 2, "n_checked": 4}
+    assert "2 of 4 evaluated files were in this model's training data: these numbers are optimistic" in caplog.text
+    caplog.clear()
+    assert evaluate.training_overlap(meta, files[2:]) == {"n_in_training_data": 0, "n_checked": 2}
+    assert not caplog.text
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.evaluate"):
+        unknown = evaluate.training_overlap(meta.replace(data_digests=()), files)
+    assert unknown == {"n_in_training_data": None, "n_checked": 4} and "cannot be checked" in caplog.text
+
+
+def test_trained_model_records_its_training_and_validation_files(trained_model):
+    from pneumoscan import data
+    from pneumoscan.files import content_digest
+
+    meta = artifact.read_meta(trained_model)
+    manifest = data.read_manifest(trained_model.parent / "manifest.csv")
+    seen = {content_digest(s.path) for s in manifest if s.split in ("train", "val")}
+    assert set(meta.data_digests) == seen and list(meta.data_digests) == sorted(meta.data_digests)
+    assert not {content_digest(s.path) for s in manifest if s.split == "test"} & seen

@@ -2,6 +2,8 @@
 model untouched, and the model-randomisation sanity check of Adebayo et al. (2018)."""
 
 import copy
+import csv
+import io
 import logging
 
 import numpy as np
@@ -229,3 +231,88 @@ def test_cli_explain_and_predict_explain(model_file, image_folder, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and "broken.png" in err  # the unreadable file is named, the others explained
     assert len(list((tmp_path / "overlays").glob("*.gradcam.png"))) == 2
+
+
+# --- maps that cannot be misread (issue 14) -----------------------------------------------------
+
+def test_absolute_scale_makes_a_low_score_look_low():
+    cam = np.zeros((20, 20), np.float32)
+    cam[5:10, 5:10] = 1.0
+    assert explain.scale_cam(cam, 0.9, "relative").max() == 1.0
+    assert explain.scale_cam(cam, 0.001, "absolute").max() == pytest.approx(0.001)
+    assert explain.scale_cam(cam, 0.7, "absolute").max() == pytest.approx(0.7)
+    with pytest.raises(ValueError):
+        explain.scale_cam(cam, None, "absolute")
+    with pytest.raises(UserError):
+        explain.scale_cam(cam, 0.5, "percentile")
+
+
+def test_mass_fractions_of_the_lungs_the_border_and_a_flat_map():
+    h = w = 100
+    lungs, border = explain.lung_field_mask(h, w), explain.border_mask(h, w)
+    assert lungs[47, 29] and lungs[47, 71] and not lungs[47, 50]  # both lung fields, not the mediastinum
+    assert not (lungs & border).any() and border[0].all() and border[:, -1].all() and not border[8:92, 8:92].any()
+    in_lung = np.zeros((h, w), np.float32)
+    in_lung[40:50, 25:33] = 1.0
+    assert explain.mass_fractions(in_lung) == (0.0, 0.0)
+    corner = np.zeros((h, w), np.float32)
+    corner[:5, :5] = 1.0  # an "R" marker in the corner
+    assert explain.mass_fractions(corner) == (1.0, 1.0)
+    half = in_lung + corner * (in_lung.sum() / corner.sum())
+    assert explain.mass_fractions(half) == pytest.approx((0.5, 0.5), abs=1e-4)
+    assert explain.mass_fractions(half * 0.01) == explain.mass_fractions(half)  # scale-free
+    assert explain.mass_fractions(np.zeros((h, w), np.float32)) == (None, None)
+
+
+def test_explanations_name_their_scale_and_flag_flat_maps():
+    images, _ = _images(2)
+    cams = np.zeros(images.shape, np.float32)
+    cams[1, 10:20, 10:20] = 1.0
+    flat, hot = explain.explanations(images, cams, [0.2, 0.8])
+    assert flat.flat and flat.fields() == {"cam_scale": "absolute", "cam_flat": True, "cam_outside_lungs": None,
+                                           "cam_on_border": None}
+    assert not hot.flat and hot.scale == "absolute" and 0 <= hot.outside_lung_fraction <= 1
+    assert Image.open(io.BytesIO(hot.png)).size == images.shape[1:][::-1]
+    assert explain.explanations(images, cams)[1].scale == "relative"  # no probabilities: relative
+    # absolute: the same map drawn dimmer for a lower probability
+    dim, bright = (np.asarray(Image.open(io.BytesIO(e.png))).astype(int)
+                   for e in (explain.explanations(images[1:], cams[1:], [p])[0] for p in (0.05, 0.95)))
+    assert bright[10:20, 10:20, 0].mean() > dim[10:20, 10:20, 0].mean() + 50  # red channel of the hot spot
+
+
+def test_explain_files_writes_explanations_csv(model_file, image_folder, tmp_path):
+    written, _ = explain.explain_files(model_file, [image_folder], tmp_path / "out", "gradcam", scale="relative")
+    with open(tmp_path / "out" / "explanations.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == explain.EXPLANATION_COLUMNS
+    assert sorted(r["png"] for r in rows) == sorted(p.name for p in written)
+    for r in rows:
+        assert r["cam_scale"] == "relative" and r["cam_flat"] in ("0", "1")
+        if r["cam_flat"] == "0":
+            assert 0 <= float(r["cam_outside_lungs"]) <= 1 and 0 <= float(r["cam_on_border"]) <= 1
+
+
+def test_flat_map_png_says_so(tmp_path):
+    import matplotlib.text
+
+    image = _images(1)[0][0]
+    seen: list[str] = []
+    real = matplotlib.text.Text.set_text
+
+    def spy(self, s):
+        seen.append(str(s))
+        return real(self, s)
+
+    matplotlib.text.Text.set_text = spy
+    try:
+        explain.save_explanation(image, np.zeros(image.shape, np.float32), 0.0, "NORMAL", tmp_path / "f.png")
+        flat_texts = list(seen)
+        seen.clear()
+        cam = np.zeros(image.shape, np.float32)
+        cam[:4, :4] = 1
+        explain.save_explanation(image, cam, 0.3, "NORMAL", tmp_path / "h.png", scale="relative")
+    finally:
+        matplotlib.text.Text.set_text = real
+    assert any(explain.FLAT_TEXT in t for t in flat_texts)
+    assert any("relative: scaled to this image's maximum" in t for t in seen)
+    assert any("outside lung fields" in t for t in seen) and not any(explain.FLAT_TEXT in t for t in seen)

@@ -353,3 +353,65 @@ def test_describe_rule_says_fixed_or_fitted():
     assert describe_rule("0.5") == "fixed at 0.5 on the calibrated probability"
     assert describe_rule("youden") == "youden on the validation split"
     assert describe_rule("sensitivity:0.95") == "sensitivity:0.95 on the validation split"
+
+
+# --- intervals that stay honest at the extremes (issue 14) ---------------------------------------
+
+from pneumoscan.metrics import confidence_intervals, proportion_ci, rate_counts  # noqa: E402
+
+
+@pytest.mark.parametrize("k, n, method, expected", [
+    (10, 10, "clopper-pearson", (0.6915, 1.0)),  # (alpha/2)^(1/n) = 0.025^(1/10)
+    (0, 10, "clopper-pearson", (0.0, 0.3085)),
+    (5, 10, "clopper-pearson", (0.1871, 0.8129)),
+    (10, 10, "wilson", (0.7225, 1.0)),  # n / (n + z^2)
+    (0, 10, "wilson", (0.0, 0.2775)),
+    (45, 50, "wilson", (0.7864, 0.9565)),
+])
+def test_proportion_ci_known_values(k, n, method, expected):
+    assert proportion_ci(k, n, 0.95, method) == pytest.approx(expected, abs=1e-4)
+
+
+def test_proportion_ci_closed_forms_at_the_extremes():
+    z = 1.959963984540054
+    for n in (1, 7, 20, 300):
+        assert proportion_ci(n, n, method="clopper-pearson")[0] == pytest.approx(0.025 ** (1 / n))
+        assert proportion_ci(n, n, method="wilson")[0] == pytest.approx(n / (n + z * z))
+    assert all(math.isnan(v) for v in proportion_ci(0, 0))
+    with pytest.raises(ValueError):
+        proportion_ci(1, 1, method="bootstrap")
+
+
+def test_rate_counts_match_binary_metrics():
+    rng = np.random.default_rng(3)
+    y, p = rng.integers(0, 2, 200), rng.random(200)
+    m = binary_metrics(y, p, 0.4)
+    for key, (k, n) in rate_counts(m["confusion_matrix"]).items():
+        assert k / n == pytest.approx(m[key])
+
+
+def test_confidence_intervals_without_errors_are_not_zero_width():
+    y = np.array([0] * 10 + [1] * 10)
+    p = np.where(y == 1, 0.6, 0.1) + np.linspace(0, 0.3, 20)  # perfect: a bootstrap would say 1.000 - 1.000 everywhere
+    out = confidence_intervals(y, p, 0.5, n_resamples=200)
+    assert out["method"]["recall"] == "wilson" and out["method"]["roc_auc"] == "bootstrap"
+    for key in ("accuracy", "recall", "specificity", "precision"):
+        lo, hi = out["ci"][key]
+        assert hi == 1.0 and lo < 0.9, key  # 10/10 (20/20 for accuracy) is compatible with less
+    assert out["ci"]["accuracy"][0] == pytest.approx(20 / (20 + 1.959963984540054 ** 2))
+    for key in ("f1", "roc_auc", "pr_auc"):
+        assert all(math.isnan(v) for v in out["ci"][key]) and "not estimable" in out["note"][key]
+    assert "loss" not in out["note"] and out["ci"]["loss"][0] < out["ci"]["loss"][1]
+    exact = confidence_intervals(y, p, 0.5, n_resamples=50, method="clopper-pearson")
+    assert exact["ci"]["recall"][0] == pytest.approx(0.6915, abs=1e-4)
+
+
+def test_confidence_intervals_keep_the_bootstrap_where_it_has_spread():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 120)
+    p = np.clip(rng.normal(0.35 + 0.3 * y, 0.2), 0, 1)
+    out = confidence_intervals(y, p, 0.5, n_resamples=300, seed=1)
+    boot = bootstrap_ci(y, p, 0.5, n_resamples=300, seed=1)
+    assert out["ci"]["roc_auc"] == boot["roc_auc"] and out["ci"]["f1"] == boot["f1"] and not out["note"]
+    nothing_flagged = confidence_intervals(y, np.zeros_like(p), 0.5, n_resamples=20)
+    assert "undefined" in nothing_flagged["note"]["precision"]

@@ -4,6 +4,7 @@ import base64
 import json
 import re
 import shutil
+from html import unescape
 
 import pytest
 
@@ -81,3 +82,49 @@ def test_report_of_a_model_outside_its_run_folder(evaluated, trained_model, tmp_
         (tmp_path / "errors.csv").rename(evaluated / "errors.csv")
     assert "Error analysis was not run" in html and "records no training configuration" in html
     assert all(f'<section id="{s}">' in html for s in SECTIONS)
+
+
+def _meta(**training) -> artifact.ModelMeta:
+    from pneumoscan.config import RunConfig
+
+    cfg = RunConfig().to_dict()
+    cfg["model"]["unfreeze_blocks"] = 0
+    return artifact.ModelMeta(architecture="mobilenet_v2", head="seed", image_size=32,
+                              normalization=artifact.Normalization("imagenet", (0.5,), (0.5,)), threshold=0.5,
+                              threshold_rule="0.5", config=cfg, training=artifact.TrainingInfo(**training))
+
+
+def test_report_is_honest_about_overlap_intervals_and_shortcuts(tmp_path):
+    import numpy as np
+
+    from pneumoscan import evaluate
+
+    y = np.array([0] * 10 + [1] * 10)
+    p = np.where(y == 1, 0.6, 0.1) + np.linspace(0, 0.3, 20)  # no errors at 0.5
+    evaluate.evaluate_predictions(y, p, 0.5, tmp_path, [f"f{i}.png" for i in range(20)], n_bootstrap=50,
+                                  extra={"n_in_training_data": 20, "n_checked": 20})
+    (tmp_path / "errors.csv").write_text(",".join(evaluate.ERROR_COLUMNS) + "\n")  # as write_errors leaves it
+    meta = _meta(fast_path=True, epochs_run=4, best_epoch=2, n_train=90, n_val=10, seconds=3.0,
+                 seconds_per_epoch=0.75, feature_seconds=1.0)
+    html = unescape(report.render(report.context(tmp_path, meta, {})))
+    assert "20 of 20 evaluated files were in this model's training data: these numbers are optimistic" in html
+    assert "1.000 – 1.000" not in html and "95% CI 0.722 – 1.000" in html  # Wilson for 10/10, not a bootstrap
+    assert "not estimable" in html and "Wilson" in html
+    assert "No errors at this threshold" in html
+    assert "fast path" not in html and "feature_cache" not in html.split("Full configuration")[0]
+    assert "none (frozen; only the head was trained)" in html and "cached backbone features of 8 augmented" in html
+    assert "<details>" in html and "train.feature_cache" in html  # every setting, behind a disclosure
+
+    # an error whose map sits on the border is listed, with the heuristic stated
+    evaluate.evaluate_predictions(y, p, 0.85, tmp_path, [f"f{i}.png" for i in range(20)], n_bootstrap=50,
+                                  extra={"n_in_training_data": None, "n_checked": 20})
+    (tmp_path / "errors.csv").write_text(
+        "path,label,probability,kind,rank,cam_outside_lungs,cam_on_border\n"
+        "a/x.png,0,0.9,false_positive,1,0.8200,0.6100\na/y.png,1,0.1,false_negative,1,0.1000,0.0500\n"
+        "a/z.png,1,0.2,false_negative,2,,\n")
+    html = unescape(report.render(report.context(tmp_path, meta.replace(config={}, training=artifact.TrainingInfo()),
+                                                 {})))
+    shortcuts = html.split('id="shortcuts"')[1].split("</div>")[0]
+    assert "x.png" in shortcuts and "82.0% outside lungs" in shortcuts and "y.png" not in shortcuts
+    assert "two-ellipse lung-field mask" in html
+    assert "cannot be checked" in html and "No errors at this threshold" not in html

@@ -127,6 +127,10 @@ def test_explain_returns_decodable_overlay(client, meta):
     assert image.mode == "L" and image.size == (size, size)
     rgb = np.asarray(overlay).astype(int)
     assert np.abs(rgb[..., 0] - rgb[..., 2]).max() > 10  # a colour map, not the gray image again
+    # how to read it (issue 14): the scale, flatness and where the map's mass lies
+    assert body["cam_scale"] == "absolute" and isinstance(body["cam_flat"], bool)
+    if not body["cam_flat"]:
+        assert 0 <= body["cam_outside_lungs"] <= 1 and 0 <= body["cam_on_border"] <= 1
 
 
 def test_batch_keeps_order_and_reports_bad_files(client):
@@ -331,3 +335,63 @@ def test_cli_serve_missing_model(tmp_path, capsys):
     assert cli.main(["serve", "--model", str(tmp_path / "nope.pt")]) == 2
     err = capsys.readouterr().err
     assert "model file not found" in err and "Traceback" not in err
+
+
+ISO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (INFO|WARNING|ERROR|DEBUG) [\w.]+: ")
+
+
+def test_server_lines_are_dated_and_ctrl_c_exits_at_once(trained_model, tmp_path):
+    """`pneumoscan serve` as a user runs it: every log line starts with an ISO-8601 time, and SIGINT
+    ends the process within 2 s even with an idle keep-alive connection and a half-sent upload."""
+    import http.client
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env = os.environ | {"PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    env.pop("PNEUMOSCAN_API_KEY", None)
+    log_file = tmp_path / "serve.log"
+    with open(log_file, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-m", "pneumoscan.cli", "serve", "--model", str(trained_model),
+                                 "--port", str(port), "--engine", "torch"], env=env, stderr=log, stdout=log)
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                assert proc.poll() is None, log_file.read_text()
+                try:
+                    idle = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
+                    idle.request("GET", "/v1/health")
+                    assert idle.getresponse().read()  # kept alive, as a browser keeps it
+                    break
+                except OSError:
+                    assert time.monotonic() < deadline, "server did not start"
+                    time.sleep(0.2)
+            busy = socket.create_connection(("127.0.0.1", port))
+            busy.sendall(b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: multipart/form-data; boundary=b\r\n"
+                         b"Content-Length: 100000\r\n\r\n--b\r\n")  # an upload that stalls halfway
+            time.sleep(0.3)
+            started = time.monotonic()
+            proc.send_signal(signal.SIGINT)
+            code = proc.wait(timeout=10)
+            elapsed = time.monotonic() - started
+            busy.close()
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    lines = [line for line in log_file.read_text().splitlines() if line.strip()]
+    assert code == 0 and elapsed < 2.0, (elapsed, lines[-5:])
+    logged = [line for line in lines if not line.startswith("pneumoscan: open")]  # the one printed hint
+    # up to the shutdown, one dated line per record (then the stalled upload's cancellation traceback)
+    running = logged[:next(i for i, line in enumerate(logged) if "Shutting down" in line) + 1]
+    assert all(ISO_LINE.match(line) for line in running), running
+    assert any("pneumoscan.serve.access: GET /v1/health 200" in line for line in running)
+    assert ISO_LINE.match(logged[-1]) and "Finished server process" in logged[-1]

@@ -15,12 +15,12 @@ import sys
 from pathlib import Path
 
 from pneumoscan import artifact, metrics
-from pneumoscan.files import write_text
+from pneumoscan.files import file_sha256, write_text
 
 ASSETS = Path(artifact.BUNDLED_MODEL).parent
 
 
-def card(meta: artifact.ModelMeta, validation: dict, command: str, where: str) -> str:
+def card(meta: artifact.ModelMeta, validation: dict, command: str, where: str, sha256: str = "") -> str:
     t, cfg = meta.training, meta.config
     fine_tuned = cfg["model"]["unfreeze_blocks"] != 0
     tuning = "fine-tuned end to end" if fine_tuned else "frozen"
@@ -30,6 +30,12 @@ def card(meta: artifact.ModelMeta, validation: dict, command: str, where: str) -
     else:
         how = (f"head trained on cached features of {cfg['train']['views']} augmented views per image "
                f"({t.feature_seconds} s of feature extraction)")
+    file_line = ""
+    if sha256:  # as tools/add_data_digests.py writes it
+        file_line = (f"\n**File.** `model.pt`, sha256 `{sha256}`; it records the content digests of its training "
+                     f"and validation files ({len(meta.data_digests)} distinct), so `pneumoscan evaluate` warns "
+                     "when given any of them.\n" if meta.data_digests else
+                     f"\n**File.** `model.pt`, sha256 `{sha256}`.\n")
     ci = validation["ci95"]
     rows = "\n".join(f"| {k} | {validation[k]:.3f} | [{ci[k][0]:.3f}, {ci[k][1]:.3f}] |"
                      for k in ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc"))
@@ -44,7 +50,7 @@ head `{meta.head}`; input {meta.image_size}×{meta.image_size} grayscale, normal
 {meta.normalization.name}; temperature {meta.temperature:.3f} (fitted on validation);
 decision threshold {meta.threshold:.4f} ({metrics.describe_rule(meta.threshold_rule)}). Weights stored
 as fp16, computed in fp32.
-
+{file_line}
 **Training data.** Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's
 Medical Center, ages 1–5), the Kaggle training split: {t.n_train} images for training and a
 patient-grouped validation split of {t.n_val} images. Augmentation `{cfg['data']['augment']}`,
@@ -85,7 +91,7 @@ def main() -> int:
     command = ("pneumoscan train --data ../shared/data/chest_xray "
                "--backbone-weights ../shared/weights/mobilenet_v2_imagenet.pth --out runs --name bundled\n"
                "python tools/bundle_model.py runs/bundled")
-    text = card(meta, validation, command, args.where)
+    text = card(meta, validation, command, args.where, file_sha256(out))
     if meta.ood is not None:
         from add_ood import input_checks_section, with_section  # tools/, beside this script
 

@@ -77,6 +77,9 @@ class ModelMeta:
     # the OOD head): cut-offs and how they were chosen; None for a model fitted without one
     ood: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None  # gate.QualityLimits the model's inputs must meet
+    # files.content_digest of every training and validation file, sorted: lets ``evaluate`` warn when
+    # it is given images the model has seen. Empty for models older than this field (cannot check).
+    data_digests: tuple[str, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
 
     def label(self, probability: float, threshold: float | None = None) -> str:
@@ -93,6 +96,7 @@ class ModelMeta:
                                                                      list(self.normalization.std))
         out["training"] = {k: v for k, v in dataclasses.asdict(self.training).items() if v is not None}
         out["class_names"] = list(self.class_names)
+        out["data_digests"] = list(self.data_digests)
         return out | self.extra
 
     @classmethod
@@ -108,6 +112,7 @@ class ModelMeta:
         known["training"] = TrainingInfo(**{k: v for k, v in (known.get("training") or {}).items()
                                             if k in training_fields})
         known["class_names"] = tuple(known.get("class_names", CLASS_NAMES))
+        known["data_digests"] = tuple(str(d) for d in known.get("data_digests") or ())
         for key, kind in (("image_size", int), ("threshold", float), ("temperature", float)):
             if key in known:
                 known[key] = kind(known[key])
@@ -161,6 +166,26 @@ def read(path: str | Path) -> dict:
     if not isinstance(blob, dict) or blob.get("format") != FORMAT:
         raise UserError(f"{path} is not a pneumoscan model file (expected format {FORMAT})")
     return blob
+
+
+def add_data_digests(path: str | Path, digests, out: str | Path | None = None) -> Path:
+    """Store ``digests`` (``files.content_digests`` of the training and validation files) in the
+    model file at ``path`` (or a copy at ``out``), for models trained before they were recorded.
+
+    The weights are kept exactly as stored (fp16 stays fp16); only the meta changes, so the file's
+    sha256 changes too and anything recording it (a model card, an ONNX export's metadata) must be
+    renewed.
+    """
+    import torch
+
+    blob = read(path)
+    meta = ModelMeta.from_dict(blob["meta"]).replace(data_digests=tuple(sorted(set(map(str, digests)))))
+    target = Path(out) if out is not None else Path(path)
+    with atomic_path(target) as tmp:
+        with open(tmp, "wb") as f:  # a file object, as in save: the sha256 must not depend on the temp name
+            torch.save({"format": FORMAT, "meta": meta.to_dict(), "state_dict": blob["state_dict"]}, f)
+    log.info("%s: recorded %d training-data digests", target, len(meta.data_digests))
+    return target
 
 
 def read_meta(path: str | Path) -> ModelMeta:

@@ -312,7 +312,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     run_log = console.start_run_log()
     bars = console.StageBars()
     try:
-        evaluate.run(model, args.data, args.out, threshold=args.threshold, split=args.split,
+        result = evaluate.run(model, args.data, args.out, threshold=args.threshold, split=args.split,
                      strict=args.strict, n_bootstrap=args.bootstrap, engine=args.engine,
                      decode_progress=lambda k: bars("decoding images", k, 0),
                      errors=args.errors, method=args.method, report=args.report)
@@ -322,6 +322,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             run_log.attach(Path(args.out) / "evaluate.log")
         run_log.close()
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
+    if "n_in_training_data" in result and result["n_in_training_data"] != 0:
+        print(f"pneumoscan: warning: {evaluate.overlap_sentence(result['n_in_training_data'], result['n'])}",
+              file=sys.stderr)
+    if args.errors > 0:  # the same words as the report
+        (_, fp), (fn, _) = result["confusion_matrix"]
+        errors_dir = Path(args.out) / "errors"
+        print("errors:  no errors at this threshold" if not fp + fn else
+              f"errors:  {errors_dir}" if errors_dir.is_dir() and any(errors_dir.glob("*.png")) else
+              f"errors:  {Path(args.out) / 'errors.csv'} (not explained: Grad-CAM needs the model.pt)")
     if args.report:
         print(f"report:  {Path(args.out) / 'report.html'}")
     return 0
@@ -384,20 +393,26 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def add_explain(sub) -> None:
     p = add_parser(sub, "explain", "Grad-CAM overlays: where in each X-ray the PNEUMONIA score came from",
                    "Writes one PNG per image: the X-ray beside its heat map, titled with P(PNEUMONIA) and the "
-                   "predicted label. Warm regions raised the PNEUMONIA score; each map is scaled to its own "
-                   "maximum. Maps are coarse and are not a localisation of disease.")
+                   "predicted label, and OUT/explanations.csv (per image: the scale, whether the map is flat, and the share "
+                   "of its mass outside the lung fields and on the border). Warm regions raised the PNEUMONIA score; "
+                   "with --scale absolute (default) a map's brightest colour is the image's probability, so a low "
+                   "score looks low; relative scales each map to its own maximum. Maps are coarse and are not a "
+                   "localisation of disease.")
     p.add_argument("--model", help="model.pt [the bundled model]")
     p.add_argument("paths", nargs="+", help="image files or folders (searched recursively)")
     p.add_argument("--out", required=True, help="output folder for the PNGs")
     p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="gradcam, gradcam++ or eigencam")
     p.add_argument("--threshold", type=float, help="override the model's decision threshold for the label")
+    p.add_argument("--scale", choices=("absolute", "relative"), default="absolute",
+                   help="colour scale: absolute = the map times P(PNEUMONIA); relative = each map to its own maximum")
     p.set_defaults(func=cmd_explain)
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from pneumoscan import explain
 
-    written, skipped = explain.explain_files(args.model, args.paths, args.out, args.method, threshold=args.threshold)
+    written, skipped = explain.explain_files(args.model, args.paths, args.out, args.method, threshold=args.threshold,
+                                              scale=args.scale)
     for path, reason in skipped:
         print(skipped_line(path, reason), file=sys.stderr)
     print(f"wrote {console.plural(len(written), 'explanation')} to {args.out}")
@@ -510,7 +525,7 @@ def add_serve(sub) -> None:
     p.add_argument("--engine", choices=ENGINES, default="auto", help="runtime for scores")
     p.add_argument("--cors-origin", action="append", default=[], metavar="ORIGIN",
                    help="allow browser calls from this origin (repeatable); none by default")
-    p.set_defaults(func=cmd_serve)
+    p.set_defaults(func=cmd_serve, log_timestamps=True)  # a server's log is read later: every line is dated
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -527,9 +542,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
     shown = "127.0.0.1" if args.host in ("0.0.0.0", "::") else args.host
     print(f"pneumoscan: open http://{shown}:{args.port}/ in a browser (API docs at /docs); Ctrl+C stops",
           file=sys.stderr)
-    # access_log off: the app logs method, path, status, latency and size, and nothing else
-    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_config=None, server_header=False)
+    # access_log off: the app logs method, path, status, latency and size, and nothing else.
+    # timeout_graceful_shutdown: after Ctrl+C, requests still running get this long to finish (uvicorn's
+    # default is to wait for every open connection, however long a client keeps it busy).
+    uvicorn.run(app, host=args.host, port=args.port, access_log=False, log_config=None, server_header=False,
+                timeout_graceful_shutdown=SHUTDOWN_GRACE_S)
+    if getattr(app.state, "service", None) is not None:  # it really served (startup ran) and has shut down
+        exit_now(0)
     return 0
+
+
+SHUTDOWN_GRACE_S = 1
+
+
+def exit_now(code: int) -> None:
+    """End a server that has shut down without the interpreter's teardown.
+
+    Freeing torch, torchvision and the grad-cam stack module by module takes about a second on two
+    cores (more on a loaded machine) after uvicorn has already said "Finished server process", so
+    Ctrl+C seemed to hang. Nothing is left to clean up: the model is read-only, every output was
+    written atomically, and the log is flushed here; so the process leaves at once.
+    """
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 # --- main ---------------------------------------------------------------------------------------
@@ -552,7 +589,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("MPLBACKEND", "Agg")
     parser = build_parser()
     args = parser.parse_args(argv)
-    console.configure_logging(args.verbose)
+    console.configure_logging(args.verbose, timestamps=getattr(args, "log_timestamps", False))
     try:
         return args.func(args)
     except UserError as exc:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import sys
 import warnings
+from datetime import datetime
 from pathlib import Path
 
 log = logging.getLogger("pneumoscan")
@@ -21,11 +22,26 @@ LIGHTNING_LOGGERS = ("lightning", "lightning.pytorch", "lightning.fabric", "pyto
 QUIET_LOGGERS = ("matplotlib", "PIL")
 EPOCH_METRICS = ("train_loss", "val_loss", "val_accuracy", "val_auc")  # the epoch line; all if none logged
 FILE_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+TIMESTAMPED_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def configure_logging(verbose: bool = False) -> None:
-    """INFO (DEBUG with ``verbose``) to stderr, one line per message, Lightning's included once."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s", stream=sys.stderr)
+class IsoFormatter(logging.Formatter):
+    """``%(asctime)s`` as ISO 8601 with milliseconds and the UTC offset (2025-01-31T14:05:09.123+01:00):
+    unambiguous across time zones and daylight saving, and sorted as text."""
+
+    def formatTime(self, record: logging.LogRecord, datefmt: str | None = None) -> str:
+        return datetime.fromtimestamp(record.created).astimezone().isoformat(timespec="milliseconds")
+
+
+def configure_logging(verbose: bool = False, *, timestamps: bool = False) -> None:
+    """INFO (DEBUG with ``verbose``) to stderr, one line per message, Lightning's included once.
+
+    ``timestamps`` (the server: its lines are read later, next to other systems' logs) prefixes each
+    line with an ISO-8601 time, the level and the logger; a command run at a terminal does without.
+    """
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(IsoFormatter(TIMESTAMPED_FORMAT) if timestamps else logging.Formatter("%(message)s"))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=[handler])
     for noisy in QUIET_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     route_lightning_logs()

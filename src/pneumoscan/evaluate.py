@@ -18,7 +18,7 @@ from scipy.stats import binomtest
 from pneumoscan import CLASS_NAMES, artifact, data, explain, metrics, plots
 from pneumoscan.artifact import ModelMeta
 from pneumoscan.errors import UserError
-from pneumoscan.files import write_csv, write_json
+from pneumoscan.files import content_digest, write_csv, write_json
 from pneumoscan.inference import decision
 from pneumoscan.inference.loading import load_engine
 
@@ -32,17 +32,21 @@ _SUBTYPE = re.compile(r"(?:^|[_\-.\s])(" + "|".join(SUBTYPES) + r")(?=[_\-.\s]|$
 
 def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float, out_dir: str | Path,
                          paths: Sequence[str], *, n_bootstrap: int = 2000, seed: int = 0,
-                         flags: Sequence[Sequence[str]] | None = None) -> dict:
+                         flags: Sequence[Sequence[str]] | None = None, extra: dict | None = None) -> dict:
     """Write metrics.json, predictions.csv and the plots for one set of predictions.
 
     The metrics cover every image, as the model scored it. With ``flags`` (per image, from
     ``inference.decision``) they also say how many images were flagged and what the metrics are on
-    the images the model did assess, i.e. without the NOT_ASSESSED ones.
+    the images the model did assess, i.e. without the NOT_ASSESSED ones. ``extra`` (e.g.
+    ``training_overlap``'s keys) is stored in metrics.json too.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = metrics.binary_metrics(y_true, prob, threshold)
-    result["ci95"] = metrics.bootstrap_ci(y_true, prob, threshold, n_resamples=n_bootstrap, seed=seed)
+    result = metrics.binary_metrics(y_true, prob, threshold) | dict(extra or {})
+    intervals = metrics.confidence_intervals(y_true, prob, threshold, n_resamples=n_bootstrap, seed=seed)
+    result["ci95"] = intervals["ci"]
+    result["ci_method"] = intervals["method"]  # wilson for rates, bootstrap for the rest
+    result["ci_notes"] = intervals["note"]  # why an interval is nan: undefined or not estimable
     result["brier"] = metrics.brier(y_true, prob)
     result["ece"] = metrics.expected_calibration_error(y_true, prob, n_bins=ECE_BINS)
     result["recall_by_subtype"] = recall_by_subtype(paths, y_true, prob, threshold)
@@ -80,9 +84,36 @@ def flag_summary(y_true, prob, threshold: float, flags: Sequence[Sequence[str]],
                                     for label, name in enumerate(CLASS_NAMES)} for code in decision.FLAGS}}
     if assessed.any() and len(set(y[assessed].tolist())) == 2:
         kept = metrics.binary_metrics(y[assessed], p[assessed], threshold)
-        kept["ci95"] = metrics.bootstrap_ci(y[assessed], p[assessed], threshold, n_resamples=n_bootstrap, seed=seed)
-        out["assessed_metrics"] = kept
+        intervals = metrics.confidence_intervals(y[assessed], p[assessed], threshold, n_resamples=n_bootstrap,
+                                                 seed=seed)
+        out["assessed_metrics"] = kept | {"ci95": intervals["ci"], "ci_method": intervals["method"],
+                                          "ci_notes": intervals["note"]}
     return out
+
+
+def training_overlap(meta: ModelMeta, paths: Sequence[str | Path]) -> dict:
+    """How many evaluated files the model was trained (or validated) on, found by content.
+
+    ``{"n_in_training_data": k, "n_checked": n}``; k is None when the model records no digests of
+    its training data (a model.pt older than ``ModelMeta.data_digests``): overlap cannot be checked.
+    Logged as a warning either way, because metrics on seen images are optimistic.
+    """
+    if not meta.data_digests:
+        log.warning("this model records no digests of its training data: overlap of the %d evaluated files "
+                    "with it cannot be checked", len(paths))
+        return {"n_in_training_data": None, "n_checked": len(paths)}
+    seen = set(meta.data_digests)
+    n = sum(content_digest(p) in seen for p in paths)
+    if n:
+        log.warning("%s", overlap_sentence(n, len(paths)))
+    return {"n_in_training_data": int(n), "n_checked": len(paths)}
+
+
+def overlap_sentence(n_in_training: int | None, n: int) -> str:
+    """The warning line the log, the CLI and the report share."""
+    if n_in_training is None:
+        return "overlap with this model's training data cannot be checked (the model records no digests of it)"
+    return f"{n_in_training} of {n} evaluated files were in this model's training data: these numbers are optimistic"
 
 
 def subtype_of(path: str | Path) -> str | None:
@@ -132,25 +163,42 @@ def select_errors(y_true, prob, threshold: float, k: int = 16) -> dict[str, np.n
             "false_negative": fn[np.argsort(p[fn], kind="stable")][:k]}
 
 
+ERROR_COLUMNS = ["path", "label", "probability", "kind", "rank", "cam_outside_lungs", "cam_on_border"]
+
+
 def write_errors(model, meta: ModelMeta, images: np.ndarray, y_true, prob, threshold: float,
                  paths: Sequence[str], out_dir: str | Path, *, k: int = 16, method: str = "gradcam") -> dict:
-    """``errors.csv`` (path, label, probability, kind, rank) and, when ``model`` (the PyTorch
-    Classifier) is given, the Grad-CAM galleries in ``errors/``."""
+    """``errors.csv`` (ERROR_COLUMNS) and, when ``model`` (the PyTorch Classifier) is given, the
+    Grad-CAM galleries in ``errors/``. The cam_ columns are the share of each map's mass outside
+    the lung fields and on the image border (``explain.mass_fractions``): empty when the errors are
+    not explained (no model, or a flat map)."""
     out = Path(out_dir)
     chosen = select_errors(y_true, prob, threshold, k)
-    rows = [(paths[i], int(y_true[i]), f"{prob[i]:.6f}", kind, rank)
-            for kind in ERROR_KINDS for rank, i in enumerate(chosen[kind], start=1)]
-    write_csv(out / "errors.csv", ["path", "label", "probability", "kind", "rank"], rows)
     n_fp, n_fn = len(chosen["false_positive"]), len(chosen["false_negative"])
-    if model is None:
-        log.info("errors: %d false positives, %d false negatives listed in %s", n_fp, n_fn, out / "errors.csv")
-        return {}
-    # called without errors too: it clears the galleries of an earlier evaluation
-    galleries = explain.error_galleries(model, meta, images, np.asarray(prob), paths, chosen, out / "errors", method)
-    if n_fp + n_fn:
-        log.info("errors: %d false positives, %d false negatives explained in %s", n_fp, n_fn, out / "errors")
-    else:
+    fractions: dict[int, tuple[float | None, float | None]] = {}
+    galleries: dict = {}
+    if model is not None:
+        # called without errors too: it clears the galleries of an earlier evaluation
+        galleries = explain.error_galleries(model, meta, images, np.asarray(prob), paths, chosen, out / "errors",
+                                            method, fractions=fractions)
+
+    def cell(value: float | None) -> str:
+        return "" if value is None else f"{value:.4f}"
+
+    rows = [(paths[i], int(y_true[i]), f"{prob[i]:.6f}", kind, rank, *map(cell, fractions.get(int(i), (None, None))))
+            for kind in ERROR_KINDS for rank, i in enumerate(chosen[kind], start=1)]
+    write_csv(out / "errors.csv", ERROR_COLUMNS, rows)
+    if not n_fp + n_fn:
         log.info("errors: none at threshold %.3f, nothing to explain", threshold)
+    elif model is None:
+        log.info("errors: %d false positives, %d false negatives listed in %s", n_fp, n_fn, out / "errors.csv")
+    else:
+        log.info("errors: %d false positives, %d false negatives explained in %s", n_fp, n_fn, out / "errors")
+        shortcuts = [i for i, (o, b) in fractions.items() if max(o or 0, b or 0) > explain.OUTSIDE_ALERT]
+        if shortcuts:
+            log.warning("errors: %d of %d explained maps have most of their mass outside the lung fields or on "
+                        "the border (a shortcut?): see the cam_ columns of %s", len(shortcuts), len(fractions),
+                        out / "errors.csv")
     return galleries
 
 
@@ -190,8 +238,9 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
     prob = np.array([v.probability for v in verdicts])
     y = np.array([s.label for s in kept])
     thr = meta.threshold if threshold is None else float(threshold)
+    overlap = training_overlap(meta, [s.path for s in kept])
     result = evaluate_predictions(y, prob, thr, out, [s.path for s in kept], n_bootstrap=n_bootstrap,
-                                  flags=[v.flags for v in verdicts])
+                                  flags=[v.flags for v in verdicts], extra=overlap)
     if errors > 0:
         write_errors(_cam_model(scorer), meta, images, y, prob, thr, [s.path for s in kept], out, k=errors,
                      method=method)
@@ -203,6 +252,7 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
         "split": split or sorted({s.split for s in kept}),
         "n_images": len(kept),
         "n_skipped": len(skipped),
+        **overlap,
         "threshold": thr,
         "threshold_source": "--threshold" if threshold is not None else f"model ({metrics.describe_rule(meta.threshold_rule)})",
         "class_names": list(CLASS_NAMES),
@@ -237,6 +287,8 @@ def summary_line(result: dict) -> str:
 
     def fmt(key: str) -> str:
         lo, hi = ci.get(key, (float("nan"), float("nan")))
+        if lo != lo and key in result.get("ci_notes", {}):  # nan: say so rather than "[nan, nan]"
+            return f"{key} {result[key]:.3f} [CI not estimable]"
         return f"{key} {result[key]:.3f} [{lo:.3f}, {hi:.3f}]"
 
     keys = ("accuracy", "roc_auc", "recall", "specificity")

@@ -10,13 +10,42 @@ see (did the model look at the opacity at all?).
 Grad-CAM needs gradients at the target layer, which a frozen backbone (``requires_grad=False``)
 and ``torch.inference_mode`` never produce; the maps are computed on a float32 copy of the model
 with every parameter trainable, so the caller's model is left exactly as it was.
+
+Scale. The library scales every map to its own [0, 1] range (``compute_cams`` returns those
+*relative* maps), so a NORMAL image at P = 0.001 shows a full-red blob that reads as "pneumonia
+here". Raw activations are not returned by the library, and a fixed raw reference would differ
+between layers and models, so the drawn maps use a scale anyone can check instead:
+
+* ``absolute`` (the default for ``explain`` / ``predict --explain`` and the service): the relative
+  map times the image's P(PNEUMONIA). The brightest colour of a map *is* its probability, so a
+  low score looks low (dark blue everywhere at 0.1 %) and colours mean the same on every image:
+  red only where a confident PNEUMONIA score came from.
+* ``relative``: the map as the library scales it, to this image's own maximum; *where*, not *how
+  strongly*. The error galleries use it, because a false negative at P = 0.02 would otherwise be
+  invisible, and the reader checking it wants to see where the model looked at all.
+
+Every PNG names its scale under the overlay and on its colour bar; the API returns it as
+``cam_scale``. A *flat* map (no region raised the PNEUMONIA logit, or the model produced NaNs) is
+drawn as the bare X-ray with the sentence ``FLAT_TEXT`` instead of a blue wash (``cam_flat``).
+
+Where the mass lies (``mass_fractions``). Hot spots on the "R" marker, the corners, the shoulders
+or outside the chest are shortcuts, not pathology. Each map reports the share of its mass (sum of
+the relative map) that falls outside a fixed lung-field mask, ``cam_outside_lungs``, and inside a
+border band of ``BORDER`` (8 %) of each side, ``cam_on_border``. The mask is a heuristic, not a
+segmentation: two ellipses in normalised coordinates (``LUNG_FIELDS``) drawn around the two dark
+lung fields of the mean of 400 training images (data/chest_xray/train, resized to 32 x 32; the
+fields span about x 0.15-0.43 and 0.57-0.86, y 0.15-0.80). It is generous, so a large share
+outside it (over ``OUTSIDE_ALERT``) is worth a look, a small one proves nothing. A flat map has no
+mass; its fractions are None.
 """
 
 from __future__ import annotations
 
 import copy
+import io
 import logging
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
 
@@ -25,6 +54,7 @@ import torch
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
+from PIL import Image
 from pytorch_grad_cam import EigenCAM, GradCAM, GradCAMPlusPlus
 from pytorch_grad_cam.utils.image import show_cam_on_image
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
@@ -34,12 +64,116 @@ from pneumoscan import CLASS_NAMES, artifact, data, imaging, metrics, models, pl
 from pneumoscan.artifact import ModelMeta
 from pneumoscan.inference.torch_model import as_batch, predict_logits
 from pneumoscan.errors import UserError
+from pneumoscan.files import write_csv
 
 log = logging.getLogger(__name__)
 
 METHODS = {"gradcam": GradCAM, "gradcam++": GradCAMPlusPlus, "eigencam": EigenCAM}
 DISPLAY_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++", "eigencam": "EigenCAM"}
 _FLAT = 1e-6  # a map whose range is below this carries no location: shown as zeros
+
+SCALES = {"relative": "relative: scaled to this image's maximum",
+          "absolute": f"absolute: this image's maximum = P({CLASS_NAMES[1]})"}
+FLAT_TEXT = f"flat map: no region raised the {CLASS_NAMES[1]} score"
+BORDER = 0.08  # border band, as a share of each side
+# (centre x, centre y, half-width, half-height) in [0, 1] image coordinates; see the module docstring
+LUNG_FIELDS = ((0.29, 0.475, 0.145, 0.325), (0.715, 0.475, 0.145, 0.325))
+OUTSIDE_ALERT = 0.5  # a map with more than this share outside the lungs / on the border is listed
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """One image's explanation as the service returns it: the overlay PNG and how to read it."""
+
+    png: bytes  # the X-ray under the scaled map, no text (the page draws its own colour bar)
+    flat: bool
+    scale: str  # a key of SCALES
+    outside_lung_fraction: float | None  # share of the map's mass outside LUNG_FIELDS; None if flat
+    border_fraction: float | None  # share inside the BORDER band; None if flat
+
+    def fields(self) -> dict:
+        """The API's names for everything but the PNG."""
+        return {"cam_scale": self.scale, "cam_flat": self.flat, "cam_outside_lungs": self.outside_lung_fraction,
+                "cam_on_border": self.border_fraction}
+
+
+def is_flat(cam: np.ndarray) -> bool:
+    """True for a map that carries no location (``compute_cams`` returns those as zeros)."""
+    cam = np.asarray(cam, dtype=np.float64)
+    return not np.isfinite(cam).all() or float(cam.max() - cam.min()) < _FLAT
+
+
+def lung_field_mask(height: int, width: int) -> np.ndarray:
+    """bool (H, W): True inside the two fixed lung-field ellipses (LUNG_FIELDS)."""
+    y, x = np.mgrid[0:height, 0:width]
+    y, x = (y + 0.5) / height, (x + 0.5) / width
+    inside = np.zeros((height, width), dtype=bool)
+    for cx, cy, rx, ry in LUNG_FIELDS:
+        inside |= ((x - cx) / rx) ** 2 + ((y - cy) / ry) ** 2 <= 1.0
+    return inside
+
+
+def border_mask(height: int, width: int, band: float = BORDER) -> np.ndarray:
+    """bool (H, W): True within ``band`` of the side's length from any edge."""
+    by, bx = max(1, round(band * height)), max(1, round(band * width))
+    mask = np.ones((height, width), dtype=bool)
+    mask[by:height - by, bx:width - bx] = False
+    return mask
+
+
+def mass_fractions(cam: np.ndarray) -> tuple[float | None, float | None]:
+    """(share of the map's mass outside the lung fields, share on the border); (None, None) when flat.
+
+    Scale-free: the same for a relative map and its probability-weighted version.
+    """
+    cam = np.clip(np.nan_to_num(np.asarray(cam, dtype=np.float64)), 0.0, None)
+    total = float(cam.sum())
+    if is_flat(cam) or total <= 0:
+        return None, None
+    h, w = cam.shape
+    outside = float(cam[~lung_field_mask(h, w)].sum()) / total
+    border = float(cam[border_mask(h, w)].sum()) / total
+    return round(outside, 4), round(border, 4)
+
+
+def check_scale(scale: str) -> str:
+    if scale not in SCALES:
+        raise UserError(f"unknown map scale {scale!r}; valid: {', '.join(SCALES)}")
+    return scale
+
+
+def scale_cam(cam: np.ndarray, prob: float | None, scale: str = "absolute") -> np.ndarray:
+    """A relative map (``compute_cams``) on ``scale``: unchanged, or times P(PNEUMONIA)."""
+    check_scale(scale)
+    cam = np.clip(np.asarray(cam, dtype=np.float32), 0.0, 1.0)
+    if scale == "relative":
+        return cam
+    if prob is None or not np.isfinite(prob):
+        raise ValueError("the absolute scale needs the image's probability")
+    return cam * np.float32(min(max(float(prob), 0.0), 1.0))
+
+
+def _png(rgb: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def explanations(images: np.ndarray, cams: np.ndarray, prob: Sequence[float] | None = None,
+                 scale: str | None = None) -> list[Explanation]:
+    """An ``Explanation`` per image from ``compute_cams``' maps: the overlay on ``scale``
+    (default: absolute when ``prob`` is given, else relative), flatness and where the mass lies."""
+    scale = check_scale(scale or ("absolute" if prob is not None else "relative"))
+    probs = [None] * len(cams) if prob is None else [float(p) for p in prob]
+    if len(probs) != len(cams) or len(images) != len(cams):
+        raise ValueError(f"{len(images)} images, {len(cams)} maps and {len(probs)} probabilities")
+    out = []
+    for image, cam, p in zip(images, cams, probs):
+        flat = is_flat(cam)
+        outside, border = mass_fractions(cam)
+        shown = np.zeros_like(cam, dtype=np.float32) if flat else scale_cam(cam, p, scale)
+        out.append(Explanation(_png(overlay(image, shown)), flat, scale, outside, border))
+    return out
 
 
 class _WithClassAxis(nn.Module):
@@ -120,43 +254,69 @@ def _bare(ax) -> None:
         spine.set_visible(False)
 
 
-def _colorbar(fig: Figure, axes) -> None:
+def _colorbar(fig: Figure, axes, scale: str) -> None:
     fig.colorbar(ScalarMappable(norm=Normalize(0, 1), cmap="jet"), ax=axes, shrink=0.9,
-                 label=f"relevance for {CLASS_NAMES[1]} (per image)")
+                 label=f"relevance for {CLASS_NAMES[1]}\n({SCALES[scale]})")
+
+
+def _draw_map(ax, image: np.ndarray, cam: np.ndarray, prob: float | None, scale: str, fontsize: str) -> bool:
+    """The overlay on ``scale``, or for a flat map the bare X-ray with FLAT_TEXT; True if flat."""
+    if is_flat(cam):
+        ax.imshow(image, cmap="gray", vmin=0, vmax=255)
+        ax.text(0.5, 0.5, FLAT_TEXT.replace(": ", ":\n", 1), transform=ax.transAxes, ha="center", va="center",
+                fontsize=fontsize, wrap=True, bbox={"boxstyle": "round", "facecolor": "white", "alpha": 0.85})
+        return True
+    ax.imshow(overlay(image, scale_cam(cam, prob, scale)))
+    return False
+
+
+def _mass_text(cam: np.ndarray) -> str:
+    outside, border = mass_fractions(cam)
+    if outside is None:
+        return ""
+    return f"map mass: {outside:.0%} outside lung fields, {border:.0%} on the border"
 
 
 def save_explanation(image: np.ndarray, cam: np.ndarray, prob: float, label_name: str, path: str | Path,
-                     title: str = "", *, method: str = "gradcam") -> Path:
-    """One PNG: the X-ray beside its overlay, titled with the probability and the predicted label."""
-    fig = Figure(figsize=(7.4, 4.0), layout="constrained")
+                     title: str = "", *, method: str = "gradcam", scale: str = "absolute") -> Path:
+    """One PNG: the X-ray beside its overlay on ``scale`` (named under it and on the colour bar),
+    titled with the probability and the predicted label; a flat map says so instead."""
+    check_scale(scale)
+    fig = Figure(figsize=(7.4, 4.3), layout="constrained")
     axes = fig.subplots(1, 2)
     axes[0].imshow(image, cmap="gray", vmin=0, vmax=255)
     axes[0].set_title("X-ray", fontsize="small")
-    axes[1].imshow(overlay(image, cam))
+    flat = _draw_map(axes[1], image, cam, prob, scale, "small")
     axes[1].set_title(f"{DISPLAY_NAMES.get(method, method)} overlay", fontsize="small")
     for ax in axes:
         _bare(ax)
-    _colorbar(fig, axes)
+    axes[1].set_xlabel(FLAT_TEXT if flat else f"{SCALES[scale]}\n{_mass_text(cam)}", fontsize="x-small")
+    _colorbar(fig, axes, scale)
     heading = f"P({CLASS_NAMES[1]}) = {prob:.3f} → {label_name}"
     fig.suptitle(f"{title}\n{heading}" if title else heading, fontsize="medium")
     return plots.save_figure(fig, path)
 
 
 def save_gallery(images: Sequence[np.ndarray], cams: Sequence[np.ndarray], captions: Sequence[str],
-                 path: str | Path, title: str, n_cols: int = 4) -> Path:
-    """Overlays in a grid, one caption each: the quick look at what a set of images has in common."""
+                 path: str | Path, title: str, n_cols: int = 4, *, scale: str = "relative",
+                 prob: Sequence[float] | None = None) -> Path:
+    """Overlays in a grid, one caption each: the quick look at what a set of images has in common.
+
+    ``prob`` is needed for the absolute scale; the scale is named in the title and on the colour bar.
+    """
+    check_scale(scale)
     n = len(images)
     n_cols = max(1, min(n_cols, n))
     n_rows = max(1, -(-n // n_cols))
-    fig = Figure(figsize=(max(2.3 * n_cols + 0.9, 5.0), 2.5 * n_rows + 0.6), layout="constrained")
+    fig = Figure(figsize=(max(2.3 * n_cols + 0.9, 5.0), 2.5 * n_rows + 0.8), layout="constrained")
     axes = np.atleast_1d(fig.subplots(n_rows, n_cols, squeeze=False)).ravel()
     for i, ax in enumerate(axes):
         _bare(ax)
         if i < n:
-            ax.imshow(overlay(images[i], cams[i]))
+            _draw_map(ax, images[i], cams[i], None if prob is None else float(prob[i]), scale, "x-small")
             ax.set_title(captions[i], fontsize="x-small")
-    _colorbar(fig, list(axes))
-    fig.suptitle(title)
+    _colorbar(fig, list(axes), scale)
+    fig.suptitle(f"{title}\nmaps {SCALES[scale]}", fontsize="medium")
     return plots.save_figure(fig, path)
 
 
@@ -177,21 +337,32 @@ def _png_name(path: str | Path, method: str, taken: set[str]) -> str:
     return name
 
 
+EXPLANATION_COLUMNS = ["path", "png", "probability", "label", "cam_scale", "cam_flat", "cam_outside_lungs",
+                       "cam_on_border"]
+
+
+def _fraction(value: float | None) -> str:
+    return "" if value is None else f"{value:.4f}"
+
+
 def explain_files(model_path: str | Path, paths: Iterable[str | Path], out_dir: str | Path,
                   method: str = "gradcam", *, threshold: float | None = None,
-                  batch_size: int = 16) -> tuple[list[Path], list[tuple[str, str]]]:
-    """Write one explanation PNG per image file (folders are searched recursively).
+                  batch_size: int = 16, scale: str = "absolute") -> tuple[list[Path], list[tuple[str, str]]]:
+    """Write one explanation PNG per image file (folders are searched recursively), and
+    ``explanations.csv`` beside them (EXPLANATION_COLUMNS: scale, flatness, where the mass lies).
 
     Returns (written PNGs, skipped (path, reason)); unreadable files are skipped and listed, like
     ``predict.predict_files``, so one bad file does not cost the rest. Images are handled in
     batches, so a folder of thousands never sits in memory at once.
     """
     check_method(method)
+    check_scale(scale)
     model, meta = artifact.load(model_path)
     files = imaging.collect_files(paths)
     out = Path(out_dir)
     written: list[Path] = []
     skipped: list[tuple[str, str]] = []
+    rows: list[tuple] = []
     taken: set[str] = set()
     for start in range(0, len(files), batch_size):
         chunk = files[start:start + batch_size]
@@ -203,8 +374,15 @@ def explain_files(model_path: str | Path, paths: Iterable[str | Path], out_dir: 
         prob = metrics.sigmoid(predict_logits(model, decoded.images))
         cams = compute_cams(model, meta.architecture, decoded.images, method)
         for f, image, cam, p in zip(kept, decoded.images, cams, prob):
-            written.append(save_explanation(image, cam, float(p), meta.label(float(p), threshold),
-                                            out / _png_name(f, method, taken), title=Path(f).name, method=method))
+            label = meta.label(float(p), threshold)
+            png = save_explanation(image, cam, float(p), label, out / _png_name(f, method, taken),
+                                   title=Path(f).name, method=method, scale=scale)
+            written.append(png)
+            outside, border = mass_fractions(cam)
+            rows.append((str(f), png.name, f"{float(p):.6f}", label, scale, int(is_flat(cam)), _fraction(outside),
+                         _fraction(border)))
+    if rows:
+        write_csv(out / "explanations.csv", EXPLANATION_COLUMNS, rows)
     if skipped:
         data.write_skipped(skipped, out / "skipped.csv")
     log.debug("wrote %d %s explanations to %s", len(written), method, out)
@@ -213,12 +391,15 @@ def explain_files(model_path: str | Path, paths: Iterable[str | Path], out_dir: 
 
 def error_galleries(model: nn.Module, meta: ModelMeta, images: np.ndarray, prob: np.ndarray,
                     paths: Sequence[str], selection: Mapping[str, np.ndarray], out_dir: str | Path,
-                    method: str = "gradcam") -> dict[str, Path]:
+                    method: str = "gradcam", *, fractions: dict[int, tuple[float | None, float | None]] | None = None,
+                    scale: str = "relative") -> dict[str, Path]:
     """For each kind of error: ``<kind>.png`` (a grid, most confident first) and ``<kind>/NN_<file>.png``.
 
     ``selection`` maps a kind (e.g. "false_positive") to image indices, as
     ``evaluate.select_errors`` returns them; kinds without images get no files. Old overlays of a
-    kind are removed first, so the folder never mixes two evaluations.
+    kind are removed first, so the folder never mixes two evaluations. Maps are drawn on the
+    relative scale by default (see the module docstring); ``fractions``, when given, is filled
+    with image index -> ``mass_fractions`` of its map.
     """
     check_method(method)
     out = Path(out_dir)
@@ -240,8 +421,13 @@ def error_galleries(model: nn.Module, meta: ModelMeta, images: np.ndarray, prob:
             predicted = names[1] if kind == "false_positive" else names[0]
             save_explanation(images[i], cam, float(prob[i]), predicted,
                              folder / f"{rank:02d}_{Path(name).stem}.png",
-                             title=f"{kind.replace('_', ' ')} #{rank}: {name}", method=method)
-            captions.append(f"#{rank} {_shorten(Path(name).stem)}\np = {prob[i]:.3f}")
+                             title=f"{kind.replace('_', ' ')} #{rank}: {name}", method=method, scale=scale)
+            outside, border = mass_fractions(cam)
+            if fractions is not None:
+                fractions[int(i)] = (outside, border)
+            shortcut = " ⚠" if max(outside or 0, border or 0) > OUTSIDE_ALERT else ""
+            captions.append(f"#{rank} {_shorten(Path(name).stem)}\np = {prob[i]:.3f}{shortcut}")
         title = f"{kind.replace('_', ' ').capitalize()}s, most confident first ({DISPLAY_NAMES[method]})"
-        galleries[kind] = save_gallery(images[idx], cams, captions, out / f"{kind}.png", title)
+        galleries[kind] = save_gallery(images[idx], cams, captions, out / f"{kind}.png", title, scale=scale,
+                                       prob=prob[idx])
     return galleries

@@ -60,3 +60,17 @@ def file_sha256(path: str | Path) -> str:
     """Content hash that names a model or weights file wherever it is copied."""
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+DIGEST_HEX = 16  # hex digits kept of a data file's sha256: 64 bits, no collision among millions of files
+
+
+def content_digest(path: str | Path) -> str:
+    """A data file's identity by content (truncated sha256): the same image under another name or
+    folder has the same digest, so overlap with a model's training data is found wherever it moved."""
+    return file_sha256(path)[:DIGEST_HEX]
+
+
+def content_digests(paths) -> list[str]:
+    """Sorted, unique ``content_digest`` of each file: the compact form a model stores."""
+    return sorted({content_digest(p) for p in paths})

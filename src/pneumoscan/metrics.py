@@ -4,6 +4,15 @@ Pure functions on numpy arrays so that evaluation, reports and the service share
 of every number. Point estimates come from scikit-learn; only the bootstrap has its own
 vectorised implementation (thousands of sklearn calls would take minutes), and the tests pin it
 to sklearn. Every value returned is a plain Python float/int so results go straight to JSON.
+
+Confidence intervals (``confidence_intervals``): accuracy, sensitivity, specificity and precision
+are proportions of a count, so they get a binomial interval (Wilson by default, Clopper-Pearson
+on request). A percentile bootstrap of a proportion collapses to zero width when there are no
+errors ("1.000 - 1.000" on 20 images), while Wilson still says 20/20 is compatible with 0.84.
+F1, ROC-AUC, PR-AUC and the log loss have no such closed form and keep the stratified bootstrap;
+when every resample gives the same value (no error, no misranked pair to resample) the bootstrap
+cannot say how uncertain the number is, and the interval is reported as not estimable (nan) with
+a note, rather than as a zero-width interval that reads as certainty.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import math
 import numpy as np
 from scipy.optimize import minimize_scalar
 from scipy.special import expit
+from scipy.stats import binomtest
 from sklearn.metrics import (
     accuracy_score,
     average_precision_score,
@@ -169,6 +179,74 @@ def bootstrap_ci(
         low, high = (math.nan, math.nan) if np.isnan(values).all() else np.percentile(values, q)
         ci[key] = [float(low), float(high)]
     return ci
+
+
+RATE_METRICS = ("accuracy", "precision", "recall", "specificity")  # proportions of a count
+BOOTSTRAP_METRICS = ("f1", "roc_auc", "pr_auc", "loss")
+PROPORTION_METHODS = {"wilson": "wilson", "clopper-pearson": "exact"}  # ours -> scipy's name
+_NO_SPREAD = 1e-12
+
+
+def proportion_ci(successes: int, trials: int, level: float = 0.95, method: str = "wilson") -> tuple[float, float]:
+    """Binomial interval of ``successes / trials``; (nan, nan) when ``trials`` is 0.
+
+    Wilson (score) intervals keep close to the nominal coverage at small n and stay inside [0, 1];
+    Clopper-Pearson ("exact") never covers less than the nominal level and is wider. Both stay
+    honest at 0 and n successes, where a bootstrap has no spread.
+    """
+    if method not in PROPORTION_METHODS:
+        raise ValueError(f"unknown interval method {method!r}; valid: {', '.join(PROPORTION_METHODS)}")
+    successes, trials = int(successes), int(trials)
+    if trials <= 0:
+        return math.nan, math.nan
+    if not 0 <= successes <= trials:
+        raise ValueError(f"successes must be in [0, {trials}], got {successes}")
+    ci = binomtest(successes, trials).proportion_ci(confidence_level=level, method=PROPORTION_METHODS[method])
+    return float(ci.low), float(ci.high)
+
+
+def rate_counts(confusion_matrix) -> dict[str, tuple[int, int]]:
+    """(successes, trials) behind each rate metric of a [[tn, fp], [fn, tp]] matrix."""
+    (tn, fp), (fn, tp) = confusion_matrix
+    return {"accuracy": (tp + tn, tn + fp + fn + tp), "precision": (tp, tp + fp),
+            "recall": (tp, tp + fn), "specificity": (tn, tn + fp)}
+
+
+_EMPTY_RATE = {"accuracy": "no images", "precision": "no image predicted PNEUMONIA",
+               "recall": "no PNEUMONIA image", "specificity": "no NORMAL image"}
+
+
+def confidence_intervals(y_true, prob, threshold: float, *, n_resamples: int = 2000, seed: int = 0,
+                         level: float = 0.95, method: str = "wilson") -> dict[str, dict]:
+    """Intervals for every METRIC_KEYS value: {"ci": key -> [lo, hi], "method": key -> name,
+    "note": key -> sentence (only where an interval is undefined or not estimable)}.
+
+    Rates get ``proportion_ci(method)``; the others the stratified percentile bootstrap, reported
+    as [nan, nan] with a note when the resamples have no spread (see the module docstring).
+    """
+    y, p = _arrays(y_true, prob)
+    boot = bootstrap_ci(y, p, threshold, n_resamples=n_resamples, seed=seed, level=level)
+    counts = rate_counts(confusion(y, (p >= threshold).astype(np.int64)))
+    ci: dict[str, list[float]] = {}
+    how: dict[str, str] = {}
+    note: dict[str, str] = {}
+    for key in METRIC_KEYS:
+        if key in RATE_METRICS:
+            k, n = counts[key]
+            ci[key], how[key] = list(proportion_ci(k, n, level, method)), method
+            if not n:
+                note[key] = f"undefined: {_EMPTY_RATE[key]}"
+            continue
+        lo, hi = boot[key]
+        how[key] = "bootstrap"
+        if math.isnan(lo):
+            note[key] = "undefined: needs both classes"
+        elif hi - lo <= _NO_SPREAD:
+            note[key] = (f"not estimable: every bootstrap resample gives {lo:.3f} (no errors or misranked "
+                         "pairs to resample), which says nothing about its uncertainty")
+            lo = hi = math.nan
+        ci[key] = [float(lo), float(hi)]
+    return {"ci": ci, "method": how, "note": note}
 
 
 def paired_bootstrap_diff(

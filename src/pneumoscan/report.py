@@ -41,6 +41,9 @@ METRIC_ROWS = (
     ("ece", "Expected calibration error", "15 equal-width bins; gap between predicted and observed rate"),
 )
 
+OUTSIDE_ALERT = 0.5  # explain.OUTSIDE_ALERT; not imported, so a report renders without torch
+CI_METHOD_NAMES = {"wilson": "Wilson", "clopper-pearson": "Clopper–Pearson", "bootstrap": "bootstrap"}
+
 ERROR_TITLES = {"false_positive": "False positives (NORMAL flagged as PNEUMONIA)",
                 "false_negative": "False negatives (PNEUMONIA missed)"}
 
@@ -72,14 +75,24 @@ def _flatten(config: Mapping, prefix: str = "") -> list[tuple[str, Any]]:
     return rows
 
 
+def _fraction(text: str | None) -> float | None:
+    try:
+        return float(text) if text not in (None, "") else None
+    except ValueError:
+        return None
+
+
 def _errors(eval_dir: Path, confusion: list[list[int]]) -> list[dict]:
     by_kind: dict[str, list[dict]] = {kind: [] for kind in ERROR_TITLES}
     csv_path = eval_dir / "errors.csv"
     if csv_path.is_file():
         with open(csv_path, newline="") as f:
             for row in csv.DictReader(f):
+                outside, border = _fraction(row.get("cam_outside_lungs")), _fraction(row.get("cam_on_border"))
                 by_kind.setdefault(row["kind"], []).append(
-                    row | {"name": Path(row["path"]).name, "probability": float(row["probability"])})
+                    row | {"name": Path(row["path"]).name, "probability": float(row["probability"]),
+                           "outside": outside, "border": border,
+                           "shortcut": max(outside or 0, border or 0) > OUTSIDE_ALERT})
     (_, fp), (fn, _) = confusion
     totals = {"false_positive": fp, "false_negative": fn}
     return [{"kind": kind, "title": ERROR_TITLES.get(kind, kind.replace("_", " ")), "rows": rows,
@@ -96,6 +109,66 @@ def _threshold_source(source: Mapping, meta: ModelMeta) -> str:
     return text
 
 
+def _stages(n: int | None) -> str:
+    if n is None:
+        return "not recorded"
+    return {0: "none (frozen; only the head was trained)", -1: "all stages (fine-tuned end to end)"}.get(
+        n, f"the last {n} stages (the rest frozen)")
+
+
+def training_summary(meta: ModelMeta) -> list[tuple[str, str]]:
+    """How the model was trained, in a reader's words (the raw settings are in the full configuration)."""
+    cfg, t = meta.config or {}, meta.training
+    mc, tc, dc = cfg.get("model", {}), cfg.get("train", {}), cfg.get("data", {})
+    weights = meta.backbone_weights.get("source")
+    rows = [("Backbone", f"{meta.architecture}, starting from "
+                         + (f"pretrained weights ({Path(str(weights)).name})" if weights not in (None, "none")
+                            else "random weights"))]
+    if mc:
+        trained = _stages(mc.get("unfreeze_blocks"))
+        if tc.get("unfreeze_at"):
+            trained += f", then more stages during training (schedule {tc['unfreeze_at']}: epoch:stages)"
+        rows.append(("Backbone trained", trained))
+    if t.fast_path:
+        rows.append(("Head trained on", f"cached backbone features of {tc.get('views', '?')} augmented views of each "
+                                        "training image (the backbone runs once, not every epoch)"))
+    elif t.fast_path is not None:
+        rows.append(("Trained on", f"every training image, freshly augmented each epoch ({dc.get('augment', '?')} "
+                                   "augmentation)"))
+    if t.n_train is not None:
+        rows.append(("Images", f"{t.n_train} for training, {t.n_val} for validation (early stopping, calibration, "
+                               "the threshold)"))
+    if t.epochs_run is not None:
+        best = f"; the weights kept are those of epoch {t.best_epoch}, the lowest validation loss" \
+            if t.best_epoch is not None else ""
+        rows.append(("Epochs", f"{t.epochs_run} run{best}"))
+    if tc:
+        rows.append(("Optimisation", f"learning rate {tc.get('lr')} for the head, {tc.get('backbone_lr')} for the "
+                                     f"backbone, {tc.get('schedule')} schedule; class weights "
+                                     f"{dc.get('class_weights', '?')}"))
+    if t.seconds is not None:
+        extra = f", plus {t.feature_seconds} s computing cached features" if t.fast_path and t.feature_seconds else ""
+        rows.append(("Training time", f"{t.seconds} s ({t.seconds_per_epoch} s per epoch){extra}"))
+    return rows
+
+
+def _overlap(result: Mapping, source: Mapping) -> dict | None:
+    """The training-data overlap banner, when the evaluation checked (or could not check) it."""
+    if "n_in_training_data" not in result and "n_in_training_data" not in source:
+        return None  # e.g. a training run's own test split, held out by construction
+    n = result.get("n_in_training_data", source.get("n_in_training_data"))
+    total = result.get("n_checked", source.get("n_checked", result.get("n")))
+    if n is None:
+        return {"level": "unknown", "text": "Overlap with this model's training data cannot be checked: the model "
+                "file records no digests of its training files (it predates them; tools/add_data_digests.py adds "
+                "them)."}
+    if n:
+        return {"level": "overlap", "text": f"{n} of {total} evaluated files were in this model's training data: "
+                "these numbers are optimistic."}
+    return {"level": "none", "text": f"None of the {total} evaluated files is in this model's training data "
+            "(checked by file content)."}
+
+
 def context(eval_dir: str | Path, meta: ModelMeta, source: Mapping, run_dir: str | Path | None = None) -> dict:
     """Everything the template shows, gathered from the evaluation folder, the meta and the run folder."""
     eval_dir = Path(eval_dir)
@@ -105,8 +178,18 @@ def context(eval_dir: str | Path, meta: ModelMeta, source: Mapping, run_dir: str
     n_normal, n_pneumonia = tn + fp, fn + tp
     run = Path(run_dir) if run_dir is not None else None
     in_run = run is not None and ((run / "curves.png").is_file() or (run / "history.csv").is_file())
-    metrics_rows = [{"key": key, "name": name, "help": help_, "value": result.get(key),
-                     "ci": ci.get(key)} for key, name, help_ in METRIC_ROWS if key in result]
+    methods, notes = result.get("ci_method", {}), result.get("ci_notes", {})
+
+    def interval(key: str) -> list | None:
+        lo_hi = ci.get(key)
+        if not lo_hi or any(v is None or (isinstance(v, float) and math.isnan(v)) for v in lo_hi):
+            return None
+        return lo_hi
+
+    metrics_rows = [{"key": key, "name": name, "help": help_, "value": result.get(key), "ci": interval(key),
+                     "ci_method": CI_METHOD_NAMES.get(methods.get(key, "bootstrap" if key in ci else ""), ""),
+                     "ci_note": notes.get(key)} for key, name, help_ in METRIC_ROWS if key in result]
+    errors = _errors(eval_dir, result["confusion_matrix"])
     split = source.get("split")
     return {
         "title": f"pneumoscan evaluation: {meta.architecture}",
@@ -126,9 +209,11 @@ def context(eval_dir: str | Path, meta: ModelMeta, source: Mapping, run_dir: str
             "threshold_source": _threshold_source(source, meta),
             "temperature": meta.temperature,
         },
-        "headline": [{"name": name, "value": result.get(key), "ci": ci.get(key)}
+        "headline": [{"name": name, "value": result.get(key), "ci": interval(key), "ci_note": notes.get(key)}
                      for key, name in (("roc_auc", "ROC-AUC"), ("recall", "Sensitivity"),
                                        ("specificity", "Specificity"))],
+        "overlap": _overlap(result, source),
+        "rate_ci_method": CI_METHOD_NAMES.get(methods.get("recall", ""), ""),
         "model": [
             ("architecture", meta.architecture), ("head", meta.head),
             ("image size", meta.image_size),
@@ -141,14 +226,17 @@ def context(eval_dir: str | Path, meta: ModelMeta, source: Mapping, run_dir: str
         ],
         "config": _flatten(meta.config),
         "training": {
-            "stats": [(k.replace("_", " "), v) for k, v in meta.to_dict()["training"].items()],
+            "summary": training_summary(meta),
             "run_dir": str(run) if in_run else None,
             "curves": data_uri(run / "curves.png") if in_run else None,
         },
         "metrics": metrics_rows,
         "figures": {name: data_uri(eval_dir / f"{name}.png") for name in
                     ("confusion_matrix", "roc", "pr", "probability_histogram", "reliability")},
-        "errors": _errors(eval_dir, result["confusion_matrix"]),
+        "errors": errors,
+        "n_errors": fp + fn,
+        "shortcuts": [r for e in errors for r in e["rows"] if r["shortcut"]],
+        "outside_alert": OUTSIDE_ALERT,
         "errors_written": (eval_dir / "errors.csv").is_file(),
         "subtypes": [{"name": k} | v for k, v in (result.get("recall_by_subtype") or {}).items()],
         "overall_recall": result.get("recall"),

@@ -33,7 +33,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryPreci
 from pneumoscan import artifact, data, evaluate, features, gate, metrics, models, ood, plots, shifts, transforms
 from pneumoscan.config import RunConfig
 from pneumoscan.errors import UserError
-from pneumoscan.files import write_csv, write_json, write_text
+from pneumoscan.files import content_digests, write_csv, write_json, write_text
 from pneumoscan.inference.torch_model import predict_logits
 
 log = logging.getLogger(__name__)
@@ -416,6 +416,9 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
                               weights_info=p.weights_info, threshold=threshold, threshold_rule=tc.threshold,
                               config=p.config.to_dict(), training=training).replace(
         temperature=temperature, ood=detector, quality=gate.default_limits(dc.image_size).to_dict())
+    # every file the weights, the temperature or the threshold were fitted on: evaluate warns on overlap
+    seen = [s.path for split in ("train", "val") for s in p.split_data[split][0]]
+    meta = meta.replace(data_digests=tuple(content_digests(seen)))
     artifact.save(p.run_dir / "model.pt", model, meta)
     evaluate.evaluate_predictions(val_y, val_prob, threshold, p.run_dir / "validation", [s.path for s in val_samples])
 

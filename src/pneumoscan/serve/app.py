@@ -64,6 +64,13 @@ KeyHeader = Annotated[str | None, Security(APIKeyHeader(
 
 # --- response models (they are the OpenAPI schema at /docs) -------------------------------------
 
+CAM_SCALE_HELP = ("colour scale of the overlay (explain=true): 'absolute' = the map times the probability, so "
+                  "its brightest colour is the probability; 'relative' = scaled to this image's maximum")
+CAM_FLAT_HELP = "true when no region raised the PNEUMONIA score: the overlay then carries no location"
+CAM_OUTSIDE_HELP = ("share of the map's mass outside a fixed lung-field mask (a heuristic, see "
+                    "pneumoscan.explain); null when the map is flat")
+CAM_BORDER_HELP = "share of the map's mass within 8% of the image border; null when the map is flat"
+
 class ModelRef(BaseModel):
     name: str = Field(description="architecture")
     version: str = Field(description="pneumoscan version that trained the model")
@@ -78,6 +85,10 @@ class Score(BaseModel):
     threshold: float
     overlay_png_base64: str | None = Field(None, description="Grad-CAM overlay (explain=true)")
     image_png_base64: str | None = Field(None, description="the model's input image (explain=true)")
+    cam_scale: str | None = Field(None, description=CAM_SCALE_HELP)
+    cam_flat: bool | None = Field(None, description=CAM_FLAT_HELP)
+    cam_outside_lungs: float | None = Field(None, ge=0, le=1, description=CAM_OUTSIDE_HELP)
+    cam_on_border: float | None = Field(None, ge=0, le=1, description=CAM_BORDER_HELP)
 
 
 class Prediction(Score):
@@ -92,6 +103,10 @@ class BatchItem(BaseModel):
     threshold: float | None = None
     overlay_png_base64: str | None = None
     image_png_base64: str | None = None
+    cam_scale: str | None = Field(None, description=CAM_SCALE_HELP)
+    cam_flat: bool | None = Field(None, description=CAM_FLAT_HELP)
+    cam_outside_lungs: float | None = Field(None, ge=0, le=1, description=CAM_OUTSIDE_HELP)
+    cam_on_border: float | None = Field(None, ge=0, le=1, description=CAM_BORDER_HELP)
     error: str | None = Field(None, description="why this file was not scored")
     detail: str | None = None
     status: int | None = Field(None, description="the HTTP status this file alone would have got")
@@ -140,8 +155,9 @@ def _results(service: Service, images: list[np.ndarray], explain: bool) -> list[
     batch = np.stack(images)
     scores = service.score(batch)
     if explain:
-        for score, image, overlay in zip(scores, batch, service.overlays(batch), strict=True):
-            score |= {"overlay_png_base64": _b64(overlay), "image_png_base64": _b64(png_bytes(image))}
+        explained = service.overlays(batch, [s["probability"] for s in scores])
+        for score, image, ex in zip(scores, batch, explained, strict=True):
+            score |= {"overlay_png_base64": _b64(ex.png), "image_png_base64": _b64(png_bytes(image))} | ex.fields()
     return scores
 
 

@@ -82,9 +82,10 @@ class Service:
         return [{"probability": float(p), "prediction": int(p >= thr), "label": self.meta.label(float(p)),
                  "threshold": thr} for p in prob]
 
-    def overlays(self, images: np.ndarray) -> list[bytes]:
-        """A Grad-CAM overlay PNG per image."""
+    def overlays(self, images: np.ndarray, prob=None) -> list[explain.Explanation]:
+        """A Grad-CAM explanation per image: the overlay PNG, its scale (absolute, i.e. weighted by
+        ``prob``, when the probabilities are given), flatness and where the map's mass lies."""
         with self._cam_lock:
             cams = explain.compute_cams(self.cam_model, self.meta.architecture, images)
-        return [png_bytes(explain.overlay(img, cam)) for img, cam in zip(images, cams, strict=True)]
+        return explain.explanations(images, cams, prob)
 
