@@ -144,9 +144,12 @@ def test_upload_and_worklist(server, browser, tmp_path):
     assert "notes.png" in error_row.text and "not an image" in error_row.text
 
     done[0].click()
-    wait_for(lambda: browser.execute_script(
+    # the overlay, or (issue 14) the sentence that the map is flat: the tiny test model's maps on these
+    # synthetic images are flat, which the server now reports (cam_flat) instead of sending a blue wash
+    wait_for(lambda: find(By.ID, "cam-flat").is_displayed() or browser.execute_script(
         "const i = document.getElementById('viewer-overlay'); return i.complete && i.naturalWidth > 0"),
-        what="the Grad-CAM overlay")
+        what="the Grad-CAM overlay or the flat-map sentence")
+    assert find(By.ID, "cam-flat").is_displayed() != find(By.ID, "viewer-overlay").is_displayed()
     assert "%" in find(By.ID, "fact-probability").text
 
     find(By.ID, "export-button").click()
@@ -202,7 +205,9 @@ window.fetch = async (url, opts) => {
 
 PATCHES = {
     "a.png": {"probability": 0.2, "prediction": 0, "label": "NORMAL"},
-    "b.png": {"probability": 0.9999999, "logit": 16.0, "prediction": 1, "label": "PNEUMONIA"},
+    # the server now says whether a map is flat (issue 14); b's must show, whatever the test model drew
+    "b.png": {"probability": 0.9999999, "logit": 16.0, "prediction": 1, "label": "PNEUMONIA", "cam_flat": False,
+              "cam_scale": "relative"},
     "c.png": {"probability": 0.3, "prediction": 0, "label": "NORMAL"},
     "d.png": {"probability": 0.5, "prediction": 1, "label": "NOT_ASSESSED", "flags": ["not_chest_xray"],
               "flag_details": ["This looks like a hand radiograph, not a chest X-ray."]},
