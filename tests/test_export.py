@@ -21,11 +21,12 @@ def xrays(n: int, size: int = 48, seed: int = 1) -> np.ndarray:
     return np.stack([synthetic_xray(rng, i % 2, size) for i in range(n)])
 
 
-def tiny_model(path, *, tf_same_padding: bool = False, size: int = 48):
+def tiny_model(path, *, tf_same_padding: bool = False, size: int = 48, normalization: str = "auto"):
     """A random MobileNetV2 artifact whose scores differ between images (untrained, its BatchNorm
     defaults would make every image score the same, and parity on constants proves nothing)."""
     torch.manual_seed(0)
-    model, info = models.build("mobilenet_v2", weights="none", tf_same_padding=tf_same_padding)
+    model, info = models.build("mobilenet_v2", weights="none", tf_same_padding=tf_same_padding,
+                               normalization=normalization)
     norms = [m for m in model.features.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in norms:
         bn.reset_running_stats()

@@ -20,7 +20,7 @@ LAYERS = [  # bottom first
     {"data", "gate"},
     {"models", "transforms", "artifact"},
     {"inference", "inference.batching", "inference.onnx_format", "inference.torch_model", "inference.engines",
-     "inference.onnx_export", "inference.loading", "ood"},
+     "inference.onnx_graph", "inference.onnx_export", "inference.loading", "ood"},
     {"plots", "explain", "export", "evaluate", "report"},
     {"predict", "explore"},
     {"features", "train", "cv", "experiments", "compare"},
