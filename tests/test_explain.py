@@ -229,3 +229,18 @@ def test_cli_explain_and_predict_explain(model_file, image_folder, tmp_path, cap
     err = capsys.readouterr().err
     assert code == 2 and "broken.png" in err  # the unreadable file is named, the others explained
     assert len(list((tmp_path / "overlays").glob("*.gradcam.png"))) == 2
+
+
+def test_reused_explainer_gives_the_maps_of_a_fresh_compute(trained):
+    """One CamExplainer over many calls (as the service and explain_files use it) answers like a
+    fresh compute_cams each time, leaves the caller's model alone, and releases its hooks."""
+    model, architecture, positive = trained
+    flags = [p.requires_grad for p in model.parameters()]
+    images = np.concatenate([_images(3, seed=2)[0], positive[:2]])
+    with explain.CamExplainer(model, architecture) as explainer:
+        for chunk in (images[:2], images[2:], images):
+            reused = explain.compute_cams(model, architecture, chunk, explainer=explainer)
+            np.testing.assert_allclose(reused, explain.compute_cams(model, architecture, chunk), atol=1e-5)
+        assert explainer.net is not model and not any(p.requires_grad for p in explainer.net.parameters())
+    assert not explain.cam_layer(explainer.net, architecture)._forward_hooks
+    assert [p.requires_grad for p in model.parameters()] == flags
