@@ -24,7 +24,8 @@ LAYERS = [  # bottom first
     {"plots", "explain", "export", "evaluate", "report"},
     {"predict", "explore"},
     {"features", "train", "cv", "experiments", "compare"},
-    {"serve", "serve.settings", "serve.card", "serve.uploads", "serve.middleware", "serve.service", "serve.app",
+    {"serve", "serve.settings", "serve.card", "serve.uploads", "serve.batcher", "serve.logqueue",
+     "serve.middleware", "serve.service", "serve.app",
      "console", "cli", "demo"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}
