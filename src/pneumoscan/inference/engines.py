@@ -18,7 +18,8 @@ from pneumoscan.artifact import ModelMeta
 from pneumoscan.errors import UserError
 from pneumoscan.files import file_sha256
 from pneumoscan.inference.batching import check_images, spans, unit_interval
-from pneumoscan.inference.onnx_format import INPUT_NAME, OUTPUT_NAME, session_document
+from pneumoscan.inference.onnx_format import (INPUT_NAME, OUTPUT_NAME, SELFCHECK_KEY, decode_selfcheck,
+                                              session_document)
 
 log = logging.getLogger(__name__)
 
@@ -114,3 +115,18 @@ class OnnxEngine(Engine):
         out = [self.session.run([OUTPUT_NAME], {INPUT_NAME: unit_interval(images[s])})[0]
                for s in spans(len(images), min(batch_size, self.run_size))]
         return np.concatenate(out).astype(np.float32) if out else np.zeros(0, dtype=np.float32)
+
+    def self_check(self) -> float | None:
+        """max |Δprob| between this machine's answers for the file's reference images and the INT8
+        probabilities stored when it was made; None when the file has no self-check (fp32)."""
+        raw = self.session.get_modelmeta().custom_metadata_map.get(SELFCHECK_KEY)
+        if not raw:
+            return None
+        try:
+            check = decode_selfcheck(raw)
+            expected = np.asarray(check["int8_prob"], dtype=np.float64)
+            got = self.predict_proba(check["images"])
+            return float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
+        except Exception as exc:  # a damaged check is a failed check
+            log.debug("self-check of %s unreadable: %s", self.onnx_path, exc)
+            return float("inf")
