@@ -9,6 +9,7 @@ the API docs are served from the package, so nothing is fetched from the interne
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -31,6 +32,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from pneumoscan import __version__, artifact
+from pneumoscan.inference.engines import default_threads
 from pneumoscan.inference.loading import check_kind
 from pneumoscan.errors import UserError
 from pneumoscan.imaging import FORMAT_NAMES
@@ -122,14 +124,18 @@ def _b64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
 
-async def _image(file: UploadFile, size: int, limits: uploads.Limits) -> np.ndarray | uploads.Rejected:
+async def _image(file: UploadFile, size: int, limits: uploads.Limits,
+                 slots: asyncio.Semaphore | None = None) -> np.ndarray | uploads.Rejected:
     """One upload as model input, or why not. Files are read one at a time and only their decoded
-    (size x size) image is kept, so a full batch never sits in memory as raw bytes."""
+    (size x size) image is kept, so a full batch never sits in memory as raw bytes. ``slots``
+    bounds how many decode at once: 32 decoding threads on two cores starve the scoring thread,
+    which is the bottleneck, and throughput falls as clients are added."""
     try:
         if file.size is not None:
             uploads.check_size(file.size, limits)  # ruled out without reading it
         blob = await file.read()
-        return await run_in_threadpool(uploads.to_model_input, blob, size, limits)
+        async with slots or contextlib.nullcontext():
+            return await run_in_threadpool(uploads.to_model_input, blob, size, limits)
     except uploads.Rejected as rejected:
         return rejected
 
@@ -202,6 +208,7 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.service = await run_in_threadpool(Service.load, model_path, engine, batching)
+        app.state.decode_slots = asyncio.Semaphore(default_threads())
         try:
             yield
         finally:
@@ -299,7 +306,7 @@ def api_routes(limits: ServerLimits) -> APIRouter:
         """Score one chest X-ray (multipart field `file`)."""
         service: Service = request.app.state.service
         _check_explain(service, explain)
-        image = await _image(file, service.image_size, limits.uploads)
+        image = await _image(file, service.image_size, limits.uploads, request.app.state.decode_slots)
         if isinstance(image, uploads.Rejected):
             raise image
         (result,) = await _results(service, [image], explain)
@@ -319,7 +326,7 @@ def api_routes(limits: ServerLimits) -> APIRouter:
         if len(files) > limits.max_batch_files:
             raise uploads.Rejected(413, "too_many_files",
                                    f"{len(files)} files; the limit is {limits.max_batch_files} per batch")
-        images = [await _image(f, service.image_size, limits.uploads) for f in files]
+        images = [await _image(f, service.image_size, limits.uploads, request.app.state.decode_slots) for f in files]
         scored = iter(await _results(service, [i for i in images if not isinstance(i, uploads.Rejected)], explain))
         items = [{"filename": f.filename} | ({"error": i.error, "detail": i.detail, "status": i.status}
                                               if isinstance(i, uploads.Rejected) else next(scored))
