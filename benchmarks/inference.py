@@ -1,14 +1,19 @@
-"""CPU inference speed of the four ways to run a model: PyTorch eager fp32 (the baseline), PyTorch
-bf16 autocast + channels-last, ONNX Runtime fp32 and ONNX Runtime INT8.
+"""CPU inference speed, each change against its baseline measured in the same run, interleaved.
 
-    python benchmarks/inference.py [--model model.pt] [--data ../shared/data/chest_xray]
+    python benchmarks/inference.py [--model model.pt] [--data ../shared/data/chest_xray] [--baseline-src ../main/src]
 
-Uses the bundled model when there is one, else MobileNetV2 with the shared ImageNet weights and a
-random head (speed does not depend on what the head learned). Every variant scores the same real,
-already-decoded X-rays (uint8 in, probabilities out, so each one's preprocessing is timed), with a
-fixed number of iterations: batch 1 is the service's latency, batch 32 a worklist's throughput.
-Prints a markdown table; ratios are against PyTorch eager fp32. Agreement with the baseline
-(max |Δ probability|) is printed too: a fast variant that answers differently is not a free win.
+1. ONNX Runtime fp32: the graph as traced, run as before (one session.run per batch, spinning
+   threads) vs the simplified graph through today's ``OnnxEngine`` (Pads folded into the
+   convolutions, runs of 4, no spinning), at batch 1, 8 and 32 with 1 and 2 threads; INT8
+   (reduce_range, with its load-time self-check) and PyTorch eager beside them.
+2. Grad-CAM ms/image: a new model copy and CAM object per call, every parameter trainable (how
+   ``compute_cams`` worked before) vs one reused ``CamExplainer``.
+3. Cold start of ``pneumoscan predict`` on 1 and 100 images, as subprocesses: the previous code
+   (``--baseline-src``, its export cache warm), ``--engine torch``, and the default path (the
+   shipped ONNX, no torch).
+
+Variants take turns batch by batch, so a busy machine slows them alike; ratios are the result,
+absolute numbers depend on the load (printed). Uses the bundled model unless --model.
 """
 
 from __future__ import annotations
@@ -18,6 +23,9 @@ import copy
 import logging
 import os
 import platform
+import shutil
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,145 +36,183 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from pneumoscan import artifact, export, imaging, metrics, models
-from pneumoscan.inference.engines import OnnxEngine, default_threads
+from pneumoscan import artifact, explain, export, imaging, metrics
+from pneumoscan.inference.engines import OnnxEngine
+from pneumoscan.inference.loading import checked_onnx_engine
+from pneumoscan.inference.onnx_export import export_onnx
 from pneumoscan.inference.torch_model import as_batch, predict_logits
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
+Run = Callable[[np.ndarray], np.ndarray]
 
 
 def cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
     return platform.processor() or platform.machine()
 
 
-def model_file(args: argparse.Namespace, work: Path) -> tuple[Path, str]:
-    if args.model:
-        return Path(args.model), f"{args.model}"
-    if artifact.BUNDLED_MODEL.is_file():
-        return artifact.BUNDLED_MODEL, "bundled model"
-    weights = Path(args.weights)
-    model, info = models.build("mobilenet_v2", weights=str(weights))  # knows the file's normalisation
-    model.eval()
-    meta = artifact.make_meta(architecture="mobilenet_v2", head="seed", image_size=224, weights_info=info,
-                              threshold=0.5, threshold_rule="benchmark", config={})
-    return artifact.save(work / "benchmark.pt", model, meta), f"MobileNetV2 ({weights.name}) + random head"
-
-
-def real_images(root: Path, n: int, size: int) -> np.ndarray:
-    """n decoded images, alternating NORMAL / PNEUMONIA, spread evenly over the train split."""
+def real_files(root: Path, n: int) -> list[Path]:
+    """n JPEGs, alternating NORMAL / PNEUMONIA, spread evenly over the train split."""
     per_class = []
     for name in ("NORMAL", "PNEUMONIA"):
         files = sorted((root / "train" / name).glob("*.jpeg"))
         per_class.append(files[:: max(1, len(files) // (n // 2))][: n // 2])
-    return np.stack([imaging.load_image(p, size) for pair in zip(*per_class) for p in pair])
+    return [p for pair in zip(*per_class) for p in pair]
 
 
-def torch_bf16(model: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
-    fast = copy.deepcopy(model).eval().to(memory_format=torch.channels_last)
+def previous_engine(path: Path, threads: int) -> Run:
+    """ONNX Runtime as the engine ran it before: one run per batch, spinning threads on."""
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.log_severity_level = 3
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda x: metrics.sigmoid(session.run(["logit"], {"image": x[:, None].astype(np.float32) / 255})[0])
 
-    @torch.inference_mode()
-    def run(images: np.ndarray) -> np.ndarray:
-        x = as_batch(images).contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return metrics.sigmoid(fast(x).float().numpy())
 
+def interleaved(runs: dict[str, Run], images: np.ndarray, batch: int, n_images: int) -> dict[str, float]:
+    """img/s of each run, the runs taking turns batch by batch."""
+    batches = [np.resize(images[(i * batch) % len(images):], (batch, *images.shape[1:]))
+               for i in range(max(2, n_images // batch))]
+    for run in runs.values():
+        run(batches[0])  # warm-up
+    total = dict.fromkeys(runs, 0.0)
+    for b in batches:
+        for name, run in runs.items():
+            t = time.perf_counter()
+            run(b)
+            total[name] += time.perf_counter() - t
+    return {name: batch * len(batches) / s for name, s in total.items()}
+
+
+def ort_section(traced: Path, simple: Path, int8: Path, model, images, n_images: int) -> list[str]:
+    lines = []
+    for threads in (1, 2):
+        torch.set_num_threads(threads)
+        runs = {
+            "ORT fp32, traced graph, as before (baseline)": previous_engine(traced, threads),
+            "ORT fp32, simplified graph, OnnxEngine now": OnnxEngine(simple, threads=threads).predict_proba,
+            "ORT INT8 reduce_range, OnnxEngine now": checked_onnx_engine(int8, threads=threads).predict_proba,
+            "PyTorch eager fp32": lambda x: metrics.sigmoid(predict_logits(model, x, batch_size=len(x))),
+        }
+        reference = runs["PyTorch eager fp32"](images)
+        delta = {k: float(np.abs(r(images) - reference).max()) for k, r in runs.items()}
+        res = {b: interleaved(runs, images, b, n_images) for b in (1, 8, 32)}
+        base = runs_base = next(iter(runs))
+        lines += [f"\n#### {threads} thread{'s' * (threads > 1)}: img/s (ratio vs the baseline)\n",
+                  "| variant | batch 1 | batch 8 | batch 32 | max abs Δprob vs PyTorch |", "|---|--:|--:|--:|--:|"]
+        for name in runs:
+            cells = " | ".join(f"{res[b][name]:.1f} ({res[b][name] / res[b][runs_base]:.2f}x)" for b in (1, 8, 32))
+            lines.append(f"| {name} | {cells} | {delta[name]:.1e} |")
+        del base
+        print(f"  ORT section, {threads} threads done", file=sys.stderr)
+    return lines
+
+
+def cam_before(model, architecture: str) -> Run:
+    """compute_cams as it was: copy the model, make everything trainable, new CAM object, per call."""
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    def run(images):
+        with torch.inference_mode(False), torch.enable_grad():
+            net = copy.deepcopy(model).float().eval().requires_grad_(True)
+            with explain.METHODS["gradcam"](model=explain._WithClassAxis(net),
+                                            target_layers=[explain.cam_layer(net, architecture)]) as cam:
+                return cam(input_tensor=as_batch(images), targets=[ClassifierOutputTarget(0)] * len(images))
     return run
 
 
-def scorer(engine: OnnxEngine) -> Callable[[np.ndarray], np.ndarray]:
-    return lambda images: engine.predict_proba(images, batch_size=len(images))
+def cam_section(model, architecture: str, images: np.ndarray) -> list[str]:
+    torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
+    explainer = explain.CamExplainer(model, architecture)
+    runs = {"before: copy + CAM object per call, all trainable, torch threads "
+            f"{torch.get_num_threads()}": cam_before(model, architecture),
+            "CamExplainer reused (1 torch thread, gradients from the CAM layer up)": explainer}
+    first = list(runs.values())
+    delta = float(np.abs(first[0](images[:8]) - first[1](images[:8])).max())
+    lines = ["\n| Grad-CAM | batch 1 ms/image | batch 8 ms/image |", "|---|--:|--:|"]
+    res = {b: interleaved(runs, images[:16], b, 16) for b in (1, 8)}
+    base = next(iter(runs))
+    for name in runs:
+        lines.append(f"| {name} | " + " | ".join(f"{1000 / res[b][name]:.0f} ({res[b][name] / res[b][base]:.1f}x)"
+                                                  for b in (1, 8)) + " |")
+    lines.append(f"\nmax |Δmap| between the two: {delta:.1e}")
+    print("  Grad-CAM section done", file=sys.stderr)
+    return lines
 
 
-def timings(run: Callable[[np.ndarray], np.ndarray], images: np.ndarray, batch: int, iters: int) -> dict:
-    batches = [images[(i * batch) % len(images):][:batch] for i in range(iters)]
-    batches = [b if len(b) == batch else images[:batch] for b in batches]
-    for b in batches[:2]:
-        run(b)  # warm-up: allocator, oneDNN primitive caches, ORT's first-run planning
-    seconds = []
-    for b in batches:
+def cold_start(files: list[Path], work: Path, baseline_src: str | None, reps: int) -> list[str]:
+    folder100 = work / "images100"
+    folder100.mkdir()
+    for i in range(100):
+        shutil.copy(files[i % len(files)], folder100 / f"{i:03d}.jpeg")
+    src = str(ROOT / "src")
+    variants = {"previous code, export cache warm": (baseline_src, []) if baseline_src else None,
+                "--engine torch": (src, ["--engine", "torch"]),
+                "default: shipped ONNX": (src, [])}
+    variants = {k: v for k, v in variants.items() if v}
+    env = os.environ | {"PNEUMOSCAN_CACHE_DIR": str(work / "cache")}
+
+    def once(path: str, extra: list[str], target: Path) -> float:
         t = time.perf_counter()
-        run(b)
-        seconds.append(time.perf_counter() - t)
-    s = np.array(seconds)
-    return {"ips": batch * iters / s.sum(), "p50": 1000 * np.percentile(s, 50), "p95": 1000 * np.percentile(s, 95)}
+        subprocess.run([sys.executable, "-m", "pneumoscan.cli", "predict", str(target), *extra], check=True,
+                       env=env | {"PYTHONPATH": path}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        return time.perf_counter() - t
+
+    for path, extra in variants.values():
+        once(path, extra, files[0])  # fills the previous code's export cache; page cache warm for all
+    times = {(k, n): [] for k in variants for n in (1, 100)}
+    for _ in range(reps):
+        for n, target in ((1, files[0]), (100, folder100)):
+            for k, (path, extra) in variants.items():
+                times[(k, n)].append(once(path, extra, target))
+    base = next(iter(variants))
+    lines = ["\n| `pneumoscan predict` wall time | 1 image | 100 images |", "|---|--:|--:|"]
+    for k in variants:
+        med = {n: statistics.median(times[(k, n)]) for n in (1, 100)}
+        ref = {n: statistics.median(times[(base, n)]) for n in (1, 100)}
+        lines.append(f"| {k} | " + " | ".join(f"{med[n]:.2f} s ({ref[n] / med[n]:.1f}x)" for n in (1, 100)) + " |")
+    print("  cold start section done", file=sys.stderr)
+    return lines
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model.pt or .onnx [bundled, else shared weights + random head]")
+    parser.add_argument("--model", help="model.pt [the bundled model]")
     parser.add_argument("--data", default=str(SHARED / "data" / "chest_xray"))
-    parser.add_argument("--weights", default=str(SHARED / "weights" / "mobilenet_v2_imagenet.pth"))
-    parser.add_argument("--images", type=int, default=48, help="real images scored")
+    parser.add_argument("--images", type=int, default=32, help="real images scored")
     parser.add_argument("--calibration", type=int, default=32, help="other real images for INT8 calibration")
-    parser.add_argument("--iters-1", type=int, default=60, help="timed batch-1 calls per variant")
-    parser.add_argument("--iters-32", type=int, default=6, help="timed batch-32 calls per variant")
-    parser.add_argument("--threads", type=int, default=default_threads(),
-                        help="threads for both runtimes (1 is steadier on a busy machine)")
+    parser.add_argument("--n-images", type=int, default=96, help="images timed per variant and batch size")
+    parser.add_argument("--baseline-src", help="the previous code's src/ folder, for the cold-start baseline")
+    parser.add_argument("--reps", type=int, default=3, help="cold-start repetitions (median)")
+    parser.add_argument("--skip", action="append", default=[], choices=["ort", "cam", "cold"])
     args = parser.parse_args()
-    torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     load_before = os.getloadavg()[0]
-
+    pt = Path(args.model) if args.model else artifact.BUNDLED_MODEL
+    model, meta = artifact.load(pt)
+    model.eval()
+    files = real_files(Path(args.data), args.images + args.calibration)
+    decoded = np.stack([imaging.load_image(p, meta.image_size) for p in files])
+    images, calibration = decoded[: args.images], decoded[args.images:]
+    lines = [f"Model: {pt.name} ({meta.architecture}, {meta.image_size} px); {len(images)} real X-rays. "
+             f"Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} usable CPUs, shared with other jobs "
+             f"(load average {load_before:.1f} at start); torch {torch.__version__}, onnxruntime {ort.__version__}."]
     with tempfile.TemporaryDirectory(prefix="pneumoscan-bench-") as tmp:
         work = Path(tmp)
-        pt, described = model_file(args, work)
-        model, meta = artifact.load(pt)
-        size = meta.image_size
-        decoded = real_images(Path(args.data), args.images + args.calibration, size)
-        images, calibration = decoded[: args.images], decoded[args.images:]
-
-        t = time.perf_counter()
-        fp32 = export.export_onnx(pt, work / "model.onnx")
-        export_s = time.perf_counter() - t
-        t = time.perf_counter()
-        int8 = export.quantize_onnx(fp32, work / "model.int8.onnx", calibration)
-        quantize_s = time.perf_counter() - t
-
-        variants: dict[str, Callable[[np.ndarray], np.ndarray]] = {
-            "PyTorch eager fp32": lambda x: metrics.sigmoid(predict_logits(model, x, batch_size=len(x))),
-            "PyTorch bf16 autocast + channels-last": torch_bf16(model),
-            "ONNX Runtime fp32": scorer(OnnxEngine(fp32, threads=args.threads)),
-            "ONNX Runtime INT8 (static QDQ, U8S8)": scorer(OnnxEngine(int8, threads=args.threads)),
-        }
-        reference = variants["PyTorch eager fp32"](images)
-        results = {}
-        t_all = time.perf_counter()
-        for name, run in variants.items():
-            results[name] = {
-                "b1": timings(run, images, 1, args.iters_1),
-                "b32": timings(run, images, 32, args.iters_32),
-                "delta": float(np.abs(run(images) - reference).max()),
-            }
-            print(f"  measured {name}", file=sys.stderr)
-        bench_s = time.perf_counter() - t_all
-
-    base = results["PyTorch eager fp32"]
-    lines = [
-        f"Model: {described}, input {size}x{size}; {len(images)} real X-rays from {Path(args.data).name}; "
-        f"{args.iters_1} batch-1 and {args.iters_32} batch-32 timed calls per variant after 2 warm-up calls.",
-        f"Machine: {cpu_name()}, {os.cpu_count()} logical CPUs ({len(os.sched_getaffinity(0))} usable), "
-        f"load average {load_before:.1f} at start; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"onnxruntime {ort.__version__} ({args.threads} intra-op threads), Python {platform.python_version()}.",
-        f"Export {export_s:.1f} s, INT8 calibration on {len(calibration)} other images {quantize_s:.1f} s, "
-        f"timing {bench_s:.0f} s.",
-        "",
-        "| variant | batch 1 img/s | p50 ms | p95 ms | batch 32 img/s | p50 ms/batch | p95 ms/batch "
-        "| speed-up b1 | speed-up b32 | max abs Δprob vs fp32 |",
-        "|---|--:|--:|--:|--:|--:|--:|--:|--:|--:|",
-    ]
-    for name, r in results.items():
-        b1, b32 = r["b1"], r["b32"]
-        lines.append(
-            f"| {name} | {b1['ips']:.1f} | {b1['p50']:.1f} | {b1['p95']:.1f} | {b32['ips']:.1f} | {b32['p50']:.0f} "
-            f"| {b32['p95']:.0f} | {b1['ips'] / base['b1']['ips']:.2f}x | {b32['ips'] / base['b32']['ips']:.2f}x "
-            f"| {r['delta']:.1e} |")
+        if "ort" not in args.skip:
+            traced = export_onnx(pt, work / "traced.onnx", simplify=False)
+            simple = export_onnx(pt, work / "model.onnx")
+            int8 = export.quantize_onnx(simple, work / "model.int8.onnx", calibration)
+            lines += ort_section(traced, simple, int8, model, images, args.n_images)
+        if "cam" not in args.skip:
+            lines += cam_section(model, meta.architecture, images)
+        if "cold" not in args.skip:
+            lines += cold_start(files, work, args.baseline_src, args.reps)
+    lines.append(f"\nload average at the end {os.getloadavg()[0]:.1f}")
     print("\n".join(lines))
     return 0
 

@@ -7,6 +7,11 @@ table. Bounded: it stops at the deadline or after ``--max-requests``, whichever 
 
     python benchmarks/load_test.py                      # bundled model, else an untrained one
     python benchmarks/load_test.py --model runs/X/model.pt --clients 32 --duration 30
+    python benchmarks/load_test.py --micro-batch 1            # the queue without batching
+    python benchmarks/load_test.py --src ../main/src          # another checkout's server (a baseline)
+
+The server's output goes to a log file in the work folder (printed on failure): a pipe nobody
+reads fills after ~1,000 access-log lines and then blocks the server.
 
 Without --model and without a bundled model it saves an *untrained* MobileNetV2 at 224 px: its
 scores mean nothing, but it costs exactly what a trained one costs, which is what is measured.
@@ -75,25 +80,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: Path, port: int, engine: str) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "pneumoscan.cli", "serve", "--model", str(model), "--host", "127.0.0.1",
-           "--port", str(port), "--engine", engine]
-    env = os.environ | {"PNEUMOSCAN_API_KEY": ""}
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+def start_server(model: Path | None, port: int, engine: str, log_path: Path, extra: list[str],
+                 src: str | None = None) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pneumoscan.cli", "serve", "--host", "127.0.0.1", "--port", str(port),
+           "--engine", engine, *(["--model", str(model)] if model else []), *extra]
+    env = os.environ | {"PNEUMOSCAN_API_KEY": ""} | ({"PYTHONPATH": src} if src else {})
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "w") as log_file:  # the child keeps its own descriptor
+        return subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT, text=True)
 
 
-def wait_ready(base: str, proc: subprocess.Popen, timeout: float = 300) -> None:
+def log_tail(log_path: Path, n: int = 2000) -> str:
+    return log_path.read_text(errors="replace")[-n:] if log_path.is_file() else "(no log)"
+
+
+def wait_ready(base: str, proc: subprocess.Popen, log_path: Path, timeout: float = 300) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            sys.exit(f"load_test: the server exited ({proc.returncode}):\n{proc.stderr.read()[-2000:]}")
+            sys.exit(f"load_test: the server exited ({proc.returncode}); {log_path}:\n{log_tail(log_path)}")
         try:
             if httpx.get(f"{base}/v1/health", timeout=2).json().get("model_loaded"):
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.25)
-    sys.exit("load_test: the server did not become ready")
+    sys.exit(f"load_test: the server did not become ready; {log_path}:\n{log_tail(log_path)}")
 
 
 async def run_load(base: str, images: list[tuple[str, bytes]], clients: int, duration: float,
@@ -151,15 +163,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-requests", type=int, default=100_000, help="hard bound on requests sent")
     p.add_argument("--engine", choices=["auto", "onnx", "torch"], default="auto")
     p.add_argument("--explain", action="store_true", help="ask for Grad-CAM overlays too")
+    p.add_argument("--micro-batch", type=int, help="the server's --micro-batch (1: no batching) [its default]")
+    p.add_argument("--src", help="PYTHONPATH for the server: another checkout's src/, e.g. a baseline")
+    p.add_argument("--default-model", action="store_true",
+                   help="start the server without --model (the bundled model as users get it)")
+    p.add_argument("--work", default=str(REPO / "runs" / "load_test"), help="folder for the server's log")
     args = p.parse_args(argv)
 
     images = pick_images(Path(args.data), args.images)
     model, model_desc = pick_model(args.model)
     port = free_port()
     base = f"http://127.0.0.1:{port}"
-    proc = start_server(model, port, args.engine)
+    log_path = Path(args.work) / f"server-{port}.log"
+    extra = ["--micro-batch", str(args.micro_batch)] if args.micro_batch else []
+    proc = start_server(None if args.default_model else model, port, args.engine, log_path, extra, args.src)
     try:
-        wait_ready(base, proc)
+        wait_ready(base, proc, log_path)
         card = httpx.get(f"{base}/v1/model", timeout=10).json()
         latencies, errors, elapsed = asyncio.run(
             run_load(base, images, args.clients, args.duration, args.max_requests, args.explain))
@@ -188,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
         ("latency p99", pct(99)),
         ("machine", f"{os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}"),
     ]))
+    if errors:
+        print(f"\nserver log {log_path}:\n{log_tail(log_path)}", file=sys.stderr)
     return 1 if sum(errors.values()) else 0
 
 

@@ -316,3 +316,18 @@ def test_flat_map_png_says_so(tmp_path):
     assert any(explain.FLAT_TEXT in t for t in flat_texts)
     assert any("relative: scaled to this image's maximum" in t for t in seen)
     assert any("outside lung fields" in t for t in seen) and not any(explain.FLAT_TEXT in t for t in seen)
+
+
+def test_reused_explainer_gives_the_maps_of_a_fresh_compute(trained):
+    """One CamExplainer over many calls (as the service and explain_files use it) answers like a
+    fresh compute_cams each time, leaves the caller's model alone, and releases its hooks."""
+    model, architecture, positive = trained
+    flags = [p.requires_grad for p in model.parameters()]
+    images = np.concatenate([_images(3, seed=2)[0], positive[:2]])
+    with explain.CamExplainer(model, architecture) as explainer:
+        for chunk in (images[:2], images[2:], images):
+            reused = explain.compute_cams(model, architecture, chunk, explainer=explainer)
+            np.testing.assert_allclose(reused, explain.compute_cams(model, architecture, chunk), atol=1e-5)
+        assert explainer.net is not model and not any(p.requires_grad for p in explainer.net.parameters())
+    assert not explain.cam_layer(explainer.net, architecture)._forward_hooks
+    assert [p.requires_grad for p in model.parameters()] == flags

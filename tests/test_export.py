@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import pytest
@@ -13,6 +15,7 @@ from pneumoscan.inference import onnx_export
 from pneumoscan.inference.engines import OnnxEngine, TorchEngine
 from pneumoscan.inference.onnx_format import get_document
 from pneumoscan.inference.torch_model import as_batch, predict_logits
+from pneumoscan.errors import UserError
 from pneumoscan.files import file_sha256
 
 
@@ -21,11 +24,12 @@ def xrays(n: int, size: int = 48, seed: int = 1) -> np.ndarray:
     return np.stack([synthetic_xray(rng, i % 2, size) for i in range(n)])
 
 
-def tiny_model(path, *, tf_same_padding: bool = False, size: int = 48):
+def tiny_model(path, *, tf_same_padding: bool = False, size: int = 48, normalization: str = "auto"):
     """A random MobileNetV2 artifact whose scores differ between images (untrained, its BatchNorm
     defaults would make every image score the same, and parity on constants proves nothing)."""
     torch.manual_seed(0)
-    model, info = models.build("mobilenet_v2", weights="none", tf_same_padding=tf_same_padding)
+    model, info = models.build("mobilenet_v2", weights="none", tf_same_padding=tf_same_padding,
+                               normalization=normalization)
     norms = [m for m in model.features.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
     for bn in norms:
         bn.reset_running_stats()
@@ -126,3 +130,40 @@ def test_cli_export_with_int8(trained_model, tiny_dataset, tmp_path, capsys, mon
 
     code = cli.main(["export", "--model", str(trained_model), "--out", str(out), "--int8"])
     assert code == 2 and "--calibration" in capsys.readouterr().err
+
+
+def _rewrite_selfcheck(path, change) -> None:
+    import json
+
+    from pneumoscan.inference.onnx_format import SELFCHECK_KEY
+
+    proto = onnx.load(path)
+    entry = next(p for p in proto.metadata_props if p.key == SELFCHECK_KEY)
+    doc = json.loads(entry.value)
+    change(doc)
+    entry.value = json.dumps(doc)
+    onnx.save(proto, path)
+
+
+def test_int8_self_check_passes_here_and_falls_back_to_fp32_on_mismatch(onnx_model, tmp_path, caplog):
+    import shutil
+
+    from pneumoscan.inference.loading import load_engine
+
+    fp32 = tmp_path / onnx_model.name
+    shutil.copy(onnx_model, fp32)
+    int8 = export.quantize_onnx(fp32, tmp_path / "model.int8.onnx", xrays(8))
+    doc = get_document(onnx.load(int8))
+    assert doc["quantization"]["reduce_range"] is True and doc["fp32_source"]["sha256"] == file_sha256(fp32)
+    engine = load_engine(int8)
+    assert engine.name == "onnxruntime-int8" and engine.self_check() <= 1e-3
+
+    _rewrite_selfcheck(int8, lambda d: d.update(int8_prob=[p + 0.01 for p in d["int8_prob"]]))
+    with caplog.at_level(logging.WARNING):
+        fallback = load_engine(int8)
+    assert fallback.name == "onnxruntime" and fallback.onnx_path == fp32
+    assert "answers differently on this CPU" in caplog.text and len(caplog.records) == 1
+
+    fp32.unlink()  # nowhere to fall back to (the recorded path is the copy just removed)
+    with pytest.raises(UserError, match="fails its self-check"):
+        load_engine(int8)

@@ -20,11 +20,12 @@ LAYERS = [  # bottom first
     {"data", "gate", "shifts"},
     {"models", "transforms", "artifact"},
     {"inference", "inference.batching", "inference.onnx_format", "inference.torch_model", "inference.engines",
-     "inference.onnx_export", "inference.loading", "inference.decision", "ood"},
+     "inference.onnx_graph", "inference.onnx_export", "inference.loading", "inference.decision", "ood"},
     {"plots", "explain", "export", "evaluate", "report"},
     {"predict", "explore"},
     {"features", "train", "cv", "experiments", "compare"},
-    {"serve", "serve.settings", "serve.card", "serve.uploads", "serve.middleware", "serve.service", "serve.app",
+    {"serve", "serve.settings", "serve.card", "serve.uploads", "serve.batcher", "serve.logqueue",
+     "serve.middleware", "serve.service", "serve.app",
      "console", "cli", "demo"},
 ]
 RANK = {name: i for i, layer in enumerate(LAYERS) for name in layer}

@@ -4,7 +4,8 @@
         --backbone-weights ../shared/weights/mobilenet_v2_imagenet.pth --out runs --name bundled
     python tools/bundle_model.py runs/bundled
 
-Writes src/pneumoscan/assets/model.pt (< 10 MB) and src/pneumoscan/assets/MODEL_CARD.md.
+Writes src/pneumoscan/assets/model.pt (< 10 MB), its ONNX export model.onnx (see
+tools/export_bundled_onnx.py) and src/pneumoscan/assets/MODEL_CARD.md.
 """
 
 from __future__ import annotations
@@ -16,6 +17,9 @@ from pathlib import Path
 
 from pneumoscan import artifact, metrics
 from pneumoscan.files import file_sha256, write_text
+
+sys.path.insert(0, str(Path(__file__).parent))
+import export_bundled_onnx  # noqa: E402  (the tool beside this one)
 
 ASSETS = Path(artifact.BUNDLED_MODEL).parent
 
@@ -97,6 +101,7 @@ def main() -> int:
 
         text = with_section(text, input_checks_section(meta))
     write_text(ASSETS / "MODEL_CARD.md", text)
+    export_bundled_onnx.main()
     print(f"{out} ({out.stat().st_size / 1e6:.1f} MB) and {ASSETS / 'MODEL_CARD.md'}")
     return 0
 

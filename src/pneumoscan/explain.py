@@ -8,8 +8,17 @@ pneumonia, whatever the prediction was, which is what a reader checking a false 
 see (did the model look at the opacity at all?).
 
 Grad-CAM needs gradients at the target layer, which a frozen backbone (``requires_grad=False``)
-and ``torch.inference_mode`` never produce; the maps are computed on a float32 copy of the model
-with every parameter trainable, so the caller's model is left exactly as it was.
+and ``torch.inference_mode`` never produce. ``CamExplainer`` computes the maps on a float32 copy
+of the model, so the caller's model is left exactly as it was, and makes only the target layer's
+activations require gradients: the backward pass then runs from the logit to that layer and no
+further, with no weight gradients at all, which gives the same maps as a fully trainable copy at
+a fraction of the cost. One explainer is built per model and reused (the service keeps one for
+its lifetime, a folder reuses one across batches): copying the model and hooking the layer cost
+more than a map of one image.
+
+Maps are computed with one torch thread by default: at batch 1 on two shared cores, two torch
+threads were ~16x slower than one (benchmarks/inference.py), because the threads wait on each
+other and on whatever else runs on the cores.
 
 Scale. The library scales every map to its own [0, 1] range (``compute_cams`` returns those
 *relative* maps), so a NORMAL image at P = 0.001 shows a full-red blob that reads as "pneumonia
@@ -41,10 +50,12 @@ mass; its fractions are None.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import io
 import logging
 import re
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -192,6 +203,60 @@ def cam_layer(model: nn.Module, architecture: str) -> nn.Module:
     return model.get_submodule(models.backbone(architecture).cam_layer)
 
 
+def _activations_need_grad(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
+    """Forward hook: the target layer's output becomes a leaf that requires gradients, so the
+    CAM library's gradient hook fires while nothing before the layer is differentiated."""
+    return output if output.requires_grad else output.detach().requires_grad_(True)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's intra-op threads set to ``n`` (None: unchanged) for the block, then restored."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        if n:
+            torch.set_num_threads(before)
+
+
+class CamExplainer:
+    """Raw CAMs (float32 (N, H, W), as the library returns them) for uint8 images, from one
+    frozen float32 copy of ``model`` and one CAM object, reusable across calls and threads (calls
+    take turns). ``close()`` (or ``with``) removes the hooks from the copy."""
+
+    def __init__(self, model: nn.Module, architecture: str, method: str = "gradcam", *, threads: int | None = 1):
+        check_method(method)
+        self.method, self.threads = method, threads
+        self._lock = threading.Lock()
+        # inference_mode(False): a model built under inference_mode would otherwise copy to tensors autograd refuses
+        with torch.inference_mode(False):
+            self.net = copy.deepcopy(model).float().eval().requires_grad_(False)
+        layer = cam_layer(self.net, architecture)
+        self._hook = layer.register_forward_hook(_activations_need_grad)  # before the library's own hooks
+        self.cam = METHODS[method](model=_WithClassAxis(self.net), target_layers=[layer])
+
+    def __call__(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
+        cams = np.zeros(images.shape, dtype=np.float32)
+        with self._lock, torch_threads(self.threads), torch.inference_mode(False), torch.enable_grad():
+            for s in range(0, len(images), batch_size):
+                batch = as_batch(images[s:s + batch_size])
+                cams[s:s + len(batch)] = self.cam(input_tensor=batch, targets=[ClassifierOutputTarget(0)] * len(batch))
+        return cams
+
+    def close(self) -> None:
+        self.cam.activations_and_grads.release()
+        self._hook.remove()
+
+    def __enter__(self) -> "CamExplainer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 def check_method(method: str) -> str:
     if method not in METHODS:
         raise UserError(f"unknown explanation method {method!r}; valid: {', '.join(METHODS)}")
@@ -199,15 +264,18 @@ def check_method(method: str) -> str:
 
 
 def compute_cams(model: nn.Module, architecture: str, images: np.ndarray, method: str = "gradcam",
-                 batch_size: int = 16) -> np.ndarray:
+                 batch_size: int = 16, *, explainer: CamExplainer | None = None) -> np.ndarray:
     """Heat maps for uint8 images (N, H, W): float32 (N, H, W) in [0, 1], one per image.
 
     Each map is scaled to its own maximum, so maps show *where*, not *how strongly*, and are not
     comparable in height between images. A map that is flat or not finite (nothing in the layer
     raised the logit, or the model produced NaNs) is returned as zeros and logged, so an overlay
     never shows noise stretched to full contrast.
+
+    ``explainer``: a ``CamExplainer`` of this model and method to reuse (then ``model``,
+    ``architecture`` and ``method`` are its); by default one is made for this call.
     """
-    check_method(method)
+    method = explainer.method if explainer is not None else check_method(method)
     images = np.asarray(images)
     if images.ndim == 2:
         images = images[None]
@@ -216,19 +284,11 @@ def compute_cams(model: nn.Module, architecture: str, images: np.ndarray, method
     cams = np.zeros(images.shape, dtype=np.float32)
     if not len(images):
         return cams
-    done = 0
-    # inference_mode(False): a caller inside inference_mode would otherwise get tensors autograd refuses
-    with torch.inference_mode(False), torch.enable_grad():
-        net = copy.deepcopy(model).float().eval().requires_grad_(True)
-        with METHODS[method](model=_WithClassAxis(net), target_layers=[cam_layer(net, architecture)]) as cam:
-            for start in range(0, len(images), batch_size):
-                batch = as_batch(images[start:start + batch_size])
-                cams[start:start + len(batch)] = cam(input_tensor=batch,
-                                                     targets=[ClassifierOutputTarget(0)] * len(batch))
-                done += len(batch)
-    if done != len(images):
-        # pytorch_grad_cam's __exit__ swallows IndexError after printing it; do not return half the maps
-        raise RuntimeError(f"{method} failed after {done} of {len(images)} images")
+    if explainer is None:
+        with CamExplainer(model, architecture, method) as fresh:
+            cams[:] = fresh(images, batch_size)
+    else:
+        cams[:] = explainer(images, batch_size)
     flat = ~np.isfinite(cams).all(axis=(1, 2))
     flat |= np.nan_to_num(cams.max(axis=(1, 2)) - cams.min(axis=(1, 2)), nan=0.0) < _FLAT
     if flat.any():
@@ -358,8 +418,14 @@ def explain_files(model_path: str | Path, paths: Iterable[str | Path], out_dir: 
     check_method(method)
     check_scale(scale)
     model, meta = artifact.load(model_path)
-    files = imaging.collect_files(paths)
-    out = Path(out_dir)
+    with CamExplainer(model, meta.architecture, method) as explainer:
+        return _explain_batches(model, meta, explainer, imaging.collect_files(paths), Path(out_dir),
+                                threshold, batch_size)
+
+
+def _explain_batches(model: nn.Module, meta: ModelMeta, explainer: CamExplainer, files: list[Path], out: Path,
+                     threshold: float | None, batch_size: int) -> tuple[list[Path], list[tuple[str, str]]]:
+    method = explainer.method
     written: list[Path] = []
     skipped: list[tuple[str, str]] = []
     rows: list[tuple] = []
@@ -372,7 +438,7 @@ def explain_files(model_path: str | Path, paths: Iterable[str | Path], out_dir: 
             continue
         kept = [chunk[i] for i in decoded.kept]
         prob = metrics.sigmoid(predict_logits(model, decoded.images))
-        cams = compute_cams(model, meta.architecture, decoded.images, method)
+        cams = compute_cams(model, meta.architecture, decoded.images, method, explainer=explainer)
         for f, image, cam, p in zip(kept, decoded.images, cams, prob):
             label = meta.label(float(p), threshold)
             png = save_explanation(image, cam, float(p), label, out / _png_name(f, method, taken),

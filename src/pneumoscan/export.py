@@ -19,17 +19,20 @@ import onnx
 
 from pneumoscan import data
 from pneumoscan.errors import UserError
-from pneumoscan.files import atomic_path
+from pneumoscan.files import atomic_path, file_sha256
 from pneumoscan.inference.batching import spans, unit_interval
 from pneumoscan.inference.engines import OnnxEngine
 from pneumoscan.inference.onnx_export import export_onnx
-from pneumoscan.inference.onnx_format import INPUT_NAME, get_document, set_document
+from pneumoscan.inference.onnx_format import (INPUT_NAME, SELFCHECK_KEY, encode_selfcheck, get_document,
+                                              set_document)
 
 __all__ = ["export_onnx", "quantize_onnx", "quantize_checked", "compare_auc"]
 
 log = logging.getLogger(__name__)
 
 INT8_AUC_TOLERANCE = 0.005  # max |ROC-AUC int8 - ROC-AUC fp32| for an INT8 model to be kept
+SELFCHECK_IMAGES = 8  # reference images stored in an INT8 file, scored again at every load
+SELFCHECK_TOLERANCE = 1e-3  # max |Δprob| vs the stored INT8 probabilities: integer arithmetic is exact
 
 
 # ----------------------------------------------------------------------------- INT8
@@ -67,6 +70,15 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration_image
 
     Activations are uint8 and weights int8 (U8S8): on x86 ONNX Runtime runs that about twice as
     fast as fp32 for MobileNetV2, while S8S8 measured no faster than fp32 (benchmarks/inference.py).
+    Weights use 7 bits (``reduce_range``): on x86 CPUs without VNNI the U8S8 kernels add pairs of
+    products in int16 (pmaddubsw), which saturates with full-range weights (the research measured
+    saturation possible in 9,819 of MobileNetV2's 9,888 pointwise output channels) and then gives
+    different answers than on VNNI CPUs; with 7-bit weights it cannot overflow.
+
+    The file carries a self-check (``SELFCHECK_KEY``): a few calibration images and the fp32 and
+    INT8 probabilities they got here, scored again when an engine loads the file, so a CPU whose
+    integer kernels answer differently falls back to fp32 (``inference.loading``); and it names
+    its fp32 source (``fp32_source``: file name and sha256) so that fallback can find it.
     """
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -86,7 +98,7 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration_image
         with _root_logs_to_debug():
             quantize_static(
                 str(prepared), str(quantized), _CalibrationReader(calibration_images, batch_size),
-                quant_format=QuantFormat.QDQ, per_channel=True,
+                quant_format=QuantFormat.QDQ, per_channel=True, reduce_range=True,
                 activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                 calibrate_method=CalibrationMethod.MinMax,
                 # no CalibMaxIntermediateOutputs: ORT 1.32 raises "No data is collected" when the
@@ -95,12 +107,28 @@ def quantize_onnx(fp32_path: str | Path, out_path: str | Path, calibration_image
         proto = onnx.load(quantized)
         set_document(proto, document | {"precision": "int8", "quantization": {
             "method": "onnxruntime quantize_static", "format": "QDQ", "per_channel": True,
-            "activations": "uint8", "weights": "int8", "calibration": "MinMax",
+            "activations": "uint8", "weights": "int8 (7-bit range)", "reduce_range": True, "calibration": "MinMax",
             "n_calibration_images": int(len(calibration_images)),
-        }})
+        }, "fp32_source": {"name": fp32_path.name, "path": str(fp32_path.resolve()), "sha256": file_sha256(fp32_path)}})
+        onnx.save(proto, quantized)
+        add_selfcheck(proto, fp32_path, quantized, _spread(calibration_images, SELFCHECK_IMAGES))
         with atomic_path(out_path) as tmp:
             onnx.save(proto, tmp)
     return Path(out_path)
+
+
+def _spread(images: np.ndarray, n: int) -> np.ndarray:
+    return images[np.unique(np.linspace(0, len(images) - 1, n).round().astype(int))]
+
+
+def add_selfcheck(proto: onnx.ModelProto, fp32_path: Path, int8_path: Path, images: np.ndarray) -> None:
+    """Store ``images`` and what the fp32 and the INT8 model (saved at ``int8_path``) answer for them."""
+    fp32 = OnnxEngine(fp32_path, threads=1).predict_proba(images)
+    int8 = OnnxEngine(int8_path, threads=1).predict_proba(images)
+    kept = [p for p in proto.metadata_props if p.key != SELFCHECK_KEY]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    proto.metadata_props.add(key=SELFCHECK_KEY, value=encode_selfcheck(images, fp32, int8, SELFCHECK_TOLERANCE))
 
 
 @contextlib.contextmanager

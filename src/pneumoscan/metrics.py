@@ -13,6 +13,9 @@ F1, ROC-AUC, PR-AUC and the log loss have no such closed form and keep the strat
 when every resample gives the same value (no error, no misranked pair to resample) the bootstrap
 cannot say how uncertain the number is, and the interval is reported as not estimable (nan) with
 a note, rather than as a zero-width interval that reads as certainty.
+
+scikit-learn and SciPy are imported inside the functions that use them: importing both costs
+about 1.5 s, and the scoring path (``sigmoid`` only) must start without them.
 """
 
 from __future__ import annotations
@@ -21,20 +24,6 @@ import logging
 import math
 
 import numpy as np
-from scipy.optimize import minimize_scalar
-from scipy.special import expit
-from scipy.stats import binomtest
-from sklearn.metrics import (
-    accuracy_score,
-    average_precision_score,
-    brier_score_loss,
-    confusion_matrix,
-    f1_score,
-    precision_score,
-    recall_score,
-    roc_auc_score,
-    roc_curve,
-)
 
 from pneumoscan.errors import UserError
 
@@ -67,16 +56,23 @@ def _bce(y: np.ndarray, p: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(x) -> np.ndarray:
-    # expit never overflows, unlike 1 / (1 + exp(-x)) for large negative x
-    return expit(np.asarray(x, dtype=np.float64))
+    """float64 logistic function in numpy (no SciPy import on the scoring path). Each branch
+    exponentiates only non-positive numbers, so it never overflows, unlike 1 / (1 + exp(-x))."""
+    x = np.asarray(x, dtype=np.float64)
+    with np.errstate(under="ignore"):  # exp(-1000) is 0.0, the right answer, not an error
+        e = np.exp(-np.abs(x))
+    return np.where(x >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def confusion(y_true, y_pred) -> list[list[int]]:
     """[[tn, fp], [fn, tp]]; ``labels`` keeps it 2x2 when a batch or split lacks a class."""
+    from sklearn.metrics import confusion_matrix
     return confusion_matrix(np.asarray(y_true), np.asarray(y_pred), labels=[0, 1]).tolist()
 
 
 def binary_metrics(y_true, prob, threshold: float) -> dict:
+    from sklearn.metrics import (accuracy_score, average_precision_score, f1_score, precision_score, recall_score,
+                                 roc_auc_score)
     y, p = _arrays(y_true, prob)
     pred = (p >= threshold).astype(np.int64)
     (tn, fp), (fn, tp) = cm = confusion(y, pred)
@@ -201,6 +197,8 @@ def proportion_ci(successes: int, trials: int, level: float = 0.95, method: str 
         return math.nan, math.nan
     if not 0 <= successes <= trials:
         raise ValueError(f"successes must be in [0, {trials}], got {successes}")
+    from scipy.stats import binomtest
+
     ci = binomtest(successes, trials).proportion_ci(confidence_level=level, method=PROPORTION_METHODS[method])
     return float(ci.low), float(ci.high)
 
@@ -306,6 +304,7 @@ def weighted_metrics(y_true, prob, threshold: float, weights) -> dict[str, float
 
 def choose_threshold(y_true, prob, rule: str) -> float:
     """Turn an operating-point rule into a probability cut-off, fitted on the validation split."""
+    from sklearn.metrics import roc_curve
     y, p = _arrays(y_true, prob)
     rule = str(rule).strip()
     if rule == "youden":
@@ -351,6 +350,7 @@ def _need_both_classes(y: np.ndarray, rule: str) -> None:
 
 
 def brier(y_true, prob) -> float:
+    from sklearn.metrics import brier_score_loss
     y, p = _arrays(y_true, prob)
     return float(brier_score_loss(y, p, pos_label=1))
 
@@ -385,6 +385,7 @@ def fit_temperature(logits, y_true) -> float:
     One scalar cannot change the ranking, so AUC and a rank-based threshold are unaffected; only
     the probabilities become honest. Optimising log T keeps T positive and the search symmetric.
     """
+    from scipy.optimize import minimize_scalar
     y, z = _arrays(y_true, logits)
     if not _both_classes(y):
         log.warning("temperature scaling skipped: the validation split has a single class")

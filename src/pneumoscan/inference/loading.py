@@ -6,6 +6,10 @@ run there: ONNX Runtime starts faster, uses less memory and is quicker on CPU th
 PyTorch. Any export failure falls back to PyTorch with a warning, because a slower answer beats
 none; ``kind="torch"`` forces PyTorch (Grad-CAM needs it anyway, and it is the reference the
 export is checked against).
+
+The bundled model ships with its export (``BUNDLED_ONNX``, written by
+tools/export_bundled_onnx.py), so the default model scores without exporting and without
+importing torch: ~0.5 s from a cold start instead of ~4 s.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from pneumoscan.inference.engines import Engine, OnnxEngine, TorchEngine
 log = logging.getLogger(__name__)
 
 KINDS = ("auto", "onnx", "torch")
+BUNDLED_ONNX = artifact.BUNDLED_MODEL.with_suffix(".onnx")  # the bundled model.pt's checked export
 
 
 def cache_dir() -> Path:
@@ -51,11 +56,11 @@ def load_engine(path: str | Path | None = None, kind: str = "auto", *, threads: 
     if path.suffix.lower() == ".onnx":
         if kind == "torch":
             raise UserError(f"{path} is an ONNX model; the torch engine needs a model.pt")
-        return OnnxEngine(path, threads=threads)
+        return checked_onnx_engine(path, threads=threads)
     if kind == "torch":
         return TorchEngine(path)
     try:
-        return cached_onnx_engine(path, threads=threads)
+        return shipped_onnx_engine(path, threads=threads) or cached_onnx_engine(path, threads=threads)
     except UserError as exc:
         from pneumoscan.inference.onnx_export import ExportError
 
@@ -68,6 +73,60 @@ def load_engine(path: str | Path | None = None, kind: str = "auto", *, threads: 
         reason = f"{type(exc).__name__}: {exc}"
     log.warning("ONNX export of %s failed (%s); running it with PyTorch instead", path, reason)
     return TorchEngine(path)
+
+
+SELFCHECK_TOLERANCE = 1e-3  # as export.SELFCHECK_TOLERANCE: INT8 integer arithmetic is exact where it does not saturate
+
+
+def checked_onnx_engine(path: Path, *, threads: int | None = None) -> OnnxEngine:
+    """An ONNX file's engine; an INT8 file only if it answers its stored self-check here, else
+    its fp32 source (``fp32_source`` in its document), with one warning saying why.
+
+    INT8 kernels differ between CPUs (VNNI or not, ORT versions); a file quantised on one machine
+    can be wrong on another without any error, so it proves itself on every load (~30 ms)."""
+    engine = OnnxEngine(path, threads=threads)
+    delta = engine.self_check()
+    if delta is None or delta <= SELFCHECK_TOLERANCE:
+        if engine.document.get("precision") == "int8":
+            log.debug("INT8 self-check of %s passed (max |Δprob| %.1e)", path, delta if delta is not None else 0)
+        return engine
+    fp32 = fp32_source(path, engine.document)
+    if fp32 is None:
+        raise UserError(f"{path} (INT8) fails its self-check on this machine (max |Δprob| {delta:.1e} > "
+                        f"{SELFCHECK_TOLERANCE:.0e}) and its fp32 source is not beside it; use the fp32 model")
+    log.warning("INT8 model %s answers differently on this CPU than where it was made (max |Δprob| %.1e > %.0e "
+                "on its reference images); using its fp32 source %s instead", path.name, delta, SELFCHECK_TOLERANCE,
+                fp32)
+    return OnnxEngine(fp32, threads=threads)
+
+
+def fp32_source(int8_path: Path, document: dict) -> Path | None:
+    """The fp32 file an INT8 file was quantised from: beside it by name, else where it was, if its sha256 matches."""
+    source = document.get("fp32_source") or {}
+    candidates = [int8_path.parent / source["name"]] if source.get("name") else []
+    candidates += [Path(source["path"])] if source.get("path") else []
+    for candidate in candidates:
+        if candidate.is_file() and file_sha256(candidate) == source.get("sha256"):
+            return candidate
+    return None
+
+
+def shipped_onnx_engine(model_path: Path, *, threads: int | None = None) -> OnnxEngine | None:
+    """The bundled model's shipped export when ``model_path`` is the bundled model and the export
+    was made from exactly this file (its ``source_sha256``); None otherwise."""
+    if not BUNDLED_ONNX.is_file() or model_path.resolve() != artifact.BUNDLED_MODEL.resolve():
+        return None
+    sha = file_sha256(model_path)
+    try:
+        engine = OnnxEngine(BUNDLED_ONNX, source=model_path, sha256=sha, threads=threads)
+    except UserError as exc:
+        log.warning("the shipped %s is unreadable (%s); exporting %s instead", BUNDLED_ONNX, exc, model_path)
+        return None
+    if engine.document.get("source_sha256") != sha or engine.document.get("precision") != "fp32":
+        log.warning("the shipped %s was not exported from this %s (rerun tools/export_bundled_onnx.py); "
+                    "exporting it instead", BUNDLED_ONNX.name, model_path.name)
+        return None
+    return engine
 
 
 def cached_onnx_engine(model_path: Path, *, threads: int | None = None) -> OnnxEngine:

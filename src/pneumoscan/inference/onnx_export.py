@@ -21,6 +21,7 @@ import torch
 from pneumoscan import __version__, artifact
 from pneumoscan.errors import UserError
 from pneumoscan.files import atomic_path, file_sha256
+from pneumoscan.inference import onnx_graph
 from pneumoscan.inference.engines import OnnxEngine
 from pneumoscan.inference.onnx_format import FORMAT, INPUT_NAME, METADATA_KEY, OOD_NAME, OUTPUT_NAME, set_document
 from pneumoscan.inference.torch_model import assess, predict_logits
@@ -49,16 +50,20 @@ def synthetic_check_images(size: int, n: int = 6, seed: int = 0) -> np.ndarray:
 
 
 def export_onnx(model_path: str | Path, out_path: str | Path, *, opset: int = 17,
-                check_images: np.ndarray | None = None) -> Path:
+                check_images: np.ndarray | None = None, simplify: bool = True) -> Path:
     """Export ``model_path`` to ONNX at ``out_path`` (atomically), or raise ExportError.
 
     ``check_images`` (uint8 (N, H, W) at the model's size) are what the ONNX and PyTorch
-    probabilities are compared on; by default ``synthetic_check_images``.
+    probabilities are compared on; by default ``synthetic_check_images``. ``simplify``: fold the
+    padding into the convolutions (``onnx_graph``), 1.2-2.6x faster in ONNX Runtime; ``False``
+    keeps the graph as traced (the benchmarks' baseline).
     """
     model, meta = artifact.load(model_path)
     size = meta.image_size
     try:
         proto = _trace(model, size, opset)
+        if simplify:
+            proto = onnx_graph.simplify(proto, INPUT_NAME, size)
     except Exception as exc:  # an operator or construct the exporter cannot handle
         raise ExportError(f"cannot export {model_path} to ONNX ({type(exc).__name__}: {exc})") from exc
     proto.producer_name, proto.producer_version = "pneumoscan", __version__
@@ -70,6 +75,7 @@ def export_onnx(model_path: str | Path, out_path: str | Path, *, opset: int = 17
         "source_sha256": file_sha256(model_path),
         "precision": "fp32",
         "opset": opset,
+        "graph": "simplified" if simplify else "as traced",
         "exported_by": f"pneumoscan {__version__}, torch {torch.__version__}",
     })
     try:

@@ -9,6 +9,7 @@ the API docs are served from the package, so nothing is fetched from the interne
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import logging
@@ -31,11 +32,13 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
 from pneumoscan import __version__, artifact
+from pneumoscan.inference.engines import default_threads
 from pneumoscan.inference.loading import check_kind
 from pneumoscan.errors import UserError
 from pneumoscan.imaging import FORMAT_NAMES
 from pneumoscan.serve import uploads
 from pneumoscan.serve.card import INTENDED_USE, model_card
+from pneumoscan.serve.batcher import BatchSettings, Busy, TimedOut
 from pneumoscan.serve.middleware import AccessLog, ContentLengthLimit, SecurityHeaders
 from pneumoscan.serve.service import Service, png_bytes
 from pneumoscan.serve.settings import (API_KEY_ENV, DEFAULT_MAX_BATCH_FILES, DEFAULT_MAX_PIXELS,
@@ -52,7 +55,7 @@ PAGE_CSP = ("default-src 'self'; img-src 'self' data: blob:; script-src 'self'; 
 
 ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "method_not_allowed",
                413: "request_too_large", 422: "invalid_request", 500: "internal_error",
-               501: "not_implemented"}
+               501: "not_implemented", 503: "busy", 504: "timeout"}
 
 _FROM_ENV = object()
 
@@ -136,29 +139,38 @@ def _b64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
 
-async def _image(file: UploadFile, size: int, limits: uploads.Limits) -> np.ndarray | uploads.Rejected:
+async def _image(file: UploadFile, size: int, limits: uploads.Limits,
+                 slots: asyncio.Semaphore | None = None) -> np.ndarray | uploads.Rejected:
     """One upload as model input, or why not. Files are read one at a time and only their decoded
-    (size x size) image is kept, so a full batch never sits in memory as raw bytes."""
+    (size x size) image is kept, so a full batch never sits in memory as raw bytes. ``slots``
+    bounds how many decode at once: 32 decoding threads on two cores starve the scoring thread,
+    which is the bottleneck, and throughput falls as clients are added."""
     try:
         if file.size is not None:
             uploads.check_size(file.size, limits)  # ruled out without reading it
         blob = await file.read()
-        return await run_in_threadpool(uploads.to_model_input, blob, size, limits)
+        async with slots or contextlib.nullcontext():
+            return await run_in_threadpool(uploads.to_model_input, blob, size, limits)
     except uploads.Rejected as rejected:
         return rejected
 
 
-def _results(service: Service, images: list[np.ndarray], explain: bool) -> list[dict[str, Any]]:
-    """Scores (and overlays) for decoded images, in one batch: run in the threadpool."""
+async def _results(service: Service, images: list[np.ndarray], explain: bool) -> list[dict[str, Any]]:
+    """Scores (and overlays) for decoded images: scores through the service's queue, overlays in
+    the threadpool."""
     if not images:
         return []
     batch = np.stack(images)
-    scores = service.score(batch)
+    scores = await service.score(batch)
     if explain:
-        explained = service.overlays(batch, [s["probability"] for s in scores])
-        for score, image, ex in zip(scores, batch, explained, strict=True):
-            score |= {"overlay_png_base64": _b64(ex.png), "image_png_base64": _b64(png_bytes(image))} | ex.fields()
+        await run_in_threadpool(_add_overlays, service, batch, scores)
     return scores
+
+
+def _add_overlays(service: Service, batch: np.ndarray, scores: list[dict[str, Any]]) -> None:
+    explained = service.overlays(batch, [s["probability"] for s in scores])
+    for score, image, ex in zip(scores, batch, explained, strict=True):
+        score |= {"overlay_png_base64": _b64(ex.png), "image_png_base64": _b64(png_bytes(image))} | ex.fields()
 
 
 @dataclass(frozen=True)
@@ -190,13 +202,15 @@ class ServerLimits:
 def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_files: int = DEFAULT_MAX_BATCH_FILES,
                api_key: str | None | object = _FROM_ENV, cors_origins: tuple[str, ...] | list[str] = (),
-               engine: str = "auto") -> FastAPI:
+               engine: str = "auto", batching: BatchSettings | None = None) -> FastAPI:
     """The service for the model at ``model_path`` (default: the bundled model).
 
     ``api_key``: required in the X-API-Key header of every /v1 call except health; by default
     read from $PNEUMOSCAN_API_KEY, ``None`` (or empty) for no key. ``cors_origins``: browser
     origins allowed to call the API from other pages; none by default. ``engine``: the runtime
     for scores (see ``inference.loading.load_engine``); Grad-CAM always runs in PyTorch.
+    ``batching``: the scoring queue's micro-batch size, wait, length and timeout
+    (``serve.batcher.BatchSettings``; defaults in ``serve.settings``).
     """
     path = artifact.resolve(model_path)  # fail here, not at startup, on a model that is not there
     if not path.is_file():
@@ -205,13 +219,19 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     key = os.environ.get(API_KEY_ENV) if api_key is _FROM_ENV else api_key
     limits = ServerLimits(uploads.Limits(max_bytes=int(max_upload_bytes), max_pixels=int(max_pixels)),
                           int(max_batch_files), key or None)
+    batching = batching or BatchSettings()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
-        app.state.service = await run_in_threadpool(Service.load, model_path, engine)
-        yield
+        app.state.service = await run_in_threadpool(Service.load, model_path, engine, batching)
+        app.state.decode_slots = asyncio.Semaphore(default_threads())
+        try:
+            yield
+        finally:
+            await run_in_threadpool(app.state.service.close)
 
-    app = FastAPIOffline(title="pneumoscan", version=__version__, lifespan=lifespan, description=_description(limits))
+    app = FastAPIOffline(title="pneumoscan", version=__version__, lifespan=lifespan,
+                         description=_description(limits) + "\n\n" + batching.describe())
     add_error_handlers(app, limits)
     app.include_router(api_routes(limits))
     add_page(app)
@@ -244,6 +264,14 @@ def add_error_handlers(app: FastAPI, limits: ServerLimits) -> None:
             parts.append(f"{where}: {e.get('msg')}" if where else str(e.get("msg")))
         return _error(422, "invalid_request", "; ".join(parts) or "invalid request")
 
+    @app.exception_handler(Busy)
+    async def busy(request: Request, exc: Busy) -> JSONResponse:
+        return _error(503, "busy", exc.detail, {"Retry-After": str(exc.retry_after)})
+
+    @app.exception_handler(TimedOut)
+    async def timed_out(request: Request, exc: TimedOut) -> JSONResponse:
+        return _error(504, "timeout", f"{exc}; the server is overloaded, retry later")
+
     @app.exception_handler(uploads.Rejected)
     async def rejected(request: Request, exc: uploads.Rejected) -> JSONResponse:
         return _error(exc.status, exc.error, exc.detail)
@@ -269,6 +297,8 @@ def api_routes(limits: ServerLimits) -> APIRouter:
     upload_errors = errors | {
         413: {"model": ErrorBody, "description": "file or request too large (bytes or pixels)"},
         422: {"model": ErrorBody, "description": f"not a {FORMAT_NAMES} image; empty upload; missing field"},
+        503: {"model": ErrorBody, "description": "busy: the scoring queue is full; retry after Retry-After seconds"},
+        504: {"model": ErrorBody, "description": "timeout: not scored within the server's time limit"},
     }
 
     @router.get("/health", response_model=Health, tags=["service"])
@@ -292,10 +322,10 @@ def api_routes(limits: ServerLimits) -> APIRouter:
         """Score one chest X-ray (multipart field `file`)."""
         service: Service = request.app.state.service
         _check_explain(service, explain)
-        image = await _image(file, service.image_size, limits.uploads)
+        image = await _image(file, service.image_size, limits.uploads, request.app.state.decode_slots)
         if isinstance(image, uploads.Rejected):
             raise image
-        (result,) = await run_in_threadpool(_results, service, [image], explain)
+        (result,) = await _results(service, [image], explain)
         return result | {"model": service.model_ref}
 
     @router.post("/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True,
@@ -312,9 +342,8 @@ def api_routes(limits: ServerLimits) -> APIRouter:
         if len(files) > limits.max_batch_files:
             raise uploads.Rejected(413, "too_many_files",
                                    f"{len(files)} files; the limit is {limits.max_batch_files} per batch")
-        images = [await _image(f, service.image_size, limits.uploads) for f in files]
-        scored = iter(await run_in_threadpool(
-            _results, service, [i for i in images if not isinstance(i, uploads.Rejected)], explain))
+        images = [await _image(f, service.image_size, limits.uploads, request.app.state.decode_slots) for f in files]
+        scored = iter(await _results(service, [i for i in images if not isinstance(i, uploads.Rejected)], explain))
         items = [{"filename": f.filename} | ({"error": i.error, "detail": i.detail, "status": i.status}
                                               if isinstance(i, uploads.Rejected) else next(scored))
                  for f, i in zip(files, images, strict=True)]

@@ -1,18 +1,19 @@
 """The model as the service holds it: scores from the inference engine, Grad-CAM from torch.
 
-Loaded once, at startup, and then called from the threadpool by many requests at once. Decoding
-runs in parallel, but scoring takes turns behind a lock, and so does Grad-CAM behind another: each
-run already uses every core, so parallel runs only fight over them. In one pair of runs of
-benchmarks/load_test.py (32 clients, two busy cores): 40 rather than 37 requests/s, and a p99
-latency of 1.4 s instead of 4.6 s. (Batching concurrent requests into one run was measured too: ONNX Runtime on CPU is no
-faster per image in batches of 8-32 than one at a time, so it is not done.)
+Loaded once, at startup, and then called by many requests at once. Decoding runs in parallel in
+the threadpool; scoring goes through one FIFO queue (``serve.batcher``): a worker thread scores
+micro-batches, a full queue answers 503 at once and no request waits past the stated limit. In
+benchmarks/load_test.py this replaced requests taking turns on a lock, which let latency grow
+without bound and gave no order (README, "Service load test"). Grad-CAM takes turns on its one
+reusable ``explain.CamExplainer``: each map already uses the core it has, so parallel maps only
+fight over the cores.
 """
 
 from __future__ import annotations
 
+import asyncio
 import io
 import logging
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ from pneumoscan import artifact, explain
 from pneumoscan.artifact import ModelMeta
 from pneumoscan.inference.engines import Engine
 from pneumoscan.inference.loading import load_engine
+from pneumoscan.serve.batcher import BatchSettings, MicroBatcher, TimedOut
 
 log = logging.getLogger(__name__)
 
@@ -36,15 +38,25 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 class Service:
-    def __init__(self, engine: Engine, cam_model: torch.nn.Module | None) -> None:
+    def __init__(self, engine: Engine, cam_model: torch.nn.Module | None,
+                 batching: BatchSettings = BatchSettings()) -> None:
         self.engine = engine
         self.meta: ModelMeta = engine.meta
         self.cam_model = cam_model
-        self._score_lock = threading.Lock()
-        self._cam_lock = threading.Lock()
+        self.batching = batching
+        self.batcher = MicroBatcher(self._score_now, batching)
+        self.explainer = (explain.CamExplainer(cam_model, self.meta.architecture)
+                          if cam_model is not None else None)
+
+    def close(self) -> None:
+        """Finish the queued requests and release the Grad-CAM hooks (at shutdown)."""
+        self.batcher.close()
+        if self.explainer is not None:
+            self.explainer.close()
 
     @classmethod
-    def load(cls, model_path: str | Path | None, kind: str = "auto") -> "Service":
+    def load(cls, model_path: str | Path | None, kind: str = "auto",
+             batching: BatchSettings = BatchSettings()) -> "Service":
         """The engine for scores; the PyTorch model too when there is one, for Grad-CAM."""
         engine = load_engine(model_path, kind)
         cam_model = getattr(engine, "model", None)  # the torch engine already holds it
@@ -54,7 +66,7 @@ class Service:
             log.warning("Grad-CAM disabled: %s is not a PyTorch model.pt", engine.path.name)
         log.info("model loaded: %s on %s (input %d px, threshold %.3f)", engine.meta.architecture,
                  engine.name, engine.meta.image_size, engine.meta.threshold)
-        return cls(engine, cam_model)
+        return cls(engine, cam_model, batching)
 
     @property
     def image_size(self) -> int:
@@ -74,18 +86,24 @@ class Service:
     def can_explain(self) -> bool:
         return self.cam_model is not None
 
-    def score(self, images: np.ndarray) -> list[dict[str, Any]]:
-        """One {probability, prediction, label, threshold} per uint8 (N, H, W) image."""
-        with self._score_lock:
-            prob = np.asarray(self.engine.predict_proba(images), dtype=np.float64).reshape(-1)
+    def _score_now(self, images: np.ndarray) -> list[dict[str, Any]]:
+        """One {probability, prediction, label, threshold} per uint8 (N, H, W) image: the batcher's worker."""
+        prob = np.asarray(self.engine.predict_proba(images), dtype=np.float64).reshape(-1)
         thr = self.threshold
         return [{"probability": float(p), "prediction": int(p >= thr), "label": self.meta.label(float(p)),
                  "threshold": thr} for p in prob]
 
+    async def score(self, images: np.ndarray) -> list[dict[str, Any]]:
+        """``_score_now``'s rows for these images, through the queue. Raises ``batcher.Busy`` when
+        the queue is full and ``batcher.TimedOut`` past ``batching.timeout_s``."""
+        future = self.batcher.submit(images)
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(future), self.batching.timeout_s)
+        except asyncio.TimeoutError:  # wait_for cancelled the future: the worker will skip it
+            raise TimedOut(f"not scored within {self.batching.timeout_s:g} s") from None
+
     def overlays(self, images: np.ndarray, prob=None) -> list[explain.Explanation]:
         """A Grad-CAM explanation per image: the overlay PNG, its scale (absolute, i.e. weighted by
         ``prob``, when the probabilities are given), flatness and where the map's mass lies."""
-        with self._cam_lock:
-            cams = explain.compute_cams(self.cam_model, self.meta.architecture, images)
+        cams = explain.compute_cams(self.cam_model, self.meta.architecture, images, explainer=self.explainer)
         return explain.explanations(images, cams, prob)
-
