@@ -197,7 +197,10 @@ window.fetch = async (url, opts) => {
   const res = await realFetch(url, opts);
   if (!String(url).startsWith('/v1/predict') || !res.ok) return res;
   const name = opts.body.get('file').name;
-  const body = Object.assign(await res.json(), patches[name] || {});
+  const patch = patches[name] || {};
+  const body = Object.assign(await res.json(), patch);
+  if ('probability' in patch && !('logit' in patch)) delete body.logit;  // the page then derives it
+  if (!('flags' in patch)) { body.flags = []; body.flag_details = []; }  // the tiny model's own flags aside
   if (!window.__released.has(name)) await new Promise((go) => window.__waiting.set(name, go));
   return new Response(JSON.stringify(body), {status: 200, headers: {'content-type': 'application/json'}});
 };

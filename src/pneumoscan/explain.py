@@ -420,11 +420,12 @@ def explain_files(model_path: str | Path, paths: Iterable[str | Path], out_dir: 
     model, meta = artifact.load(model_path)
     with CamExplainer(model, meta.architecture, method) as explainer:
         return _explain_batches(model, meta, explainer, imaging.collect_files(paths), Path(out_dir),
-                                threshold, batch_size)
+                                threshold, batch_size, scale)
 
 
 def _explain_batches(model: nn.Module, meta: ModelMeta, explainer: CamExplainer, files: list[Path], out: Path,
-                     threshold: float | None, batch_size: int) -> tuple[list[Path], list[tuple[str, str]]]:
+                     threshold: float | None, batch_size: int,
+                     scale: str) -> tuple[list[Path], list[tuple[str, str]]]:
     method = explainer.method
     written: list[Path] = []
     skipped: list[tuple[str, str]] = []

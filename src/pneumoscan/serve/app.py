@@ -35,6 +35,7 @@ from pneumoscan import __version__, artifact
 from pneumoscan.inference.engines import default_threads
 from pneumoscan.inference.loading import check_kind
 from pneumoscan.errors import UserError
+from pneumoscan import imaging
 from pneumoscan.imaging import FORMAT_NAMES
 from pneumoscan.serve import uploads
 from pneumoscan.serve.card import INTENDED_USE, model_card
@@ -82,10 +83,18 @@ class ModelRef(BaseModel):
 
 
 class Score(BaseModel):
-    probability: float = Field(description="calibrated probability of PNEUMONIA")
-    prediction: int = Field(description="1 if probability >= threshold, else 0")
-    label: str = Field(description="class name of the prediction: NORMAL or PNEUMONIA")
+    probability: float = Field(description="calibrated probability of PNEUMONIA; not meaningful when the label "
+                                           "is NOT_ASSESSED")
+    logit: float = Field(description="the calibrated logit (orders images whose probabilities round alike)")
+    prediction: int | None = Field(None, description="1 if probability >= threshold, else 0; absent when NOT_ASSESSED")
+    label: str = Field(description="NORMAL, PNEUMONIA, or NOT_ASSESSED when a flag says the model is not "
+                                   "competent for the image (not_chest_xray, low_quality)")
     threshold: float
+    flags: list[str] = Field(description="input checks the image failed: not_chest_xray, low_quality (label "
+                                         "NOT_ASSESSED), out_of_distribution (label kept); empty when none")
+    flag_details: list[str] = Field(description="one sentence per flag, in the same order")
+    ood_score: float | None = Field(None, description="out-of-distribution distance of the image's features "
+                                                      "(the model card gives the cut-offs)")
     overlay_png_base64: str | None = Field(None, description="Grad-CAM overlay (explain=true)")
     image_png_base64: str | None = Field(None, description="the model's input image (explain=true)")
     cam_scale: str | None = Field(None, description=CAM_SCALE_HELP)
@@ -101,9 +110,13 @@ class Prediction(Score):
 class BatchItem(BaseModel):
     filename: str | None = None
     probability: float | None = None
+    logit: float | None = None
     prediction: int | None = None
     label: str | None = None
     threshold: float | None = None
+    flags: list[str] | None = None
+    flag_details: list[str] | None = None
+    ood_score: float | None = None
     overlay_png_base64: str | None = None
     image_png_base64: str | None = None
     cam_scale: str | None = Field(None, description=CAM_SCALE_HELP)
@@ -140,7 +153,7 @@ def _b64(png: bytes) -> str:
 
 
 async def _image(file: UploadFile, size: int, limits: uploads.Limits,
-                 slots: asyncio.Semaphore | None = None) -> np.ndarray | uploads.Rejected:
+                 slots: asyncio.Semaphore | None = None) -> imaging.Picture | uploads.Rejected:
     """One upload as model input, or why not. Files are read one at a time and only their decoded
     (size x size) image is kept, so a full batch never sits in memory as raw bytes. ``slots``
     bounds how many decode at once: 32 decoding threads on two cores starve the scoring thread,
@@ -155,13 +168,13 @@ async def _image(file: UploadFile, size: int, limits: uploads.Limits,
         return rejected
 
 
-async def _results(service: Service, images: list[np.ndarray], explain: bool) -> list[dict[str, Any]]:
-    """Scores (and overlays) for decoded images: scores through the service's queue, overlays in
-    the threadpool."""
-    if not images:
+async def _results(service: Service, pictures: list[imaging.Picture], explain: bool) -> list[dict[str, Any]]:
+    """Scores, flags (and overlays) for decoded images: scores through the service's queue,
+    overlays in the threadpool."""
+    if not pictures:
         return []
-    batch = np.stack(images)
-    scores = await service.score(batch)
+    batch = np.stack([p.pixels for p in pictures])
+    scores = await service.score(batch, [(p.width, p.height) for p in pictures])
     if explain:
         await run_in_threadpool(_add_overlays, service, batch, scores)
     return scores

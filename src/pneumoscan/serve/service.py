@@ -21,13 +21,20 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pneumoscan import artifact, explain
+from pneumoscan import artifact, explain, gate
+from pneumoscan.inference import decision
 from pneumoscan.artifact import ModelMeta
 from pneumoscan.inference.engines import Engine
 from pneumoscan.inference.loading import load_engine
 from pneumoscan.serve.batcher import BatchSettings, MicroBatcher, TimedOut
 
 log = logging.getLogger(__name__)
+
+
+def _row(v: "decision.Verdict") -> dict[str, Any]:
+    return {"probability": v.probability, "logit": v.logit, "prediction": v.prediction, "label": v.label,
+            "threshold": v.threshold, "flags": list(v.flags), "flag_details": list(v.details),
+            "ood_score": v.ood_score}
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -86,21 +93,25 @@ class Service:
     def can_explain(self) -> bool:
         return self.cam_model is not None
 
-    def _score_now(self, images: np.ndarray) -> list[dict[str, Any]]:
-        """One {probability, prediction, label, threshold} per uint8 (N, H, W) image: the batcher's worker."""
-        prob = np.asarray(self.engine.predict_proba(images), dtype=np.float64).reshape(-1)
-        thr = self.threshold
-        return [{"probability": float(p), "prediction": int(p >= thr), "label": self.meta.label(float(p)),
-                 "threshold": thr} for p in prob]
+    def _score_now(self, images: np.ndarray) -> list[tuple[float, float]]:
+        """(logit, OOD score) per uint8 (N, H, W) image: the batcher's worker."""
+        logits, ood = self.engine.assess(images)
+        return list(zip(logits.tolist(), ood.tolist()))
 
-    async def score(self, images: np.ndarray) -> list[dict[str, Any]]:
-        """``_score_now``'s rows for these images, through the queue. Raises ``batcher.Busy`` when
-        the queue is full and ``batcher.TimedOut`` past ``batching.timeout_s``."""
+    async def score(self, images: np.ndarray, sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
+        """One row per image: probability, logit, label (or NOT_ASSESSED), threshold, flags and their
+        sentences, as every command decides them (``inference.decision``); scored through the queue,
+        gated here. Raises ``batcher.Busy`` when the queue is full and ``batcher.TimedOut`` past
+        ``batching.timeout_s``."""
         future = self.batcher.submit(images)
         try:
-            return await asyncio.wait_for(asyncio.wrap_future(future), self.batching.timeout_s)
+            rows = await asyncio.wait_for(asyncio.wrap_future(future), self.batching.timeout_s)
         except asyncio.TimeoutError:  # wait_for cancelled the future: the worker will skip it
             raise TimedOut(f"not scored within {self.batching.timeout_s:g} s") from None
+        limits = decision.quality_limits(self.meta)
+        quality = [gate.check_quality(image, size, limits) for image, size in zip(images, sizes, strict=True)]
+        logits, ood = (np.array(column, dtype=np.float64) for column in zip(*rows))
+        return [_row(v) for v in decision.decide(self.meta, logits, ood, quality)]
 
     def overlays(self, images: np.ndarray, prob=None) -> list[explain.Explanation]:
         """A Grad-CAM explanation per image: the overlay PNG, its scale (absolute, i.e. weighted by

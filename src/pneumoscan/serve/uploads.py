@@ -74,12 +74,13 @@ def check(blob: bytes, limits: Limits) -> str:
     return kind
 
 
-def to_model_input(blob: bytes, size: int, limits: Limits) -> np.ndarray:
-    """Checked, decoded, grayscale uint8 (size, size): what the model reads."""
+def to_model_input(blob: bytes, size: int, limits: Limits) -> imaging.Picture:
+    """Checked, decoded, grayscale uint8 (size, size) pixels (what the model reads), with the
+    stored width and height the input-quality gate needs."""
     check(blob, limits)
     try:
         # name="upload", never the client's file name: decode errors may end up in logs
-        return imaging.read_bytes(blob, size, name="upload").pixels
+        return imaging.read_bytes(blob, size, name="upload")
     except ImageError as exc:
         raise Rejected(422, "not_an_image", exc.reason) from None
 
