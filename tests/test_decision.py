@@ -96,3 +96,16 @@ def test_evaluate_counts_flagged_images_and_reports_metrics_without_them(ood_mod
     assert flagged["n_assessed"] + flagged["n_not_assessed"] == 9
     rows = (tmp_path / "out" / "predictions.csv").read_text().splitlines()
     assert any("IM-9999-0001.png" in r and "NOT_ASSESSED" in r and "low_quality" in r for r in rows)
+
+
+def test_report_shows_the_input_checks(ood_model, tmp_path):
+    import shutil
+
+    from pneumoscan import evaluate
+
+    path, root = ood_model
+    data = shutil.copytree(root / "test", tmp_path / "d")
+    Image.new("L", (64, 64), 0).save(data / "NORMAL" / "IM-9999-0001.png")
+    evaluate.run(path, data, tmp_path / "out", errors=0, engine="torch", n_bootstrap=50, report=True)
+    html = (tmp_path / "out" / "report.html").read_text()
+    assert "Input checks" in html and "came back NOT_ASSESSED" in html and "low_quality" in html

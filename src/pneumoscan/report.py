@@ -152,6 +152,20 @@ def training_summary(meta: ModelMeta) -> list[tuple[str, str]]:
     return rows
 
 
+def _flagged(result: Mapping) -> dict | None:
+    """The input checks' counts and the headline metrics without the NOT_ASSESSED images."""
+    f = result.get("flagged")
+    if not f:
+        return None
+    kept = f.get("assessed_metrics") or {}
+    ci = kept.get("ci95", {})
+    return {"n_not_assessed": f["n_not_assessed"], "n_assessed": f["n_assessed"],
+            "by_flag": [{"code": code, **counts} for code, counts in f["by_flag"].items() if sum(counts.values())],
+            "metrics": [{"name": name, "value": kept.get(key), "ci": ci.get(key)} for key, name in
+                        (("accuracy", "Accuracy"), ("recall", "Sensitivity"), ("specificity", "Specificity"),
+                         ("roc_auc", "ROC-AUC")) if key in kept]}
+
+
 def _overlap(result: Mapping, source: Mapping) -> dict | None:
     """The training-data overlap banner, when the evaluation checked (or could not check) it."""
     if "n_in_training_data" not in result and "n_in_training_data" not in source:
@@ -213,6 +227,7 @@ def context(eval_dir: str | Path, meta: ModelMeta, source: Mapping, run_dir: str
                      for key, name in (("roc_auc", "ROC-AUC"), ("recall", "Sensitivity"),
                                        ("specificity", "Specificity"))],
         "overlap": _overlap(result, source),
+        "flagged": _flagged(result),
         "rate_ci_method": CI_METHOD_NAMES.get(methods.get("recall", ""), ""),
         "model": [
             ("architecture", meta.architecture), ("head", meta.head),
