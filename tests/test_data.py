@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import logging
-import pickle
 from collections import Counter
 from pathlib import Path
 

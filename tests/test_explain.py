@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from conftest import synthetic_xray
-from pneumoscan import artifact, cli, evaluate, explain, models
+from pneumoscan import artifact, cli, explain, models
 from pneumoscan.errors import UserError
 from pneumoscan.inference.torch_model import as_batch, predict_logits
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import synthetic_xray
-from pneumoscan import artifact, cli, evaluate, export, models
+from pneumoscan import artifact, cli, export, models
 from pneumoscan.inference import onnx_export
 from pneumoscan.inference.engines import OnnxEngine, TorchEngine
 from pneumoscan.inference.onnx_format import get_document
-from pneumoscan.inference.torch_model import as_batch, predict_logits
+from pneumoscan.inference.torch_model import as_batch
 from pneumoscan.errors import UserError
 from pneumoscan.files import file_sha256
 

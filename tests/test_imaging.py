@@ -5,14 +5,12 @@ from __future__ import annotations
 import io
 import logging
 import pickle
-import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan import imaging
 from pneumoscan.errors import ImageError, UserError
 from pneumoscan.imaging import collect_files, decode_many, load_image, read, read_bytes
 from test_data import _jpeg, _truncated_jpeg, rng

@@ -6,11 +6,9 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import onnx
-import pytest
 from PIL import Image
 
 from pneumoscan import artifact

@@ -33,7 +33,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryPreci
 from pneumoscan import artifact, data, evaluate, features, gate, metrics, models, ood, plots, shifts, transforms
 from pneumoscan.config import RunConfig
 from pneumoscan.errors import UserError
-from pneumoscan.files import content_digests, write_csv, write_json, write_text
+from pneumoscan.files import content_digests, write_csv, write_text
 from pneumoscan.inference.torch_model import predict_logits
 
 log = logging.getLogger(__name__)
