@@ -58,6 +58,7 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
     for k, samples in enumerate(fold_samples(pool, folds, split_seed, config.data.val_fraction), start=1):
         cfg = copy.deepcopy(config)
         cfg.out_dir, cfg.name, cfg.train.cache_dir = str(out), f"fold{k}", cache
+        cfg.train.ood = False  # a fold model only scores its held-out fold: its detector would go unused
         run = out / f"fold{k}"
         if _fold_done(run, samples, cfg):
             log.info("fold %d/%d: done earlier, reusing %s", k, folds, run)
