@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pneumoscan import gate, ood
+from pneumoscan import gate, metrics, ood
 from pneumoscan.artifact import ModelMeta
 from pneumoscan.inference.engines import Engine
 
@@ -75,10 +75,11 @@ def decide(meta: ModelMeta, logits: np.ndarray, ood_scores: np.ndarray, quality:
            threshold: float | None = None) -> list[Verdict]:
     """One Verdict per image from its logit, OOD score and failed quality checks."""
     thr = meta.threshold if threshold is None else float(threshold)
+    logits = np.asarray(logits, dtype=np.float64)
     out = []
-    for z, s, failed in zip(np.asarray(logits, dtype=np.float64), np.asarray(ood_scores, dtype=np.float64),
-                            quality, strict=True):
-        p = float(1.0 / (1.0 + math.exp(-z))) if z > -700 else 0.0
+    for z, p, s, failed in zip(logits, metrics.sigmoid(logits), np.asarray(ood_scores, dtype=np.float64), quality,
+                               strict=True):
+        p = float(p)
         flags, details = [], []
         code = ood_flag(meta, float(s))
         if code is not None:
