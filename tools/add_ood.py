@@ -3,11 +3,11 @@
 For a model trained before detectors existed (the bundled one): the training and validation
 split is re-made from the model's own config (the same patient-grouped split its training
 carved, by seed), the detector is fitted on the training films' features plus shifted copies,
-its cut-offs on the validation films, and the model is written back with its OOD head and the
-input-quality limits in its meta. Features can be cached between runs (``--features``).
+its cut-offs on the validation films (``train.fit_ood``, what training does at its end), and the
+model is written back with its OOD head and the input-quality limits in its meta.
 
     python tools/add_ood.py src/pneumoscan/assets/model.pt --data ../shared/data/chest_xray/train \\
-        --features .cache/bundled-ood-features.npz
+        --half --card src/pneumoscan/assets/MODEL_CARD.md
 """
 
 from __future__ import annotations
@@ -16,9 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
-import numpy as np
 
-from pneumoscan import artifact, console, data, features, gate, models, ood, shifts, train
+from pneumoscan import artifact, console, data, gate, train
 from pneumoscan.config import RunConfig
 from pneumoscan.files import write_text
 
@@ -61,7 +60,6 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("model", help="model.pt to extend (written in place)")
     p.add_argument("--data", required=True, help="the data the model was trained on (its config's data.root layout)")
-    p.add_argument("--features", help="cache the embedded features in this .npz")
     p.add_argument("--half", action="store_true", help="store the backbone weights as fp16 (as the bundled model)")
     p.add_argument("--card", help="model card (markdown) whose 'Input checks' section to write")
     args = p.parse_args()
@@ -71,29 +69,16 @@ def main() -> int:
     samples = train.split_samples(config, None)
     kept, images, _ = data.load_images([s for s in samples if s.split in ("train", "val")], meta.image_size)
     split = train.by_split(kept, images)
-    (train_samples, train_images), (_, val_images) = split["train"], split["val"]
-    labels = np.array([s.label for s in train_samples])
-    cache = Path(args.features) if args.features else None
-    if cache and cache.is_file():
-        stored = np.load(cache)
-        fit_features, fit_labels, val_features = stored["fit"], stored["labels"], stored["val"]
-    else:
-        shifted, source = shifts.shifted_views(train_images, len(train_images) // 4, seed=config.train.seed)
-        fit_features = features.embed(model, np.concatenate([train_images, shifted])).numpy()
-        fit_labels = np.concatenate([labels, labels[source]])
-        val_features = features.embed(model, val_images).numpy()
-        if cache:
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            np.savez(cache, fit=fit_features, labels=fit_labels, val=val_features)
-    state = ood.fit(fit_features, fit_labels, val_features, feature_source="model.embed")
-    arrays = ood.arrays(state)
-    model.ood_head = models.MahalanobisHead(arrays["W"], arrays["b"], arrays["M"], l2_normalize=state.l2_normalize)
-    meta = meta.replace(ood=ood.describe(state), quality=gate.default_limits(meta.image_size).to_dict())
+    detector = train.fit_ood(model, split, seed=config.train.seed)  # as training's finalize does
+    if detector is None:
+        return 2
+    meta = meta.replace(ood=detector, quality=gate.default_limits(meta.image_size).to_dict())
     artifact.save(args.model, model, meta, half=args.half)
     if args.card:
         write_text(args.card, with_section(Path(args.card).read_text(), input_checks_section(meta)))
-    print(f"{args.model}: OOD cut-offs {state.cutoff_not_chest:.1f} (not_chest_xray) / {state.cutoff_ood:.1f} "
-          f"(out_of_distribution) from {state.n_val} validation films; fitted on {state.n_fit}")
+    print(f"{args.model}: OOD cut-offs {detector['cutoff_not_chest']:.1f} (not_chest_xray) / "
+          f"{detector['cutoff_ood']:.1f} (out_of_distribution) from {detector['n_val']} validation films; "
+          f"fitted on {detector['n_fit']}")
     return 0
 
 

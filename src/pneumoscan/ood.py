@@ -286,26 +286,12 @@ def score_folded(a: dict[str, np.ndarray], features: np.ndarray, l2_normalize: b
 
 
 def torch_module(state: OODState):
-    """An ``nn.Module`` mapping (N, D) features to (N,) scores, e.g. to append to the ONNX export."""
-    import torch
-    from torch import nn
+    """The model's OOD head (``models.MahalanobisHead``) for this state: (N, D) features -> (N,)
+    scores, the form ``model.pt`` stores and the ONNX export computes. Imports torch lazily."""
+    from pneumoscan.models import MahalanobisHead
 
     a = arrays(state)
-
-    class MahalanobisScore(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            for k in ("W", "b", "M"):
-                self.register_buffer(k, torch.from_numpy(a[k]))
-            self.l2 = bool(state.l2_normalize)
-
-        def forward(self, f: torch.Tensor) -> torch.Tensor:
-            if self.l2:
-                f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            z = f @ self.W - self.b
-            return ((z.unsqueeze(1) - self.M.unsqueeze(0)) ** 2).sum(-1).amin(1)
-
-    return MahalanobisScore()
+    return MahalanobisHead(a["W"], a["b"], a["M"], l2_normalize=bool(state.l2_normalize))
 
 
 def describe(state: OODState) -> dict[str, Any]:

@@ -455,8 +455,7 @@ def fit_ood(model: models.Classifier, split_data: dict, *, seed: int) -> dict | 
     fit_images = np.concatenate([train_images, shifted])
     state = ood.fit(features.embed(model, fit_images).numpy(), np.concatenate([labels, labels[source]]),
                     features.embed(model, val_images).numpy(), feature_source="model.embed")
-    arrays = ood.arrays(state)
-    model.ood_head = models.MahalanobisHead(arrays["W"], arrays["b"], arrays["M"], l2_normalize=state.l2_normalize)
+    model.ood_head = ood.torch_module(state)
     return ood.describe(state)
 
 
