@@ -95,10 +95,14 @@ def decide(meta: ModelMeta, logits: np.ndarray, ood_scores: np.ndarray, quality:
     return out
 
 
+def check_inputs(meta: ModelMeta, images: np.ndarray, sizes: Sequence[tuple[int, int]]) -> list[list[gate.Flag]]:
+    """The quality gate's failed checks per decoded image (``sizes``: stored width and height)."""
+    limits = quality_limits(meta)
+    return [gate.check_quality(image, size, limits) for image, size in zip(images, sizes, strict=True)]
+
+
 def assess(engine: Engine, images: np.ndarray, sizes: Sequence[tuple[int, int]], *, threshold: float | None = None,
            batch_size: int = 32) -> list[Verdict]:
-    """Gate, score and decide decoded images (``sizes``: their stored width and height)."""
-    limits = quality_limits(engine.meta)
-    quality = [gate.check_quality(image, size, limits) for image, size in zip(images, sizes, strict=True)]
+    """Gate, score and decide decoded images."""
     logits, scores = engine.assess(images, batch_size)
-    return decide(engine.meta, logits, scores, quality, threshold)
+    return decide(engine.meta, logits, scores, check_inputs(engine.meta, images, sizes), threshold)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from pneumoscan import artifact, explain, gate
+from pneumoscan import artifact, explain
 from pneumoscan.inference import decision
 from pneumoscan.artifact import ModelMeta
 from pneumoscan.inference.engines import Engine
@@ -108,9 +108,8 @@ class Service:
             rows = await asyncio.wait_for(asyncio.wrap_future(future), self.batching.timeout_s)
         except asyncio.TimeoutError:  # wait_for cancelled the future: the worker will skip it
             raise TimedOut(f"not scored within {self.batching.timeout_s:g} s") from None
-        limits = decision.quality_limits(self.meta)
-        quality = [gate.check_quality(image, size, limits) for image, size in zip(images, sizes, strict=True)]
         logits, ood = (np.array(column, dtype=np.float64) for column in zip(*rows))
+        quality = decision.check_inputs(self.meta, images, sizes)
         return [_row(v) for v in decision.decide(self.meta, logits, ood, quality)]
 
     def overlays(self, images: np.ndarray, prob=None) -> list[explain.Explanation]:
