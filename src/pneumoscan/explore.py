@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from pneumoscan import CLASS_NAMES, data, imaging, plots
 from pneumoscan.errors import ImageError
@@ -141,20 +140,13 @@ def _image_info(s: data.Sample) -> dict[str, Any]:
         row["bytes"] = os.stat(s.path).st_size
         picture = imaging.read(s.path, _PROBE_SIZE)
         row["width"], row["height"] = picture.width, picture.height
-        row["mode"] = _stored_mode(s.path) or picture.format
+        row["mode"] = picture.mode
     except OSError as e:
         row["error"] = f"{type(e).__name__}: {e}"
     except ImageError as e:
         row["error"] = e.reason
     return row
 
-
-def _stored_mode(path: str) -> str | None:
-    try:
-        with Image.open(path) as im:
-            return im.mode
-    except Exception:  # DICOM, or anything Pillow cannot name: the format says enough
-        return None
 
 
 def _duplicate_groups(samples: Sequence[data.Sample], sizes: Sequence[int | str]) -> dict[str, list[data.Sample]]:

@@ -52,6 +52,7 @@ class Picture:
     width: int  # as stored in the file
     height: int
     format: str  # png, jpeg, bmp, tiff, webp or dicom
+    mode: str = "L"  # Pillow's mode as stored (I;16, RGB, RGBA, P, ...); L for DICOM display values
 
 
 def sniff_format(head: bytes) -> str | None:
@@ -107,21 +108,22 @@ def _decode(source: str | bytes, name: str, size: int | None, kind: str | None) 
 
         pixels = dicom.read_dicom(source, name=name)
         img = Image.fromarray(pixels)
-        width, height = img.size
+        (width, height), mode = img.size, img.mode
     else:
-        img, (width, height) = _open_pil(source, name, size)
+        img, (width, height), mode = _open_pil(source, name, size)
     try:
         img = _to_gray(img)
     except ValueError as e:
-        raise ImageError(name, f"unsupported image mode {img.mode} ({e})") from None
+        raise ImageError(name, f"unsupported image mode {mode} ({e})") from None
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return Picture(np.array(img, dtype=np.uint8), width, height, kind)
+    return Picture(np.array(img, dtype=np.uint8), width, height, kind, mode)
 
 
-def _open_pil(source: str | bytes, name: str, size: int | None) -> tuple[Image.Image, tuple[int, int]]:
-    """The decoded image and its stored size; truncated or corrupt data raise rather than decode
-    half-grey, because a partial X-ray is a wrong input, not a smaller one."""
+def _open_pil(source: str | bytes, name: str, size: int | None) -> tuple[Image.Image, tuple[int, int], str]:
+    """The decoded image, its stored size and mode (before JPEG draft mode changes it). Truncated
+    or corrupt data raise rather than decode half-grey: a partial X-ray is a wrong input, not a
+    smaller one."""
     limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
 
     def open_() -> Image.Image:
@@ -136,7 +138,7 @@ def _open_pil(source: str | bytes, name: str, size: int | None) -> tuple[Image.I
             frames = getattr(img, "n_frames", 1)
             if frames > 1:
                 raise ImageError(name, f"multi-frame image ({frames} frames); expected a single radiograph")
-            stored = img.size
+            stored, mode = img.size, img.mode
             if img.format == "PNG":
                 img.verify()  # checks every chunk's CRC, which a plain decode skips
         if stored[0] < 1 or stored[1] < 1:
@@ -145,7 +147,7 @@ def _open_pil(source: str | bytes, name: str, size: int | None) -> tuple[Image.I
             if size is not None and img.format == "JPEG":
                 img.draft("L", (size, size))  # let libjpeg downscale while decoding huge JPEGs
             img.load()  # force the full decode so truncation surfaces now
-            return ImageOps.exif_transpose(img), _oriented(img, stored)
+            return ImageOps.exif_transpose(img), _oriented(img, stored), mode
     except ImageError:
         raise
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
