@@ -21,7 +21,7 @@ LAYERS = [  # bottom first
     {"models", "transforms", "artifact"},
     {"inference", "inference.batching", "inference.onnx_format", "inference.torch_model", "inference.engines",
      "inference.onnx_graph", "inference.onnx_export", "inference.loading", "inference.decision", "ood"},
-    {"plots", "explain", "export", "evaluate", "report"},
+    {"plots", "explain", "export", "evaluate", "report", "robustness"},
     {"predict", "explore"},
     {"features", "train", "cv", "experiments", "compare"},
     {"serve", "serve.settings", "serve.card", "serve.uploads", "serve.batcher", "serve.logqueue",

@@ -336,6 +336,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_robustness(sub) -> None:
+    p = add_parser(sub, "robustness", "how a model's numbers move under acquisition shifts, on your labelled films",
+                   "Re-films every labelled image 26 ways (exposure, contrast, gamma, blur, sharpening, noise, JPEG, "
+                   "resolution, zoom in and out, borders, letterboxing, burned-in markers, rotation) and writes "
+                   "OUT/robustness.json and OUT/robustness.md: ROC-AUC, accuracy, sensitivity and specificity at the "
+                   "model's own threshold, specificity at sensitivity 0.95, and ECE per shift, with the worst case. "
+                   "A model whose specificity collapses under a mild shift will do the same on another machine's films.")
+    p.add_argument("--model", help="model.pt or .onnx [the bundled model]")
+    p.add_argument("--data", required=True, help="dataset root (its test/ split is used) or NORMAL/PNEUMONIA folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", help="which split to use when DATA has several [test]")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    p.add_argument("--engine", choices=ENGINES, default="auto", help="runtime for scores [auto = ONNX Runtime]")
+    p.set_defaults(func=cmd_robustness)
+
+
+def cmd_robustness(args: argparse.Namespace) -> int:
+    from pneumoscan import robustness
+
+    bars = console.StageBars()
+    try:
+        result = robustness.run(args.model, args.data, args.out, split=args.split, engine=args.engine,
+                                strict=args.strict, progress=lambda k, n: bars("shifts", k, n))
+    finally:
+        bars.close()
+    w = result["worst_case"]
+    print(f"worst case over {len(result['rows']) - 1} shifts: specificity {w['worst_specificity']:.3f}, "
+          f"sensitivity {w['worst_sensitivity']:.3f}, ROC-AUC {w['worst_roc_auc']:.3f}, ECE {w['worst_ece']:.3f}")
+    if result.get("n_in_training_data"):
+        print(f"pneumoscan: warning: {result['n_in_training_data']} of {result['n_images']} images were in the "
+              "model's training data; the numbers are optimistic", file=sys.stderr)
+    print(f"table:   {Path(args.out) / 'robustness.md'}")
+    return 0
+
+
 # as the web CSV; flags are ";"-separated codes, flag_details their sentences, " | "-separated
 PREDICTION_COLUMNS = ["path", "probability", "prediction", "label", "threshold", "flags", "flag_details",
                       "model_sha256"]
@@ -590,7 +625,7 @@ def exit_now(code: int) -> None:
 
 # --- main ---------------------------------------------------------------------------------------
 
-COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_predict, add_explain, add_compare, add_experiments,
+COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_robustness, add_predict, add_explain, add_compare, add_experiments,
             add_export, add_serve)
 
 

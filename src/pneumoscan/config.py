@@ -30,12 +30,13 @@ SECTIONS = ("data", "model", "train")
 AUGMENTATIONS = ("seed", "seed-noflip", "radiograph", "none")  # transforms.AUGMENTATIONS
 CLASS_WEIGHT_MODES = ("balanced", "none")  # data.class_weights
 BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_b0", "densenet121")  # models.BACKBONES
-WEIGHTS_NORMALIZATIONS = ("auto", "imagenet", "inception")  # "auto" + models.NORMALIZATIONS
+WEIGHTS_NORMALIZATIONS = ("auto", "imagenet", "inception", "unit")  # "auto" + models.NORMALIZATIONS
 HEAD_NAMES = ("seed", "exp1", "exp2", "exp3", "exp4", "exp5", "exp6", "exp7", "exp8", "exp9", "exp10",
               "linear")  # models.HEADS
 BATCHNORM_MODES = ("train", "frozen")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "32", "bf16")
+CALIBRATIONS = ("temperature", "none")
 THRESHOLD_RULES = "0.5, youden, sensitivity:0.95 or a number in (0, 1)"
 
 _HEAD_TOKEN = re.compile(r"bn|d0?\.\d+|\d+")  # models.build_head's layer tokens
@@ -85,6 +86,7 @@ class TrainConfig:
     # on the temperature-calibrated probability; in CV, Youden's cut-off wandered from 0.30 to 0.91
     # between folds for the same mean accuracy (benchmarks/accuracy.md)
     threshold: str = "0.5"  # 0.5 | youden | sensitivity:0.95 | any float in (0, 1)
+    calibration: str = "temperature"  # CALIBRATIONS: temperature fitted on validation, or none (T = 1)
     max_train_batches: float = 1.0  # fraction or count; for quick tests
     feature_cache: bool = True  # frozen backbone: train the head on cached features (fast path)
     views: int = 8  # augmented views per training image in the feature cache
@@ -234,6 +236,7 @@ CHECKS = {
     "train.wise_alpha": lambda v: None if 0 <= v <= 1 else f"must be in [0, 1], not {v!r}",
     "train.precision": _choice(PRECISIONS),
     "train.threshold": check_threshold_rule,
+    "train.calibration": _choice(CALIBRATIONS),
     "train.max_train_batches": lambda v: None if v > 0 else f"must be > 0 (a fraction or a count), not {v!r}",
     "train.views": _at_least(1),
     "train.devices": lambda v: None if v >= 1 or v == -1 else f"must be >= 1 or -1 (all), not {v!r}",
@@ -249,6 +252,16 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # early stopping with patience 7 (trained on cached features of 8 augmented views per image)
     "seed-study": {"data": {"augment": "seed"}, "model": {"unfreeze_blocks": 0},
                    "train": {"epochs": 30, "patience": 7, "schedule": "constant", "threshold": "youden"}},
+    # the study's Keras notebook as it ran: [0, 1] pixels into MobileNetV2 (no preprocess_input),
+    # no temperature, a cut at 0.5
+    "notebook": {"data": {"augment": "seed"}, "model": {"unfreeze_blocks": 0, "weights_normalization": "unit"},
+                 "train": {"epochs": 30, "patience": 7, "schedule": "constant", "threshold": "0.5",
+                           "calibration": "none"}},
+    # LP-FT (Kumar et al. 2022): the head first on cached features, then every layer gently
+    "lp-ft": {"train": {"linear_probe_epochs": 30, "epochs": 3, "patience": 2, "lr": 1e-3, "backbone_lr": 3e-5}},
+    # WiSE-FT (Wortsman et al. 2022) on top: halfway back from the fine-tuned weights to the probe
+    "wise-ft": {"train": {"linear_probe_epochs": 30, "epochs": 3, "patience": 2, "lr": 1e-3, "backbone_lr": 3e-5,
+                          "wise_alpha": 0.5}},
 }
 
 

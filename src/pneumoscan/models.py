@@ -30,6 +30,9 @@ NORMALIZATIONS = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     # TF/Keras "inception" preprocessing (x / 127.5 - 1), e.g. the converted TFLite MobileNetV2
     "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
+    # pixels in [0, 1] as they are: what the seed study's notebook fed its Keras MobileNetV2 (no
+    # preprocess_input), kept to reproduce it
+    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 
 # Weight files whose origin we know: sha256 -> how they expect their input.

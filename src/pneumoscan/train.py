@@ -440,7 +440,7 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
     val_samples, val_images = p.split_data["val"]
     val_y = np.array([s.label for s in val_samples])
     val_logits = predict_logits(model, val_images, device=t.device)
-    temperature = metrics.fit_temperature(val_logits, val_y)
+    temperature = metrics.fit_temperature(val_logits, val_y) if tc.calibration == "temperature" else 1.0
     model.temperature.fill_(temperature)
     val_prob = metrics.sigmoid(val_logits / temperature)
     threshold = metrics.choose_threshold(val_y, val_prob, tc.threshold)

@@ -1,0 +1,390 @@
+"""Recipes judged under shift, on the training split alone: leave-one-collection-out and acquisition shifts.
+
+In-distribution cross-validation chose a model that over-called the official test split's normals
+(issue 12). This protocol asks what CV cannot: how does a recipe do on normal films from a series
+it never trained on, and on held-out films re-filmed as another hospital would (``robustness.SUITE``)?
+
+    python benchmarks/robustness.py collections      # are IM- and NORMAL2- normals different collections?
+    python benchmarks/robustness.py screen           # cheap probes: input normalisation, CLAHE, heads
+    python benchmarks/robustness.py run RECIPE ...   # train each recipe on both LOCO folds, score, save
+    python benchmarks/robustness.py table            # -> benchmarks/robustness.md
+
+The protocol (fixed before any recipe was run):
+* Two folds, one per normal series S in {IM, NORMAL2}. Pneumonia patients: one patient-grouped 20%
+  is held out (the same in both folds). Normals of S: a patient-grouped 20% is held out. The rest
+  trains, with a patient-grouped 10% of it as validation (early stopping, temperature, threshold).
+* In-distribution (ID) test: the held-out S normals + held-out pneumonia. It is an upper bound.
+* Cross-collection (LOCO) test: every normal of the *other* series + the held-out pneumonia, at the
+  model's own threshold.
+* Shift suite: ``robustness.SUITE`` (26 shifts, 12 kinds) on the ID test's normals and 300 of its
+  pneumonia films.
+* Selection rule: among recipes whose mean ID ROC-AUC is within 0.01 of seed-study's, choose the
+  highest mean of (LOCO accuracy, worst-case shifted specificity at sensitivity 0.95), both averaged
+  over the two folds; ties (within 0.005) go to the lower mean ECE under shift.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from pneumoscan import artifact, data, metrics, robustness
+from pneumoscan.config import RECIPES, apply_overrides, merge, RunConfig
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "chest_xray" / "train"
+DEFAULT_WEIGHTS = ROOT.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth"
+SERIES = ("IM", "NORMAL2")
+SEED = 42
+log = logging.getLogger("robustness")
+
+
+# ------------------------------------------------------------------ data and folds
+
+def load(root: Path, cache: Path) -> tuple[list[data.Sample], np.ndarray]:
+    cache.mkdir(parents=True, exist_ok=True)
+    npy, index = cache / "images.npy", cache / "samples.json"
+    if npy.is_file() and index.is_file():
+        rows = json.loads(index.read_text())
+        return [data.Sample(p, int(y), pat, "train") for p, y, pat in rows], np.load(npy)
+    samples, images, _ = data.load_images(data.scan(root), 224)
+    np.save(npy, images)
+    index.write_text(json.dumps([[s.path, s.label, s.patient] for s in samples]))
+    return samples, images
+
+
+def held_out(samples: list[data.Sample], idx: list[int], seed: int) -> set[int]:
+    """A patient-grouped ~20% of ``idx`` (one fold of 5)."""
+    _, fold = data.grouped_folds([samples[i] for i in idx], 5, seed)[0] if len({samples[i].label for i in idx}) > 1 \
+        else _single_class_fold([samples[i] for i in idx], seed)
+    return {idx[j] for j in fold}
+
+
+def _single_class_fold(subset: list[data.Sample], seed: int):
+    from sklearn.model_selection import GroupKFold
+
+    groups = np.array([s.patient for s in subset])
+    order = np.random.default_rng(seed).permutation(len(subset))
+    train, test = next(GroupKFold(5).split(order, groups=groups[order]))
+    return order[train].tolist(), order[test].tolist()
+
+
+def folds(samples: list[data.Sample]) -> dict[str, dict]:
+    """Per training series S: the samples with splits for train.fit, and the LOCO test indices."""
+    series = [robustness.collection(s.path) for s in samples]
+    pneu = [i for i, s in enumerate(samples) if s.label == 1]
+    pneu_test = held_out(samples, pneu, SEED)
+    out = {}
+    for s_name in SERIES:
+        normals = [i for i, c in enumerate(series) if c == s_name]
+        other = [i for i, c in enumerate(series) if c not in (s_name, "person")]
+        normal_test = held_out(samples, normals, SEED)
+        chosen = [i for i in normals + pneu]
+        fit_samples = [data.Sample(samples[i].path, samples[i].label, samples[i].patient,
+                                   "test" if i in pneu_test or i in normal_test else "train") for i in chosen]
+        fit_samples = data.holdout_split(fit_samples, 0.1, SEED, split_name="val")
+        out[s_name] = {"indices": chosen, "samples": fit_samples,
+                       "loco_test": other + sorted(pneu_test), "id_test": [i for i in chosen if i in pneu_test or i in normal_test]}
+    return out
+
+
+def shift_subset(samples: list[data.Sample], id_test: list[int], n_pneumonia: int = 300) -> list[int]:
+    normals = [i for i in id_test if samples[i].label == 0]
+    pneu = [i for i in id_test if samples[i].label == 1]
+    rng = np.random.default_rng(SEED)
+    return normals + sorted(rng.choice(pneu, min(n_pneumonia, len(pneu)), replace=False).tolist())
+
+
+# ------------------------------------------------------------------ collections
+
+def collections(samples, images, out: Path) -> dict:
+    """Can a small classifier tell IM- from NORMAL2- normals, and what differs?"""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    idx = [i for i, s in enumerate(samples) if robustness.collection(s.path) in SERIES]
+    y = np.array([robustness.collection(samples[i].path) == "NORMAL2" for i in idx], dtype=int)
+    groups = np.array([f"{robustness.collection(samples[i].path)}:{samples[i].patient}" for i in idx])
+    x = images[idx].astype(np.float32)
+    hist = np.stack([np.histogram(a, bins=32, range=(0, 256))[0] / a.size for a in x])
+    b = 12
+    border = np.stack([x[:, :b].mean((1, 2)), x[:, -b:].mean((1, 2)), x[:, :, :b].mean((1, 2)),
+                       x[:, :, -b:].mean((1, 2))], 1)
+    stats = np.stack([x.mean((1, 2)), x.std((1, 2)), np.abs(np.diff(x, axis=2)).mean((1, 2))], 1)
+    feats = {"intensity histogram (32 bins)": hist, "border strips (12 px)": border,
+             "mean, std, roughness": stats, "all three": np.concatenate([hist, border, stats], 1)}
+    cv = StratifiedGroupKFold(5, shuffle=True, random_state=SEED)
+    result = {"n": {"IM": int((y == 0).sum()), "NORMAL2": int(y.sum())}, "auc": {}}
+    for name, f in feats.items():
+        clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=1.0))
+        p = cross_val_predict(clf, f, y, cv=cv, groups=groups, method="predict_proba")[:, 1]
+        result["auc"][name] = float(roc_auc_score(y, p))
+    for name, sel in (("IM", y == 0), ("NORMAL2", y == 1)):
+        result[name] = {"mean": float(stats[sel, 0].mean()), "std": float(stats[sel, 1].mean()),
+                        "roughness": float(stats[sel, 2].mean()), "border_mean": float(border[sel].mean()),
+                        "dark_border_fraction": float((border[sel].min(1) < 10).mean())}
+    (out / "collections.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+# ------------------------------------------------------------------ screening probes
+
+def clahe(images: np.ndarray) -> np.ndarray:
+    from skimage.exposure import equalize_adapthist
+
+    return np.stack([(equalize_adapthist(a, clip_limit=0.01) * 255).round().astype(np.uint8) for a in images])
+
+
+def histeq(images: np.ndarray) -> np.ndarray:
+    from skimage.exposure import equalize_hist
+
+    return np.stack([(equalize_hist(a) * 255).round().astype(np.uint8) for a in images])
+
+
+PREPROCESS = {"none": lambda a: a, "clahe": clahe, "histeq": histeq}
+
+
+def screen(out: Path, weights: Path) -> dict:
+    """Frozen MobileNetV2 features + a logistic-regression head, per input variant: a quick look at
+    which input choices survive the protocol before anything is fine-tuned (minutes, not hours)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import roc_auc_score
+    from sklearn.model_selection import StratifiedGroupKFold, cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from pneumoscan import features, models
+
+    samples, images = load(DEFAULT_DATA, out / "cache")
+    by_fold = folds(samples)
+    y_all = np.array([s.label for s in samples])
+    paths = {s.path: i for i, s in enumerate(samples)}
+    result = {}
+    for norm in ("inception", "unit"):
+        model, _ = models.build("mobilenet_v2", weights=str(weights), unfreeze_blocks=0, normalization=norm)
+        for pre in (("none", "clahe", "histeq") if norm == "inception" else ("none",)):
+            key = f"{norm}+{pre}"
+            started = time.perf_counter()
+            fx = PREPROCESS[pre]
+            feats = features.embed(model, fx(images)).numpy()
+            entry = {}
+            if pre == "none" and norm == "inception":  # do deep features tell the normal series apart?
+                idx = [i for i, s in enumerate(samples) if robustness.collection(s.path) in SERIES]
+                yy = np.array([robustness.collection(samples[i].path) == "NORMAL2" for i in idx], dtype=int)
+                groups = [f"{robustness.collection(samples[i].path)}:{samples[i].patient}" for i in idx]
+                p = cross_val_predict(make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=3000)),
+                                      feats[idx], yy, groups=groups, method="predict_proba",
+                                      cv=StratifiedGroupKFold(5, shuffle=True, random_state=SEED))[:, 1]
+                entry["series_auc_deep_features"] = float(roc_auc_score(yy, p))
+            for fold_name, fold in by_fold.items():
+                tr = [paths[s.path] for s in fold["samples"] if s.split == "train"]
+                va = [paths[s.path] for s in fold["samples"] if s.split == "val"]
+                clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=3000, class_weight="balanced"))
+                clf.fit(feats[tr], y_all[tr])
+                z = lambda f: clf.decision_function(f)  # noqa: E731
+                t = metrics.fit_temperature(z(feats[va]), y_all[va])
+                thr = metrics.choose_threshold(y_all[va], metrics.sigmoid(z(feats[va]) / t), "youden")
+                prob = lambda f: metrics.sigmoid(z(f) / t)  # noqa: E731
+                sub = shift_subset(samples, fold["id_test"])
+                rows = []
+                for shift in robustness.SUITE:
+                    shifted = fx(robustness.apply(shift, images[sub], SEED))
+                    rows.append({"shift": shift.name} | robustness.rates(y_all[sub], prob(features.embed(model, shifted).numpy()), thr))
+                entry[fold_name] = {"id": robustness.rates(y_all[fold["id_test"]], prob(feats[fold["id_test"]]), thr),
+                                    "loco": robustness.rates(y_all[fold["loco_test"]], prob(feats[fold["loco_test"]]), thr),
+                                    "shift": robustness.worst_case(rows), "threshold": thr}
+            entry["seconds"] = time.perf_counter() - started
+            result[key] = entry
+            log.info("screen %s: %s", key, json.dumps({f: {k: entry[f][k] for k in ("loco",)} for f in SERIES}, default=float))
+            (out / "screen.json").write_text(json.dumps(result, indent=1, default=float))
+    return result
+
+
+# ------------------------------------------------------------------ recipes
+
+def recipe_config(name: str, fold: str, out: Path, weights: Path, overrides: list[str]) -> RunConfig:
+    base = RunConfig().to_dict()
+    cfg = RunConfig.from_dict(merge(base, RECIPES[name]))
+    return apply_overrides(cfg, [f"data.root={DEFAULT_DATA}", f"model.backbone_weights={weights}",
+                                 f"out_dir={out / 'runs'}", f"name={name}-{fold}", "train.ood=false",
+                                 *overrides])
+
+
+def score_model(model_path: Path, samples, images, fold: dict) -> dict[str, np.ndarray]:
+    """Calibrated logits on validation, ID test, LOCO test and every shift, with ONNX Runtime."""
+    from pneumoscan.inference.loading import load_engine
+
+    engine = load_engine(model_path)
+    logits = lambda idx_or_images: engine.predict_logits(idx_or_images, 64)  # noqa: E731
+    val = [i for i, s in enumerate(samples) if False]
+    paths = {s.path: i for i, s in enumerate(samples)}
+    val = [paths[s.path] for s in fold["samples"] if s.split == "val"]
+    out = {"val": logits(images[val]), "val_y": np.array([samples[i].label for i in val]),
+           "id": logits(images[fold["id_test"]]), "id_y": np.array([samples[i].label for i in fold["id_test"]]),
+           "loco": logits(images[fold["loco_test"]]),
+           "loco_y": np.array([samples[i].label for i in fold["loco_test"]]),
+           "threshold": np.array(engine.meta.threshold), "temperature": np.array(engine.meta.temperature)}
+    sub = shift_subset(samples, fold["id_test"])
+    out["shift_y"] = np.array([samples[i].label for i in sub])
+    for shift in robustness.SUITE:
+        out[f"shift:{shift.name}"] = logits(robustness.apply(shift, images[sub], SEED))
+    return out
+
+
+def run(names: list[str], out: Path, weights: Path, overrides: list[str], variants: bool) -> None:
+    import torch
+
+    from pneumoscan import train
+
+    samples, images = load(DEFAULT_DATA, out / "cache")
+    by_fold = folds(samples)
+    for name in names:
+        for fold_name, fold in by_fold.items():
+            target = out / "scores" / f"{name}-{fold_name}.npz"
+            if target.is_file():
+                log.info("%s exists; skipping", target)
+                continue
+            cfg = recipe_config(name, fold_name, out, weights, overrides)
+            paths = {s.path: i for i, s in enumerate(samples)}
+            fit_images = images[[paths[s.path] for s in fold["samples"]]]
+            started = time.perf_counter()
+            run_dir = train.fit(cfg, samples=fold["samples"], images=fit_images, report=False)
+            seconds = time.perf_counter() - started
+            scores = score_model(run_dir / "model.pt", samples, images, fold)
+            scores["train_seconds"] = np.array(seconds)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            np.savez(target, **scores)
+            log.info("%s %s: trained in %.0f s -> %s", name, fold_name, seconds, target)
+            probe = run_dir / "linear-probe" / "weights.pt"
+            if variants and probe.is_file():
+                for alpha in (0.25, 0.5, 0.75):
+                    wise(run_dir, probe, alpha, samples, images, fold, out / "scores" / f"{name}+wise{alpha}-{fold_name}.npz")
+
+
+def wise(run_dir: Path, probe: Path, alpha: float, samples, images, fold, target: Path) -> None:
+    """WiSE-FT at ``alpha`` from an LP-FT run's two ends, re-calibrated on its validation split."""
+    import torch
+
+    from pneumoscan import train
+    from pneumoscan.inference.torch_model import predict_logits
+
+    model, meta = artifact.load(run_dir / "model.pt")
+    model.temperature.fill_(1.0)
+    train.interpolate(model, torch.load(probe, map_location="cpu", weights_only=True), alpha)
+    model.temperature.fill_(1.0)
+    paths = {s.path: i for i, s in enumerate(samples)}
+    val = [paths[s.path] for s in fold["samples"] if s.split == "val"]
+    y = np.array([samples[i].label for i in val])
+    z = predict_logits(model, images[val])
+    t = metrics.fit_temperature(z, y)
+    model.temperature.fill_(t)
+    threshold = metrics.choose_threshold(y, metrics.sigmoid(z / t), meta.threshold_rule)
+    path = run_dir / f"wise-{alpha}" / "model.pt"
+    path.parent.mkdir(exist_ok=True)
+    artifact.save(path, model, meta.replace(temperature=t, threshold=threshold))
+    np.savez(target, **score_model(path, samples, images, fold))
+
+
+# ------------------------------------------------------------------ the table
+
+def evaluate_scores(z: dict, calibration: str = "as trained") -> dict:
+    """Every protocol number of one (recipe, fold) from its saved logits."""
+    thr = float(z["threshold"])
+    prob = lambda key: recalibrate(z, key, calibration)  # noqa: E731
+    id_r = robustness.rates(z["id_y"], prob("id"), thr)
+    loco_r = robustness.rates(z["loco_y"], prob("loco"), thr)
+    rows = [{"shift": "none"} | robustness.rates(z["shift_y"], prob("shift:none") if "shift:none" in z else prob("id")[:0], thr)] \
+        if False else []
+    for shift in robustness.SUITE:
+        rows.append({"shift": shift.name} | robustness.rates(z["shift_y"], prob(f"shift:{shift.name}"), thr))
+    worst = robustness.worst_case(rows)
+    return {"id": id_r, "loco": loco_r, "shift": worst, "rows": rows}
+
+
+def recalibrate(z: dict, key: str, how: str) -> np.ndarray:
+    """P(PNEUMONIA) of ``key``'s logits: as trained (the model's temperature), uncalibrated (T = 1)
+    or isotonic regression fitted on the fold's validation split."""
+    logits = z[key].astype(np.float64)
+    if how == "as trained":
+        return metrics.sigmoid(logits)
+    raw = logits * float(z["temperature"])
+    if how == "none":
+        return metrics.sigmoid(raw)
+    if how == "isotonic":
+        from sklearn.isotonic import IsotonicRegression
+
+        iso = IsotonicRegression(out_of_bounds="clip", y_min=1e-4, y_max=1 - 1e-4)
+        iso.fit(z["val"].astype(np.float64) * float(z["temperature"]), z["val_y"])
+        return iso.predict(raw)
+    raise ValueError(how)
+
+
+def ensemble(members: list[dict]) -> dict:
+    """Mean calibrated logit of members scored on the same fold, re-calibrated (temperature) and
+    re-thresholded (first member's rule: we use each member's own threshold's rule-free mean) on
+    the fold's validation split."""
+    out = {k: np.mean([m[k] for m in members], axis=0) for k in members[0] if k.startswith(("val", "id", "loco", "shift"))
+           and not k.endswith("_y")}
+    for k in members[0]:
+        if k.endswith("_y"):
+            out[k] = members[0][k]
+    t = metrics.fit_temperature(out["val"], out["val_y"])
+    for k in list(out):
+        if not k.endswith("_y"):
+            out[k] = out[k] / t
+    out["temperature"] = np.array(t)
+    rule = "youden"
+    out["threshold"] = np.array(metrics.choose_threshold(out["val_y"], metrics.sigmoid(out["val"]), rule))
+    return out
+
+
+def table(out: Path) -> str:
+    scores = {}
+    for f in sorted((out / "scores").glob("*.npz")):
+        recipe, fold = f.stem.rsplit("-", 1)
+        scores.setdefault(recipe, {})[fold] = dict(np.load(f))
+    lines = []
+    results = {}
+    for recipe, by_fold in scores.items():
+        if set(by_fold) != set(SERIES):
+            continue
+        results[recipe] = {fold: evaluate_scores(z) for fold, z in by_fold.items()}
+    return json.dumps({r: {f: {k: v for k, v in e.items() if k != "rows"} for f, e in fs.items()}
+                       for r, fs in results.items()}, indent=1, default=float)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("stage", choices=("collections", "screen", "run", "table"))
+    ap.add_argument("recipes", nargs="*")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench-out" / "robustness")
+    ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
+    ap.add_argument("--no-variants", action="store_true", help="skip WiSE-FT variants of LP-FT runs")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if args.stage == "collections":
+        samples, images = load(DEFAULT_DATA, args.out / "cache")
+        print(json.dumps(collections(samples, images, args.out), indent=1))
+    elif args.stage == "screen":
+        screen(args.out, args.weights)
+    elif args.stage == "run":
+        run(args.recipes, args.out, args.weights, args.overrides, not args.no_variants)
+    elif args.stage == "table":
+        print(table(args.out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
