@@ -35,7 +35,8 @@ def cache_key(*, model_info: dict, image_size: int, augment: str, views: int, se
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
-def embed(model: models.Classifier, images: np.ndarray, *, transform=None, seeds: Sequence[int] | None = None,
+def embed(model: models.Classifier | models.Ensemble, images: np.ndarray, *, transform=None,
+          seeds: Sequence[int] | None = None,
           batch_size: int = 64, bf16: bool = False,
           progress: Callable[[int], None] | None = None) -> torch.Tensor:
     """Pooled backbone features (N, D) float32; bf16 autocast + channels-last where the CPU has bf16.
@@ -57,7 +58,7 @@ def embed(model: models.Classifier, images: np.ndarray, *, transform=None, seeds
             if progress:
                 progress(min(i + batch_size, len(images)))
     model.to(memory_format=torch.contiguous_format)
-    return torch.cat(out) if out else torch.zeros(0, model.head[0].in_features)
+    return torch.cat(out) if out else torch.zeros(0, model.feature_dim)
 
 
 def cached_embed(model: models.Classifier, images: np.ndarray, samples: Sequence[data.Sample], *,
