@@ -279,3 +279,21 @@ def test_combine_refuses_runs_with_different_validation_splits(two_runs, tmp_pat
     assert code == 2 and "validation splits differ" in capsys.readouterr().err
     assert cli.main(["ensemble", "--runs", str(two_runs[0]), "--out", str(tmp_path / "ens")]) == 2
     assert "at least two runs" in capsys.readouterr().err
+
+
+def test_evaluate_an_ensemble_with_error_galleries_and_report(two_runs, tmp_path):
+    out = ensemble.combine(two_runs, tmp_path / "ens", ood=False)
+    data_root = data.read_manifest(two_runs[0] / "manifest.csv")[0].path.split("/train/")[0]
+    code = cli.main(["evaluate", "--model", str(out / "model.pt"), "--data", data_root, "--out",
+                     str(tmp_path / "eval"), "--bootstrap", "50", "--errors", "2", "--report"])
+    assert code == 0
+    result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
+    assert result["n"] == 8  # the test split
+    (_, fp), (fn, _) = result["confusion_matrix"]
+    assert fp + fn > 0  # a one-epoch model errs: the galleries below are exercised
+    assert list((tmp_path / "eval" / "errors").glob("*/01_*.png"))  # Grad-CAM overlays through both members
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "2 members" in html and "resnet18" in html
+    meta = artifact.read_meta(out / "model.pt")
+    assert meta.ood is None  # without a detector, only the validation images were fitted on
+    assert {s.split for s in data.read_manifest(out / "manifest.csv")} == {"val"}
