@@ -1,7 +1,8 @@
 """Grad-CAM explanations: which part of an X-ray moved the PNEUMONIA logit.
 
 Maps come from the ``grad-cam`` library (pytorch_grad_cam), not a hand-written CAM, at the layer
-each backbone declares in ``models.BACKBONES[name].cam_layer``. The Classifier returns one logit
+each backbone declares in ``models.BACKBONES[name].cam_layer`` (for a ``models.Ensemble``, every
+member's layer: the library scales each member's map to [0, 1] and averages them). The Classifier returns one logit
 per image, shaped (N,), while the library expects (N, classes); a thin wrapper adds the class
 axis and the target is column 0, the PNEUMONIA logit. A hot region is therefore evidence *for*
 pneumonia, whatever the prediction was, which is what a reader checking a false negative wants to

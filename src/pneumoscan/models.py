@@ -5,6 +5,9 @@ three channels, applies the normalisation its backbone weights were trained with
 *calibrated* logit per image (``logit / temperature``). Keeping normalisation and temperature inside
 the module means every consumer (evaluate, predict, ONNX, the service) only applies a sigmoid and
 never re-declares preprocessing.
+
+``Ensemble`` has the same interface over several Classifiers (a deep ensemble): each member keeps
+its own normalisation, and the output is still one calibrated logit per image.
 """
 
 from __future__ import annotations
