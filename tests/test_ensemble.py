@@ -281,6 +281,26 @@ def test_combine_refuses_runs_with_different_validation_splits(two_runs, tmp_pat
     assert "at least two runs" in capsys.readouterr().err
 
 
+def test_combine_refuses_other_image_sizes_and_missing_images(two_runs, tmp_path):
+    bigger = tmp_path / "b-64"
+    shutil.copytree(two_runs[1], bigger)
+    blob = torch.load(bigger / "model.pt", weights_only=True)
+    blob["meta"]["image_size"] = 64
+    torch.save(blob, bigger / "model.pt")
+    with pytest.raises(UserError, match="image sizes differ: .*64 px"):
+        ensemble.combine([two_runs[0], bigger], tmp_path / "ens")
+    moved = tmp_path / "b-moved-data"
+    shutil.copytree(two_runs[1], moved)
+    samples = data.read_manifest(moved / "manifest.csv")
+    data.write_manifest([data.Sample(str(tmp_path / "nowhere" / f"{i}.png"), s.label, s.patient, s.split)
+                         for i, s in enumerate(samples)], moved / "manifest.csv")
+    first = tmp_path / "a-moved-data"
+    shutil.copytree(two_runs[0], first)
+    shutil.copy(moved / "manifest.csv", first / "manifest.csv")
+    with pytest.raises(UserError, match="not found"):
+        ensemble.combine([first, moved], tmp_path / "ens")
+
+
 def test_evaluate_an_ensemble_with_error_galleries_and_report(two_runs, tmp_path):
     out = ensemble.combine(two_runs, tmp_path / "ens", ood=False)
     data_root = data.read_manifest(two_runs[0] / "manifest.csv")[0].path.split("/train/")[0]

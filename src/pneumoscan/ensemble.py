@@ -79,6 +79,16 @@ def check_compatible(run_dirs: Sequence[Path], metas: Sequence[ModelMeta],
                         "with the same data.root, data.val_fraction and train.seed")
 
 
+def _check_files(samples: Sequence[data.Sample], run_dir: Path) -> None:
+    """UserError when manifest paths point nowhere: relative paths are as training saw them, so
+    running from another folder (or after the data moved) would otherwise skip every image."""
+    missing = [s.path for s in samples if not Path(s.path).is_file()]
+    if missing:
+        raise UserError(f"{len(missing)} of the {len(samples)} images named in the runs' manifest.csv are not "
+                        f"found (e.g. {missing[0]}, from {run_dir / 'manifest.csv'}); relative paths are as training "
+                        "saw them: run from the folder training ran in, or restore the data there")
+
+
 def _member(run_dir: Path, meta: ModelMeta, config: dict) -> Member:
     return Member(architecture=meta.architecture, head=meta.head, normalization=meta.normalization,
                   tf_same_padding=meta.tf_same_padding, temperature=meta.temperature,
@@ -120,6 +130,7 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
 
     val_rows = [s for s in manifests[0] if s.split == "val"]
     train_rows = list({s.path: s for manifest in manifests for s in manifest if s.split == "train"}.values())
+    _check_files(val_rows + (train_rows if with_ood else []), run_dirs[0])
     decode = (lambda name, n: (lambda k: progress(f"decoding {name} images", k, n))) if progress else (lambda *_: None)
     val_samples, val_images, skipped = data.load_images(val_rows, size, strict=strict,
                                                         progress=decode("validation", len(val_rows)))
