@@ -45,3 +45,17 @@ def test_feature_dataset_draws_a_view():
     ds = features.FeatureDataset(feats, [0, 1])
     x, y = ds[1]
     assert len(ds) == 2 and y == 1 and any(torch.equal(x, feats[1, v]) for v in range(3))
+
+
+def test_onnx_runtime_embedding_agrees_with_pytorch():
+    import numpy as np
+
+    from pneumoscan import models
+
+    model, _ = models.build("mobilenet_v2", weights="none", unfreeze_blocks=0)
+    images = np.random.default_rng(0).integers(0, 256, (5, 64, 64), dtype=np.uint8)
+    assert features.onnx_embedder(model, 64) is not None
+    fast = features.embed(model, images, batch_size=2)
+    slow = features.embed(model, images, engine="torch")
+    assert fast.shape == slow.shape == (5, 1280)
+    assert torch.allclose(fast, slow, rtol=1e-3, atol=1e-4)

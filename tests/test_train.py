@@ -183,3 +183,36 @@ def test_head_batchnorm_trains_while_frozen_stages_stay_in_eval(tiny_dataset, tm
     train.fit(config, callbacks=[Spy()])
     assert modes["head_bn"] == [True, True]  # the seed head: 64, bn, bn, 32
     assert not any(modes["backbone"])  # frozen stages keep their ImageNet statistics
+
+
+def test_linear_probe_then_fine_tune_and_wise_interpolation(tiny_dataset, tmp_path):
+    config = tiny_config(tiny_dataset, tmp_path / "runs", linear_probe_epochs=2, wise_alpha=0.5, views=1)
+    config.model.unfreeze_blocks = -1
+    run = train.fit(config, report=False)
+    probe = torch.load(run / "linear-probe" / "weights.pt", weights_only=True)
+    tuned = torch.load(run / "checkpoints" / "best.ckpt", weights_only=True)["state_dict"]
+    saved, _ = artifact.load(run / "model.pt")
+    name = "features.0.0.weight"
+    # the probe trained only the head: its backbone is the initial one; the saved weights lie halfway
+    expected = 0.5 * probe[name] + 0.5 * tuned[f"model.{name}"]
+    assert torch.allclose(saved.state_dict()[name], expected, atol=1e-6)
+    assert not torch.allclose(probe[name], tuned[f"model.{name}"])
+
+
+def test_interpolate_keeps_counters_and_mixes_floats():
+    a, b = torch.nn.BatchNorm1d(3), torch.nn.BatchNorm1d(3)
+    a.weight.data.fill_(1.0)
+    b.weight.data.fill_(3.0)
+    a.num_batches_tracked.fill_(5)
+    train.interpolate(a, b.state_dict(), 0.25)
+    assert torch.allclose(a.weight, torch.full((3,), 2.5))
+    assert int(a.num_batches_tracked) == 5
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"linear_probe_epochs": 2}, "backbone is frozen"),
+    ({"wise_alpha": 0.5}, "needs train.linear_probe_epochs"),
+])
+def test_lp_ft_settings_that_cannot_work_are_config_errors(tiny_dataset, tmp_path, changes, message):
+    with pytest.raises(UserError, match=message):
+        tiny_config(tiny_dataset, tmp_path / "runs", **changes).validate()

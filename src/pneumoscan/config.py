@@ -74,6 +74,12 @@ class TrainConfig:
     schedule: str = "cosine"  # SCHEDULES (learning rate over `epochs`)
     label_smoothing: float = 0.0  # BCE targets 0 -> e/2, 1 -> 1 - e/2
     unfreeze_at: str = ""  # progressive unfreezing, "EPOCH:STAGES,...", e.g. "2:3,4:-1"
+    # LP-FT (Kumar et al. 2022): train the head alone on cached features of the pretrained backbone
+    # for at most this many epochs before fine-tuning, so fine-tuning starts from a head that fits
+    linear_probe_epochs: int = 0
+    # WiSE-FT (Wortsman et al. 2022): the weights saved are (1 - a) * linear probe + a * fine-tuned;
+    # 1.0 keeps the fine-tuned weights. Needs linear_probe_epochs > 0 (the probe is the other end).
+    wise_alpha: float = 1.0
     seed: int = 42
     precision: str = "auto"  # PRECISIONS
     # on the temperature-calibrated probability; in CV, Youden's cut-off wandered from 0.30 to 0.91
@@ -142,6 +148,13 @@ class RunConfig:
                 raise ConfigError(problem if f"({key})" in problem else f"{key}: {problem}")
         if not self.out_dir:
             raise ConfigError("out_dir: must name a folder")
+        tc = self.train
+        if tc.linear_probe_epochs and self.model.unfreeze_blocks == 0:
+            raise ConfigError("train.linear_probe_epochs: the backbone is frozen (model.unfreeze_blocks=0), "
+                              "so there is nothing to fine-tune after the linear probe; set it to 0")
+        if tc.wise_alpha < 1 and not tc.linear_probe_epochs:
+            raise ConfigError("train.wise_alpha: interpolates towards the linear probe, so it needs "
+                              "train.linear_probe_epochs > 0")
         return self
 
 
@@ -217,6 +230,8 @@ CHECKS = {
     "train.schedule": _choice(SCHEDULES),
     "train.label_smoothing": lambda v: None if 0 <= v < 1 else f"must be in [0, 1), not {v!r}",
     "train.unfreeze_at": check_unfreeze_at,
+    "train.linear_probe_epochs": _at_least(0),
+    "train.wise_alpha": lambda v: None if 0 <= v <= 1 else f"must be in [0, 1], not {v!r}",
     "train.precision": _choice(PRECISIONS),
     "train.threshold": check_threshold_rule,
     "train.max_train_batches": lambda v: None if v > 0 else f"must be > 0 (a fraction or a count), not {v!r}",

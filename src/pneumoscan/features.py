@@ -35,16 +35,72 @@ def cache_key(*, model_info: dict, image_size: int, augment: str, views: int, se
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+class _Embedding(torch.nn.Module):
+    def __init__(self, model: models.Classifier):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model.embed(x)
+
+
+def onnx_embedder(model: models.Classifier, size: int) -> Callable[[np.ndarray], np.ndarray] | None:
+    """``model.embed`` as an ONNX Runtime session on float32 (N, 1, size, size), or None where it
+    cannot be exported. On a CPU it runs MobileNetV2 about 5x faster than eager PyTorch (250 against
+    50 images/s on 2 cores), and embedding is most of the fast path's and the OOD fit's time."""
+    import io
+    import warnings
+
+    try:
+        import onnx
+        import onnxruntime as ort
+
+        from pneumoscan.inference import onnx_graph
+        from pneumoscan.inference.engines import default_threads
+
+        buf = io.BytesIO()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer notes on the padding hooks' constant shapes
+            torch.onnx.export(_Embedding(model).eval(), (torch.zeros(2, 1, size, size),), buf, dynamo=False,
+                              opset_version=17, input_names=["image"], output_names=["features"],
+                              dynamic_axes={"image": {0: "batch"}, "features": {0: "batch"}})
+        proto = onnx_graph.simplify(onnx.load_from_string(buf.getvalue()), "image", size)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = default_threads()
+        options.log_severity_level = 3
+        session = ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # an architecture the exporter cannot trace: PyTorch does the work
+        log.debug("embedding with PyTorch: ONNX export failed (%s: %s)", type(exc).__name__, exc)
+        return None
+    return lambda x: session.run(None, {"image": x})[0]
+
+
 def embed(model: models.Classifier | models.Ensemble, images: np.ndarray, *, transform=None,
           seeds: Sequence[int] | None = None,
-          batch_size: int = 64, bf16: bool = False,
-          progress: Callable[[int], None] | None = None) -> torch.Tensor:
-    """Pooled backbone features (N, D) float32; bf16 autocast + channels-last where the CPU has bf16.
+          batch_size: int = 64, bf16: bool = False, progress: Callable[[int], None] | None = None,
+          engine: str = "auto") -> torch.Tensor:
+    """Pooled backbone features (N, D) float32.
 
-    ``transform`` (a batched augmentation such as transforms.SeedAugment) gets one seed per image,
-    so a view is the same whichever images it is batched with.
+    ``engine``: "auto" uses ONNX Runtime on a CPU-resident model in fp32 (``onnx_embedder``; it
+    agrees with PyTorch to ~1e-5, below the store's fp16), else PyTorch, with bf16 autocast +
+    channels-last where the CPU has bf16. ``transform`` (a batched augmentation such as
+    transforms.SeedAugment) gets one seed per image, so a view is the same whichever images it is
+    batched with.
     """
     model.eval()
+    on_cpu = all(t.device.type == "cpu" for t in model.parameters())
+    run = onnx_embedder(model, images.shape[-1]) if engine == "auto" and on_cpu and not bf16 and len(images) else None
+    if run is not None:
+        seeds = list(seeds) if seeds is not None else list(range(len(images)))
+        out = []
+        for i in range(0, len(images), batch_size):
+            x = torch.from_numpy(images[i:i + batch_size]).unsqueeze(1)
+            if transform is not None:
+                x = transform(x, seeds=seeds[i:i + batch_size])
+            out.append(torch.from_numpy(run(x.float().div_(255).numpy())))
+            if progress:
+                progress(min(i + batch_size, len(images)))
+        return torch.cat(out)
     model.to(memory_format=torch.channels_last)  # outside inference mode: parameters stay ordinary tensors
     seeds = list(seeds) if seeds is not None else list(range(len(images)))
     out = []

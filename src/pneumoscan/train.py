@@ -33,7 +33,7 @@ from torchmetrics.classification import BinaryAccuracy, BinaryAUROC, BinaryPreci
 from pneumoscan import artifact, data, evaluate, features, gate, metrics, models, ood, plots, shifts, transforms
 from pneumoscan.config import RunConfig
 from pneumoscan.errors import UserError
-from pneumoscan.files import content_digests, write_csv, write_text
+from pneumoscan.files import atomic_path, content_digests, write_csv, write_text
 from pneumoscan.inference.torch_model import predict_logits
 
 log = logging.getLogger(__name__)
@@ -340,12 +340,20 @@ def train_model(p: Prepared, *, callbacks: list | None = None, loggers: list | N
              len(train_samples), len(val_samples), *weights)
 
     started = time.perf_counter()
+    probe = p.run_dir / "linear-probe" / "weights.pt"
+    probed = bool(tc.linear_probe_epochs) and not p.fast
+    if probed and p.last_checkpoint is None:  # a resumed run finished its probe before its first checkpoint
+        linear_probe(p, weights, progress)
+        if trainer.is_global_zero:
+            with atomic_path(probe) as tmp:
+                torch.save(p.model.state_dict(), tmp)
     if p.fast:
         train_loader, val_loader = feature_loaders(p.config, p.model, p.weights_info, p.split_data, p.augment, progress)
     else:  # augmentation runs on the device, in LitClassifier.on_after_batch_transfer
         train_loader = make_loader(train_images, y_train, dc.batch_size, dc.num_workers, shuffle=True)
         val_loader = make_loader(val_images, y_val, dc.batch_size * 2, 0)
-    lit = LitClassifier(p.model, weights, tc.lr, tc.backbone_lr, from_features=p.fast,
+    # after a linear probe the head already fits: it fine-tunes as gently as the backbone
+    lit = LitClassifier(p.model, weights, tc.backbone_lr if probed else tc.lr, tc.backbone_lr, from_features=p.fast,
                         augment=None if p.fast else p.augment, label_smoothing=tc.label_smoothing,
                         schedule=tc.schedule)
     feature_seconds = time.perf_counter() - started
@@ -360,11 +368,43 @@ def train_model(p: Prepared, *, callbacks: list | None = None, loggers: list | N
     if trainer.is_global_zero:
         best = checkpoint.best_model_path or str(p.run_dir / "checkpoints" / "best.ckpt")
         lit.load_state_dict(torch.load(best, map_location="cpu", weights_only=True)["state_dict"])
+        if probed and tc.wise_alpha < 1:
+            interpolate(lit.model, torch.load(probe, map_location="cpu", weights_only=True), tc.wise_alpha)
+            log.info("WiSE-FT: weights = %.2f x fine-tuned + %.2f x linear probe", tc.wise_alpha, 1 - tc.wise_alpha)
         tidy_history(p.run_dir, history)
         plots.training_curves(history, p.run_dir / "curves.png")
     return Trained(model=lit.model.cpu().float().eval(), device=trainer.strategy.root_device, history=history,
                    epochs_run=trainer.current_epoch, train_seconds=train_seconds, feature_seconds=feature_seconds,
                    is_global_zero=trainer.is_global_zero, run_dir=Path(checkpoint.dirpath).parent)
+
+
+def linear_probe(p: Prepared, class_weights: tuple[float, float], progress: Progress | None) -> None:
+    """LP-FT's first stage (Kumar et al., ICLR 2022): fit the head alone on cached features of the
+    pretrained backbone, in place. Fine-tuning from a random head lets its large early gradients
+    distort the pretrained features, which costs accuracy away from the training distribution."""
+    tc = p.config.train
+    train_loader, val_loader = feature_loaders(p.config, p.model, p.weights_info, p.split_data, p.augment, progress)
+    lit = LitClassifier(p.model, class_weights, tc.lr, tc.backbone_lr, from_features=True,
+                        label_smoothing=tc.label_smoothing, schedule="constant")
+    checkpoint = ModelCheckpoint(dirpath=p.run_dir / "linear-probe", filename="best",
+                                 monitor="val_loss", mode="min", save_top_k=1)
+    trainer = L.Trainer(max_epochs=tc.linear_probe_epochs, accelerator="auto", devices=1, logger=False,
+                        callbacks=[EarlyStopping("val_loss", patience=max(tc.patience, 3), mode="min"), checkpoint],
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir=p.run_dir)
+    lit.train()
+    trainer.fit(lit, train_loader, val_loader)
+    lit.load_state_dict(torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)["state_dict"])
+    log.info("linear probe: best of %d epochs (val_loss %.4f)", trainer.current_epoch, float(checkpoint.best_model_score))
+
+
+def interpolate(model: torch.nn.Module, other: dict[str, torch.Tensor], alpha: float) -> None:
+    """WiSE-FT (Wortsman et al., CVPR 2022): ``model``'s weights become ``alpha * own + (1 - alpha)
+    * other``, in place. Both ends share the pretrained start, so the line between them stays in
+    one basin; counters (BatchNorm's num_batches_tracked) keep the fine-tuned value."""
+    state = model.state_dict()
+    for name, value in state.items():
+        if value.is_floating_point() and name in other:
+            value.mul_(alpha).add_(other[name].to(value.dtype), alpha=1 - alpha)
 
 
 def make_trainer(p: Prepared, checkpoint: ModelCheckpoint, callbacks: list, loggers: list) -> L.Trainer:
