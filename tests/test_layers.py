@@ -23,7 +23,7 @@ LAYERS = [  # bottom first
      "inference.onnx_graph", "inference.onnx_export", "inference.loading", "inference.decision", "ood"},
     {"plots", "explain", "export", "evaluate", "report", "robustness"},
     {"predict", "explore"},
-    {"features", "train", "cv", "experiments", "compare"},
+    {"features", "train", "cv", "experiments", "compare", "ensemble"},
     {"serve", "serve.settings", "serve.card", "serve.uploads", "serve.batcher", "serve.logqueue",
      "serve.middleware", "serve.service", "serve.app",
      "console", "cli", "demo"},

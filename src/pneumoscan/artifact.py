@@ -21,7 +21,7 @@ from pneumoscan.errors import UserError
 from pneumoscan.files import atomic_path
 
 if TYPE_CHECKING:
-    from pneumoscan.models import Classifier
+    from pneumoscan.models import Classifier, Ensemble
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,53 @@ class TrainingInfo:
     seconds_per_epoch: float | None = None
     n_train: int | None = None
     n_val: int | None = None
+
+
+@dataclass(frozen=True)
+class Member:
+    """One member of a multi-member model (``ModelMeta.members``): what ``load`` needs to rebuild
+    it (architecture, head, normalisation, padding) and where it came from. Its ``temperature`` is
+    its own, applied inside the ensemble to its logit before the mean (``models.Ensemble``); the
+    ensemble's threshold and temperature are the ensemble's, fitted on validation for the mean."""
+
+    architecture: str
+    head: str
+    normalization: Normalization
+    tf_same_padding: bool = False
+    temperature: float = 1.0
+    backbone_weights: dict[str, Any] = field(default_factory=dict)
+    # {"run": its run folder, "model_sha256": its model.pt, "threshold", "threshold_rule"}: provenance
+    source: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)  # the RunConfig that trained it
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["normalization"] = _normalization_dict(self.normalization)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> "Member":
+        missing = {"architecture", "head", "normalization"} - set(raw)
+        if missing:
+            raise UserError(f"model metadata: a member lacks {', '.join(sorted(missing))}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        known = {k: v for k, v in raw.items() if k in names}
+        known["normalization"] = _normalization(known["normalization"])
+        known["tf_same_padding"] = bool(known.get("tf_same_padding", False))
+        known["temperature"] = float(known.get("temperature", 1.0))
+        return cls(**known)
+
+
+def _normalization(raw: dict[str, Any]) -> Normalization:
+    return Normalization(raw["name"], tuple(raw["mean"]), tuple(raw["std"]))
+
+
+def _normalization_dict(norm: Normalization) -> dict[str, Any]:
+    return {"name": norm.name, "mean": list(norm.mean), "std": list(norm.std)}
+
+
+ENSEMBLE = "ensemble"  # ModelMeta.architecture of a multi-member model (models.ENSEMBLE)
+PER_MEMBER = Normalization("per-member", (), ())  # an ensemble's normalisation: each member applies its own
 
 
 @dataclass(frozen=True)
@@ -80,7 +127,15 @@ class ModelMeta:
     # files.content_digest of every training and validation file, sorted: lets ``evaluate`` warn when
     # it is given images the model has seen. Empty for models older than this field (cannot check).
     data_digests: tuple[str, ...] = ()
+    # a multi-member model (architecture ENSEMBLE): its members, in the order of the weights'
+    # ``members.N.`` keys; empty for a single model, whose architecture, head and normalisation
+    # are the top-level fields
+    members: tuple[Member, ...] = ()
     extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_ensemble(self) -> bool:
+        return bool(self.members)
 
     def label(self, probability: float, threshold: float | None = None) -> str:
         """The class name a probability gets at ``threshold`` (default: the model's)."""
@@ -97,6 +152,10 @@ class ModelMeta:
         out["training"] = {k: v for k, v in dataclasses.asdict(self.training).items() if v is not None}
         out["class_names"] = list(self.class_names)
         out["data_digests"] = list(self.data_digests)
+        if self.members:
+            out["members"] = [m.to_dict() for m in self.members]
+        else:  # a single model's dict stays exactly what it was before ensembles existed
+            del out["members"]
         return out | self.extra
 
     @classmethod
@@ -106,13 +165,16 @@ class ModelMeta:
         if missing:
             raise UserError(f"model metadata lacks {', '.join(sorted(missing))}")
         known = {k: v for k, v in raw.items() if k in names}
-        norm = known["normalization"]
-        known["normalization"] = Normalization(norm["name"], tuple(norm["mean"]), tuple(norm["std"]))
+        known["normalization"] = _normalization(known["normalization"])
         training_fields = {f.name for f in dataclasses.fields(TrainingInfo)}
         known["training"] = TrainingInfo(**{k: v for k, v in (known.get("training") or {}).items()
                                             if k in training_fields})
         known["class_names"] = tuple(known.get("class_names", CLASS_NAMES))
         known["data_digests"] = tuple(str(d) for d in known.get("data_digests") or ())
+        known["members"] = tuple(Member.from_dict(m) for m in known.get("members") or ())
+        if (known["architecture"] == ENSEMBLE) != bool(known["members"]):
+            raise UserError(f"model metadata: architecture {known['architecture']!r} with "
+                            f"{len(known['members'])} members")
         for key, kind in (("image_size", int), ("threshold", float), ("temperature", float)):
             if key in known:
                 known[key] = kind(known[key])
@@ -136,7 +198,7 @@ def make_meta(*, architecture: str, head: str, image_size: int, weights_info: di
     )
 
 
-def save(path: str | Path, model: "Classifier", meta: ModelMeta, *, half: bool = False) -> Path:
+def save(path: str | Path, model: "Classifier | Ensemble", meta: ModelMeta, *, half: bool = False) -> Path:
     """``half`` stores float weights as fp16 (half the size, e.g. for the bundled model); loading
     always computes in fp32. The temperature stored is the model's own."""
     import torch
@@ -146,6 +208,11 @@ def save(path: str | Path, model: "Classifier", meta: ModelMeta, *, half: bool =
         state = {k: v.half() if v.is_floating_point() and not k.startswith("ood_head.") else v
                  for k, v in state.items()}
     meta = meta.replace(temperature=float(model.temperature))
+    if meta.members:
+        if len(meta.members) != len(model.members):
+            raise ValueError(f"meta describes {len(meta.members)} members, the model has {len(model.members)}")
+        meta = meta.replace(members=tuple(dataclasses.replace(m, temperature=float(net.temperature))
+                                          for m, net in zip(meta.members, model.members)))
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:  # a file object: torch.save would otherwise record the temp name,
             torch.save({"format": FORMAT, "meta": meta.to_dict(), "state_dict": state}, f)  # changing the sha256
@@ -192,15 +259,14 @@ def read_meta(path: str | Path) -> ModelMeta:
     return ModelMeta.from_dict(read(path)["meta"])
 
 
-def load(path: str | Path | None) -> tuple["Classifier", ModelMeta]:
+def load(path: str | Path | None) -> tuple["Classifier | Ensemble", ModelMeta]:
     """The model in eval mode and its meta; ``None`` means the bundled model."""
     from pneumoscan import models
 
     path = resolve(path)
     blob = read(path)
     meta = ModelMeta.from_dict(blob["meta"])
-    model, _ = models.build(meta.architecture, weights="none", head=meta.head,
-                            normalization=meta.normalization.name, tf_same_padding=meta.tf_same_padding)
+    model = build(meta)
     state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
     if meta.ood is not None:
         model.ood_head = models.MahalanobisHead(state["ood_head.W"], state["ood_head.b"], state["ood_head.M"],
@@ -209,6 +275,20 @@ def load(path: str | Path | None) -> tuple["Classifier", ModelMeta]:
     model.eval()
     log.debug("loaded %s (%s, threshold %.3f)", path, meta.architecture, meta.threshold)
     return model, meta
+
+
+def build(meta: ModelMeta) -> "Classifier | Ensemble":
+    """The untrained network ``meta`` describes (a Classifier, or an Ensemble of its members),
+    ready for the file's state_dict."""
+    from pneumoscan import models
+
+    if not meta.members:
+        model, _ = models.build(meta.architecture, weights="none", head=meta.head,
+                                normalization=meta.normalization.name, tf_same_padding=meta.tf_same_padding)
+        return model
+    nets = [models.build(m.architecture, weights="none", head=m.head, normalization=m.normalization.name,
+                         tf_same_padding=m.tf_same_padding)[0] for m in meta.members]
+    return models.Ensemble(nets, [m.architecture for m in meta.members])
 
 
 BUNDLED_MODEL = Path(__file__).parent / "assets" / "model.pt"

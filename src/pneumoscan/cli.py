@@ -505,6 +505,39 @@ def cmd_experiments(args: argparse.Namespace) -> int:
     return 0
 
 
+def add_ensemble(sub) -> None:
+    p = add_parser(sub, "ensemble", "combine trained runs into one multi-member model (a deep ensemble)",
+                   "Writes OUT/model.pt: the runs' models averaged (mean of their calibrated logits),\n"
+                   "with its own temperature and threshold fitted on the runs' shared validation split\n"
+                   "and an out-of-distribution detector on all members' features. Every run must have\n"
+                   "the same image size and the same validation images (same data, val_fraction, seed).\n"
+                   "predict, explain, evaluate, export and serve take the file like any model.pt.")
+    p.add_argument("--runs", nargs="+", required=True, metavar="RUN", help="run folders (pneumoscan train's output)")
+    p.add_argument("--out", required=True, metavar="DIR", help="folder to write model.pt and validation/ to")
+    p.add_argument("--threshold", metavar="RULE", help="threshold rule, fitted on validation [the first run's]")
+    p.add_argument("--no-ood", action="store_true", help="no out-of-distribution detector")
+    p.add_argument("--strict", action="store_true", help="fail on unreadable images instead of skipping them")
+    p.set_defaults(func=cmd_ensemble)
+
+
+def cmd_ensemble(args: argparse.Namespace) -> int:
+    from pneumoscan import ensemble
+
+    if args.threshold is not None:
+        problem = config.check_threshold_rule(args.threshold, "--threshold")
+        if problem:
+            raise UserError(problem)
+    bars = console.StageBars()
+    try:
+        out = ensemble.combine(args.runs, args.out, threshold_rule=args.threshold, ood=False if args.no_ood else None,
+                               strict=args.strict, progress=bars)
+    finally:
+        bars.close()
+    print(f"model:      {out / 'model.pt'}")
+    print(f"validation: {out / 'validation' / 'metrics.json'}")
+    return 0
+
+
 def add_export(sub) -> None:
     p = add_parser(sub, "export", "export a model to ONNX (optionally INT8), checked against PyTorch",
                    "Writes an ONNX model whose metadata carries the model's meta (input size,\n"
@@ -625,8 +658,8 @@ def exit_now(code: int) -> None:
 
 # --- main ---------------------------------------------------------------------------------------
 
-COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_robustness, add_predict, add_explain, add_compare, add_experiments,
-            add_export, add_serve)
+COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_robustness, add_predict, add_explain, add_compare,
+            add_experiments, add_ensemble, add_export, add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,7 +1,8 @@
 """Grad-CAM explanations: which part of an X-ray moved the PNEUMONIA logit.
 
 Maps come from the ``grad-cam`` library (pytorch_grad_cam), not a hand-written CAM, at the layer
-each backbone declares in ``models.BACKBONES[name].cam_layer``. The Classifier returns one logit
+each backbone declares in ``models.BACKBONES[name].cam_layer`` (for a ``models.Ensemble``, every
+member's layer: the library scales each member's map to [0, 1] and averages them). The Classifier returns one logit
 per image, shaped (N,), while the library expects (N, classes); a thin wrapper adds the class
 axis and the target is column 0, the PNEUMONIA logit. A hot region is therefore evidence *for*
 pneumonia, whatever the prediction was, which is what a reader checking a false negative wants to
@@ -203,6 +204,15 @@ def cam_layer(model: nn.Module, architecture: str) -> nn.Module:
     return model.get_submodule(models.backbone(architecture).cam_layer)
 
 
+def cam_layers(model: nn.Module, architecture: str) -> list[nn.Module]:
+    """The modules whose activations are explained: the backbone's layer, or for an ensemble
+    every member's (``models.cam_layer_paths``). The library scales each layer's map to [0, 1]
+    before averaging them, so every member has an equal say in where the map is hot."""
+    if not isinstance(model, models.Ensemble):
+        return [cam_layer(model, architecture)]
+    return [model.get_submodule(path) for path in models.cam_layer_paths(model, architecture)]
+
+
 def _activations_need_grad(module: nn.Module, args, output: torch.Tensor) -> torch.Tensor:
     """Forward hook: the target layer's output becomes a leaf that requires gradients, so the
     CAM library's gradient hook fires while nothing before the layer is differentiated."""
@@ -234,9 +244,10 @@ class CamExplainer:
         # inference_mode(False): a model built under inference_mode would otherwise copy to tensors autograd refuses
         with torch.inference_mode(False):
             self.net = copy.deepcopy(model).float().eval().requires_grad_(False)
-        layer = cam_layer(self.net, architecture)
-        self._hook = layer.register_forward_hook(_activations_need_grad)  # before the library's own hooks
-        self.cam = METHODS[method](model=_WithClassAxis(self.net), target_layers=[layer])
+        layers = cam_layers(self.net, architecture)
+        # before the library's own hooks
+        self._hooks = [layer.register_forward_hook(_activations_need_grad) for layer in layers]
+        self.cam = METHODS[method](model=_WithClassAxis(self.net), target_layers=layers)
 
     def __call__(self, images: np.ndarray, batch_size: int = 16) -> np.ndarray:
         cams = np.zeros(images.shape, dtype=np.float32)
@@ -248,7 +259,8 @@ class CamExplainer:
 
     def close(self) -> None:
         self.cam.activations_and_grads.release()
-        self._hook.remove()
+        for hook in self._hooks:
+            hook.remove()
 
     def __enter__(self) -> "CamExplainer":
         return self

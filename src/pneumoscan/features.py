@@ -75,7 +75,8 @@ def onnx_embedder(model: models.Classifier, size: int) -> Callable[[np.ndarray],
     return lambda x: session.run(None, {"image": x})[0]
 
 
-def embed(model: models.Classifier, images: np.ndarray, *, transform=None, seeds: Sequence[int] | None = None,
+def embed(model: models.Classifier | models.Ensemble, images: np.ndarray, *, transform=None,
+          seeds: Sequence[int] | None = None,
           batch_size: int = 64, bf16: bool = False, progress: Callable[[int], None] | None = None,
           engine: str = "auto") -> torch.Tensor:
     """Pooled backbone features (N, D) float32.
@@ -113,7 +114,7 @@ def embed(model: models.Classifier, images: np.ndarray, *, transform=None, seeds
             if progress:
                 progress(min(i + batch_size, len(images)))
     model.to(memory_format=torch.contiguous_format)
-    return torch.cat(out) if out else torch.zeros(0, model.head[0].in_features)
+    return torch.cat(out) if out else torch.zeros(0, model.feature_dim)
 
 
 def cached_embed(model: models.Classifier, images: np.ndarray, samples: Sequence[data.Sample], *,

@@ -5,6 +5,9 @@ three channels, applies the normalisation its backbone weights were trained with
 *calibrated* logit per image (``logit / temperature``). Keeping normalisation and temperature inside
 the module means every consumer (evaluate, predict, ONNX, the service) only applies a sigmoid and
 never re-declares preprocessing.
+
+``Ensemble`` has the same interface over several Classifiers (a deep ensemble): each member keeps
+its own normalisation, and the output is still one calibrated logit per image.
 """
 
 from __future__ import annotations
@@ -185,6 +188,12 @@ class Classifier(nn.Module):
         ood = self.ood_head(f) if self.ood_head is not None else torch.full((len(f),), float("nan"))
         return self.classify(f), ood
 
+    @property
+    def feature_dim(self) -> int:
+        """Width of ``embed``'s output: what the head (and an OOD head) read."""
+        first = self.head[0]
+        return int(getattr(first, "in_features", None) or first.num_features)
+
     def train(self, mode: bool = True) -> "Classifier":
         # Frozen stages stay in eval mode: their BatchNorm statistics are part of the pretrained weights.
         super().train(mode)
@@ -195,6 +204,81 @@ class Classifier(nn.Module):
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.eval()
         return self
+
+
+ENSEMBLE = "ensemble"  # ModelMeta.architecture of a multi-member model
+
+
+class Ensemble(nn.Module):
+    """A deep ensemble (Lakshminarayanan et al. 2017) with the interface of a ``Classifier``.
+
+    ``members`` are Classifiers, each applying its own normalisation (and TF padding) in its own
+    ``embed``, so members trained from different weights files mix freely. ``embed`` concatenates
+    their pooled features (what the ensemble's OOD head reads, and what ``classify`` splits again);
+    ``classify`` averages the members' *calibrated* logits (each head's logit over that member's
+    own temperature) and divides by the ensemble's ``temperature``, fitted on validation for the
+    ensemble as a whole.
+
+    Why the members' temperatures are applied: a fine-tuned member is usually overconfident (raw
+    logits several times those of a frozen-backbone one) and would otherwise outvote the others on
+    every image; calibrated, each member's logit speaks in the same units (log-odds it can back up
+    on validation). Averaging members that agree more than chance makes the mean under-confident,
+    which the ensemble's own temperature then corrects.
+
+    Why the mean logit and not the paper's mean probability: the output stays a logit, so every
+    consumer (sigmoid, temperature, the ONNX output ``logit``, threshold rules) is unchanged; and
+    logit(mean p) would have to be taken back through log(p / (1 - p)), which in float32 saturates
+    to inf for confident members. The two are close while members roughly agree; when they
+    disagree strongly the mean logit (a geometric mean of the odds) follows the more confident
+    member further than the mean probability would (0.5 and 0.99 give 0.91, not 0.75), which
+    the ensemble temperature, fitted on validation, tempers where that is over-confident.
+
+    ``architectures`` names each member's backbone (``BACKBONES``), for Grad-CAM's target layers.
+    """
+
+    def __init__(self, members: list[Classifier], architectures: list[str] | tuple[str, ...]):
+        super().__init__()
+        if len(members) < 2:
+            raise ValueError(f"an ensemble needs at least two members, got {len(members)}")
+        if len(architectures) != len(members):
+            raise ValueError(f"{len(members)} members but {len(architectures)} architectures")
+        self.members = nn.ModuleList(members)
+        self.architectures = tuple(architectures)
+        self.feature_dims = tuple(m.feature_dim for m in members)
+        self.register_buffer("temperature", torch.tensor(1.0))
+        self.add_module("ood_head", None)  # a MahalanobisHead on the concatenated features
+
+    @property
+    def feature_dim(self) -> int:
+        return sum(self.feature_dims)
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([m.embed(x) for m in self.members], dim=1)
+
+    def member_logits(self, features: torch.Tensor) -> torch.Tensor:
+        """(N, members): each member's calibrated logit from the concatenated features."""
+        parts = torch.split(features, list(self.feature_dims), dim=1)
+        return torch.stack([m.classify(f) for m, f in zip(self.members, parts)], dim=1)
+
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        return self.member_logits(features).mean(dim=1) / self.temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.embed(x))
+
+    def assess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logit, out-of-distribution score) from one pass; NaN scores without an OOD head."""
+        f = self.embed(x)
+        ood = self.ood_head(f) if self.ood_head is not None else torch.full((len(f),), float("nan"))
+        return self.classify(f), ood
+
+
+def cam_layer_paths(model: nn.Module, architecture: str) -> list[str]:
+    """Module paths of the layers Grad-CAM explains: the backbone's ``cam_layer``, or every
+    member's for an Ensemble (the CAM library averages the per-layer maps)."""
+    if isinstance(model, Ensemble):
+        return [f"members.{i}.{backbone(a).cam_layer}" for i, a in enumerate(model.architectures)]
+    return [backbone(architecture).cam_layer]
 
 
 def _tf_same_pad_hook(module: nn.Conv2d, args):

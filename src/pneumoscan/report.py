@@ -116,10 +116,24 @@ def _stages(n: int | None) -> str:
         n, f"the last {n} stages (the rest frozen)")
 
 
+def ensemble_summary(meta: ModelMeta) -> list[tuple[str, str]]:
+    """A multi-member model in a reader's words: what each member is, and how they were combined."""
+    rows = [("Ensemble", f"{len(meta.members)} members, the mean of their calibrated logits; temperature and "
+                         "threshold fitted on the members' shared validation split")]
+    for i, m in enumerate(meta.members, start=1):
+        mc = m.config.get("model") or {}
+        rows.append((f"Member {i}", f"{m.architecture}, head {m.head}, {m.normalization.name} normalisation, "
+                                    f"backbone trained: {_stages(mc.get('unfreeze_blocks'))}; its temperature "
+                                    f"{m.temperature:.3f}"))
+    return rows
+
+
 def training_summary(meta: ModelMeta) -> list[tuple[str, str]]:
     """How the model was trained, in a reader's words (the raw settings are in the full configuration)."""
     cfg, t = meta.config or {}, meta.training
     mc, tc, dc = cfg.get("model", {}), cfg.get("train", {}), cfg.get("data", {})
+    if meta.members:  # an ensemble's own config says only which runs it combined
+        return ensemble_summary(meta)
     weights = meta.backbone_weights.get("source")
     rows = [("Backbone", f"{meta.architecture}, starting from "
                          + (f"pretrained weights ({Path(str(weights)).name})" if weights not in (None, "none")

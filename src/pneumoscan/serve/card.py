@@ -64,7 +64,19 @@ def model_card(meta: ModelMeta, *, sha256: str, runtime: str) -> dict[str, Any]:
         "intended_use": INTENDED_USE,
         "limitations": limitations(meta),
         "input_checks": input_checks(meta),
+        "members": members(meta),
     }
+
+
+def members(meta: ModelMeta) -> list[dict[str, Any]]:
+    """An ensemble's members (empty for a single model): what each is and how its logit was
+    calibrated before the mean; no paths, which are the server's business."""
+    return [{"architecture": m.architecture, "head": m.head, "normalization": m.normalization.name,
+             "tf_same_padding": m.tf_same_padding, "temperature": m.temperature,
+             "backbone_weights": PurePath(m.backbone_weights["source"]).name
+             if m.backbone_weights.get("source") else None,
+             "unfreeze_blocks": (m.config.get("model") or {}).get("unfreeze_blocks"),
+             "model_sha256": m.source.get("model_sha256")} for m in meta.members]
 
 
 FLAG_MEANINGS = {
