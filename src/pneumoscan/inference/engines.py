@@ -54,8 +54,9 @@ class Engine:
         raise NotImplementedError
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """uint8 (N, H, W) at ``meta.image_size`` -> P(PNEUMONIA), float64 (N,)."""
-        return metrics.sigmoid(self.predict_logits(images, batch_size))
+        """uint8 (N, H, W) at ``meta.image_size`` -> P(PNEUMONIA), float64 (N,), at the site's prior
+        when the model was adapted (``ModelMeta.site_logits``)."""
+        return metrics.sigmoid(self.meta.site_logits(self.predict_logits(images, batch_size)))
 
     def _check(self, images: np.ndarray) -> np.ndarray:
         return check_images(images, self.meta.image_size, self.name)
