@@ -419,6 +419,40 @@ def cmd_explain(args: argparse.Namespace) -> int:
     return 2 if skipped else 0
 
 
+# --- adapt --------------------------------------------------------------------------------------
+
+def add_adapt(sub) -> None:
+    p = add_parser(sub, "adapt", "re-base a model's probabilities on a site's pneumonia prevalence",
+                   "Estimates the site's pneumonia prevalence from its unlabelled films (EM, Saerens, Latinne & "
+                   "Decaestecker 2002; 95% CI by bootstrap over the films) and writes a copy of the model whose "
+                   "logits are shifted by logit(site) - logit(calibration prevalence). A threshold from a "
+                   "prevalence-independent rule (youden, sensitivity:X) and the UNSURE band keep their logits; a "
+                   "plain probability cut (e.g. 0.5) stays a probability. With --labels the temperature, threshold "
+                   "and UNSURE band are re-fitted on the site's labelled films. The input model is never changed.")
+    p.add_argument("--model", help="model.pt [the bundled model]")
+    p.add_argument("--images", required=True, metavar="DIR", help="the site's unlabelled films (searched recursively)")
+    p.add_argument("--out", required=True, help="the adapted model.pt to write")
+    p.add_argument("--labels", metavar="DIR", help="labelled site films (NORMAL/ and PNEUMONIA/) to re-fit the "
+                   "temperature, threshold and UNSURE band on")
+    p.add_argument("--train-prior", type=float, metavar="P", help="the PNEUMONIA share the model was calibrated at, "
+                   "for models that do not record it")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the estimate's CI")
+    p.set_defaults(func=cmd_adapt)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from pneumoscan import adapt
+
+    if args.bootstrap < 1:
+        raise UserError("--bootstrap must be at least 1")
+    result = adapt.run(args.model, args.images, args.out, labels=args.labels, train_prior=args.train_prior,
+                       n_bootstrap=args.bootstrap)
+    for warning in result["warnings"]:
+        print(f"pneumoscan: warning: {warning}", file=sys.stderr)
+    print(adapt.summary(result))
+    return 0
+
+
 # --- compare / experiments / export -------------------------------------------------------------
 
 def add_compare(sub) -> None:
@@ -590,8 +624,8 @@ def exit_now(code: int) -> None:
 
 # --- main ---------------------------------------------------------------------------------------
 
-COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_predict, add_explain, add_compare, add_experiments,
-            add_export, add_serve)
+COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_predict, add_explain, add_adapt, add_compare,
+            add_experiments, add_export, add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -515,7 +515,10 @@ def selective_metrics(y_true, prob, threshold: float, decided, level: float = 0.
     each with a Wilson interval; and how many films of each true class were left undecided."""
     y, p = _arrays(y_true, prob)
     d = np.asarray(decided, dtype=bool).ravel()
-    counts = rate_counts(confusion(y[d], (p[d] >= threshold).astype(np.int64)))
+    pred, yd = p[d] >= threshold, y[d]
+    tn, fp = int(((yd == 0) & ~pred).sum()), int(((yd == 0) & pred).sum())
+    fn, tp = int(((yd == 1) & ~pred).sum()), int(((yd == 1) & pred).sum())
+    counts = rate_counts([[tn, fp], [fn, tp]])  # counted here: sklearn refuses an empty selection
     out: dict = {"n": int(y.size), "n_decided": int(d.sum()), "threshold": float(threshold),
                  "coverage": float(d.mean()) if y.size else math.nan,
                  "coverage_ci95": list(proportion_ci(int(d.sum()), int(y.size), level))}
