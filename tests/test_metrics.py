@@ -511,3 +511,17 @@ def test_em_prior_recovers_known_priors_and_is_the_identity_without_shift():
     # the offset turns posteriors at one prior into those at another (Bayes' rule)
     delta = m.prior_offset(0.8, 0.3)
     assert m.sigmoid(m.logit(0.3) + delta) == pytest.approx(0.8)
+
+
+def test_effective_prior_undoes_a_missing_intercept():
+    rng = np.random.default_rng(3)
+    y = (rng.random(4000) < 0.75).astype(int)
+    z_true = rng.normal(0, 1, y.size) + np.where(y == 1, 1.5, -1.5) + np.log(3.0)  # a logit at prevalence 0.75
+    true_post = m.sigmoid(z_true)
+    y = (rng.random(y.size) < true_post).astype(int)  # labels drawn from the true posteriors
+    assert m.fit_intercept(z_true - 1.0, y) == pytest.approx(1.0, abs=0.15)
+    prior = y.mean()
+    # logits that are posteriors at prevalence 0.5 instead: the effective prior says so
+    z_half = z_true - np.log(prior / (1 - prior))
+    assert m.effective_prior(z_half, y) == pytest.approx(0.5, abs=0.04)
+    assert m.effective_prior(z_true, y) == pytest.approx(prior, abs=0.04)

@@ -118,6 +118,7 @@ def test_evaluate_writes_the_selective_block(banded, tiny_dataset_module, tmp_pa
 def test_adapt_writes_a_shifted_copy_that_predict_applies(trained_model, tiny_dataset_module, tmp_path, capsys):
     meta = artifact.read_meta(trained_model)
     assert 0 < meta.prior["calibration"] < 1 and meta.prior["calibration_source"] == "validation split"
+    assert 0 < meta.prior["effective"] < 1
     before = file_sha256(trained_model)
     images = tiny_dataset_module / "test" / "PNEUMONIA"  # an all-pneumonia "site"
     code, out = run_cli(capsys, "adapt", "--model", trained_model, "--images", images, "--out", tmp_path / "m2.pt",
@@ -130,7 +131,8 @@ def test_adapt_writes_a_shifted_copy_that_predict_applies(trained_model, tiny_da
     # (this tiny model scores every film alike, so the estimate itself means little: metrics' tests check EM)
     assert p["method"] == "em" and p["n_images"] == 6 and 0 < p["site"] < 1 and p["ci"][0] <= p["ci"][1]
     assert p["logit_offset"] == pytest.approx(math.log(p["site"] / (1 - p["site"]))
-                                              - math.log(p["calibration"] / (1 - p["calibration"])))
+                                              - math.log(p["effective"] / (1 - p["effective"])))
+    assert p["calibration"] == meta.prior["calibration"] and p["effective"] == meta.prior["effective"]
     assert adapted.threshold == meta.threshold  # rule 0.5: a probability cut stays put
     # predict applies the offset: same films, logits shifted by exactly Δ
     old, _ = predict.predict_files(trained_model, [images], engine="torch")

@@ -23,6 +23,11 @@ What moves with Δ and what does not:
   depend on the prevalence: its edges keep their logits, and the band is widened again to
   contain the (possibly unmoved) threshold.
 
+The prior EM starts from is ``ModelMeta.prior["effective"]``, the prevalence the calibrated
+probabilities really are posteriors at (``metrics.effective_prior``); with balanced class weights
+and temperature scaling (no intercept) it was 0.47 for a validation split of 0.74 PNEUMONIA, and
+starting from 0.74 made EM biased and the adaptation harmful (benchmarks/adapt.md).
+
 With ``labels`` (a folder of the site's labelled films) the temperature, the threshold (the
 model's own rule) and the UNSURE band are re-fitted on them instead of being carried over from
 validation; their PNEUMONIA share becomes the calibration prior that the EM estimate shifts from.
@@ -59,11 +64,16 @@ def shift(prob: float, delta: float) -> float:
 
 
 def calibration_prior(meta: ModelMeta, train_prior: float | None) -> tuple[float, str]:
-    """The prevalence the model's probabilities assume, and where it was read from."""
+    """The prevalence the model's probabilities are posteriors at, and where it was read from:
+    ``prior["effective"]`` (``metrics.effective_prior``, recorded since training stores it), else the
+    calibration films' PNEUMONIA share (exact only if their calibration had no intercept error)."""
     if train_prior is not None:
         if not 0 < train_prior < 1:
             raise UserError(f"--train-prior must be in (0, 1), got {train_prior}")
         return float(train_prior), "--train-prior"
+    if meta.prior and "effective" in meta.prior:
+        return float(meta.prior["effective"]), (f"{meta.prior.get('calibration_source', 'model meta')}: the prevalence "
+                                                "its probabilities are posteriors at")
     if meta.prior and "calibration" in meta.prior:
         return float(meta.prior["calibration"]), str(meta.prior.get("calibration_source", "model meta"))
     counts = (meta.unsure or {}).get("class_counts")
@@ -116,14 +126,16 @@ def refit_on_labels(engine, labels: str | Path, meta: ModelMeta) -> dict[str, An
                             "are uncertain")
     for w in warnings:
         log.warning("%s", w)
-    return {"temperature": temperature, "threshold": threshold, "band": band, "prior": float(y.mean()),
+    return {"temperature": temperature, "threshold": threshold, "band": band,
+            "prior": metrics.effective_prior(raw / temperature, y), "share": float(y.mean()),
             "n": int(y.size), "class_counts": {"NORMAL": n_normal, "PNEUMONIA": n_pneumonia},
             "films_needed": need, "warnings": warnings}
 
 
 def adapted_meta(meta: ModelMeta, *, calibration: float, calibration_source: str, threshold0: float,
                  band0: dict | None, site: float, ci: tuple[float, float], n_images: int, extra: dict) -> ModelMeta:
-    """The meta of the adapted copy: the prior record, and the threshold and band on the shifted scale.
+    """The meta of the adapted copy: the prior record (``calibration`` the prevalence the offset
+    starts from, kept as ``effective``), and the threshold and band on the shifted scale.
     ``threshold0`` and ``band0`` are on the calibration scale (kept in ``prior`` so that adapting an
     adapted model starts again from them, not from the already shifted values)."""
     delta = metrics.prior_offset(site, calibration)
@@ -135,7 +147,8 @@ def adapted_meta(meta: ModelMeta, *, calibration: float, calibration_source: str
         low, high = metrics.band_with_threshold(s_low, s_high, threshold)
         unsure = {**band0, "conformal_low": s_low, "conformal_high": s_high, "low": low, "high": high,
                   "shifted_by_prior": delta}
-    prior = {"calibration": float(calibration), "calibration_source": calibration_source, "site": float(site),
+    prior = {"calibration": float(calibration), **(meta.prior or {}), "effective": float(calibration),
+             "calibration_source": calibration_source, "site": float(site),
              "ci": [float(ci[0]), float(ci[1])], "method": "em", "n_images": int(n_images), "logit_offset": delta,
              "calibration_threshold": float(threshold0),
              "calibration_band": None if band0 is None else {k: band0[k] for k in ("conformal_low", "conformal_high",
@@ -188,6 +201,7 @@ def run(model_path: str | Path, images: str | Path, out: str | Path, *, labels: 
         state["temperature"] = torch.tensor(refit["temperature"], dtype=old.dtype)
         meta = meta.replace(temperature=refit["temperature"])
         extra |= {"n_calibration": refit["n"], "calibration_class_counts": refit["class_counts"],
+                  "calibration": refit["share"],
                   "films_needed": refit["films_needed"], "refit_warnings": refit["warnings"]}
     else:
         calibration, source = calibration_prior(meta, train_prior)

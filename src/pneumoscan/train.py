@@ -417,7 +417,7 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
                               weights_info=p.weights_info, threshold=threshold, threshold_rule=tc.threshold,
                               config=p.config.to_dict(), training=training).replace(
         temperature=temperature, ood=detector, quality=gate.default_limits(dc.image_size).to_dict(), unsure=band,
-        prior=calibration_prior(val_y, "validation split"))
+        prior=calibration_prior(val_y, metrics.logit(val_prob), "validation split"))
     # every file the weights, the temperature or the threshold were fitted on: evaluate warns on overlap
     seen = [s.path for split in ("train", "val") for s in p.split_data[split][0]]
     meta = meta.replace(data_digests=tuple(content_digests(seen)))
@@ -456,11 +456,13 @@ def fit_unsure(y: np.ndarray, prob: np.ndarray, threshold: float, rule: str) -> 
     return band | {"rule": rule, "fitted_on": "validation split"}
 
 
-def calibration_prior(y: np.ndarray, source: str) -> dict:
+def calibration_prior(y: np.ndarray, logits: np.ndarray, source: str) -> dict:
     """``ModelMeta.prior`` at training time: the PNEUMONIA share of the films the temperature was
-    fitted on, which is the prior the calibrated probabilities assume (what ``adapt`` shifts from)."""
+    fitted on, and the prevalence the calibrated probabilities are really posteriors at
+    (``metrics.effective_prior``), which is where ``adapt`` shifts from."""
     y = np.asarray(y).astype(int)
-    return {"calibration": float(y.mean()), "n_calibration": int(y.size), "calibration_source": source}
+    return {"calibration": float(y.mean()), "effective": metrics.effective_prior(logits, y),
+            "n_calibration": int(y.size), "calibration_source": source}
 
 
 def fit_ood(model: models.Classifier, split_data: dict, *, seed: int) -> dict | None:
