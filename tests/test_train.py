@@ -183,3 +183,19 @@ def test_head_batchnorm_trains_while_frozen_stages_stay_in_eval(tiny_dataset, tm
     train.fit(config, callbacks=[Spy()])
     assert modes["head_bn"] == [True, True]  # the seed head: 64, bn, bn, 32
     assert not any(modes["backbone"])  # frozen stages keep their ImageNet statistics
+
+
+def test_finalize_writes_the_unsure_band_and_the_calibration_prior(tiny_dataset, tmp_path):
+    run = train.fit(tiny_config(tiny_dataset, tmp_path / "runs", unsure="conformal:0.8"), report=False)
+    meta = artifact.read_meta(run / "model.pt")
+    u = meta.unsure
+    assert u["confidence"] == 0.8 and u["rule"] == "conformal:0.8" and u["n_calibration"] == meta.training.n_val
+    assert u["low"] <= meta.threshold < u["high"]
+    val = json.loads((run / "validation" / "metrics.json").read_text())
+    assert val["selective"]["band"] == [u["low"], u["high"]] and val["selective"]["n"] == meta.training.n_val
+    counts = u["class_counts"]
+    assert meta.prior["calibration"] == pytest.approx(counts["PNEUMONIA"] / sum(counts.values()))
+    assert 0 < meta.prior["effective"] < 1 and meta.prior["calibration_source"] == "validation split"
+    off = train.fit(tiny_config(tiny_dataset, tmp_path / "runs2", unsure="none"), report=False)
+    assert artifact.read_meta(off / "model.pt").unsure is None
+    assert "selective" not in json.loads((off / "validation" / "metrics.json").read_text())
