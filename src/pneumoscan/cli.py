@@ -346,7 +346,9 @@ def add_predict(sub) -> None:
                    "Scores unlabelled images and writes one CSV row per image (to stdout, or to --out): path, "
                    "P(PNEUMONIA), the 0/1 prediction and its label at the model's threshold, that threshold, "
                    "flags and the model file's sha256. An image the model is not competent for (flag "
-                   "not_chest_xray or low_quality) is labelled NOT_ASSESSED, its probability not meaningful; "
+                   "not_chest_xray or low_quality) is labelled NOT_ASSESSED, its probability not meaningful; one in the "
+                   "model's UNSURE band (its conformal prediction set is not a single class) is labelled UNSURE, "
+                   "its prediction still the threshold's class; "
                    "out_of_distribution keeps the label but marks the image as unlike the training films. "
                    "Unreadable files are named on stderr and skipped (exit status 2); with --explain also one "
                    "Grad-CAM PNG per image.")
