@@ -199,7 +199,29 @@ def test_adapt_mistakes_are_one_line(trained_model, tiny_dataset_module, tmp_pat
     code, out = run_cli(capsys, "adapt", "--model", legacy, "--images", tiny_dataset_module / "test",
                         "--out", tmp_path / "o.pt", "--train-prior", "0.5", "--bootstrap", 10)
     assert code == 0 and artifact.read_meta(tmp_path / "o.pt").prior["calibration_source"] == "--train-prior"
-    (tmp_path / "m.onnx").write_bytes(b"x")
-    code, out = run_cli(capsys, "adapt", "--model", tmp_path / "m.onnx", "--images", tiny_dataset_module / "test",
-                        "--out", tmp_path / "o2.pt")
-    assert code == 2 and "needs the model.pt" in out.err
+
+
+def test_adapt_an_onnx_file(banded, tiny_dataset_module, tmp_path, capsys):
+    from pneumoscan.inference.engines import OnnxEngine
+    from pneumoscan.inference.onnx_export import export_onnx
+
+    path, _ = banded
+    source = rewrite(path, tmp_path / "m.pt", prior={"calibration": 0.5, "effective": 0.5})
+    onnx_path = export_onnx(source, tmp_path / "m.onnx")
+    before = file_sha256(onnx_path)
+    code, out = run_cli(capsys, "adapt", "--model", onnx_path, "--images", tiny_dataset_module / "test",
+                        "--out", tmp_path / "a.onnx", "--bootstrap", 20)
+    assert code == 0, out.err
+    assert file_sha256(onnx_path) == before
+    old, new = OnnxEngine(onnx_path), OnnxEngine(tmp_path / "a.onnx")
+    delta = new.meta.prior["logit_offset"]
+    assert new.meta.prior["method"] == "em" and delta != 0
+    images = np.stack([np.asarray(__import__("PIL.Image").Image.open(f).convert("L").resize((48, 48)))
+                       for f in sorted((tiny_dataset_module / "test").rglob("*.jpeg"))[:4]])
+    np.testing.assert_allclose(new.predict_logits(images), old.predict_logits(images), atol=1e-6)  # same graph
+    np.testing.assert_allclose(new.predict_proba(images), metrics.sigmoid(old.predict_logits(images) + delta),
+                               atol=1e-6)
+    for args, message in ((["--labels", tiny_dataset_module / "test", "--out", tmp_path / "b.onnx"], "--labels"),
+                          (["--out", tmp_path / "b.pt"], "suffix")):
+        code, out = run_cli(capsys, "adapt", "--model", onnx_path, "--images", tiny_dataset_module / "test", *args)
+        assert code == 2 and message in out.err and len(out.err.strip().splitlines()) == 1

@@ -9,7 +9,8 @@ site's *unlabelled* films by EM (Saerens, Latinne & Decaestecker 2002; ``metrics
 with a bootstrap 95% CI, and writes a copy of the model whose meta carries Δ
 (``ModelMeta.prior["logit_offset"]``); ``ModelMeta.site_logits`` applies it wherever a
 probability is made (decide, the engines' ``predict_proba``, explain), so predict, evaluate,
-serve and the ONNX export of the copy all see the site's probabilities.
+serve and the ONNX export of the copy all see the site's probabilities. An exported ``.onnx`` is
+adapted the same way (its metadata document changes, its graph does not).
 
 What moves with Δ and what does not:
 
@@ -165,6 +166,20 @@ def calibration_band(meta: ModelMeta) -> dict | None:
     return {**meta.unsure, **before} if before else dict(meta.unsure)
 
 
+def write_onnx(source: Path, out: Path, meta: ModelMeta) -> None:
+    """A copy of the ONNX file ``source`` whose metadata document carries ``meta``; the graph (and
+    an INT8 file's self-check, which compares the graph's own probabilities) is unchanged."""
+    import onnx
+
+    from pneumoscan.inference.onnx_format import get_document, set_document
+
+    proto = onnx.load(str(source))
+    document = get_document(proto, source)
+    set_document(proto, document | {"meta": meta.to_dict()})
+    with atomic_path(out) as tmp:
+        onnx.save(proto, str(tmp))
+
+
 def run(model_path: str | Path, images: str | Path, out: str | Path, *, labels: str | Path | None = None,
         train_prior: float | None = None, n_bootstrap: int = 1000, seed: int = 0) -> dict[str, Any]:
     """Write the adapted copy of ``model_path`` to ``out`` (the input is never written); returns
@@ -174,21 +189,30 @@ def run(model_path: str | Path, images: str | Path, out: str | Path, *, labels: 
     from pneumoscan.inference.engines import TorchEngine
 
     model_path, out = artifact.resolve(model_path), Path(out)
-    if model_path.suffix.lower() == ".onnx":
-        raise UserError(f"{model_path}: adapt needs the model.pt (adapt it, then export the copy to ONNX: the meta "
-                        "and its offset travel with the export)")
+    onnx_input = model_path.suffix.lower() == ".onnx"
+    if onnx_input and labels is not None:
+        raise UserError(f"{model_path}: --labels re-fits the temperature, which is inside the graph; adapt the "
+                        "model.pt with --labels, then export the copy")
     if out.resolve() == model_path.resolve():
         raise UserError(f"--out {out} is the input model; adapt writes a copy and never changes the input")
-    blob = artifact.read(model_path)
-    meta = ModelMeta.from_dict(blob["meta"])
+    if onnx_input != (out.suffix.lower() == ".onnx"):
+        raise UserError(f"--out {out} must have the input's suffix ({model_path.suffix})")
+    if onnx_input:
+        from pneumoscan.inference.engines import OnnxEngine
+
+        engine = OnnxEngine(model_path)
+        blob = None
+    else:
+        blob = artifact.read(model_path)
+        engine = TorchEngine(model_path)
+    meta = engine.meta
     files = imaging.collect_files([images])
-    engine = TorchEngine(model_path)
     logits, _, n_refused = score(engine, files)
     if not len(logits):
         raise UserError(f"{images}: the model is not competent for any of the films (all NOT_ASSESSED)")
 
     extra: dict[str, Any] = {"n_not_assessed": n_refused, "images": Path(images).name}
-    state = dict(blob["state_dict"])
+    state = dict(blob["state_dict"]) if blob is not None else {}
     if labels is not None:
         refit = refit_on_labels(engine, labels, meta)
         scale = meta.temperature / refit["temperature"]  # the unlabelled logits at the new temperature
@@ -221,9 +245,12 @@ def run(model_path: str | Path, images: str | Path, out: str | Path, *, labels: 
         log.warning("%s", warnings[-1])
     new = adapted_meta(meta, calibration=calibration, calibration_source=source, threshold0=threshold0, band0=band0,
                        site=site, ci=ci, n_images=len(logits), extra=extra)
-    with atomic_path(out) as tmp:
-        with open(tmp, "wb") as f:  # a file object, as artifact.save: the sha256 must not depend on the temp name
-            torch.save({"format": artifact.FORMAT, "meta": new.to_dict(), "state_dict": state}, f)
+    if onnx_input:
+        write_onnx(model_path, out, new)
+    else:
+        with atomic_path(out) as tmp:
+            with open(tmp, "wb") as f:  # a file object, as artifact.save: the sha256 must not depend on the temp name
+                torch.save({"format": artifact.FORMAT, "meta": new.to_dict(), "state_dict": state}, f)
     log.info("adapted %s -> %s: site prevalence %.3f [%.3f, %.3f] from %d films (calibration %.3f, %s); logit "
              "offset %+.3f; threshold %.4f -> %.4f", model_path, out, site, *ci, len(logits), calibration, source,
              new.logit_offset, meta.threshold, new.threshold)

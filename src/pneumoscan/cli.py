@@ -431,9 +431,9 @@ def add_adapt(sub) -> None:
                    "prevalence-independent rule (youden, sensitivity:X) and the UNSURE band keep their logits; a "
                    "plain probability cut (e.g. 0.5) stays a probability. With --labels the temperature, threshold "
                    "and UNSURE band are re-fitted on the site's labelled films. The input model is never changed.")
-    p.add_argument("--model", help="model.pt [the bundled model]")
+    p.add_argument("--model", help="model.pt, or an exported .onnx (not with --labels) [the bundled model]")
     p.add_argument("--images", required=True, metavar="DIR", help="the site's unlabelled films (searched recursively)")
-    p.add_argument("--out", required=True, help="the adapted model.pt to write")
+    p.add_argument("--out", required=True, help="the adapted copy to write (same suffix as the input)")
     p.add_argument("--labels", metavar="DIR", help="labelled site films (NORMAL/ and PNEUMONIA/) to re-fit the "
                    "temperature, threshold and UNSURE band on")
     p.add_argument("--train-prior", type=float, metavar="P", help="the PNEUMONIA share the model was calibrated at, "
