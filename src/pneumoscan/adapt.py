@@ -190,6 +190,9 @@ def run(model_path: str | Path, images: str | Path, out: str | Path, *, labels: 
 
     model_path, out = artifact.resolve(model_path), Path(out)
     onnx_input = model_path.suffix.lower() == ".onnx"
+    if labels is not None and train_prior is not None:
+        raise UserError("--train-prior and --labels exclude each other: with --labels the prior is fitted on the "
+                        "labelled films")
     if onnx_input and labels is not None:
         raise UserError(f"{model_path}: --labels re-fits the temperature, which is inside the graph; adapt the "
                         "model.pt with --labels, then export the copy")
