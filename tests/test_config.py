@@ -41,6 +41,8 @@ def test_defaults_and_recipes_are_valid():
     ("train.schedule=step", "train.schedule"), ("train.precision=64", "train.precision"),
     ("model.unfreeze_blocks=-2", "model.unfreeze_blocks"), ("train.devices=0", "train.devices"),
     ("data.batch_size=0", "data.batch_size"), ("out_dir=", "out_dir"),
+    ("train.unsure=conformal:1", "train.unsure"), ("train.unsure=maybe", "train.unsure"),
+    ("train.unsure=conformal:x", "train.unsure"),
 ])
 def test_each_bad_setting_is_one_line_naming_it(override, key):
     with pytest.raises(ConfigError) as exc:
@@ -61,6 +63,20 @@ def test_threshold_rules_that_train_accepts(rule):
 
     assert config.check_threshold_rule(rule) is None
     metrics.choose_threshold([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.6], rule)
+
+
+@pytest.mark.parametrize("rule", ["none", "conformal:0.95", "conformal:0.8", " none ", "conformal:1", "conformal:0",
+                                  "conformal:", "maybe", "conformal:0.9x"])
+def test_unsure_check_agrees_with_metrics_parse_unsure(rule):
+    from pneumoscan import metrics
+
+    ok = config.check_unsure_rule(rule) is None
+    try:
+        metrics.parse_unsure(rule)
+        parsed = True
+    except UserError:
+        parsed = False
+    assert ok == parsed
 
 
 @pytest.mark.parametrize("spec", ["seed", "exp3", "linear", "", "64,bn,d0.3,32", "128, bn, 64", "64,relu", "d1.5",

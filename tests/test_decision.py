@@ -109,3 +109,62 @@ def test_report_shows_the_input_checks(ood_model, tmp_path):
     evaluate.run(path, data, tmp_path / "out", errors=0, engine="torch", n_bootstrap=50, report=True)
     html = (tmp_path / "out" / "report.html").read_text()
     assert "Input checks" in html and "came back NOT_ASSESSED" in html and "low_quality" in html
+
+
+def test_unsure_inside_the_band_and_not_assessed_wins():
+    band = {"low": 0.3, "high": 0.6, "method": "mondrian-conformal", "confidence": 0.9}
+    meta = _meta().replace(unsure=band)
+    low = [gate.Flag("low_quality", "min_side", "image is 1x1 px")]
+    z = decision.metrics.logit(np.array([0.2, 0.3, 0.45, 0.55, 0.6, 0.9, 0.5]))
+    verdicts = decision.decide(meta, z, np.full(7, 10.0), [[], [], [], [], [], [], low])
+    assert [v.label for v in verdicts] == ["NORMAL", "UNSURE", "UNSURE", "UNSURE", "PNEUMONIA", "PNEUMONIA",
+                                           "NOT_ASSESSED"]
+    assert [v.decided for v in verdicts] == [True, False, False, False, True, True, False]
+    # prediction stays the threshold's class, so metrics and the worklist order still work
+    assert [v.prediction for v in verdicts] == [0, 0, 0, 1, 1, 1, None]
+    # an overridden threshold outside the band widens it: no decided film contradicts the threshold
+    moved = decision.decide(meta, decision.metrics.logit(np.array([0.65, 0.75])), np.full(2, 10.0), [[], []],
+                            threshold=0.7)
+    assert [v.label for v in moved] == ["UNSURE", "PNEUMONIA"]
+    # a model without a band (older, or train.unsure=none) never says UNSURE
+    legacy = artifact.ModelMeta.from_dict({k: v for k, v in meta.to_dict().items() if k != "unsure"})
+    assert legacy.unsure is None
+    assert [v.label for v in decision.decide(legacy, z[:6], np.full(6, 10.0), [[]] * 6)] == \
+        ["NORMAL", "NORMAL", "NORMAL", "PNEUMONIA", "PNEUMONIA", "PNEUMONIA"]
+
+
+def test_the_prior_offset_is_applied_before_the_threshold():
+    meta = _meta().replace(prior={"calibration": 0.5, "site": 0.8, "logit_offset": float(np.log(4.0))})
+    (v,) = decision.decide(meta, np.array([0.0]), np.array([10.0]), [[]])
+    assert v.probability == pytest.approx(0.8) and v.logit == pytest.approx(np.log(4.0)) and v.label == "PNEUMONIA"
+
+
+def test_unsure_and_prior_round_trip_through_the_meta_dict():
+    band = {"low": 0.25, "high": 0.61, "method": "mondrian-conformal", "confidence": 0.95, "n_calibration": 40,
+            "class_counts": {"NORMAL": 20, "PNEUMONIA": 20}}
+    prior = {"calibration": 0.5, "site": 0.3, "ci": [0.25, 0.35], "method": "em", "n_images": 100,
+             "logit_offset": -0.85}
+    meta = _meta().replace(unsure=band, prior=prior)
+    back = artifact.ModelMeta.from_dict(meta.to_dict())
+    assert back == meta and back.unsure == band and back.logit_offset == -0.85 and not back.extra
+    assert _meta().logit_offset == 0.0
+
+
+def test_training_fits_an_unsure_band_that_predict_uses(ood_model, tmp_path):
+    path, root = ood_model
+    meta = artifact.read_meta(path)
+    u = meta.unsure
+    assert u["method"] == "mondrian-conformal" and u["confidence"] == 0.95 and u["fitted_on"] == "validation split"
+    assert u["low"] <= meta.threshold < u["high"]
+    assert u["n_calibration"] == sum(u["class_counts"].values()) == meta.training.n_val
+    assert meta.prior["calibration"] == pytest.approx(u["class_counts"]["PNEUMONIA"] / u["n_calibration"])
+    rows, _ = predict.predict_files(path, [root / "test"], engine="torch")
+    for r in rows:
+        inside = u["low"] <= r.probability < u["high"]
+        assert (r.label == "UNSURE") == (inside and r.assessed) and r.decided == (r.assessed and not inside)
+    # the validation metrics carry the selective block
+    import json
+
+    sel = json.loads((path.parent / "validation" / "metrics.json").read_text())["selective"]
+    assert sel["n"] == u["n_calibration"] and 0 <= sel["coverage"] <= 1
+    assert sel["band"] == [u["low"], u["high"]] and len(sel["accuracy_ci95"]) == 2

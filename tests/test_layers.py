@@ -22,7 +22,7 @@ LAYERS = [  # bottom first
     {"inference", "inference.batching", "inference.onnx_format", "inference.torch_model", "inference.engines",
      "inference.onnx_graph", "inference.onnx_export", "inference.loading", "inference.decision", "ood"},
     {"plots", "explain", "export", "evaluate", "report", "robustness"},
-    {"predict", "explore"},
+    {"predict", "explore", "adapt"},
     {"features", "train", "cv", "experiments", "compare", "ensemble"},
     {"serve", "serve.settings", "serve.card", "serve.uploads", "serve.batcher", "serve.logqueue",
      "serve.middleware", "serve.service", "serve.app",

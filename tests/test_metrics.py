@@ -415,3 +415,113 @@ def test_confidence_intervals_keep_the_bootstrap_where_it_has_spread():
     assert out["ci"]["roc_auc"] == boot["roc_auc"] and out["ci"]["f1"] == boot["f1"] and not out["note"]
     nothing_flagged = confidence_intervals(y, np.zeros_like(p), 0.5, n_resamples=20)
     assert "undefined" in nothing_flagged["note"]["precision"]
+
+
+# --- the UNSURE band and prior shift -------------------------------------------------------------
+
+from pneumoscan import metrics as m  # noqa: E402
+
+
+def test_conformal_band_on_known_vectors():
+    # 5 NORMAL and 5 PNEUMONIA films; at 0.8 confidence each class keeps up to its largest score
+    y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
+    p = np.array([0.05, 0.10, 0.15, 0.20, 0.60, 0.30, 0.70, 0.80, 0.90, 0.95])
+    band = m.conformal_band(y, p, 0.8, threshold=0.5)
+    # NORMAL stays in the set up to its largest calibration score 0.6; PNEUMONIA from 1 - 0.7 = 0.3 on
+    assert band["q_normal"] == 0.6 and band["q_pneumonia"] == pytest.approx(0.7)
+    assert band["low"] == pytest.approx(0.3) and band["high"] == pytest.approx(0.6) and band["high"] > 0.6
+    assert band["class_counts"] == {"NORMAL": 5, "PNEUMONIA": 5} and band["n_calibration"] == 10
+    assert m.in_band([0.29, 0.31, 0.6, 0.6000001], band["low"], band["high"]).tolist() == [False, True, True, False]
+    # a threshold outside the conformal band widens it, so every decided film agrees with the threshold
+    wide = m.conformal_band(y, p, 0.8, threshold=0.75)
+    assert wide["conformal_high"] == band["conformal_high"] and wide["low"] == band["low"] and wide["high"] > 0.75
+    # separated classes: the set is empty between them, and that gap is UNSURE too
+    gap = m.conformal_band(y, np.array([0.05, 0.1, 0.15, 0.18, 0.2, 0.8, 0.85, 0.9, 0.93, 0.95]), 0.8, 0.5)
+    assert gap["conformal_low"] == pytest.approx(0.2) and gap["conformal_low"] > 0.2
+    assert gap["conformal_high"] == pytest.approx(0.2 + 0.6)  # 1 - q1 = 1 - (1 - 0.8)
+    # too few films of a class for the confidence: that class is never excluded, the band spans everything
+    assert m.films_for_confidence(0.8) == 5 and m.films_for_confidence(0.95) == 19
+    few = m.conformal_band(y, p, 0.95, threshold=0.5)
+    assert few["low"] == 0.0 and few["high"] == 1.0
+    with pytest.raises(UserError, match="both classes"):
+        m.conformal_band(np.zeros(5), np.linspace(0, 1, 5), 0.9, 0.5)
+
+
+@pytest.mark.parametrize("seed, confidence", [(0, 0.9), (1, 0.95), (2, 0.8)])
+def test_conformal_band_agrees_with_crepes_prediction_sets(seed, confidence):
+    from crepes import ConformalClassifier
+
+    rng = np.random.default_rng(seed)
+    n = int(rng.integers(60, 400))
+    y = rng.integers(0, 2, n)
+    p = m.sigmoid(rng.normal(2.0 * y - 1.0, 1.5))
+    band = m.conformal_band(y, p, confidence, threshold=float(rng.uniform(0.2, 0.8)))
+    cc = ConformalClassifier().fit(np.where(y == 1, 1 - p, p), bins=y)  # Mondrian: one bin per class
+    t = rng.random(3000)
+    normal = cc.predict_set(t, bins=np.zeros(t.size, int), confidence=confidence, smoothing=False)
+    pneumonia = cc.predict_set(1 - t, bins=np.ones(t.size, int), confidence=confidence, smoothing=False)
+    not_single = normal + pneumonia != 1
+    assert (m.in_band(t, band["conformal_low"], band["conformal_high"]) == not_single).all()
+    # outside the widened band the set is the threshold's class
+    outside = ~m.in_band(t, band["low"], band["high"])
+    assert (pneumonia[outside] == (t[outside] >= band["low"])).all()
+    assert band["low"] <= band["conformal_low"] and band["high"] >= band["conformal_high"]
+
+
+def test_selective_metrics_counts_and_intervals():
+    y = np.array([0, 0, 0, 1, 1, 1])
+    p = np.array([0.1, 0.45, 0.7, 0.4, 0.55, 0.9])
+    decided = np.array([True, False, True, False, False, True])
+    out = m.selective_metrics(y, p, 0.5, decided)
+    assert out["coverage"] == 0.5 and out["n_decided"] == 3
+    assert out["accuracy"] == pytest.approx(2 / 3) and out["sensitivity"] == 1.0 and out["specificity"] == 0.5
+    assert out["accuracy_ci95"] == pytest.approx(list(proportion_ci(2, 3)))
+    assert out["undecided_by_class"] == {"NORMAL": 1, "PNEUMONIA": 2}
+
+
+def test_films_for_halfwidth_is_the_smallest_n():
+    n = m.films_for_halfwidth(0.05, 0.9)
+    lo, hi = proportion_ci(round(0.9 * n), n)
+    assert (hi - lo) / 2 <= 0.05
+    lo, hi = proportion_ci(round(0.9 * (n - 1)), n - 1)
+    assert (hi - lo) / 2 > 0.05
+    assert 100 < n < 200
+
+
+def test_em_prior_recovers_known_priors_and_is_the_identity_without_shift():
+    rng = np.random.default_rng(0)
+    train_prior = 0.3
+
+    def calibrated(n_pos, n_neg):
+        # class-conditionals N(+1, 1) and N(-1, 1): the exact posterior at prior 0.3 is calibrated
+        z = np.r_[rng.normal(1, 1, n_pos), rng.normal(-1, 1, n_neg)]
+        return m.sigmoid(2 * z + np.log(train_prior / (1 - train_prior)))
+
+    for site in (0.1, 0.5, 0.8):
+        n = 20000
+        est, _ = m.em_prior(calibrated(int(site * n), n - int(site * n)), train_prior)
+        assert est == pytest.approx(site, abs=0.015)
+    same, _ = m.em_prior(calibrated(6000, 14000), train_prior)
+    assert same == pytest.approx(0.3, abs=0.015)
+    # a fixed point: posteriors whose mean is the training prior stay where they are
+    p = np.array([0.1, 0.2, 0.6])
+    assert m.em_prior(p, float(p.mean()))[0] == pytest.approx(p.mean(), abs=1e-7)
+    lo, hi = m.em_prior_ci(calibrated(300, 700), train_prior, n_resamples=200)
+    assert lo < 0.3 < hi and hi - lo < 0.2
+    # the offset turns posteriors at one prior into those at another (Bayes' rule)
+    delta = m.prior_offset(0.8, 0.3)
+    assert m.sigmoid(m.logit(0.3) + delta) == pytest.approx(0.8)
+
+
+def test_effective_prior_undoes_a_missing_intercept():
+    rng = np.random.default_rng(3)
+    y = (rng.random(4000) < 0.75).astype(int)
+    z_true = rng.normal(0, 1, y.size) + np.where(y == 1, 1.5, -1.5) + np.log(3.0)  # a logit at prevalence 0.75
+    true_post = m.sigmoid(z_true)
+    y = (rng.random(y.size) < true_post).astype(int)  # labels drawn from the true posteriors
+    assert m.fit_intercept(z_true - 1.0, y) == pytest.approx(1.0, abs=0.15)
+    prior = y.mean()
+    # logits that are posteriors at prevalence 0.5 instead: the effective prior says so
+    z_half = z_true - np.log(prior / (1 - prior))
+    assert m.effective_prior(z_half, y) == pytest.approx(0.5, abs=0.04)
+    assert m.effective_prior(z_true, y) == pytest.approx(prior, abs=0.04)

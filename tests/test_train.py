@@ -216,3 +216,19 @@ def test_interpolate_keeps_counters_and_mixes_floats():
 def test_lp_ft_settings_that_cannot_work_are_config_errors(tiny_dataset, tmp_path, changes, message):
     with pytest.raises(UserError, match=message):
         tiny_config(tiny_dataset, tmp_path / "runs", **changes).validate()
+
+
+def test_finalize_writes_the_unsure_band_and_the_calibration_prior(tiny_dataset, tmp_path):
+    run = train.fit(tiny_config(tiny_dataset, tmp_path / "runs", unsure="conformal:0.8"), report=False)
+    meta = artifact.read_meta(run / "model.pt")
+    u = meta.unsure
+    assert u["confidence"] == 0.8 and u["rule"] == "conformal:0.8" and u["n_calibration"] == meta.training.n_val
+    assert u["low"] <= meta.threshold < u["high"]
+    val = json.loads((run / "validation" / "metrics.json").read_text())
+    assert val["selective"]["band"] == [u["low"], u["high"]] and val["selective"]["n"] == meta.training.n_val
+    counts = u["class_counts"]
+    assert meta.prior["calibration"] == pytest.approx(counts["PNEUMONIA"] / sum(counts.values()))
+    assert 0 < meta.prior["effective"] < 1 and meta.prior["calibration_source"] == "validation split"
+    off = train.fit(tiny_config(tiny_dataset, tmp_path / "runs2", unsure="none"), report=False)
+    assert artifact.read_meta(off / "model.pt").unsure is None
+    assert "selective" not in json.loads((off / "validation" / "metrics.json").read_text())

@@ -41,6 +41,7 @@ def card(meta: artifact.ModelMeta, validation: dict, command: str, where: str, s
                      "when given any of them.\n" if meta.data_digests else
                      f"\n**File.** `model.pt`, sha256 `{sha256}`.\n")
     ci = validation["ci95"]
+    decisions = unsure_paragraph(meta, validation) + prior_paragraph(meta)
     rows = "\n".join(f"| {k} | {validation[k]:.3f} | [{ci[k][0]:.3f}, {ci[k][1]:.3f}] |"
                      for k in ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc"))
     return f"""# Model card: pneumoscan bundled model
@@ -54,7 +55,7 @@ head `{meta.head}`; input {meta.image_size}×{meta.image_size} grayscale, normal
 {meta.normalization.name}; temperature {meta.temperature:.3f} (fitted on validation);
 decision threshold {meta.threshold:.4f} ({metrics.describe_rule(meta.threshold_rule)}). Weights stored
 as fp16, computed in fp32.
-{file_line}
+{file_line}{decisions}
 **Training data.** Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's
 Medical Center, ages 1–5), the Kaggle training split: {t.n_train} images for training and a
 patient-grouped validation split of {t.n_val} images. Augmentation `{cfg['data']['augment']}`,
@@ -81,6 +82,37 @@ ECG leads: features that differ between hospitals.
 {command}
 ```
 """
+
+
+def unsure_paragraph(meta: artifact.ModelMeta, validation: dict) -> str:
+    """The UNSURE band, when the model has one (``ModelMeta.unsure``), with its validation coverage."""
+    u = meta.unsure
+    if not u:
+        return ""
+    counts = u.get("class_counts", {})
+    sel = validation.get("selective")
+    measured = ""
+    if sel:
+        lo, hi = sel["accuracy_ci95"]
+        measured = (f" On the validation split it decided {sel['n_decided']} of {sel['n']} films (coverage "
+                    f"{sel['coverage']:.3f}), with accuracy {sel['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] on them "
+                    f"(Wilson 95% CI, threshold {sel['threshold']:.4f}).")
+    return (f"\n**UNSURE band.** A film with {u['low']:.4f} ≤ P(PNEUMONIA) < {u['high']:.4f} is labelled UNSURE: "
+            f"Mondrian (class-conditional) split conformal prediction at {u['confidence']:g} confidence, fitted on "
+            f"{u['n_calibration']} validation films ({counts.get('NORMAL', '?')} NORMAL, "
+            f"{counts.get('PNEUMONIA', '?')} PNEUMONIA), gives such a film both classes (or none). The band "
+            f"contains the threshold, so every decided film agrees with it.{measured}\n")
+
+
+def prior_paragraph(meta: artifact.ModelMeta) -> str:
+    """The prevalence adaptation (``pneumoscan adapt``), when the model has one."""
+    p = meta.prior or {}
+    if "site" not in p:
+        return ""
+    return (f"\n**Prevalence adaptation.** Adapted to a site prevalence of {p['site']:.3f} (95% CI "
+            f"{p['ci'][0]:.3f}–{p['ci'][1]:.3f}, bootstrap), estimated by {p['method'].upper()} (Saerens, Latinne & "
+            f"Decaestecker 2002) from {p['n_images']} unlabelled films, against {p['calibration']:.3f} at calibration "
+            f"({p.get('calibration_source', '?')}): every logit is shifted by {p['logit_offset']:+.3f}.\n")
 
 
 def main() -> int:

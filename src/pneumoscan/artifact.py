@@ -131,11 +131,32 @@ class ModelMeta:
     # ``members.N.`` keys; empty for a single model, whose architecture, head and normalisation
     # are the top-level fields
     members: tuple[Member, ...] = ()
+    # the UNSURE band (metrics.conformal_band): {"low", "high", "method", "confidence", "n_calibration",
+    # "class_counts", ...}; a film with low <= P(PNEUMONIA) < high is UNSURE. None: no band, every
+    # assessed film gets NORMAL or PNEUMONIA (models older than the field, or train.unsure=none)
+    unsure: dict[str, Any] | None = None
+    # prevalence: {"calibration": the PNEUMONIA share of the films the temperature was fitted on, ...};
+    # after ``pneumoscan adapt`` also "site", "ci", "method", "n_images" and "logit_offset" (Δ, added
+    # to every logit by ``site_logits``). None for models older than the field.
+    prior: dict[str, Any] | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def is_ensemble(self) -> bool:
         return bool(self.members)
+
+    @property
+    def logit_offset(self) -> float:
+        """Δ = logit(site prevalence) - logit(calibration prevalence); 0 unless ``adapt`` set it."""
+        return float((self.prior or {}).get("logit_offset", 0.0))
+
+    def site_logits(self, logits):
+        """The logits every face turns into probabilities: the model's calibrated logit plus the
+        prior-shift offset (``pneumoscan adapt``). The one place the offset is applied; the
+        threshold and the UNSURE band in this meta are already on the shifted scale."""
+        import numpy as np
+
+        return np.asarray(logits, dtype=np.float64) + self.logit_offset
 
     def label(self, probability: float, threshold: float | None = None) -> str:
         """The class name a probability gets at ``threshold`` (default: the model's)."""

@@ -381,7 +381,9 @@ def add_predict(sub) -> None:
                    "Scores unlabelled images and writes one CSV row per image (to stdout, or to --out): path, "
                    "P(PNEUMONIA), the 0/1 prediction and its label at the model's threshold, that threshold, "
                    "flags and the model file's sha256. An image the model is not competent for (flag "
-                   "not_chest_xray or low_quality) is labelled NOT_ASSESSED, its probability not meaningful; "
+                   "not_chest_xray or low_quality) is labelled NOT_ASSESSED, its probability not meaningful; one in the "
+                   "model's UNSURE band (its conformal prediction set is not a single class) is labelled UNSURE, "
+                   "its prediction still the threshold's class; "
                    "out_of_distribution keeps the label but marks the image as unlike the training films. "
                    "Unreadable files are named on stderr and skipped (exit status 2); with --explain also one "
                    "Grad-CAM PNG per image.")
@@ -452,6 +454,40 @@ def cmd_explain(args: argparse.Namespace) -> int:
         print(skipped_line(path, reason), file=sys.stderr)
     print(f"wrote {console.plural(len(written), 'explanation')} to {args.out}")
     return 2 if skipped else 0
+
+
+# --- adapt --------------------------------------------------------------------------------------
+
+def add_adapt(sub) -> None:
+    p = add_parser(sub, "adapt", "re-base a model's probabilities on a site's pneumonia prevalence",
+                   "Estimates the site's pneumonia prevalence from its unlabelled films (EM, Saerens, Latinne & "
+                   "Decaestecker 2002; 95% CI by bootstrap over the films) and writes a copy of the model whose "
+                   "logits are shifted by logit(site) - logit(calibration prevalence). A threshold from a "
+                   "prevalence-independent rule (youden, sensitivity:X) and the UNSURE band keep their logits; a "
+                   "plain probability cut (e.g. 0.5) stays a probability. With --labels the temperature, threshold "
+                   "and UNSURE band are re-fitted on the site's labelled films. The input model is never changed.")
+    p.add_argument("--model", help="model.pt, or an exported .onnx (not with --labels) [the bundled model]")
+    p.add_argument("--images", required=True, metavar="DIR", help="the site's unlabelled films (searched recursively)")
+    p.add_argument("--out", required=True, help="the adapted copy to write (same suffix as the input)")
+    p.add_argument("--labels", metavar="DIR", help="labelled site films (NORMAL/ and PNEUMONIA/) to re-fit the "
+                   "temperature, threshold and UNSURE band on")
+    p.add_argument("--train-prior", type=float, metavar="P", help="the PNEUMONIA share the model was calibrated at, "
+                   "for models that do not record it")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the estimate's CI")
+    p.set_defaults(func=cmd_adapt)
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from pneumoscan import adapt
+
+    if args.bootstrap < 1:
+        raise UserError("--bootstrap must be at least 1")
+    result = adapt.run(args.model, args.images, args.out, labels=args.labels, train_prior=args.train_prior,
+                       n_bootstrap=args.bootstrap)
+    for warning in result["warnings"]:
+        print(f"pneumoscan: warning: {warning}", file=sys.stderr)
+    print(adapt.summary(result))
+    return 0
 
 
 # --- compare / experiments / export -------------------------------------------------------------
@@ -658,8 +694,8 @@ def exit_now(code: int) -> None:
 
 # --- main ---------------------------------------------------------------------------------------
 
-COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_robustness, add_predict, add_explain, add_compare,
-            add_experiments, add_ensemble, add_export, add_serve)
+COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_robustness, add_predict, add_explain, add_adapt,
+            add_compare, add_experiments, add_ensemble, add_export, add_serve)
 
 
 def build_parser() -> argparse.ArgumentParser:

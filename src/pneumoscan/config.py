@@ -38,6 +38,7 @@ SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "32", "bf16")
 CALIBRATIONS = ("temperature", "none")
 THRESHOLD_RULES = "0.5, youden, sensitivity:0.95 or a number in (0, 1)"
+UNSURE_RULES = "none or conformal:<confidence in (0, 1)>, e.g. conformal:0.95"  # metrics.parse_unsure
 
 _HEAD_TOKEN = re.compile(r"bn|d0?\.\d+|\d+")  # models.build_head's layer tokens
 _UNFREEZE_PAIR = re.compile(r"\s*(\d+)\s*:\s*(-?\d+)\s*")
@@ -87,6 +88,9 @@ class TrainConfig:
     # between folds for the same mean accuracy (benchmarks/accuracy.md)
     threshold: str = "0.5"  # 0.5 | youden | sensitivity:0.95 | any float in (0, 1)
     calibration: str = "temperature"  # CALIBRATIONS: temperature fitted on validation, or none (T = 1)
+    # UNSURE band: Mondrian split conformal prediction on the validation split at this confidence
+    # (metrics.conformal_band); films whose prediction set is not a single class are UNSURE
+    unsure: str = "conformal:0.95"  # conformal:<confidence> | none
     max_train_batches: float = 1.0  # fraction or count; for quick tests
     feature_cache: bool = True  # frozen backbone: train the head on cached features (fast path)
     views: int = 8  # augmented views per training image in the feature cache
@@ -188,6 +192,19 @@ def check_threshold_rule(rule: str, key: str = "train.threshold") -> str | None:
     return None
 
 
+def check_unsure_rule(rule: str, key: str = "train.unsure") -> str | None:
+    """None if ``rule`` is an UNSURE rule metrics.parse_unsure accepts, else why not."""
+    rule = rule.strip()
+    if rule == "none":
+        return None
+    if rule.startswith("conformal:"):
+        value = _float_or_none(rule.removeprefix("conformal:"))
+        if value is not None and 0 < value < 1:
+            return None
+        return f"bad UNSURE rule {rule!r} ({key}): the confidence must be in (0, 1); use {UNSURE_RULES}"
+    return f"unknown UNSURE rule {rule!r} ({key}); use {UNSURE_RULES}"
+
+
 def check_unfreeze_at(schedule: str, key: str = "train.unfreeze_at") -> str | None:
     """None if ``schedule`` parses as models.stages_to_unfreeze's "EPOCH:STAGES,..." (-1 = all)."""
     for part in filter(None, (p.strip() for p in schedule.split(","))):
@@ -237,6 +254,7 @@ CHECKS = {
     "train.precision": _choice(PRECISIONS),
     "train.threshold": check_threshold_rule,
     "train.calibration": _choice(CALIBRATIONS),
+    "train.unsure": check_unsure_rule,
     "train.max_train_batches": lambda v: None if v > 0 else f"must be > 0 (a fraction or a count), not {v!r}",
     "train.views": _at_least(1),
     "train.devices": lambda v: None if v >= 1 or v == -1 else f"must be >= 1 or -1 (all), not {v!r}",

@@ -32,12 +32,15 @@ _SUBTYPE = re.compile(r"(?:^|[_\-.\s])(" + "|".join(SUBTYPES) + r")(?=[_\-.\s]|$
 
 def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float, out_dir: str | Path,
                          paths: Sequence[str], *, n_bootstrap: int = 2000, seed: int = 0,
-                         flags: Sequence[Sequence[str]] | None = None, extra: dict | None = None) -> dict:
+                         flags: Sequence[Sequence[str]] | None = None, extra: dict | None = None,
+                         unsure: dict | None = None) -> dict:
     """Write metrics.json, predictions.csv and the plots for one set of predictions.
 
     The metrics cover every image, as the model scored it. With ``flags`` (per image, from
     ``inference.decision``) they also say how many images were flagged and what the metrics are on
-    the images the model did assess, i.e. without the NOT_ASSESSED ones. ``extra`` (e.g.
+    the images the model did assess, i.e. without the NOT_ASSESSED ones. With ``unsure`` (the
+    model's band, ``ModelMeta.unsure``) metrics.json gets a ``selective`` block: coverage and the
+    metrics on the decided films (``metrics.selective_metrics``). ``extra`` (e.g.
     ``training_overlap``'s keys) is stored in metrics.json too.
     """
     out = Path(out_dir)
@@ -53,10 +56,16 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
     flags = [tuple(f) for f in flags] if flags is not None else [()] * len(prob)
     if any(flags):
         result["flagged"] = flag_summary(y_true, prob, threshold, flags, n_bootstrap=n_bootstrap, seed=seed)
+    band = None
+    if unsure:
+        band = metrics.band_with_threshold(float(unsure["low"]), float(unsure["high"]), threshold)
+        decided = [_decision(q, threshold, f, band) not in (decision.NOT_ASSESSED, decision.UNSURE)
+                   for q, f in zip(prob, flags)]
+        result["selective"] = selective_block(y_true, prob, threshold, decided, unsure, band)
     write_json(out / "metrics.json", result)
     pred = (prob >= threshold).astype(int)
     write_csv(out / "predictions.csv", ["path", "label", "probability", "prediction", "decision", "flags"],
-              [(p, int(t), f"{q:.6f}", int(k), _decision(q, threshold, f), ";".join(f))
+              [(p, int(t), f"{q:.6f}", int(k), _decision(q, threshold, f, band), ";".join(f))
                for p, t, q, k, f in zip(paths, y_true, prob, pred, flags)])
     plots.confusion_matrix_plot(result["confusion_matrix"], out / "confusion_matrix.png")
     if len(set(y_true.tolist())) == 2:
@@ -68,10 +77,22 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
 
 
 
-def _decision(prob: float, threshold: float, flags: Sequence[str]) -> str:
+def _decision(prob: float, threshold: float, flags: Sequence[str], band: tuple[float, float] | None = None) -> str:
+    """As ``inference.decision.decide`` labels the film: NOT_ASSESSED wins over UNSURE."""
     if any(f in decision.NOT_COMPETENT for f in flags):
         return decision.NOT_ASSESSED
+    if band is not None and band[0] <= prob < band[1]:
+        return decision.UNSURE
     return CLASS_NAMES[int(prob >= threshold)]
+
+
+def selective_block(y_true, prob, threshold: float, decided, unsure: dict, band: tuple[float, float]) -> dict:
+    """metrics.json's ``selective``: the band that was used (and how it was fitted), coverage, and
+    accuracy, sensitivity and specificity on the decided films with Wilson 95% CIs."""
+    fitted = {k: unsure[k] for k in ("method", "confidence", "n_calibration", "class_counts", "fitted_on")
+              if k in unsure}
+    return {"band": [band[0], band[1]], "band_fitted": fitted, "data": "the films evaluated here",
+            "decided": "neither UNSURE nor NOT_ASSESSED"} | metrics.selective_metrics(y_true, prob, threshold, decided)
 
 
 def flag_summary(y_true, prob, threshold: float, flags: Sequence[Sequence[str]], *, n_bootstrap: int = 2000,
@@ -240,7 +261,7 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
     thr = meta.threshold if threshold is None else float(threshold)
     overlap = training_overlap(meta, [s.path for s in kept])
     result = evaluate_predictions(y, prob, thr, out, [s.path for s in kept], n_bootstrap=n_bootstrap,
-                                  flags=[v.flags for v in verdicts], extra=overlap)
+                                  flags=[v.flags for v in verdicts], extra=overlap, unsure=meta.unsure)
     if errors > 0:
         write_errors(_cam_model(scorer), meta, images, y, prob, thr, [s.path for s in kept], out, k=errors,
                      method=method)
@@ -259,6 +280,8 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
     }
     write_json(out / "evaluation.json", evaluation)
     log.info("evaluated %d images from %s with %s: %s", len(kept), data_root, scorer.name, summary_line(result))
+    if "selective" in result:
+        log.info("%s", selective_line(result["selective"]))
     if "flagged" in result:
         f = result["flagged"]
         log.warning("%d of %d images NOT_ASSESSED (%s); metrics without them are in metrics.json (flagged)",
@@ -280,6 +303,14 @@ def _cam_model(scorer):
     log.warning("%s is an ONNX file: the errors are listed in errors.csv but not explained (Grad-CAM needs "
                 "the model.pt)", scorer.path.name)
     return None
+
+
+def selective_line(sel: dict) -> str:
+    """One line on the decided films, as the log and the report word it."""
+    lo, hi = sel["accuracy_ci95"]
+    return (f"decided {sel['n_decided']} of {sel['n']} films (coverage {sel['coverage']:.3f}; UNSURE band "
+            f"[{sel['band'][0]:.3f}, {sel['band'][1]:.3f})): accuracy on them {sel['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
+            f"at threshold {sel['threshold']:.3f}")
 
 
 def summary_line(result: dict) -> str:

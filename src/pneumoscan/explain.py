@@ -74,6 +74,7 @@ from torch import nn
 
 from pneumoscan import CLASS_NAMES, artifact, data, imaging, metrics, models, plots
 from pneumoscan.artifact import ModelMeta
+from pneumoscan.inference.decision import UNSURE, unsure_band
 from pneumoscan.inference.torch_model import as_batch, predict_logits
 from pneumoscan.errors import UserError
 from pneumoscan.files import write_csv
@@ -450,10 +451,11 @@ def _explain_batches(model: nn.Module, meta: ModelMeta, explainer: CamExplainer,
         if not decoded.kept:
             continue
         kept = [chunk[i] for i in decoded.kept]
-        prob = metrics.sigmoid(predict_logits(model, decoded.images))
+        prob = metrics.sigmoid(meta.site_logits(predict_logits(model, decoded.images)))
         cams = compute_cams(model, meta.architecture, decoded.images, method, explainer=explainer)
+        band = unsure_band(meta, threshold)
         for f, image, cam, p in zip(kept, decoded.images, cams, prob):
-            label = meta.label(float(p), threshold)
+            label = UNSURE if band and band[0] <= p < band[1] else meta.label(float(p), threshold)
             png = save_explanation(image, cam, float(p), label, out / _png_name(f, method, taken),
                                    title=Path(f).name, method=method, scale=scale)
             written.append(png)

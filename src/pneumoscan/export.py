@@ -123,8 +123,8 @@ def _spread(images: np.ndarray, n: int) -> np.ndarray:
 
 def add_selfcheck(proto: onnx.ModelProto, fp32_path: Path, int8_path: Path, images: np.ndarray) -> None:
     """Store ``images`` and what the fp32 and the INT8 model (saved at ``int8_path``) answer for them."""
-    fp32 = OnnxEngine(fp32_path, threads=1).predict_proba(images)
-    int8 = OnnxEngine(int8_path, threads=1).predict_proba(images)
+    fp32 = OnnxEngine(fp32_path, threads=1).model_proba(images)
+    int8 = OnnxEngine(int8_path, threads=1).model_proba(images)
     kept = [p for p in proto.metadata_props if p.key != SELFCHECK_KEY]
     del proto.metadata_props[:]
     proto.metadata_props.extend(kept)

@@ -180,6 +180,37 @@ def _flagged(result: Mapping) -> dict | None:
                          ("roc_auc", "ROC-AUC")) if key in kept]}
 
 
+def _band_text(meta: ModelMeta) -> str:
+    u = meta.unsure
+    if not u:
+        return "none (every assessed film gets NORMAL or PNEUMONIA)"
+    return (f"[{u['low']:.4f}, {u['high']:.4f}): {u.get('method', '?')} at {u.get('confidence', float('nan')):g} "
+            f"confidence, {u.get('n_calibration', '?')} calibration films")
+
+
+def _prior_text(meta: ModelMeta) -> str:
+    p = meta.prior or {}
+    if "site" not in p:
+        return "none"
+    return (f"site prevalence {p['site']:.3f} (95% CI {p['ci'][0]:.3f}–{p['ci'][1]:.3f}, {p['method']} on "
+            f"{p['n_images']} unlabelled films) vs {p['calibration']:.3f} at calibration: logit offset "
+            f"{p['logit_offset']:+.3f}")
+
+
+def _selective(result: Mapping) -> dict | None:
+    """Coverage and the metrics on the decided films (neither UNSURE nor NOT_ASSESSED), when the
+    model has an UNSURE band."""
+    sel = result.get("selective")
+    if not sel:
+        return None
+    return {"band": sel["band"], "coverage": sel["coverage"], "coverage_ci": sel["coverage_ci95"],
+            "n": sel["n"], "n_decided": sel["n_decided"], "threshold": sel["threshold"],
+            "confidence": (sel.get("band_fitted") or {}).get("confidence"),
+            "undecided": sel["undecided_by_class"],
+            "metrics": [{"name": name, "value": sel[key], "ci": sel[f"{key}_ci95"]} for key, name in
+                        (("accuracy", "Accuracy"), ("sensitivity", "Sensitivity"), ("specificity", "Specificity"))]}
+
+
 def _overlap(result: Mapping, source: Mapping) -> dict | None:
     """The training-data overlap banner, when the evaluation checked (or could not check) it."""
     if "n_in_training_data" not in result and "n_in_training_data" not in source:
@@ -242,6 +273,7 @@ def context(eval_dir: str | Path, meta: ModelMeta, source: Mapping, run_dir: str
                                        ("specificity", "Specificity"))],
         "overlap": _overlap(result, source),
         "flagged": _flagged(result),
+        "selective": _selective(result),
         "rate_ci_method": CI_METHOD_NAMES.get(methods.get("recall", ""), ""),
         "model": [
             ("architecture", meta.architecture), ("head", meta.head),
@@ -251,6 +283,8 @@ def context(eval_dir: str | Path, meta: ModelMeta, source: Mapping, run_dir: str
             ("decision threshold", _number(meta.threshold, 4)),
             ("threshold rule", meta.threshold_rule),
             ("temperature", _number(meta.temperature)),
+            ("UNSURE band", _band_text(meta)),
+            ("prevalence adaptation", _prior_text(meta)),
             ("pneumoscan / torch", f"{meta.pneumoscan_version} / {meta.torch_version or '?'}"),
         ],
         "config": _flatten(meta.config),

@@ -445,6 +445,7 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
     val_prob = metrics.sigmoid(val_logits / temperature)
     threshold = metrics.choose_threshold(val_y, val_prob, tc.threshold)
     log.info("temperature %.3f (fitted on validation); threshold %.4f (rule %s)", temperature, threshold, tc.threshold)
+    band = fit_unsure(val_y, val_prob, threshold, tc.unsure)
     detector = fit_ood(model, p.split_data, seed=tc.seed) if tc.ood else None
 
     training = artifact.TrainingInfo(
@@ -455,24 +456,53 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
     meta = artifact.make_meta(architecture=mc.backbone, head=mc.head, image_size=dc.image_size,
                               weights_info=p.weights_info, threshold=threshold, threshold_rule=tc.threshold,
                               config=p.config.to_dict(), training=training).replace(
-        temperature=temperature, ood=detector, quality=gate.default_limits(dc.image_size).to_dict())
+        temperature=temperature, ood=detector, quality=gate.default_limits(dc.image_size).to_dict(), unsure=band,
+        prior=calibration_prior(val_y, metrics.logit(val_prob), "validation split"))
     # every file the weights, the temperature or the threshold were fitted on: evaluate warns on overlap
     seen = [s.path for split in ("train", "val") for s in p.split_data[split][0]]
     meta = meta.replace(data_digests=tuple(content_digests(seen)))
     artifact.save(p.run_dir / "model.pt", model, meta)
-    evaluate.evaluate_predictions(val_y, val_prob, threshold, p.run_dir / "validation", [s.path for s in val_samples])
+    evaluate.evaluate_predictions(val_y, val_prob, threshold, p.run_dir / "validation", [s.path for s in val_samples],
+                                  unsure=band)
 
     shown = ("validation", val_samples, val_images, val_prob)
     if "test" in p.split_data:
         test_samples, test_images = p.split_data["test"]
         test_prob = metrics.sigmoid(predict_logits(model, test_images, device=t.device))
         result = evaluate.evaluate_predictions(np.array([s.label for s in test_samples]), test_prob, threshold,
-                                               p.run_dir / "test", [s.path for s in test_samples])
+                                               p.run_dir / "test", [s.path for s in test_samples], unsure=band)
         log.info("test: %s", evaluate.summary_line(result))
         shown = ("test", test_samples, test_images, test_prob)
     if report:
         write_run_report(p.run_dir, meta, model, *shown, n_skipped=len(p.skipped))
     return p.run_dir
+
+
+def fit_unsure(y: np.ndarray, prob: np.ndarray, threshold: float, rule: str) -> dict | None:
+    """The UNSURE band for ``ModelMeta.unsure`` from calibrated validation probabilities (rule
+    ``conformal:<confidence>``, see ``metrics.conformal_band``), or None for rule ``none``. Fitted
+    after the temperature and the threshold, on the same films: the band is of the probabilities
+    the model will output, and contains the threshold it will use."""
+    confidence = metrics.parse_unsure(rule)
+    if confidence is None:
+        return None
+    if len(set(np.asarray(y).tolist())) < 2:
+        log.warning("no UNSURE band: the validation split has a single class")
+        return None
+    band = metrics.conformal_band(y, prob, confidence, threshold)
+    unsure = metrics.in_band(prob, band["low"], band["high"])
+    log.info("UNSURE band [%.4f, %.4f) (Mondrian conformal, %g confidence, %d validation films): %d of them "
+             "UNSURE", band["low"], band["high"], confidence, len(y), int(unsure.sum()))
+    return band | {"rule": rule, "fitted_on": "validation split"}
+
+
+def calibration_prior(y: np.ndarray, logits: np.ndarray, source: str) -> dict:
+    """``ModelMeta.prior`` at training time: the PNEUMONIA share of the films the temperature was
+    fitted on, and the prevalence the calibrated probabilities are really posteriors at
+    (``metrics.effective_prior``), which is where ``adapt`` shifts from."""
+    y = np.asarray(y).astype(int)
+    return {"calibration": float(y.mean()), "effective": metrics.effective_prior(logits, y),
+            "n_calibration": int(y.size), "calibration_source": source}
 
 
 def fit_ood(model: models.Classifier, split_data: dict, *, seed: int) -> dict | None:

@@ -12,6 +12,13 @@ the classifier, and every command (predict, evaluate, the API and the page) repo
 ``not_chest_xray`` and ``low_quality`` mean the model is not competent for the image: the label
 is NOT_ASSESSED (the probability is still returned, marked as not meaningful).
 ``out_of_distribution`` keeps the label and says that the image is unlike the training data.
+
+An assessed image whose calibrated probability lies in the model's UNSURE band
+(``ModelMeta.unsure``, Mondrian conformal prediction fitted on validation films) is labelled
+UNSURE: its conformal prediction set is both classes (or none), so the model should not decide
+it. ``prediction`` stays the threshold's class (metrics, the worklist order and the CSV still
+use it) and ``decided`` is False. NOT_ASSESSED wins over UNSURE: a film the model is not
+competent for has no meaningful band either.
 """
 
 from __future__ import annotations
@@ -27,6 +34,7 @@ from pneumoscan.artifact import ModelMeta
 from pneumoscan.inference.engines import Engine
 
 NOT_ASSESSED = "NOT_ASSESSED"
+UNSURE = "UNSURE"
 LOW_QUALITY, NOT_CHEST, OUT_OF_DISTRIBUTION = gate.CODE, ood.NOT_CHEST, ood.OOD
 FLAGS = (NOT_CHEST, LOW_QUALITY, OUT_OF_DISTRIBUTION)
 NOT_COMPETENT = (NOT_CHEST, LOW_QUALITY)  # the model's answer means nothing for such an image
@@ -36,16 +44,27 @@ NOT_COMPETENT = (NOT_CHEST, LOW_QUALITY)  # the model's answer means nothing for
 class Verdict:
     probability: float  # calibrated P(PNEUMONIA); not meaningful when not assessed
     logit: float
-    label: str  # NORMAL | PNEUMONIA | NOT_ASSESSED
-    prediction: int | None  # 1 if probability >= threshold, else 0; None when not assessed
+    label: str  # NORMAL | PNEUMONIA | UNSURE | NOT_ASSESSED
+    prediction: int | None  # 1 if probability >= threshold, else 0 (UNSURE too); None when not assessed
     threshold: float
     flags: tuple[str, ...] = ()
     details: tuple[str, ...] = ()  # one sentence per flag, in the same order
     ood_score: float | None = None
+    decided: bool = True  # False for UNSURE and NOT_ASSESSED: the model gives no class
 
     @property
     def assessed(self) -> bool:
         return self.label != NOT_ASSESSED
+
+
+def unsure_band(meta: ModelMeta, threshold: float | None = None) -> tuple[float, float] | None:
+    """The model's UNSURE band [low, high), widened to contain ``threshold`` when a caller
+    overrides the model's (so decided films still agree with the threshold used); None without a band."""
+    u = meta.unsure
+    if not u:
+        return None
+    low, high = float(u["low"]), float(u["high"])
+    return (low, high) if threshold is None else metrics.band_with_threshold(low, high, float(threshold))
 
 
 def quality_limits(meta: ModelMeta) -> gate.QualityLimits:
@@ -73,9 +92,11 @@ def ood_flag(meta: ModelMeta, score: float) -> str | None:
 
 def decide(meta: ModelMeta, logits: np.ndarray, ood_scores: np.ndarray, quality: Sequence[Sequence[gate.Flag]],
            threshold: float | None = None) -> list[Verdict]:
-    """One Verdict per image from its logit, OOD score and failed quality checks."""
+    """One Verdict per image from its logit (the engine's; ``meta.site_logits`` adds any prior
+    offset), OOD score and failed quality checks."""
     thr = meta.threshold if threshold is None else float(threshold)
-    logits = np.asarray(logits, dtype=np.float64)
+    band = unsure_band(meta, None if threshold is None else thr)
+    logits = meta.site_logits(logits)
     out = []
     for z, p, s, failed in zip(logits, metrics.sigmoid(logits), np.asarray(ood_scores, dtype=np.float64), quality,
                                strict=True):
@@ -90,8 +111,10 @@ def decide(meta: ModelMeta, logits: np.ndarray, ood_scores: np.ndarray, quality:
             details.append(gate.summary(list(failed)))
         assessed = not any(f in NOT_COMPETENT for f in flags)
         prediction = int(p >= thr) if assessed else None
-        out.append(Verdict(p, float(z), meta.class_names[prediction] if assessed else NOT_ASSESSED, prediction,
-                           thr, tuple(flags), tuple(details), float(s) if math.isfinite(s) else None))
+        unsure = assessed and band is not None and band[0] <= p < band[1]
+        label = NOT_ASSESSED if not assessed else UNSURE if unsure else meta.class_names[prediction]
+        out.append(Verdict(p, float(z), label, prediction, thr, tuple(flags), tuple(details),
+                           float(s) if math.isfinite(s) else None, decided=assessed and not unsure))
     return out
 
 

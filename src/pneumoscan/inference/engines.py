@@ -54,7 +54,13 @@ class Engine:
         raise NotImplementedError
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """uint8 (N, H, W) at ``meta.image_size`` -> P(PNEUMONIA), float64 (N,)."""
+        """uint8 (N, H, W) at ``meta.image_size`` -> P(PNEUMONIA), float64 (N,), at the site's prior
+        when the model was adapted (``ModelMeta.site_logits``)."""
+        return metrics.sigmoid(self.meta.site_logits(self.predict_logits(images, batch_size)))
+
+    def model_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
+        """P(PNEUMONIA) as the file's graph computes it, without the prior offset: what self-checks
+        compare, since adapting a model (``pneumoscan adapt``) changes its meta, not its graph."""
         return metrics.sigmoid(self.predict_logits(images, batch_size))
 
     def _check(self, images: np.ndarray) -> np.ndarray:
@@ -135,7 +141,7 @@ class OnnxEngine(Engine):
         try:
             check = decode_selfcheck(raw)
             expected = np.asarray(check["int8_prob"], dtype=np.float64)
-            got = self.predict_proba(check["images"])
+            got = self.model_proba(check["images"])
             return float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
         except Exception as exc:  # a damaged check is a failed check
             log.debug("self-check of %s unreadable: %s", self.onnx_path, exc)

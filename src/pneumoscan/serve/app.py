@@ -87,8 +87,12 @@ class Score(BaseModel):
                                            "is NOT_ASSESSED")
     logit: float = Field(description="the calibrated logit (orders images whose probabilities round alike)")
     prediction: int | None = Field(None, description="1 if probability >= threshold, else 0; absent when NOT_ASSESSED")
-    label: str = Field(description="NORMAL, PNEUMONIA, or NOT_ASSESSED when a flag says the model is not "
-                                   "competent for the image (not_chest_xray, low_quality)")
+    label: str = Field(description="NORMAL, PNEUMONIA, UNSURE when the probability lies in the model's UNSURE "
+                                   "band (its conformal prediction set is not a single class; the band is in "
+                                   "/v1/model), or NOT_ASSESSED when a flag says the model is not competent for "
+                                   "the image (not_chest_xray, low_quality); NOT_ASSESSED wins over UNSURE")
+    decided: bool = Field(True, description="false for UNSURE and NOT_ASSESSED: the model gives no class "
+                                            "(prediction is then the threshold's class, or absent)")
     threshold: float
     flags: list[str] = Field(description="input checks the image failed: not_chest_xray, low_quality (label "
                                          "NOT_ASSESSED), out_of_distribution (label kept); empty when none")
@@ -113,6 +117,7 @@ class BatchItem(BaseModel):
     logit: float | None = None
     prediction: int | None = None
     label: str | None = None
+    decided: bool | None = None
     threshold: float | None = None
     flags: list[str] | None = None
     flag_details: list[str] | None = None

@@ -50,6 +50,8 @@ def model_card(meta: ModelMeta, *, sha256: str, runtime: str) -> dict[str, Any]:
         "threshold_rule": meta.threshold_rule,
         "threshold_source": describe_rule(meta.threshold_rule),
         "temperature": meta.temperature,
+        "unsure": unsure_card(meta),
+        "prevalence": prevalence_card(meta),
         "training_data": {
             # the folder name only: the server's paths are none of the client's business
             "dataset": PurePath(data_config["root"]).name if data_config.get("root") else None,
@@ -77,6 +79,35 @@ def members(meta: ModelMeta) -> list[dict[str, Any]]:
              if m.backbone_weights.get("source") else None,
              "unfreeze_blocks": (m.config.get("model") or {}).get("unfreeze_blocks"),
              "model_sha256": m.source.get("model_sha256")} for m in meta.members]
+
+
+def unsure_card(meta: ModelMeta) -> dict[str, Any] | None:
+    """The UNSURE band: [low, high) on the calibrated probability, and how it was fitted."""
+    u = meta.unsure
+    if not u:
+        return None
+    return {"low": u["low"], "high": u["high"], "method": u.get("method"), "confidence": u.get("confidence"),
+            "n_calibration": u.get("n_calibration"), "class_counts": u.get("class_counts"),
+            "fitted_on": u.get("fitted_on"),
+            "meaning": (f"a film with {u['low']:.4f} <= probability < {u['high']:.4f} is labelled UNSURE: its "
+                        "class-conditional conformal prediction set is both classes (or none), so a reader, not the "
+                        "model, decides it; the band contains the threshold, so every decided film agrees with it")}
+
+
+def prevalence_card(meta: ModelMeta) -> dict[str, Any] | None:
+    """The prevalence the probabilities assume, and the site adaptation (``pneumoscan adapt``) if any."""
+    p = meta.prior
+    if not p:
+        return None
+    out = {"calibration": p.get("calibration"), "calibration_source": p.get("calibration_source"),
+           "n_calibration": p.get("n_calibration")}
+    if "site" in p:
+        out |= {"site": p["site"], "ci95": p.get("ci"), "method": p.get("method"), "n_images": p.get("n_images"),
+                "logit_offset": p.get("logit_offset"),
+                "meaning": (f"adapted to a site prevalence of {p['site']:.3f} (95% CI {p['ci'][0]:.3f}-{p['ci'][1]:.3f}), "
+                            f"estimated by EM (Saerens et al. 2002) from {p['n_images']} unlabelled films: every logit "
+                            f"is shifted by {p['logit_offset']:+.3f}")}
+    return out
 
 
 FLAG_MEANINGS = {

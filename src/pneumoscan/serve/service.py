@@ -34,7 +34,7 @@ log = logging.getLogger(__name__)
 def _row(v: "decision.Verdict") -> dict[str, Any]:
     return {"probability": v.probability, "logit": v.logit, "prediction": v.prediction, "label": v.label,
             "threshold": v.threshold, "flags": list(v.flags), "flag_details": list(v.details),
-            "ood_score": v.ood_score}
+            "ood_score": v.ood_score, "decided": v.decided}
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -33,7 +33,7 @@
   // --- worklist groups -------------------------------------------------------------------------
   const GROUPS = [
     { key: "pneumonia", title: "PNEUMONIA", hint: "above the threshold, most suspicious first" },
-    { key: "unsure", title: "UNSURE", hint: "near the threshold" },
+    { key: "unsure", title: "UNSURE", hint: "in the model's UNSURE band: it does not decide these" },
     { key: "normal", title: "NORMAL", hint: "below the threshold, most suspicious first" },
     { key: "human", title: "Needs a human", hint: "flagged or not assessed by the model" },
     { key: "error", title: "Not analysed", hint: "the file could not be scored" },
