@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
 import sys
 import time
 from pathlib import Path
@@ -242,7 +241,6 @@ def score_model(model_path: Path, samples, images, fold: dict) -> dict[str, np.n
 
 
 def run(names: list[str], out: Path, weights: Path, overrides: list[str], variants: bool) -> None:
-    import torch
 
     from pneumoscan import train
 
@@ -297,18 +295,24 @@ def wise(run_dir: Path, probe: Path, alpha: float, samples, images, fold, target
 
 # ------------------------------------------------------------------ the table
 
+KEYS = ("val", "id", "loco")
+
+
 def evaluate_scores(z: dict, calibration: str = "as trained") -> dict:
-    """Every protocol number of one (recipe, fold) from its saved logits."""
+    """Every protocol number of one (recipe, fold) from its saved logits, at the model's threshold."""
     thr = float(z["threshold"])
     prob = lambda key: recalibrate(z, key, calibration)  # noqa: E731
-    id_r = robustness.rates(z["id_y"], prob("id"), thr)
-    loco_r = robustness.rates(z["loco_y"], prob("loco"), thr)
-    rows = [{"shift": "none"} | robustness.rates(z["shift_y"], prob("shift:none") if "shift:none" in z else prob("id")[:0], thr)] \
-        if False else []
-    for shift in robustness.SUITE:
-        rows.append({"shift": shift.name} | robustness.rates(z["shift_y"], prob(f"shift:{shift.name}"), thr))
-    worst = robustness.worst_case(rows)
-    return {"id": id_r, "loco": loco_r, "shift": worst, "rows": rows}
+    rows = [{"shift": shift.name} | robustness.rates(z["shift_y"], prob(f"shift:{shift.name}"), thr)
+            for shift in robustness.SUITE]
+    return {"id": robustness.rates(z["id_y"], prob("id"), thr), "loco": robustness.rates(z["loco_y"], prob("loco"), thr),
+            "shift": robustness.worst_case(rows), "rows": rows, "threshold": thr,
+            "loco_counts": _counts(z["loco_y"], prob("loco"), thr)}
+
+
+def _counts(y: np.ndarray, p: np.ndarray, thr: float) -> dict[str, int]:
+    pred = p >= thr
+    return {"tn": int(((~pred) & (y == 0)).sum()), "n0": int((y == 0).sum()),
+            "correct": int((pred == (y == 1)).sum()), "n": int(len(y))}
 
 
 def recalibrate(z: dict, key: str, how: str) -> np.ndarray:
@@ -329,38 +333,90 @@ def recalibrate(z: dict, key: str, how: str) -> np.ndarray:
     raise ValueError(how)
 
 
-def ensemble(members: list[dict]) -> dict:
-    """Mean calibrated logit of members scored on the same fold, re-calibrated (temperature) and
-    re-thresholded (first member's rule: we use each member's own threshold's rule-free mean) on
-    the fold's validation split."""
-    out = {k: np.mean([m[k] for m in members], axis=0) for k in members[0] if k.startswith(("val", "id", "loco", "shift"))
-           and not k.endswith("_y")}
-    for k in members[0]:
-        if k.endswith("_y"):
-            out[k] = members[0][k]
-    t = metrics.fit_temperature(out["val"], out["val_y"])
-    for k in list(out):
-        if not k.endswith("_y"):
-            out[k] = out[k] / t
+def ensemble(members: list[dict], rule: str) -> dict:
+    """The mean of the members' calibrated logits, re-calibrated by a temperature and
+    re-thresholded with ``rule`` on the fold's validation split (as ``pneumoscan ensemble`` does)."""
+    mean = {k: np.mean([m[k].astype(np.float64) for m in members], axis=0) for k in members[0]
+            if (k in KEYS or k.startswith("shift:"))}
+    t = metrics.fit_temperature(mean["val"], members[0]["val_y"])
+    out = {k: v / t for k, v in mean.items()} | {k: members[0][k] for k in members[0] if k.endswith("_y")}
     out["temperature"] = np.array(t)
-    rule = "youden"
     out["threshold"] = np.array(metrics.choose_threshold(out["val_y"], metrics.sigmoid(out["val"]), rule))
+    out["train_seconds"] = np.array(sum(float(m.get("train_seconds", np.nan)) for m in members))
     return out
 
 
-def table(out: Path) -> str:
-    scores = {}
+def load_scores(out: Path) -> dict[str, dict[str, dict]]:
+    scores: dict[str, dict[str, dict]] = {}
     for f in sorted((out / "scores").glob("*.npz")):
         recipe, fold = f.stem.rsplit("-", 1)
         scores.setdefault(recipe, {})[fold] = dict(np.load(f))
-    lines = []
-    results = {}
-    for recipe, by_fold in scores.items():
-        if set(by_fold) != set(SERIES):
-            continue
-        results[recipe] = {fold: evaluate_scores(z) for fold, z in by_fold.items()}
-    return json.dumps({r: {f: {k: v for k, v in e.items() if k != "rows"} for f, e in fs.items()}
-                       for r, fs in results.items()}, indent=1, default=float)
+    return {r: f for r, f in scores.items() if set(f) == set(SERIES)}
+
+
+RULES = {"seed-study": "youden", "notebook": "0.5"}
+
+
+def summarise(by_fold: dict[str, dict], calibration: str = "as trained") -> dict:
+    e = {fold: evaluate_scores(z, calibration) for fold, z in by_fold.items()}
+    mean = lambda part, key: float(np.mean([e[f][part][key] for f in SERIES]))  # noqa: E731
+    tn = sum(e[f]["loco_counts"]["tn"] for f in SERIES)
+    n0 = sum(e[f]["loco_counts"]["n0"] for f in SERIES)
+    return {
+        "id_auc": mean("id", "roc_auc"), "id_accuracy": mean("id", "accuracy"), "id_ece": mean("id", "ece"),
+        "loco_accuracy": mean("loco", "accuracy"), "loco_sensitivity": mean("loco", "sensitivity"),
+        "loco_specificity_pooled": tn / n0, "loco_specificity_ci": metrics.proportion_ci(tn, n0),
+        "loco_auc": mean("loco", "roc_auc"), "loco_ece": mean("loco", "ece"),
+        "shift_worst_spec95": mean("shift", "worst_specificity_at_sens95"),
+        "shift_worst_specificity": mean("shift", "worst_specificity"),
+        "shift_worst_sensitivity": mean("shift", "worst_sensitivity"),
+        "shift_worst_auc": mean("shift", "worst_roc_auc"), "shift_mean_ece": mean("shift", "mean_ece"),
+        "shift_worst_ece": mean("shift", "worst_ece"),
+        "train_minutes": float(np.mean([float(by_fold[f].get("train_seconds", np.nan)) for f in SERIES])) / 60,
+        "per_fold": {f: {k: v for k, v in e[f].items() if k != "rows"} for f in SERIES},
+        "rows": {f: e[f]["rows"] for f in SERIES},
+    }
+
+
+def select(results: dict[str, dict], baseline: str = "seed-study") -> tuple[str, list[str]]:
+    """The protocol's rule (module docstring); returns the winner and the eligible recipes."""
+    floor = results[baseline]["id_auc"] - 0.01
+    eligible = [r for r, v in results.items() if v["id_auc"] >= floor]
+    score = lambda r: (results[r]["loco_accuracy"] + results[r]["shift_worst_spec95"]) / 2  # noqa: E731
+    best = max(score(r) for r in eligible)
+    tied = [r for r in eligible if score(r) >= best - 0.005]
+    return min(tied, key=lambda r: results[r]["shift_mean_ece"]), eligible
+
+
+def table(out: Path) -> str:
+    scores = load_scores(out)
+    base = {r: f for r, f in scores.items() if "+" not in r}
+    for a in sorted(base):
+        for b in sorted(base):
+            if a < b:
+                scores[f"{a}+{b}"] = {f: ensemble([base[a][f], base[b][f]], RULES.get(a, "0.5")) for f in SERIES}
+    results = {r: summarise(f) for r, f in scores.items()}
+    winner, eligible = select(results)
+    lines = ["| recipe | ID ROC-AUC | ID acc. | LOCO acc. | LOCO sens. | LOCO spec. (pooled, 95% CI) | "
+             "worst shift spec. @ sens 0.95 | worst shift spec. | worst shift sens. | mean shift ECE | LOCO ECE | "
+             "score | train min/fold |", "|" + "---|" * 13]
+    for r, v in sorted(results.items(), key=lambda kv: -(kv[1]["loco_accuracy"] + kv[1]["shift_worst_spec95"])):
+        lo, hi = v["loco_specificity_ci"]
+        mark = " **(chosen)**" if r == winner else ("" if r in eligible else " (not eligible)")
+        lines.append(f"| {r}{mark} | {v['id_auc']:.3f} | {v['id_accuracy']:.3f} | {v['loco_accuracy']:.3f} | "
+                     f"{v['loco_sensitivity']:.3f} | {v['loco_specificity_pooled']:.3f} [{lo:.3f}, {hi:.3f}] | "
+                     f"{v['shift_worst_spec95']:.3f} | {v['shift_worst_specificity']:.3f} | "
+                     f"{v['shift_worst_sensitivity']:.3f} | {v['shift_mean_ece']:.3f} | {v['loco_ece']:.3f} | "
+                     f"{(v['loco_accuracy'] + v['shift_worst_spec95']) / 2:.3f} | {v['train_minutes']:.1f} |")
+    calib = ["| recipe | calibration | ID ECE | LOCO ECE | mean shift ECE | worst shift ECE |", "|" + "---|" * 6]
+    for r in sorted(results, key=lambda r: -(results[r]["loco_accuracy"] + results[r]["shift_worst_spec95"]))[:6]:
+        for how in ("as trained", "none", "isotonic"):
+            v = summarise(scores[r], how) if how != "as trained" else results[r]
+            calib.append(f"| {r} | {how} | {v['id_ece']:.3f} | {v['loco_ece']:.3f} | {v['shift_mean_ece']:.3f} | "
+                         f"{v['shift_worst_ece']:.3f} |")
+    (out / "results.json").write_text(json.dumps({"winner": winner, "eligible": eligible, "results": results},
+                                                 indent=1, default=float))
+    return "\n".join(lines) + "\n\n" + "\n".join(calib) + f"\n\nchosen by the rule: {winner}\n"
 
 
 def main(argv=None) -> int:

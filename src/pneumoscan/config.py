@@ -276,10 +276,11 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
                  "train": {"epochs": 30, "patience": 7, "schedule": "constant", "threshold": "0.5",
                            "calibration": "none"}},
     # LP-FT (Kumar et al. 2022): the head first on cached features, then every layer gently
-    "lp-ft": {"train": {"linear_probe_epochs": 30, "epochs": 3, "patience": 2, "lr": 1e-3, "backbone_lr": 3e-5}},
+    "lp-ft": {"train": {"linear_probe_epochs": 30, "views": 2, "epochs": 3, "patience": 2, "lr": 1e-3,
+                        "backbone_lr": 3e-5}},
     # WiSE-FT (Wortsman et al. 2022) on top: halfway back from the fine-tuned weights to the probe
-    "wise-ft": {"train": {"linear_probe_epochs": 30, "epochs": 3, "patience": 2, "lr": 1e-3, "backbone_lr": 3e-5,
-                          "wise_alpha": 0.5}},
+    "wise-ft": {"train": {"linear_probe_epochs": 30, "views": 2, "epochs": 3, "patience": 2, "lr": 1e-3,
+                          "backbone_lr": 3e-5, "wise_alpha": 0.5}},
 }
 
 

@@ -99,14 +99,15 @@ def _member(run_dir: Path, meta: ModelMeta, config: dict) -> Member:
 
 
 def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_rule: str | None = None,
-            ood: bool | None = None, seed: int = 0, strict: bool = False,
+            ood: bool | None = None, seed: int = 0, strict: bool = False, unsure_rule: str | None = None,
             progress: Callable[[str, int, int], None] | None = None) -> Path:
     """Write ``out_dir/model.pt``, the ensemble of the runs' models, with ``validation/`` (its
     evaluation on the shared validation split, each member's ROC-AUC and Brier score beside it)
     and ``manifest.csv`` (the images its temperature, threshold and OOD detector were fitted on).
 
     ``threshold_rule``: the operating point's rule (default: the first run's); ``ood``: fit an
-    out-of-distribution detector (default: when any member has one). Returns ``out_dir``.
+    out-of-distribution detector (default: when any member has one); ``unsure_rule``: the UNSURE
+    band's rule (default: the first run's ``train.unsure``). Returns ``out_dir``.
     """
     started = time.perf_counter()
     run_dirs = [Path(r) for r in run_dirs]
@@ -143,6 +144,10 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
     threshold = metrics.choose_threshold(y_val, val_prob, rule)
     log.info("ensemble of %d: temperature %.3f, threshold %.4f (rule %s), fitted on %d validation images",
              len(nets), temperature, threshold, rule, len(val_samples))
+    # the members' own UNSURE rule (first run's), refitted for the ensemble's probabilities
+    unsure_rule = (configs[0].get("train") or {}).get("unsure", "none") if unsure_rule is None else unsure_rule
+    band = train.fit_unsure(y_val, val_prob, threshold, unsure_rule)
+    prior = train.calibration_prior(y_val, metrics.logit(val_prob), "validation split")
 
     detector, train_samples = None, []
     if with_ood:
@@ -165,7 +170,7 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
                                        n_train=len(train_rows), n_val=len(val_samples)),
         torch_version=str(torch.__version__), ood=detector,
         quality=metas[0].quality or gate.default_limits(size).to_dict(), data_digests=tuple(digests),
-        members=tuple(_member(r, m, c) for r, m, c in zip(run_dirs, metas, configs)))
+        members=tuple(_member(r, m, c) for r, m, c in zip(run_dirs, metas, configs)), unsure=band, prior=prior)
     out.mkdir(parents=True, exist_ok=True)
     artifact.save(out / "model.pt", ensemble, meta)
     data.write_manifest([*train_samples, *val_samples] if with_ood else val_samples, out / "manifest.csv")
@@ -176,7 +181,7 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
                     "brier": metrics.brier(y_val, metrics.sigmoid(z))}
                    for r, m, z in zip(run_dirs, metas, per_member.T)]
     result = evaluate.evaluate_predictions(y_val, val_prob, threshold, out / "validation",
-                                           [s.path for s in val_samples], extra={"members": member_rows})
+                                           [s.path for s in val_samples], extra={"members": member_rows}, unsure=band)
     write_csv(out / "members.csv", ["run", "architecture", "head", "val_roc_auc", "val_brier"],
               [(r["run"], r["architecture"], r["head"], f"{r['roc_auc']:.4f}", f"{r['brier']:.4f}")
                for r in member_rows])
