@@ -66,9 +66,9 @@ def test_per_image_seeds_do_not_depend_on_the_batch():
 
 
 def test_none_and_unknown():
-    assert AUGMENTATIONS == ("seed", "seed-noflip", "radiograph", "none")
+    assert AUGMENTATIONS == ("seed", "seed-noflip", "radiograph", "acquisition", "none")
     assert train_transform("none", 32) is None
-    with pytest.raises(UserError, match="seed, seed-noflip, radiograph, none"):
+    with pytest.raises(UserError, match="seed, seed-noflip, radiograph, acquisition, none"):
         train_transform("heavy", 32)
 
 
@@ -95,3 +95,20 @@ def test_radiograph_intensity_jitter_is_seeded_bounded_and_changes_contrast():
     assert a.float().std((1, 2, 3)).sub(g.std((1, 2, 3))).abs().gt(0.5).sum() >= 4
     floats = aug(x.float() / 255)
     assert floats.min() >= 0 and floats.max() <= 1
+
+
+def test_acquisition_degrades_about_half_the_films_reproducibly_on_uint8_and_float():
+    from pneumoscan.transforms import AcquisitionAugment
+
+    aug = train_transform("acquisition", 64)
+    assert isinstance(aug, AcquisitionAugment)
+    x = torch.randint(40, 200, (40, 1, 64, 64), dtype=torch.uint8)
+    seeds = list(range(40))
+    out = aug(x, seeds=seeds)
+    assert out.dtype == torch.uint8 and out.shape == x.shape
+    assert torch.equal(out, aug(x, seeds=seeds))
+    plain = SeedAugment(**PRESETS["radiograph"])(x, seeds=seeds)
+    degraded = sum(not torch.equal(a, b) for a, b in zip(out, plain))
+    assert 8 <= degraded <= 32  # p = 0.5 of 40
+    f = aug(x.float() / 255)  # the fine-tuning path: float batches, unseeded
+    assert f.dtype == torch.float32 and f.shape == x.shape and 0 <= f.min() and f.max() <= 1

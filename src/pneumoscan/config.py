@@ -27,7 +27,7 @@ SECTIONS = ("data", "model", "train")
 
 # --- the choices, declared once -----------------------------------------------------------------
 # Library modules keep their own copies for direct callers (tests/test_config.py checks they agree).
-AUGMENTATIONS = ("seed", "seed-noflip", "radiograph", "none")  # transforms.AUGMENTATIONS
+AUGMENTATIONS = ("seed", "seed-noflip", "radiograph", "acquisition", "none")  # transforms.AUGMENTATIONS
 CLASS_WEIGHT_MODES = ("balanced", "none")  # data.class_weights
 BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_b0", "densenet121")  # models.BACKBONES
 WEIGHTS_NORMALIZATIONS = ("auto", "imagenet", "inception", "unit")  # "auto" + models.NORMALIZATIONS
@@ -278,6 +278,13 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # LP-FT (Kumar et al. 2022): the head first on cached features, then every layer gently
     "lp-ft": {"train": {"linear_probe_epochs": 30, "views": 2, "epochs": 3, "patience": 2, "lr": 1e-3,
                         "backbone_lr": 3e-5}},
+    # the seed study's frozen backbone and head, trained on films degraded as other hospitals' are
+    # (transforms.AcquisitionAugment)
+    "frozen-acquisition": {"data": {"augment": "acquisition"}, "model": {"unfreeze_blocks": 0},
+                           "train": {"epochs": 30, "patience": 7, "schedule": "constant", "threshold": "youden"}},
+    "lp-ft-acquisition": {"data": {"augment": "acquisition"},
+                          "train": {"linear_probe_epochs": 30, "views": 2, "epochs": 3, "patience": 2, "lr": 1e-3,
+                                    "backbone_lr": 3e-5}},
     # WiSE-FT (Wortsman et al. 2022) on top: halfway back from the fine-tuned weights to the probe
     "wise-ft": {"train": {"linear_probe_epochs": 30, "views": 2, "epochs": 3, "patience": 2, "lr": 1e-3,
                           "backbone_lr": 3e-5, "wise_alpha": 0.5}},

@@ -46,13 +46,6 @@ def sharpen(a: np.ndarray, percent: int) -> np.ndarray:
     return np.asarray(Image.fromarray(a).filter(ImageFilter.UnsharpMask(radius=2, percent=percent, threshold=0)))
 
 
-def resample(a: np.ndarray, factor: float) -> np.ndarray:
-    """Down to ``factor`` of the size and back up: a film digitised at a lower resolution."""
-    h, w = a.shape
-    small = Image.fromarray(a).resize((max(1, int(w * factor)), max(1, int(h * factor))), Image.Resampling.BILINEAR)
-    return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
-
-
 def letterbox(a: np.ndarray, frac: float) -> np.ndarray:
     """Black bars left and right (``frac`` of the width), squeezed back to the size: a portrait
     film stored on a wider canvas, as some scanners and PACS exports do."""
@@ -95,8 +88,8 @@ SUITE: tuple[Shift, ...] = (
     _s("noise", 2, "Gaussian noise sigma 12", lambda a, r: shifts.noise(a, 12, r)),
     _s("jpeg", 1, "JPEG quality 30", lambda a, r: shifts.jpeg(a, 30)),
     _s("jpeg", 2, "JPEG quality 10", lambda a, r: shifts.jpeg(a, 10)),
-    _s("resolution", 1, "down x0.5 and up", lambda a, r: resample(a, 0.5)),
-    _s("resolution", 2, "down x0.25 and up", lambda a, r: resample(a, 0.25)),
+    _s("resolution", 1, "down x0.5 and up", lambda a, r: shifts.resample(a, 0.5)),
+    _s("resolution", 2, "down x0.25 and up", lambda a, r: shifts.resample(a, 0.25)),
     _s("zoom-in", 1, "central 85% crop", lambda a, r: shifts.crop_zoom(a, 0.85)),
     _s("zoom-in", 2, "central 70% crop", lambda a, r: shifts.crop_zoom(a, 0.70)),
     _s("zoom-out", 1, "shrunk to 85%, black border", lambda a, r: shifts.zoom_out(a, 0.85, 0)),

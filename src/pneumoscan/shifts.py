@@ -42,6 +42,13 @@ def jpeg(a: np.ndarray, quality: int) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("L"))
 
 
+def resample(a: np.ndarray, factor: float) -> np.ndarray:
+    """Down to ``factor`` of the size and back up: a film digitised at a lower resolution."""
+    h, w = a.shape
+    small = Image.fromarray(a).resize((max(1, int(w * factor)), max(1, int(h * factor))), Image.Resampling.BILINEAR)
+    return np.asarray(small.resize((w, h), Image.Resampling.BILINEAR))
+
+
 def zoom_out(a: np.ndarray, f: float, fill: int = 0) -> np.ndarray:
     """Shrink to ``f`` of the size inside a constant border (collimation, scanner margins)."""
     h, w = a.shape

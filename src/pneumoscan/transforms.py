@@ -28,9 +28,11 @@ import logging
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from pneumoscan import shifts
 from pneumoscan.config import AUGMENTATIONS  # declared once, with the config
 from pneumoscan.errors import UserError
 
@@ -113,6 +115,51 @@ class SeedAugment(torch.nn.Module):
         return x.clamp(0, 1) * scale
 
 
+class AcquisitionAugment(SeedAugment):
+    """"radiograph" geometry and intensity, then, for half the films, one or two degradations
+    another hospital's chain adds: blur, noise, JPEG compression, a lower digitising resolution, a
+    collimation or scanner border, burned-in text (``shifts``). Frozen ImageNet features call
+    nearly every normal film PNEUMONIA once it is compressed, noisy or low-resolution
+    (benchmarks/robustness.md); a head that has seen such films need not. Sharpening,
+    letterboxing and zooming in are left out on purpose, so the shift suite keeps kinds that no
+    training film had."""
+
+    def __init__(self, p: float = 0.5, **kwargs):
+        super().__init__(**kwargs)
+        self.p = p
+
+    def forward(self, x: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
+        out = super().forward(x, seeds)
+        batch = out.unsqueeze(0) if out.dim() == 3 else out
+        uint8 = batch.dtype == torch.uint8
+        films = (batch if uint8 else (batch.clamp(0, 1) * 255).round()).to(torch.uint8).cpu().numpy()
+        seeds = list(seeds) if seeds is not None else torch.randint(0, 2**31 - 1, (len(films),)).tolist()
+        changed = False
+        for i, seed in enumerate(seeds):
+            rng = np.random.default_rng([int(seed), 104729])
+            if rng.random() < self.p:
+                films[i, 0] = degrade(films[i, 0], rng)
+                changed = True
+        if not changed:
+            return out
+        result = torch.from_numpy(films).to(batch.device)
+        result = result if uint8 else result.to(batch.dtype) / 255
+        return result[0] if out.dim() == 3 else result
+
+
+def degrade(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """One or two acquisition degradations of a uint8 (H, W) film, of random strength."""
+    h, w = a.shape
+    ops = [lambda a: shifts.blur(a, rng.uniform(0.5, 2.0)), lambda a: shifts.noise(a, rng.uniform(2, 14), rng),
+           lambda a: shifts.jpeg(a, int(rng.integers(8, 60))),
+           lambda a: shifts.resample(a, rng.uniform(0.2, 0.7)),
+           lambda a: shifts.zoom_out(a, rng.uniform(0.65, 0.95), int(rng.choice([0, 255]))),
+           lambda a: shifts.burn_text(a, rng)]
+    for j in rng.choice(len(ops), int(rng.integers(1, 3)), replace=False):
+        a = ops[j](a)
+    return a
+
+
 PRESETS = {
     "seed": {},
     "seed-noflip": {"hflip": False},
@@ -125,6 +172,8 @@ def train_transform(kind: str, image_size: int) -> SeedAugment | None:
     """A callable on uint8 (1, H, W) or (N, 1, H, W) tensors, or None for no augmentation."""
     if kind == "none":
         return None
+    if kind == "acquisition":
+        return AcquisitionAugment(**PRESETS["radiograph"])
     if kind not in PRESETS:
         raise UserError(f"unknown augmentation {kind!r}; choose one of: {', '.join(AUGMENTATIONS)}")
     return SeedAugment(**PRESETS[kind])
