@@ -354,7 +354,10 @@ def load_scores(out: Path) -> dict[str, dict[str, dict]]:
     return {r: f for r, f in scores.items() if set(f) == set(SERIES)}
 
 
-RULES = {"seed-study": "youden", "notebook": "0.5"}
+def rule_of(recipe: str) -> str:
+    """A recipe's threshold rule, which an ensemble led by it keeps (as ``pneumoscan ensemble`` does)."""
+    name = recipe.split("+")[0]
+    return (RECIPES.get(name, {}).get("train") or {}).get("threshold", RunConfig().train.threshold)
 
 
 def summarise(by_fold: dict[str, dict], calibration: str = "as trained") -> dict:
@@ -394,7 +397,7 @@ def table(out: Path) -> str:
     for a in sorted(base):
         for b in sorted(base):
             if a < b:
-                scores[f"{a}+{b}"] = {f: ensemble([base[a][f], base[b][f]], RULES.get(a, "0.5")) for f in SERIES}
+                scores[f"{a}+{b}"] = {f: ensemble([base[a][f], base[b][f]], rule_of(a)) for f in SERIES}
     results = {r: summarise(f) for r, f in scores.items()}
     winner, eligible = select(results)
     lines = ["| recipe | ID ROC-AUC | ID acc. | LOCO acc. | LOCO sens. | LOCO spec. (pooled, 95% CI) | "
@@ -416,7 +419,58 @@ def table(out: Path) -> str:
                          f"{v['shift_worst_ece']:.3f} |")
     (out / "results.json").write_text(json.dumps({"winner": winner, "eligible": eligible, "results": results},
                                                  indent=1, default=float))
+    # the summary without per-shift rows, committed beside the markdown (the model card quotes it)
+    (ROOT / "benchmarks" / "robustness.json").write_text(json.dumps(
+        {"winner": winner, "eligible": eligible,
+         "results": {r: {k: v for k, v in x.items() if k not in ("rows", "per_fold")} for r, x in results.items()}},
+        indent=1, default=float))
     return "\n".join(lines) + "\n\n" + "\n".join(calib) + f"\n\nchosen by the rule: {winner}\n"
+
+
+def fold_table(out: Path, fold: str = "IM") -> str:
+    """Every recipe scored on one fold, including those only that fold finished (time ran out)."""
+    lines = [f"| recipe (fold trained on {fold}) | threshold | ID ROC-AUC | LOCO acc. | LOCO spec. | LOCO sens. | "
+             "worst shift spec. @ sens 0.95 | worst shift spec. | worst shift sens. | mean shift ECE | score (this fold) |",
+             "|" + "---|" * 11]
+    for f in sorted((out / "scores").glob(f"*-{fold}.npz")):
+        e = evaluate_scores(dict(np.load(f)))
+        score = (e["loco"]["accuracy"] + e["shift"]["worst_specificity_at_sens95"]) / 2
+        lines.append(f"| {f.stem.rsplit('-', 1)[0]} | {e['threshold']:.3f} | {e['id']['roc_auc']:.3f} | "
+                     f"{e['loco']['accuracy']:.3f} | {e['loco']['specificity']:.3f} | {e['loco']['sensitivity']:.3f} | "
+                     f"{e['shift']['worst_specificity_at_sens95']:.3f} | {e['shift']['worst_specificity']:.3f} | "
+                     f"{e['shift']['worst_sensitivity']:.3f} | {e['shift']['mean_ece']:.3f} | {score:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def screen_table(out: Path) -> str:
+    """The screening probes (``screen``) as a table."""
+    r = json.loads((out / "screen.json").read_text())
+    lines = ["| input | fold (trained on) | threshold (Youden, val) | ID ROC-AUC | ID acc. | LOCO acc. | LOCO spec. | "
+             "LOCO sens. | worst shift spec. @ sens 0.95 | worst shift spec. | mean shift ECE |", "|" + "---|" * 11]
+    for key, e in r.items():
+        for f in SERIES:
+            x = e[f]
+            lines.append(f"| {key} | {f} | {x['threshold']:.3f} | {x['id']['roc_auc']:.3f} | {x['id']['accuracy']:.3f} | "
+                         f"{x['loco']['accuracy']:.3f} | {x['loco']['specificity']:.3f} | {x['loco']['sensitivity']:.3f} | "
+                         f"{x['shift']['worst_specificity_at_sens95']:.3f} | {x['shift']['worst_specificity']:.3f} | "
+                         f"{x['shift']['mean_ece']:.3f} |")
+    return "\n".join(lines) + "\n"
+
+
+def shift_rows_table(out: Path, recipes: list[str]) -> str:
+    """Specificity at the model's own threshold per shift kind, for the named recipes (mean of folds)."""
+    results = json.loads((out / "results.json").read_text())["results"]
+    names = [s.name for s in robustness.SUITE]
+    head = "| shift | setting | " + " | ".join(recipes) + " |"
+    lines = [head, "|" + "---|" * (2 + len(recipes))]
+    for k, shift in enumerate(robustness.SUITE):
+        cells = []
+        for r in recipes:
+            rows = results[r]["rows"]
+            cells.append(f"{np.mean([rows[f][k]['specificity'] for f in SERIES]):.2f} / "
+                         f"{np.mean([rows[f][k]['sensitivity'] for f in SERIES]):.2f}")
+        lines.append(f"| {names[k]} | {shift.describe} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv=None) -> int:
@@ -439,6 +493,10 @@ def main(argv=None) -> int:
         run(args.recipes, args.out, args.weights, args.overrides, not args.no_variants)
     elif args.stage == "table":
         print(table(args.out))
+        print(screen_table(args.out))
+        print(fold_table(args.out))
+        if args.recipes:
+            print(shift_rows_table(args.out, args.recipes))
     return 0
 
 

@@ -317,3 +317,41 @@ def test_evaluate_an_ensemble_with_error_galleries_and_report(two_runs, tmp_path
     meta = artifact.read_meta(out / "model.pt")
     assert meta.ood is None  # without a detector, only the validation images were fitted on
     assert {s.split for s in data.read_manifest(out / "manifest.csv")} == {"val"}
+
+
+def _members_config(root, out) -> RunConfig:
+    from pneumoscan import config as cfg
+
+    c = cfg.recipe("default")
+    assert c.train.members == "frozen-acquisition,seed-study"  # the package default is an ensemble
+    return cfg.apply_overrides(c, [f"data.root={root}", "data.image_size=48", "data.val_fraction=0.25",
+                                   "data.batch_size=8", "model.backbone_weights=none", "train.epochs=1",
+                                   "train.views=1", "train.precision=32", f"out_dir={out}", "name=ens"])
+
+
+def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_path, caplog):
+    root = make_dataset(tmp_path / "chest_xray", {"train": (24, 24), "test": (4, 4)})
+    run = ensemble.fit_members(_members_config(root, tmp_path / "runs"))
+    model, meta = artifact.load(run / "model.pt")
+    assert isinstance(model, models.Ensemble) and len(meta.members) == 2
+    assert [m.config["data"]["augment"] for m in meta.members] == ["acquisition", "seed"]
+    assert (run / "members" / "frozen-acquisition" / "model.pt").is_file()
+    assert json.loads((run / "test" / "metrics.json").read_text())["n"] == 8
+    assert (run / "report.html").is_file() and (run / "config.yaml").is_file()
+    # an interruption after the members: resuming keeps them and only combines
+    (run / "model.pt").unlink()
+    caplog.set_level("INFO")
+    assert ensemble.fit_members(RunConfig(), resume_dir=run) == run
+    assert "member seed-study: finished earlier, kept" in caplog.text and (run / "model.pt").is_file()
+    with pytest.raises(UserError, match="is finished"):
+        ensemble.fit_members(RunConfig(), resume_dir=run)
+
+
+def test_members_must_name_known_single_model_recipes():
+    from pneumoscan.config import ConfigError, recipe
+
+    c = recipe("seed-study")
+    for bad in ("seed-study", "seed-study,nope", "default,seed-study", "seed-study,seed-study"):
+        c.train.members = bad
+        with pytest.raises(ConfigError, match="train.members"):
+            c.validate()

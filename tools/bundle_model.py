@@ -24,7 +24,8 @@ import export_bundled_onnx  # noqa: E402  (the tool beside this one)
 ASSETS = Path(artifact.BUNDLED_MODEL).parent
 
 
-def card(meta: artifact.ModelMeta, validation: dict, command: str, where: str, sha256: str = "") -> str:
+def card(meta: artifact.ModelMeta, validation: dict, command: str, where: str, sha256: str = "",
+         recipe: str = "") -> str:
     t, cfg = meta.training, meta.config
     fine_tuned = cfg["model"]["unfreeze_blocks"] != 0
     tuning = "fine-tuned end to end" if fine_tuned else "frozen"
@@ -41,7 +42,7 @@ def card(meta: artifact.ModelMeta, validation: dict, command: str, where: str, s
                      "when given any of them.\n" if meta.data_digests else
                      f"\n**File.** `model.pt`, sha256 `{sha256}`.\n")
     ci = validation["ci95"]
-    decisions = unsure_paragraph(meta, validation) + prior_paragraph(meta)
+    decisions = unsure_paragraph(meta, validation) + prior_paragraph(meta) + shift_paragraph(recipe)
     rows = "\n".join(f"| {k} | {validation[k]:.3f} | [{ci[k][0]:.3f}, {ci[k][1]:.3f}] |"
                      for k in ("accuracy", "recall", "specificity", "precision", "f1", "roc_auc", "pr_auc"))
     return f"""# Model card: pneumoscan bundled model
@@ -104,6 +105,25 @@ def unsure_paragraph(meta: artifact.ModelMeta, validation: dict) -> str:
             f"contains the threshold, so every decided film agrees with it.{measured}\n")
 
 
+def shift_paragraph(recipe: str) -> str:
+    """The recipe's numbers under the shift protocol (benchmarks/robustness.json), when it was measured."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "robustness.json"
+    if not recipe or not path.is_file():
+        return ""
+    results = json.loads(path.read_text())["results"]
+    if recipe not in results:
+        return ""
+    r = results[recipe]
+    lo, hi = r["loco_specificity_ci"]
+    return (f"\n**Under shift** (recipe `{recipe}`, benchmarks/robustness.md; two folds trained on the training split "
+            f"without the films scored, so still an upper bound for another hospital): leave-one-collection-out "
+            f"accuracy {r['loco_accuracy']:.3f}, sensitivity {r['loco_sensitivity']:.3f}, specificity "
+            f"{r['loco_specificity_pooled']:.3f} [{lo:.3f}, {hi:.3f}] (Wilson 95% CI, pooled over 1,341 normals), at the "
+            f"model's own threshold; over 26 acquisition shifts the worst specificity at sensitivity 0.95 is "
+            f"{r['shift_worst_spec95']:.3f} and the mean ECE {r['shift_mean_ece']:.3f}; the worst specificity at its own "
+            f"threshold is {r['shift_worst_specificity']:.3f} (zooming in on the lungs, a shift no training film had).\n")
+
+
 def prior_paragraph(meta: artifact.ModelMeta) -> str:
     """The prevalence adaptation (``pneumoscan adapt``), when the model has one."""
     p = meta.prior or {}
@@ -119,6 +139,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("run", help="run folder with model.pt and validation/metrics.json")
     p.add_argument("--where", default="2 CPU cores", help="the machine that trained it, for the card")
+    p.add_argument("--recipe", default="", help="the recipe it was trained with (quotes benchmarks/robustness.json)")
     args = p.parse_args()
     run = Path(args.run)
     model, meta = artifact.load(run / "model.pt")
@@ -127,7 +148,7 @@ def main() -> int:
     command = ("pneumoscan train --data ../shared/data/chest_xray "
                "--backbone-weights ../shared/weights/mobilenet_v2_imagenet.pth --out runs --name bundled\n"
                "python tools/bundle_model.py runs/bundled")
-    text = card(meta, validation, command, args.where, file_sha256(out))
+    text = card(meta, validation, command, args.where, file_sha256(out), args.recipe)
     if meta.ood is not None:
         from add_ood import input_checks_section, with_section  # tools/, beside this script
 

@@ -119,8 +119,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     run_log = console.start_run_log()  # RUN/train.log, from the first line, once fit creates RUN
     bars = console.StageBars()
     try:
-        run_dir = train.fit(config, resume_dir=args.resume, callbacks=console.training_callbacks(run_log),
-                            progress=bars)
+        if config.train.members or (args.resume and (Path(args.resume) / "members").is_dir()):
+            from pneumoscan import ensemble
+
+            run_dir = ensemble.fit_members(config, resume_dir=args.resume, progress=bars,
+                                           callbacks_for=lambda: console.training_callbacks(run_log))
+        else:
+            run_dir = train.fit(config, resume_dir=args.resume, callbacks=console.training_callbacks(run_log),
+                                progress=bars)
     except KeyboardInterrupt:
         print("\ninterrupted; continue with: pneumoscan train --resume RUN_FOLDER", file=sys.stderr)
         return 130

@@ -43,6 +43,9 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
     """``split_seed`` fixes the folds apart from the training seed, so recipes (and seeds of one
     recipe, for an ensemble) are compared on exactly the same patients. Run again with the same
     name, an interrupted cross-validation keeps its finished folds and trains only the rest."""
+    if config.train.members:
+        raise UserError(f"cross-validation of an ensemble recipe ({config.train.members}) is not supported: "
+                        "cross-validate each member with --recipe NAME, or use benchmarks/robustness.py")
     pool = [dataclasses.replace(s, split="train")
             for s in data.scan(config.data.root) if s.split in ("train", "val")]
     if not pool:

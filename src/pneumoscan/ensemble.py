@@ -29,7 +29,9 @@ import yaml
 from pneumoscan import artifact, data, evaluate, features, gate, metrics, models, train
 from pneumoscan.artifact import Member, ModelMeta
 from pneumoscan.errors import UserError
-from pneumoscan.files import file_sha256, write_csv
+from pneumoscan.config import RunConfig, member_config, member_names
+from pneumoscan.files import file_sha256, write_csv, write_text
+from pneumoscan.inference.torch_model import predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -188,3 +190,52 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
     log.info("validation ROC-AUC: ensemble %.4f; members %s", result["roc_auc"],
              ", ".join(f"{r['roc_auc']:.4f}" for r in member_rows))
     return out
+
+
+def fit_members(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,
+                callbacks_for: Callable[[], list] | None = None) -> Path:
+    """``train.members``: train one run per member recipe on the same data and split, in
+    ``RUN/members/NAME``, then write their ensemble to ``RUN/model.pt``. Resuming skips members
+    that finished and resumes one that was interrupted, so a long ensemble run loses at most one
+    member's last epoch."""
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+        config = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
+        if (run_dir / "model.pt").exists():
+            raise UserError(f"{run_dir} is finished: its ensemble model.pt exists")
+    else:
+        config.validate()
+        run_dir = train.new_run_dir(config)
+        run_dir.mkdir(parents=True)
+        write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    names = member_names(config.train.members)
+    log.info("ensemble run %s: members %s", run_dir, ", ".join(names))
+    done = []
+    for name in names:
+        folder = run_dir / "members" / name
+        callbacks = callbacks_for() if callbacks_for else None
+        if (folder / "model.pt").is_file():
+            log.info("member %s: finished earlier, kept", name)
+            done.append(folder)
+        elif (folder / "checkpoints" / "last.ckpt").is_file():
+            done.append(train.fit(member_config(config, name, str(run_dir / "members")), resume_dir=folder,
+                                  progress=progress, callbacks=callbacks, report=False))
+        else:
+            if folder.exists():  # interrupted before its first checkpoint: start it again
+                import shutil
+
+                shutil.rmtree(folder)
+            done.append(train.fit(member_config(config, name, str(run_dir / "members")), progress=progress,
+                                  callbacks=callbacks, report=False))
+    combine(done, run_dir, seed=config.train.seed, progress=progress)
+    test_rows = [s for s in data.read_manifest(done[0] / "manifest.csv") if s.split == "test"]
+    if test_rows:  # as train.finalize: measure the test split once, and report on it
+        model, meta = artifact.load(run_dir / "model.pt")
+        samples, images, skipped = data.load_images(test_rows, meta.image_size)
+        prob = metrics.sigmoid(predict_logits(model, images))
+        y = np.array([s.label for s in samples])
+        result = evaluate.evaluate_predictions(y, prob, meta.threshold, run_dir / "test", [s.path for s in samples],
+                                               unsure=meta.unsure)
+        log.info("test: %s", evaluate.summary_line(result))
+        train.write_run_report(run_dir, meta, model, "test", samples, images, prob, n_skipped=len(skipped))
+    return run_dir
