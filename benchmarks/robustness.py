@@ -16,7 +16,7 @@ The protocol (fixed before any recipe was run):
 * In-distribution (ID) test: the held-out S normals + held-out pneumonia. It is an upper bound.
 * Cross-collection (LOCO) test: every normal of the *other* series + the held-out pneumonia, at the
   model's own threshold.
-* Shift suite: ``robustness.SUITE`` (26 shifts, 12 kinds) on the ID test's normals and 300 of its
+* Shift suite: ``robustness.SUITE`` (26 shifts, 13 kinds) on the ID test's normals and 300 of its
   pneumonia films.
 * Selection rule: among recipes whose mean ID ROC-AUC is within 0.01 of seed-study's, choose the
   highest mean of (LOCO accuracy, worst-case shifted specificity at sensitivity 0.95), both averaged

@@ -148,4 +148,4 @@ def test_every_field_has_a_key_and_a_default():
     assert "train.lr" in keys and "out_dir" in keys and "data" not in keys
     assert len(keys) == sum(len(dataclasses.fields(k)) for k in (config.DataConfig, config.ModelConfig,
                                                                   config.TrainConfig)) + 2
-    assert config.default("train.epochs") == 8 and config.setting_type("train.lr") is float
+    assert config.default("train.epochs") == 30 and config.setting_type("train.lr") is float

@@ -132,9 +132,9 @@ def test_a_single_models_meta_dict_is_unchanged():
     assert "members" not in meta.to_dict() and not meta.is_ensemble
     with pytest.raises(UserError, match="members"):
         artifact.ModelMeta.from_dict(meta.to_dict() | {"architecture": "ensemble"})
-    # the bundled single model still loads as a Classifier and runs through its shipped ONNX export
+    # the bundled model (the default recipe: an ensemble) loads and runs through its shipped ONNX export
     model, bundled = artifact.load(None)
-    assert isinstance(model, models.Classifier) and not bundled.is_ensemble
+    assert isinstance(model, models.Ensemble) and len(bundled.members) == 2
     engine = load_engine(None)
     assert engine.name == "onnxruntime" and engine.onnx_path.name == "model.onnx"
 

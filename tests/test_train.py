@@ -43,7 +43,8 @@ def test_fit_writes_a_self_describing_run_folder(tiny_dataset, tmp_path):
     # the config round-trips
     assert RunConfig.from_dict(yaml.safe_load((run / "config.yaml").read_text())).data.root == str(tiny_dataset)
     _, meta = artifact.load(run / "model.pt")
-    assert meta.threshold == 0.5 and meta.threshold_rule == "0.5"  # the default rule
+    assert meta.threshold_rule == "youden"  # the default rule, fitted on validation
+    assert 0 <= meta.threshold <= 1
     assert meta.temperature > 0 and meta.training.epochs_run == 1
     with open(run / "history.csv") as f:
         row = next(csv.DictReader(f))

@@ -26,15 +26,11 @@ ASSETS = Path(artifact.BUNDLED_MODEL).parent
 
 def card(meta: artifact.ModelMeta, validation: dict, command: str, where: str, sha256: str = "",
          recipe: str = "") -> str:
-    t, cfg = meta.training, meta.config
-    fine_tuned = cfg["model"]["unfreeze_blocks"] != 0
-    tuning = "fine-tuned end to end" if fine_tuned else "frozen"
-    if fine_tuned:
-        how = (f"Adam, head {cfg['train']['lr']:g}, backbone {cfg['train']['backbone_lr']:g}, "
-               f"{cfg['train']['schedule']} schedule")
+    if meta.is_ensemble:
+        model_line = model_paragraph_ensemble(meta)
+        data_line = training_paragraph_ensemble(meta, where)
     else:
-        how = (f"head trained on cached features of {cfg['train']['views']} augmented views per image "
-               f"({t.feature_seconds} s of feature extraction)")
+        model_line, data_line = model_paragraph(meta), training_paragraph(meta, where)
     file_line = ""
     if sha256:  # as tools/add_data_digests.py writes it
         file_line = (f"\n**File.** `model.pt`, sha256 `{sha256}`; it records the content digests of its training "
@@ -51,17 +47,9 @@ def card(meta: artifact.ModelMeta, validation: dict, command: str, where: str, s
 orders a worklist by the probability of pneumonia and shows Grad-CAM maps of where it looked. It
 is not a diagnosis; a radiologist reviews every image.
 
-**Model.** {meta.architecture} (ImageNet weights: {Path(meta.backbone_weights['source']).name}, {tuning}) with the
-head `{meta.head}`; input {meta.image_size}×{meta.image_size} grayscale, normalisation
-{meta.normalization.name}; temperature {meta.temperature:.3f} (fitted on validation);
-decision threshold {meta.threshold:.4f} ({metrics.describe_rule(meta.threshold_rule)}). Weights stored
-as fp16, computed in fp32.
+{model_line}
 {file_line}{decisions}
-**Training data.** Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's
-Medical Center, ages 1–5), the Kaggle training split: {t.n_train} images for training and a
-patient-grouped validation split of {t.n_val} images. Augmentation `{cfg['data']['augment']}`,
-class weights `{cfg['data']['class_weights']}`; {how}: {t.epochs_run} epochs (best {t.best_epoch}),
-{t.seconds} s of training ({t.seconds_per_epoch} s/epoch) on {where}.
+{data_line}
 
 **Validation metrics** (the split that early stopping and calibration used; optimistic by construction —
 benchmarks/accuracy.md has out-of-fold cross-validation of the recipe):
@@ -83,6 +71,59 @@ ECG leads: features that differ between hospitals.
 {command}
 ```
 """
+
+
+def _how(cfg: dict, feature_seconds) -> str:
+    if cfg["model"]["unfreeze_blocks"] != 0:
+        return (f"Adam, head {cfg['train']['lr']:g}, backbone {cfg['train']['backbone_lr']:g}, "
+                f"{cfg['train']['schedule']} schedule")
+    return (f"head trained on cached features of {cfg['train']['views']} augmented views per image"
+            + (f" ({feature_seconds} s of feature extraction)" if feature_seconds else ""))
+
+
+def model_paragraph(meta: artifact.ModelMeta) -> str:
+    tuning = "fine-tuned end to end" if meta.config["model"]["unfreeze_blocks"] != 0 else "frozen"
+    return (f"**Model.** {meta.architecture} (ImageNet weights: {Path(meta.backbone_weights['source']).name}, "
+            f"{tuning}) with the head `{meta.head}`; input {meta.image_size}×{meta.image_size} grayscale, "
+            f"normalisation {meta.normalization.name}; temperature {meta.temperature:.3f} (fitted on validation); "
+            f"decision threshold {meta.threshold:.4f} ({metrics.describe_rule(meta.threshold_rule)}). Weights stored "
+            "as fp16, computed in fp32.")
+
+
+def training_paragraph(meta: artifact.ModelMeta, where: str) -> str:
+    t, cfg = meta.training, meta.config
+    return (f"**Training data.** Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's "
+            f"Medical Center, ages 1–5), the Kaggle training split: {t.n_train} images for training and a "
+            f"patient-grouped validation split of {t.n_val} images. Augmentation `{cfg['data']['augment']}`, "
+            f"class weights `{cfg['data']['class_weights']}`; {_how(cfg, t.feature_seconds)}: {t.epochs_run} epochs "
+            f"(best {t.best_epoch}), {t.seconds} s of training ({t.seconds_per_epoch} s/epoch) on {where}.")
+
+
+def model_paragraph_ensemble(meta: artifact.ModelMeta) -> str:
+    rows = []
+    for m in meta.members:
+        tuning = "fine-tuned" if (m.config.get("model") or {}).get("unfreeze_blocks", 0) != 0 else "frozen"
+        rows.append(f"{m.architecture} ({tuning}, head `{m.head}`, augmentation `{m.config['data']['augment']}`, "
+                    f"normalisation {m.normalization.name}, temperature {m.temperature:.3f})")
+    return (f"**Model.** A deep ensemble of {len(meta.members)} members, each an ImageNet-initialised "
+            + "; ".join(rows) + f". Its output is the mean of the members' calibrated logits divided by the "
+            f"ensemble's own temperature {meta.temperature:.3f}; decision threshold {meta.threshold:.4f} "
+            f"({metrics.describe_rule(meta.threshold_rule)}), both fitted on validation. Input "
+            f"{meta.image_size}×{meta.image_size} grayscale. Weights stored as fp16, computed in fp32.")
+
+
+def training_paragraph_ensemble(meta: artifact.ModelMeta, where: str) -> str:
+    t = meta.training
+    parts = []
+    for m in meta.members:
+        cfg = m.config
+        parts.append(f"`{Path(m.source.get('run', '?')).name}`: augmentation `{cfg['data']['augment']}`, class weights "
+                     f"`{cfg['data']['class_weights']}`, {_how(cfg, None)}, at most {cfg['train']['epochs']} epochs "
+                     f"with patience {cfg['train']['patience']}")
+    return (f"**Training data.** Kermany et al. (2018) pediatric chest X-rays (Guangzhou Women and Children's "
+            f"Medical Center, ages 1–5), the Kaggle training split: {t.n_train} images for training and a "
+            f"patient-grouped validation split of {t.n_val} images, the same for every member. Members: "
+            + "; ".join(parts) + f". Trained on {where}.")
 
 
 def unsure_paragraph(meta: artifact.ModelMeta, validation: dict) -> str:
@@ -147,7 +188,7 @@ def main() -> int:
     out = artifact.save(artifact.BUNDLED_MODEL, model, meta, half=True)
     command = ("pneumoscan train --data ../shared/data/chest_xray "
                "--backbone-weights ../shared/weights/mobilenet_v2_imagenet.pth --out runs --name bundled\n"
-               "python tools/bundle_model.py runs/bundled")
+               f"python tools/bundle_model.py runs/bundled{' --recipe ' + args.recipe if args.recipe else ''}")
     text = card(meta, validation, command, args.where, file_sha256(out), args.recipe)
     if meta.ood is not None:
         from add_ood import input_checks_section, with_section  # tools/, beside this script

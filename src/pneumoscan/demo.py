@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from pneumoscan import artifact, console, explore, files, metrics, models, predict, train
-from pneumoscan.config import RunConfig, apply_overrides
+from pneumoscan.config import apply_overrides, recipe
 from pneumoscan.errors import UserError
 
 log = logging.getLogger("pneumoscan.demo")
@@ -45,19 +45,27 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(SAMPLE))
     parser.add_argument("--out", default="demo-out")
-    parser.add_argument("--epochs", type=int, default=None, help="default: the recipe's")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="at most this many epochs for every member [each member recipe's own]")
     args = parser.parse_args(argv)
     console.configure_logging(False)
     out = Path(args.out).resolve()
     try:
         explore.explore(args.data, out / "explore")
 
-        config = apply_overrides(RunConfig(), {
+        config = apply_overrides(recipe("default"), {
             "data.root": args.data, "data.val_fraction": 0.2, "model.backbone_weights": pick_backbone_weights(),
-            "train.epochs": args.epochs or RunConfig().train.epochs, "out_dir": str(out / "runs")})
+            "out_dir": str(out / "runs")})
+        if args.epochs:  # every member's, overriding its recipe's
+            config = apply_overrides(config, {"train.epochs": args.epochs})
         bars = console.StageBars()
         try:
-            run_dir = train.fit(config, callbacks=console.training_callbacks(), progress=bars)
+            if config.train.members:  # the default recipe is an ensemble: each member, then the combination
+                from pneumoscan import ensemble
+
+                run_dir = ensemble.fit_members(config, progress=bars, callbacks_for=console.training_callbacks)
+            else:
+                run_dir = train.fit(config, callbacks=console.training_callbacks(), progress=bars)
         finally:
             bars.close()
         test = json.loads((run_dir / "test" / "metrics.json").read_text())

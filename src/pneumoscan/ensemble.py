@@ -156,8 +156,10 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
         train_samples, train_images, train_skipped = data.load_images(
             train_rows, size, strict=strict, progress=decode("training", len(train_rows)))
         skipped += train_skipped
+        # PCA to the widest member's width: members sharing a frozen backbone give the same features
+        # twice, and the full square precision would double the model file for nothing
         detector = train.fit_ood(ensemble, {"train": (train_samples, train_images), "val": (val_samples, val_images)},
-                                 seed=seed)
+                                 seed=seed, k=max(net.feature_dim for net in nets))
     digests = sorted({d for m in metas for d in m.data_digests})
     if any(not m.data_digests for m in metas):
         log.warning("a member records no training-data digests: evaluate cannot warn about every image the "
@@ -193,13 +195,16 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
 
 
 def fit_members(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,
-                callbacks_for: Callable[[], list] | None = None) -> Path:
+                callbacks_for: Callable[[], list] | None = None,
+                started: Callable[[Path], None] | None = None) -> Path:
     """``train.members``: train one run per member recipe on the same data and split, in
     ``RUN/members/NAME``, then write their ensemble to ``RUN/model.pt``. Resuming skips members
     that finished and resumes one that was interrupted, so a long ensemble run loses at most one
-    member's last epoch."""
+    member's last epoch. ``started`` is called with the run folder once it exists."""
     if resume_dir is not None:
         run_dir = Path(resume_dir)
+        if not (run_dir / "config.yaml").is_file():
+            raise UserError(f"cannot resume: {run_dir / 'config.yaml'} not found")
         config = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
         if (run_dir / "model.pt").exists():
             raise UserError(f"{run_dir} is finished: its ensemble model.pt exists")
@@ -208,6 +213,8 @@ def fit_members(config: RunConfig, *, resume_dir: str | Path | None = None, prog
         run_dir = train.new_run_dir(config)
         run_dir.mkdir(parents=True)
         write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    if started:  # e.g. the CLI's train.log, in the ensemble's folder rather than a member's
+        started(run_dir)
     names = member_names(config.train.members)
     log.info("ensemble run %s: members %s", run_dir, ", ".join(names))
     done = []

@@ -146,8 +146,8 @@ def fit_mahalanobis(features: np.ndarray, labels: np.ndarray, *, k: int | None =
         comps, z, k = None, xc, xc.shape[1]
     else:
         _, _, vt = np.linalg.svd(xc, full_matrices=False)
-        comps = vt[:k].T  # (d, k)
-        z = xc @ comps
+        comps = vt[:k].T  # (d, k); fewer films than k give fewer directions
+        z, k = xc @ comps, comps.shape[1]
     classes = np.unique(labels)
     means = np.stack([z[labels == c].mean(0) for c in classes])
     resid = z - means[np.searchsorted(classes, labels)]

@@ -505,7 +505,7 @@ def calibration_prior(y: np.ndarray, logits: np.ndarray, source: str) -> dict:
             "n_calibration": int(y.size), "calibration_source": source}
 
 
-def fit_ood(model: models.Classifier, split_data: dict, *, seed: int) -> dict | None:
+def fit_ood(model: models.Classifier, split_data: dict, *, seed: int, k: int | None = None) -> dict | None:
     """Fit the out-of-distribution detector on the trained model's own features and attach it
     as ``model.ood_head``; returns its description for ``ModelMeta.ood``.
 
@@ -524,7 +524,7 @@ def fit_ood(model: models.Classifier, split_data: dict, *, seed: int) -> dict | 
     shifted, source = shifts.shifted_views(train_images, max(1, len(train_images) // 4), seed=seed)
     fit_images = np.concatenate([train_images, shifted])
     state = ood.fit(features.embed(model, fit_images).numpy(), np.concatenate([labels, labels[source]]),
-                    features.embed(model, val_images).numpy(), feature_source="model.embed")
+                    features.embed(model, val_images).numpy(), feature_source="model.embed", k=k)
     model.ood_head = ood.torch_module(state)
     return ood.describe(state)
 
