@@ -75,21 +75,30 @@ def onnx_embedder(model: models.Classifier, size: int) -> Callable[[np.ndarray],
     return lambda x: session.run(None, {"image": x})[0]
 
 
+def embedding_runner(model: models.Classifier | models.Ensemble, size: int, *, bf16: bool = False,
+                     engine: str = "auto") -> Callable[[np.ndarray], np.ndarray] | None:
+    """What ``embed`` runs on: an ONNX Runtime session for a CPU-resident fp32 model under
+    ``engine="auto"``, else None (PyTorch). Build it once for a model whose weights no longer
+    change and pass it as ``runner``: each build is an export."""
+    on_cpu = all(t.device.type == "cpu" for t in model.parameters())
+    return onnx_embedder(model.eval(), size) if engine == "auto" and on_cpu and not bf16 else None
+
+
 def embed(model: models.Classifier | models.Ensemble, images: np.ndarray, *, transform=None,
           seeds: Sequence[int] | None = None,
           batch_size: int = 64, bf16: bool = False, progress: Callable[[int], None] | None = None,
-          engine: str = "auto") -> torch.Tensor:
+          engine: str = "auto", runner: Callable[[np.ndarray], np.ndarray] | None = None) -> torch.Tensor:
     """Pooled backbone features (N, D) float32.
 
-    ``engine``: "auto" uses ONNX Runtime on a CPU-resident model in fp32 (``onnx_embedder``; it
-    agrees with PyTorch to ~1e-5, below the store's fp16), else PyTorch, with bf16 autocast +
-    channels-last where the CPU has bf16. ``transform`` (a batched augmentation such as
+    ``engine``: "auto" uses ONNX Runtime on a CPU-resident model in fp32 (``runner``, else one
+    ``embedding_runner`` builds; it agrees with PyTorch to ~1e-5, below the store's fp16), else
+    PyTorch, with bf16 autocast + channels-last where the CPU has bf16. ``transform`` (a batched augmentation such as
     transforms.SeedAugment) gets one seed per image, so a view is the same whichever images it is
     batched with.
     """
     model.eval()
-    on_cpu = all(t.device.type == "cpu" for t in model.parameters())
-    run = onnx_embedder(model, images.shape[-1]) if engine == "auto" and on_cpu and not bf16 and len(images) else None
+    run = runner if runner is not None else (
+        embedding_runner(model, images.shape[-1], bf16=bf16, engine=engine) if len(images) else None)
     if run is not None:
         seeds = list(seeds) if seeds is not None else list(range(len(images)))
         out = []
@@ -134,9 +143,10 @@ def cached_embed(model: models.Classifier, images: np.ndarray, samples: Sequence
         log.info("features of %d/%d images from cache %s", len(names) - len(missing), len(names), path)
     if missing:
         per_view = []
+        runner = embedding_runner(model, images.shape[-1], bf16=bf16)  # one export for every view
         for v in range(views):
             seeds = [zlib.crc32(f"{names[i]}|{v}|{seed}".encode()) for i in missing]
-            per_view.append(embed(model, images[missing], transform=transform, seeds=seeds, bf16=bf16,
+            per_view.append(embed(model, images[missing], transform=transform, seeds=seeds, bf16=bf16, runner=runner,
                                   progress=(lambda d, v=v: progress(v * len(missing) + d)) if progress else None))
         new = torch.stack(per_view, dim=1).half()  # fp16 halves the store; features are bf16-exact anyway
         for i in missing:

@@ -523,8 +523,9 @@ def fit_ood(model: models.Classifier, split_data: dict, *, seed: int, k: int | N
     labels = np.array([s.label for s in train_samples])
     shifted, source = shifts.shifted_views(train_images, max(1, len(train_images) // 4), seed=seed)
     fit_images = np.concatenate([train_images, shifted])
-    state = ood.fit(features.embed(model, fit_images).numpy(), np.concatenate([labels, labels[source]]),
-                    features.embed(model, val_images).numpy(), feature_source="model.embed", k=k)
+    runner = features.embedding_runner(model, fit_images.shape[-1])  # one export for both passes
+    state = ood.fit(features.embed(model, fit_images, runner=runner).numpy(), np.concatenate([labels, labels[source]]),
+                    features.embed(model, val_images, runner=runner).numpy(), feature_source="model.embed", k=k)
     model.ood_head = ood.torch_module(state)
     return ood.describe(state)
 
