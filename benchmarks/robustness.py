@@ -85,7 +85,7 @@ def folds(samples: list[data.Sample]) -> dict[str, dict]:
         normals = [i for i, c in enumerate(series) if c == s_name]
         other = [i for i, c in enumerate(series) if c not in (s_name, "person")]
         normal_test = held_out(samples, normals, SEED)
-        chosen = [i for i in normals + pneu]
+        chosen = normals + pneu
         fit_samples = [data.Sample(samples[i].path, samples[i].label, samples[i].patient,
                                    "test" if i in pneu_test or i in normal_test else "train") for i in chosen]
         fit_samples = data.holdout_split(fit_samples, 0.1, SEED, split_name="val")
@@ -224,8 +224,7 @@ def score_model(model_path: Path, samples, images, fold: dict) -> dict[str, np.n
     from pneumoscan.inference.loading import load_engine
 
     engine = load_engine(model_path)
-    logits = lambda idx_or_images: engine.predict_logits(idx_or_images, 64)  # noqa: E731
-    val = [i for i, s in enumerate(samples) if False]
+    logits = lambda images: engine.predict_logits(images, 64)  # noqa: E731
     paths = {s.path: i for i, s in enumerate(samples)}
     val = [paths[s.path] for s in fold["samples"] if s.split == "val"]
     out = {"val": logits(images[val]), "val_y": np.array([samples[i].label for i in val]),
@@ -277,9 +276,8 @@ def wise(run_dir: Path, probe: Path, alpha: float, samples, images, fold, target
     from pneumoscan.inference.torch_model import predict_logits
 
     model, meta = artifact.load(run_dir / "model.pt")
-    model.temperature.fill_(1.0)
     train.interpolate(model, torch.load(probe, map_location="cpu", weights_only=True), alpha)
-    model.temperature.fill_(1.0)
+    model.temperature.fill_(1.0)  # interpolation mixed the two temperatures: re-fitted below
     paths = {s.path: i for i, s in enumerate(samples)}
     val = [paths[s.path] for s in fold["samples"] if s.split == "val"]
     y = np.array([samples[i].label for i in val])

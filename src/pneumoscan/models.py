@@ -157,7 +157,21 @@ class MahalanobisHead(nn.Module):
         return ((z.unsqueeze(1) - self.M.unsqueeze(0)) ** 2).sum(-1).amin(1)
 
 
-class Classifier(nn.Module):
+class _Scorer(nn.Module):
+    """What every model does with its ``embed`` and ``classify``: one calibrated logit per image,
+    and beside it the out-of-distribution score of the same pooled features."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.embed(x))
+
+    def assess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(logit, out-of-distribution score) from one pass; NaN scores without an OOD head."""
+        f = self.embed(x)
+        ood = self.ood_head(f) if self.ood_head is not None else torch.full((len(f),), float("nan"))
+        return self.classify(f), ood
+
+
+class Classifier(_Scorer):
     def __init__(self, features: nn.Sequential, head: nn.Sequential,
                  normalization: str = "imagenet", frozen_stages: int = 0, freeze_batchnorm: bool = False):
         super().__init__()
@@ -179,14 +193,6 @@ class Classifier(nn.Module):
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features).squeeze(1) / self.temperature
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.embed(x))
-
-    def assess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logit, out-of-distribution score) from one pass; NaN scores without an OOD head."""
-        f = self.embed(x)
-        ood = self.ood_head(f) if self.ood_head is not None else torch.full((len(f),), float("nan"))
-        return self.classify(f), ood
 
     @property
     def feature_dim(self) -> int:
@@ -209,7 +215,7 @@ class Classifier(nn.Module):
 ENSEMBLE = "ensemble"  # ModelMeta.architecture of a multi-member model
 
 
-class Ensemble(nn.Module):
+class Ensemble(_Scorer):
     """A deep ensemble (Lakshminarayanan et al. 2017) with the interface of a ``Classifier``.
 
     ``members`` are Classifiers, each applying its own normalisation (and TF padding) in its own
@@ -263,14 +269,6 @@ class Ensemble(nn.Module):
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.member_logits(features).mean(dim=1) / self.temperature
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(self.embed(x))
-
-    def assess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(logit, out-of-distribution score) from one pass; NaN scores without an OOD head."""
-        f = self.embed(x)
-        ood = self.ood_head(f) if self.ood_head is not None else torch.full((len(f),), float("nan"))
-        return self.classify(f), ood
 
 
 def cam_layer_paths(model: nn.Module, architecture: str) -> list[str]:
