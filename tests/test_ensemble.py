@@ -305,12 +305,13 @@ def test_evaluate_an_ensemble_with_error_galleries_and_report(two_runs, tmp_path
     out = ensemble.combine(two_runs, tmp_path / "ens", ood=False)
     data_root = data.read_manifest(two_runs[0] / "manifest.csv")[0].path.split("/train/")[0]
     code = cli.main(["evaluate", "--model", str(out / "model.pt"), "--data", data_root, "--out",
-                     str(tmp_path / "eval"), "--bootstrap", "50", "--errors", "2", "--report"])
+                     str(tmp_path / "eval"), "--bootstrap", "50", "--errors", "2", "--report",
+                     "--threshold", "0"])  # every film PNEUMONIA: the 4 NORMAL films are errors for the gallery
     assert code == 0
     result = json.loads((tmp_path / "eval" / "metrics.json").read_text())
     assert result["n"] == 8  # the test split
     (_, fp), (fn, _) = result["confusion_matrix"]
-    assert fp + fn > 0  # a one-epoch model errs: the galleries below are exercised
+    assert (fp, fn) == (4, 0)
     assert list((tmp_path / "eval" / "errors").glob("*/01_*.png"))  # Grad-CAM overlays through both members
     html = (tmp_path / "eval" / "report.html").read_text()
     assert "2 members" in html and "resnet18" in html
