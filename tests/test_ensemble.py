@@ -102,6 +102,49 @@ def test_logit_is_the_mean_of_calibrated_member_logits_over_the_ensemble_tempera
         models.Ensemble(nets[:1], ["mobilenet_v2"])
 
 
+def test_members_on_one_frozen_backbone_share_its_pass_and_give_the_same_answer(tmp_path, monkeypatch):
+    """Two heads on one backbone (the default recipe's members) run the backbone once."""
+    import copy
+
+    first, meta = models.build("mobilenet_v2", weights="none", head="linear", tf_same_padding=True)
+    _spread_batchnorm(first)
+    second = copy.deepcopy(first)
+    second.head = models.build_head("seed", first.feature_dim).eval()
+    model = models.Ensemble([first, second], ["mobilenet_v2"] * 2).eval()
+    assert model.sources == (0, 0)
+    assert models.cam_layer_paths(model, artifact.ENSEMBLE) == ["members.0.features.18"]
+    x = as_batch(xrays(3))
+    calls = []
+    monkeypatch.setattr(second, "embed", lambda t: calls.append(t) or first.embed(t))
+    with torch.no_grad():
+        shared = model.assess(x)
+        assert not calls  # the second member's backbone never ran
+        expected = torch.stack([first.classify(first.embed(x)), second.classify(first.embed(x))], 1).mean(1)
+        assert torch.equal(shared[0], expected)
+    monkeypatch.undo()
+    # a backbone that differs in one tensor, in its normalisation or in its padding is its own pass
+    for change in (lambda n: n.features[18][1].running_mean.add_(1e-3), lambda n: n.std.mul_(2),
+                   lambda n: models.use_tf_same_padding(n.features)):
+        other = copy.deepcopy(first if change is not models.use_tf_same_padding else
+                              models.build("mobilenet_v2", weights="none", head="linear")[0])
+        if change is models.use_tf_same_padding:
+            other.load_state_dict(first.state_dict())
+        change(other)
+        assert models.Ensemble([first, other], ["mobilenet_v2"] * 2).sources == (0, 1)
+    # a saved ensemble is rebuilt from random weights: sharing is found again once its state loads
+    meta_of = artifact.make_meta(architecture="mobilenet_v2", head="linear", image_size=SIZE, weights_info=meta,
+                                 threshold=0.5, threshold_rule="youden", config={})
+    members = tuple(artifact.Member("mobilenet_v2", h, meta_of.normalization, True, 1.0, meta_of.backbone_weights)
+                    for h in ("linear", "seed"))
+    artifact.save(tmp_path / "shared.pt", model, meta_of.replace(
+        architecture=artifact.ENSEMBLE, head=ensemble.COMBINATION, normalization=artifact.PER_MEMBER,
+        tf_same_padding=False, members=members))
+    loaded, _ = artifact.load(tmp_path / "shared.pt")
+    assert loaded.sources == (0, 0)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), shared[0])
+
+
 def test_round_trip_with_members_of_different_normalisations(tmp_path):
     model, _ = ensemble_file(tmp_path / "model.pt", with_ood=True)
     loaded, meta = artifact.load(tmp_path / "model.pt")

@@ -240,6 +240,11 @@ class Ensemble(_Scorer):
     the ensemble temperature, fitted on validation, tempers where that is over-confident.
 
     ``architectures`` names each member's backbone (``BACKBONES``), for Grad-CAM's target layers.
+
+    Members whose ``embed`` is the same function (same backbone weights, normalisation and
+    padding: two heads trained on one frozen backbone, as the default recipe's are) share one
+    backbone pass: ``sources[i]`` is the member whose features member ``i`` reuses. The output is
+    the same tensor the separate passes would give, at the cost of one backbone instead of two.
     """
 
     def __init__(self, members: list[Classifier], architectures: list[str] | tuple[str, ...]):
@@ -253,13 +258,29 @@ class Ensemble(_Scorer):
         self.feature_dims = tuple(m.feature_dim for m in members)
         self.register_buffer("temperature", torch.tensor(1.0))
         self.add_module("ood_head", None)  # a MahalanobisHead on the concatenated features
+        self.share_identical_embeddings()
+        self.register_load_state_dict_post_hook(_reshare_after_load)
+
+    def share_identical_embeddings(self) -> tuple[int, ...]:
+        """Recompute ``sources`` from the members' current weights (after loading a state_dict)."""
+        sources: list[int] = []
+        for i, member in enumerate(self.members):
+            sources.append(next(j for j in range(i + 1) if j == i or (
+                sources[j] == j and self.architectures[j] == self.architectures[i]
+                and same_embedding(self.members[j], member))))
+        self.sources = tuple(sources)
+        return self.sources
 
     @property
     def feature_dim(self) -> int:
         return sum(self.feature_dims)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([m.embed(x) for m in self.members], dim=1)
+        computed: dict[int, torch.Tensor] = {}
+        for source in self.sources:
+            if source not in computed:
+                computed[source] = self.members[source].embed(x)
+        return torch.cat([computed[source] for source in self.sources], dim=1)
 
     def member_logits(self, features: torch.Tensor) -> torch.Tensor:
         """(N, members): each member's calibrated logit from the concatenated features."""
@@ -271,11 +292,31 @@ class Ensemble(_Scorer):
 
 
 
+def _reshare_after_load(ensemble: Ensemble, incompatible_keys) -> None:
+    ensemble.share_identical_embeddings()
+
+
+def same_embedding(a: Classifier, b: Classifier) -> bool:
+    """Whether ``a.embed`` and ``b.embed`` compute the same function: equal normalisation, equal
+    backbone tensors and the same padding (TF-SAME hooks included) in every layer."""
+    if not (torch.equal(a.mean, b.mean) and torch.equal(a.std, b.std)):
+        return False
+    mods_a, mods_b = list(a.features.modules()), list(b.features.modules())
+    if len(mods_a) != len(mods_b) or any(
+            type(x) is not type(y) or getattr(x, "padding", None) != getattr(y, "padding", None)
+            or len(x._forward_pre_hooks) != len(y._forward_pre_hooks) for x, y in zip(mods_a, mods_b)):
+        return False
+    state_a, state_b = a.features.state_dict(), b.features.state_dict()
+    return state_a.keys() == state_b.keys() and all(
+        state_a[k].shape == state_b[k].shape and torch.equal(state_a[k], state_b[k]) for k in state_a)
+
+
 def cam_layer_paths(model: nn.Module, architecture: str) -> list[str]:
-    """Module paths of the layers Grad-CAM explains: the backbone's ``cam_layer``, or every
-    member's for an Ensemble (the CAM library averages the per-layer maps)."""
+    """Module paths of the layers Grad-CAM explains: the backbone's ``cam_layer``, or for an
+    Ensemble that of every backbone that runs (members sharing one are explained once; the CAM
+    library averages the per-layer maps)."""
     if isinstance(model, Ensemble):
-        return [f"members.{i}.{backbone(a).cam_layer}" for i, a in enumerate(model.architectures)]
+        return [f"members.{i}.{backbone(model.architectures[i]).cam_layer}" for i in sorted(set(model.sources))]
     return [backbone(architecture).cam_layer]
 
 
