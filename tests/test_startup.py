@@ -59,3 +59,21 @@ def test_stale_shipped_onnx_is_not_used(tmp_path, monkeypatch, caplog):
     engine = loading.load_engine(None)
     assert engine.onnx_path != stale and engine.sha256 == file_sha256(pt)
     assert "not exported from this" in caplog.text
+
+
+SERVE_SCRIPT = """
+import json, sys
+from pneumoscan.serve.app import create_app
+from pneumoscan.serve.service import Service
+service = Service.load(sys.argv[1])
+print(json.dumps({"explain": service.can_explain, "loaded": [m for m in %r if m in sys.modules]}))
+service.close()
+""" % (HEAVY,)
+
+
+def test_serving_an_onnx_model_imports_no_torch(tmp_path):
+    env = os.environ | {"PNEUMOSCAN_CACHE_DIR": str(tmp_path / "empty-cache"),
+                        "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    out = subprocess.run([sys.executable, "-c", SERVE_SCRIPT, str(loading.BUNDLED_ONNX)], capture_output=True,
+                         text=True, env=env, timeout=120, check=True)
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == {"explain": False, "loaded": []}

@@ -17,16 +17,22 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import torch
 from PIL import Image
 
-from pneumoscan import artifact, explain
+from pneumoscan import artifact
 from pneumoscan.inference import decision
 from pneumoscan.artifact import ModelMeta
 from pneumoscan.inference.engines import Engine
 from pneumoscan.inference.loading import load_engine
 from pneumoscan.serve.batcher import BatchSettings, MicroBatcher, TimedOut
+
+if TYPE_CHECKING:  # torch and Grad-CAM load only with a model.pt: an ONNX model serves without them
+    import torch
+
+    from pneumoscan import explain
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +51,18 @@ def png_bytes(image: np.ndarray) -> bytes:
 
 
 class Service:
-    def __init__(self, engine: Engine, cam_model: torch.nn.Module | None,
+    def __init__(self, engine: Engine, cam_model: "torch.nn.Module | None",
                  batching: BatchSettings = BatchSettings()) -> None:
         self.engine = engine
         self.meta: ModelMeta = engine.meta
         self.cam_model = cam_model
         self.batching = batching
         self.batcher = MicroBatcher(self._score_now, batching)
-        self.explainer = (explain.CamExplainer(cam_model, self.meta.architecture)
-                          if cam_model is not None else None)
+        self.explainer = None
+        if cam_model is not None:
+            from pneumoscan import explain
+
+            self.explainer = explain.CamExplainer(cam_model, self.meta.architecture)
 
     def close(self) -> None:
         """Finish the queued requests and release the Grad-CAM hooks (at shutdown)."""
@@ -112,8 +121,10 @@ class Service:
         quality = decision.check_inputs(self.meta, images, sizes)
         return [_row(v) for v in decision.decide(self.meta, logits, ood, quality)]
 
-    def overlays(self, images: np.ndarray, prob=None) -> list[explain.Explanation]:
+    def overlays(self, images: np.ndarray, prob=None) -> "list[explain.Explanation]":
         """A Grad-CAM explanation per image: the overlay PNG, its scale (absolute, i.e. weighted by
         ``prob``, when the probabilities are given), flatness and where the map's mass lies."""
+        from pneumoscan import explain
+
         cams = explain.compute_cams(self.cam_model, self.meta.architecture, images, explainer=self.explainer)
         return explain.explanations(images, cams, prob)
