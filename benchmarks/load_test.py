@@ -9,6 +9,8 @@ table. Bounded: it stops at the deadline or after ``--max-requests``, whichever 
     python benchmarks/load_test.py --model runs/X/model.pt --clients 32 --duration 30
     python benchmarks/load_test.py --micro-batch 1            # the queue without batching
     python benchmarks/load_test.py --src ../main/src          # another checkout's server (a baseline)
+    python benchmarks/load_test.py --default-model --clients 1 8 32 --duration 15 \
+        --baseline-src ../base/src                            # one table: baseline, batching off, on
 
 The server's output goes to a log file in the work folder (printed on failure): a pipe nobody
 reads fills after ~1,000 access-log lines and then blocks the server.
@@ -153,18 +155,53 @@ def report(rows: list[tuple[str, str]]) -> str:
     return "\n".join(lines)
 
 
+def measure(args, images, model, clients: int, *, src: str | None, micro_batch: int | None,
+            default_model: bool) -> dict:
+    """One server started, loaded with ``clients`` clients for ``args.duration`` s, stopped."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log_path = Path(args.work) / f"server-{port}.log"
+    extra = ["--micro-batch", str(micro_batch)] if micro_batch else []
+    proc = start_server(None if default_model else model, port, args.engine, log_path, extra, src)
+    try:
+        wait_ready(base, proc, log_path)
+        card = httpx.get(f"{base}/v1/model", timeout=10).json()
+        latencies, errors, elapsed = asyncio.run(
+            run_load(base, images, clients, args.duration, args.max_requests, args.explain))
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    if errors:
+        print(f"\nserver log {log_path}:\n{log_tail(log_path)}", file=sys.stderr)
+    ms = np.array(latencies) * 1000
+    return {"card": card, "ok": len(latencies), "errors": errors, "elapsed": elapsed,
+            "rate": len(latencies) / elapsed, **{f"p{q}": float(np.percentile(ms, q)) if len(ms) else float("nan")
+                                                 for q in (50, 95, 99)}}
+
+
+def cell(r: dict, base: dict | None = None) -> str:
+    ratio = f" ({r['rate'] / base['rate']:.1f}×)" if base else ""
+    errors = f", {sum(r['errors'].values())} errors" if r["errors"] else ""
+    return f"{r['rate']:.1f}{ratio}, {r['p50']:.0f} / {r['p99']:.0f}{errors}"
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", help="model.pt or .onnx [bundled, else an untrained MobileNetV2]")
     p.add_argument("--data", default=str(SHARED_TRAIN), help="folder with NORMAL/ and PNEUMONIA/ JPEGs")
     p.add_argument("--images", type=int, default=48, help="distinct X-rays to cycle through")
-    p.add_argument("--clients", type=int, default=32)
+    p.add_argument("--clients", type=int, nargs="+", default=[32], help="one or more client counts")
     p.add_argument("--duration", type=float, default=30.0, help="seconds of measured load")
     p.add_argument("--max-requests", type=int, default=100_000, help="hard bound on requests sent")
     p.add_argument("--engine", choices=["auto", "onnx", "torch"], default="auto")
     p.add_argument("--explain", action="store_true", help="ask for Grad-CAM overlays too")
     p.add_argument("--micro-batch", type=int, help="the server's --micro-batch (1: no batching) [its default]")
     p.add_argument("--src", help="PYTHONPATH for the server: another checkout's src/, e.g. a baseline")
+    p.add_argument("--baseline-src", help="another checkout's src/ to measure first at each client count, with "
+                                          "its own bundled model; then this checkout batching off and on")
     p.add_argument("--default-model", action="store_true",
                    help="start the server without --model (the bundled model as users get it)")
     p.add_argument("--work", default=str(REPO / "runs" / "load_test"), help="folder for the server's log")
@@ -172,44 +209,50 @@ def main(argv: list[str] | None = None) -> int:
 
     images = pick_images(Path(args.data), args.images)
     model, model_desc = pick_model(args.model)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    log_path = Path(args.work) / f"server-{port}.log"
-    extra = ["--micro-batch", str(args.micro_batch)] if args.micro_batch else []
-    proc = start_server(None if args.default_model else model, port, args.engine, log_path, extra, args.src)
-    try:
-        wait_ready(base, proc, log_path)
-        card = httpx.get(f"{base}/v1/model", timeout=10).json()
-        latencies, errors, elapsed = asyncio.run(
-            run_load(base, images, args.clients, args.duration, args.max_requests, args.explain))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+    machine = f"{os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}"
+    if args.baseline_src:
+        print("## pneumoscan serve load test against a baseline\n")
+        print(f"req/s (× baseline), latency p50 / p99 ms; {args.duration:g} s per cell, {len(images)} JPEGs, "
+              f"{machine}\n")
+        print("| clients | baseline | now, batching off | now, default batching |")
+        print("| --: | --: | --: | --: |")
+        failed = False
+        for clients in args.clients:
+            base = measure(args, images, model, clients, src=args.baseline_src, micro_batch=None, default_model=True)
+            off = measure(args, images, model, clients, src=args.src, micro_batch=1,
+                          default_model=args.default_model)
+            on = measure(args, images, model, clients, src=args.src, micro_batch=args.micro_batch,
+                         default_model=args.default_model)
+            failed |= any(r["errors"] for r in (base, off, on))
+            print(f"| {clients} | {cell(base)} | {cell(off, base)} | {cell(on, base)} |", flush=True)
+        print(f"\nbaseline: {args.baseline_src} ({base['card']['architecture']}); now: {model_desc} "
+              f"({on['card']['architecture']}, runtime {on['card']['runtime']})")
+        return 1 if failed else 0
 
-    ms = np.array(latencies) * 1000
-    pct = (lambda q: f"{np.percentile(ms, q):.0f} ms") if len(ms) else (lambda q: "n/a")
-    print("## pneumoscan serve load test\n")
-    print(report([
-        ("model", f"{model_desc}: {card['architecture']}, {card['image_size']} px, runtime {card['runtime']}"),
-        ("endpoint", "POST /v1/predict" + ("?explain=true" if args.explain else "")),
-        ("images", f"{len(images)} JPEGs from {args.data}"),
-        ("clients", str(args.clients)),
-        ("duration", f"{elapsed:.1f} s"),
-        ("requests ok", str(len(latencies))),
-        ("errors", str(sum(errors.values())) + (f" ({', '.join(f'{k}: {v}' for k, v in errors.items())})"
-                                                 if errors else "")),
-        ("throughput", f"{len(latencies) / elapsed:.1f} req/s"),
-        ("latency p50", pct(50)),
-        ("latency p95", pct(95)),
-        ("latency p99", pct(99)),
-        ("machine", f"{os.cpu_count()} CPUs ({platform.machine()}), Python {platform.python_version()}"),
-    ]))
-    if errors:
-        print(f"\nserver log {log_path}:\n{log_tail(log_path)}", file=sys.stderr)
-    return 1 if sum(errors.values()) else 0
+    failed = False
+    for clients in args.clients:
+        r = measure(args, images, model, clients, src=args.src, micro_batch=args.micro_batch,
+                    default_model=args.default_model)
+        card = r["card"]
+        pct = {q: f"{r[f'p{q}']:.0f} ms" if r["ok"] else "n/a" for q in (50, 95, 99)}
+        print("## pneumoscan serve load test\n")
+        print(report([
+            ("model", f"{model_desc}: {card['architecture']}, {card['image_size']} px, runtime {card['runtime']}"),
+            ("endpoint", "POST /v1/predict" + ("?explain=true" if args.explain else "")),
+            ("images", f"{len(images)} JPEGs from {args.data}"),
+            ("clients", str(clients)),
+            ("duration", f"{r['elapsed']:.1f} s"),
+            ("requests ok", str(r["ok"])),
+            ("errors", str(sum(r["errors"].values())) + (f" ({', '.join(f'{k}: {v}' for k, v in r['errors'].items())})"
+                                                         if r["errors"] else "")),
+            ("throughput", f"{r['rate']:.1f} req/s"),
+            ("latency p50", pct[50]),
+            ("latency p95", pct[95]),
+            ("latency p99", pct[99]),
+            ("machine", machine),
+        ]))
+        failed |= bool(r["errors"])
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

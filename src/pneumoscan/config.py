@@ -325,6 +325,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
 }
 
 
+BACKBONE_WEIGHT_KEYS = ("backbone", "backbone_weights", "weights_normalization")
+
+
 def member_names(members: str) -> list[str]:
     """``train.members`` as a list of recipe names."""
     return [n.strip() for n in members.split(",") if n.strip()]
@@ -343,6 +346,10 @@ def member_config(config: "RunConfig", name: str, out_dir: str) -> "RunConfig":
                 changes[key] = diff
         elif default.get(key) != value:
             changes[key] = value
+    own_backbone = RECIPES[name].get("model", {}).get("backbone")
+    if own_backbone and own_backbone != given["model"]["backbone"]:
+        # weights a user gave belong to the other backbone; this member brings its own
+        changes["model"] = {k: v for k, v in changes.get("model", {}).items() if k not in BACKBONE_WEIGHT_KEYS}
     merged = merge(merge(RunConfig().to_dict(), RECIPES[name]), changes)
     merged["train"]["members"] = ""
     return RunConfig.from_dict(merged | {"out_dir": out_dir, "name": name})
