@@ -169,6 +169,37 @@ def test_label_smoothing_and_cosine_schedule(tiny_dataset, tmp_path):
     assert lit._step((torch.zeros(2, 1), torch.ones(2)), "val", lit.val_metrics).item() < 1e-6
 
 
+def test_mixup_mixes_inputs_and_targets_and_weight_decay_selects_adamw(tiny_dataset, tmp_path):
+    seen = []
+    lit = train.LitClassifier(torch.nn.Linear(1, 1), class_weights=(2.0, 0.5), from_features=True, mixup=0.4)
+    lit.model.classify = lambda x: (seen.append(x.clone()), x[:, 0] * 3)[1]
+    lit.log = lit.log_dict = lambda *a, **k: None
+    x, y = torch.tensor([[1.0], [0.0], [-1.0], [2.0]]), torch.tensor([1.0, 0.0, 0.0, 1.0])
+    torch.manual_seed(0)
+    loss = lit._step((x, y), "train", lit.train_metrics)
+    torch.manual_seed(0)
+    lam, other = lit._mix(4, y.device)
+    assert 0 < lam < 1 and sorted(other.tolist()) == [0, 1, 2, 3]
+    mixed = lam * x + (1 - lam) * x[other]
+    assert torch.allclose(seen[0], mixed)  # the head saw the mixed batch
+    expected = lam * lit._train_loss(mixed[:, 0] * 3, y) + (1 - lam) * lit._train_loss(mixed[:, 0] * 3, y[other])
+    assert loss.item() == pytest.approx(expected.item())
+    assert lit._step((x, y), "val", lit.val_metrics).item() == pytest.approx(
+        torch.nn.functional.binary_cross_entropy_with_logits(x[:, 0] * 3, y).item())  # validation never mixes
+    # a run with both records them and trains with AdamW
+    config = tiny_config(tiny_dataset, tmp_path / "runs", weight_decay=0.05, mixup=0.2)
+    optimizers = []
+
+    class Spy(train.L.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            optimizers.append(trainer.optimizers[0])
+
+    run = train.fit(config, callbacks=[Spy()])
+    assert isinstance(optimizers[0], torch.optim.AdamW) and optimizers[0].param_groups[0]["weight_decay"] == 0.05
+    saved = yaml.safe_load((run / "config.yaml").read_text())["train"]
+    assert (saved["weight_decay"], saved["mixup"]) == (0.05, 0.2)
+
+
 @pytest.mark.parametrize("fast", [True, False])
 def test_head_batchnorm_trains_while_frozen_stages_stay_in_eval(tiny_dataset, tmp_path, fast):
     config = tiny_config(tiny_dataset, tmp_path / "runs", feature_cache=fast)

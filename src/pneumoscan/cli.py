@@ -227,6 +227,8 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     add_setting(g, "--patience", "train.patience", "early-stopping patience in epochs")
     add_setting(g, "--schedule", "train.schedule", "learning-rate schedule", choices=config.SCHEDULES)
     add_setting(g, "--label-smoothing", "train.label_smoothing", "BCE label smoothing")
+    add_setting(g, "--weight-decay", "train.weight_decay", "AdamW decoupled weight decay (0: plain Adam)")
+    add_setting(g, "--mixup", "train.mixup", "mixup Beta(a, a) parameter (0: off)")
     add_setting(g, "--unfreeze-at", "train.unfreeze_at", "progressive unfreezing, e.g. '1:3,3:-1' = last 3 "
                 "stages train from epoch 2, all from epoch 4 (epochs counted from 0)", metavar="EPOCH:STAGES,...",
                 shown="off")

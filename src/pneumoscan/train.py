@@ -53,7 +53,8 @@ class LitClassifier(L.LightningModule):
 
     def __init__(self, model: models.Classifier, class_weights=(1.0, 1.0), lr: float = 1e-3,
                  backbone_lr: float = 1e-4, from_features: bool = False, augment: torch.nn.Module | None = None,
-                 label_smoothing: float = 0.0, schedule: str = "constant"):
+                 label_smoothing: float = 0.0, schedule: str = "constant", weight_decay: float = 0.0,
+                 mixup: float = 0.0):
         super().__init__()
         self.model = model
         self.from_features = from_features  # batches hold cached backbone features, not images
@@ -61,6 +62,7 @@ class LitClassifier(L.LightningModule):
         self.register_buffer("class_weight", torch.tensor(class_weights, dtype=torch.float32))
         self.lr, self.backbone_lr = lr, backbone_lr
         self.label_smoothing, self.schedule = label_smoothing, schedule
+        self.weight_decay, self.mixup = weight_decay, mixup
         self.train_metrics = epoch_metrics("train_")
         self.val_metrics = epoch_metrics("val_")
 
@@ -75,15 +77,35 @@ class LitClassifier(L.LightningModule):
 
     def _step(self, batch, stage: str, collection: MetricCollection) -> torch.Tensor:
         x, y = batch
-        logits = (self.model.classify(x) if self.from_features else self.model(x)).float()
-        weight = self.class_weight[y.long()] if stage == "train" else None
-        target = y * (1 - self.label_smoothing) + self.label_smoothing / 2 if stage == "train" else y
-        loss = F.binary_cross_entropy_with_logits(logits, target, weight=weight)
+        if stage != "train":
+            logits = (self.model.classify(x) if self.from_features else self.model(x)).float()
+            loss = F.binary_cross_entropy_with_logits(logits, y)
+        else:
+            lam, other = self._mix(len(y), y.device)
+            if other is not None:
+                x = lam * x + (1 - lam) * x[other]
+            logits = (self.model.classify(x) if self.from_features else self.model(x)).float()
+            loss = self._train_loss(logits, y)
+            if other is not None:
+                loss = lam * loss + (1 - lam) * self._train_loss(logits, y[other])
         collection.update(torch.sigmoid(logits), y.int())
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(y), sync_dist=True)
         self.log_dict(collection, on_step=False, on_epoch=True, prog_bar=False)
         return loss
+
+    def _train_loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        target = y * (1 - self.label_smoothing) + self.label_smoothing / 2
+        return F.binary_cross_entropy_with_logits(logits, target, weight=self.class_weight[y.long()])
+
+    def _mix(self, n: int, device: torch.device) -> tuple[float, torch.Tensor | None]:
+        """mixup (Zhang et al. 2018): a Beta(a, a) weight and a partner for each film of the batch,
+        from torch's generator (seeded per run). On cached features it mixes the pooled features
+        (manifold mixup at the head's input), since the images behind them are not at hand."""
+        if not self.mixup or n < 2:
+            return 1.0, None
+        lam = float(torch.distributions.Beta(self.mixup, self.mixup).sample())
+        return lam, torch.randperm(n, device=device)
 
     def training_step(self, batch, batch_idx):
         return self._step(batch, "train", self.train_metrics)
@@ -92,7 +114,10 @@ class LitClassifier(L.LightningModule):
         self._step(batch, "val", self.val_metrics)
 
     def configure_optimizers(self):
-        optimizer = torch.optim.Adam(models.parameter_groups(self.model, self.lr, self.backbone_lr))
+        groups = models.parameter_groups(self.model, self.lr, self.backbone_lr)
+        # decoupled weight decay (AdamW, Loshchilov & Hutter 2019); none keeps the study's plain Adam
+        optimizer = (torch.optim.AdamW(groups, weight_decay=self.weight_decay) if self.weight_decay
+                     else torch.optim.Adam(groups))
         if self.schedule == "constant":
             return optimizer
         if self.schedule != "cosine":
@@ -355,7 +380,7 @@ def train_model(p: Prepared, *, callbacks: list | None = None, loggers: list | N
     # after a linear probe the head already fits: it fine-tunes as gently as the backbone
     lit = LitClassifier(p.model, weights, tc.backbone_lr if probed else tc.lr, tc.backbone_lr, from_features=p.fast,
                         augment=None if p.fast else p.augment, label_smoothing=tc.label_smoothing,
-                        schedule=tc.schedule)
+                        schedule=tc.schedule, weight_decay=tc.weight_decay, mixup=tc.mixup)
     feature_seconds = time.perf_counter() - started
     started = time.perf_counter()
     # Lightning (>= 2.2) trains modules in whatever mode they are in: set it here, so the head's
@@ -385,7 +410,8 @@ def linear_probe(p: Prepared, class_weights: tuple[float, float], progress: Prog
     tc = p.config.train
     train_loader, val_loader = feature_loaders(p.config, p.model, p.weights_info, p.split_data, p.augment, progress)
     lit = LitClassifier(p.model, class_weights, tc.lr, tc.backbone_lr, from_features=True,
-                        label_smoothing=tc.label_smoothing, schedule="constant")
+                        label_smoothing=tc.label_smoothing, schedule="constant", weight_decay=tc.weight_decay,
+                        mixup=tc.mixup)
     checkpoint = ModelCheckpoint(dirpath=p.run_dir / "linear-probe", filename="best",
                                  monitor="val_loss", mode="min", save_top_k=1)
     trainer = L.Trainer(max_epochs=tc.linear_probe_epochs, accelerator="auto", devices=1, logger=False,
