@@ -13,6 +13,7 @@ design's, not a measurement on unseen patients.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", help="model.pt or .onnx [the bundled model]")
     p.add_argument("--run", required=True, help="run folder with manifest.csv (its val rows are used)")
+    p.add_argument("--json", type=Path, help="also write the rates here, e.g. benchmarks/ood_check.json")
     args = p.parse_args()
     engine = load_engine(args.model)
     size = engine.meta.image_size
@@ -50,11 +52,15 @@ def main() -> None:
             "validation films": films,
             "validation films, random acquisition shifts": np.stack([shifts.random_shift(a, rng) for a in films])}
     print(f"model {engine.path} ({engine.sha256[:12]}), {engine.name}")
+    rates = {}
     for name, images in sets.items():
         verdicts = decision.assess(engine, images, [(size, size)] * len(images))
-        na = np.mean([not v.assessed for v in verdicts])
-        flagged = np.mean([bool(v.flags) for v in verdicts])
+        na = float(np.mean([not v.assessed for v in verdicts]))
+        flagged = float(np.mean([bool(v.flags) for v in verdicts]))
+        rates[name] = {"n": len(images), "not_assessed": na, "any_flag": flagged}
         print(f"{name}: n={len(images)}, NOT_ASSESSED {na:.1%}, any flag {flagged:.1%}")
+    if args.json:
+        args.json.write_text(json.dumps({"model_sha256": engine.sha256, "rates": rates}, indent=1) + "\n")
 
 
 if __name__ == "__main__":

@@ -13,19 +13,35 @@ model is written back with its OOD head and the input-quality limits in its meta
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 
 from pneumoscan import artifact, console, data, gate, train
 from pneumoscan.config import RunConfig
-from pneumoscan.files import write_text
+from pneumoscan.files import file_sha256, write_text
 
 
 BEGIN, END = "<!-- input checks: tools/add_ood.py -->", "<!-- end input checks -->"
+OOD_CHECK = Path(__file__).resolve().parents[1] / "benchmarks" / "ood_check.json"  # benchmarks/ood_check.py --json
 
 
-def input_checks_section(meta: artifact.ModelMeta) -> str:
+def proxy_sentence(sha256: str) -> str:
+    """What benchmarks/ood_check.py measured for this very file, or that it was not measured."""
+    measured = json.loads(OOD_CHECK.read_text()) if OOD_CHECK.is_file() else {}
+    if measured.get("model_sha256") != sha256:
+        return "Its proxy rates were not measured for this file (run `python benchmarks/ood_check.py --json ...`)."
+    r = {k: v["not_assessed"] for k, v in measured["rates"].items()}
+    return (f"On our own quick proxies (`python benchmarks/ood_check.py`, this model; not the project's held-back "
+            f"sets) it left NOT_ASSESSED {r['non-radiographs (scikit-image photos)']:.0%} of 18 non-radiograph photos, "
+            f"{r['films rotated 90 degrees']:.0%} of films rotated 90°, {r['films upside down']:.0%} of films upside "
+            f"down, {r['inverted films']:.0%} of inverted films, {r['validation films']:.1%} of the validation films and "
+            f"{r['validation films, random acquisition shifts']:.0%} of validation films under one or two random "
+            "acquisition shifts (benchmarks/ood.md measured the former fine-tuned model's detector more fully).")
+
+
+def input_checks_section(meta: artifact.ModelMeta, sha256: str = "") -> str:
     o = meta.ood
     rows = "\n".join(f"| {r['name']} | {r['value']:g} | {r['kind']} |" for r in gate.limits_table(
         gate.QualityLimits.from_dict(meta.quality)))
@@ -37,11 +53,7 @@ benchmarks/ood.md). `low_quality` (gate) and `not_chest_xray` (distance above
 label NOT_ASSESSED; `out_of_distribution` (above {o['cutoff_ood']:.1f}, the {o['ood_percentile']:g}th
 percentile) keeps the label and marks the image as unlike the training films. The distance is the
 Mahalanobis distance of the model's pooled features, its covariance fitted on {o['n_fit']} training films
-and shifted copies of them. On our own quick proxies (`python benchmarks/ood_check.py`, the bundled
-ensemble; not the project's held-back sets) it left NOT_ASSESSED 100% of 18 non-radiograph photos and of
-films rotated 90°, 77% of films upside down, 62% of inverted films, 0.6% of the validation films and 15% of
-validation films under one or two random acquisition shifts (benchmarks/ood.md measured the former
-fine-tuned model's detector more fully). The validation films were in the bundled model's training run
+and shifted copies of them. {proxy_sentence(sha256)} The validation films were in the bundled model's training run
 (early stopping and calibration), not in its gradient steps. Gate limits (minimum side and aspect reasoned, the rest fitted on training films):
 
 | limit | value | origin |
@@ -77,7 +89,7 @@ def main() -> int:
     meta = meta.replace(ood=detector, quality=gate.default_limits(meta.image_size).to_dict())
     artifact.save(args.model, model, meta, half=args.half)
     if args.card:
-        write_text(args.card, with_section(Path(args.card).read_text(), input_checks_section(meta)))
+        write_text(args.card, with_section(Path(args.card).read_text(), input_checks_section(meta, file_sha256(args.model))))
     print(f"{args.model}: OOD cut-offs {detector['cutoff_not_chest']:.1f} (not_chest_xray) / "
           f"{detector['cutoff_ood']:.1f} (out_of_distribution) from {detector['n_val']} validation films; "
           f"fitted on {detector['n_fit']}")

@@ -325,6 +325,9 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     "frozen-acquisition-mixup": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "train": {"mixup": 0.2}}),
     "frozen-acquisition-lite0": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "model": {
         "backbone": "efficientnet_lite0", "backbone_weights": "imagenet", "weights_normalization": "auto"}}),
+    # the seed study's augmentation on that backbone: an ensemble partner that shares its pass
+    "seed-study-lite0": _recipe(_FROZEN, {"data": {"augment": "seed"}, "model": {
+        "backbone": "efficientnet_lite0", "backbone_weights": "imagenet", "weights_normalization": "auto"}}),
     # the default until the shift protocol: every layer fine-tuned (won in-distribution 5-fold CV)
     "finetune": _FINETUNE,
     # LP-FT (Kumar et al. 2022): the head first on cached features, then every layer gently
