@@ -135,7 +135,7 @@ def test_recipe_then_config_file_then_flags(tmp_path):
     assert (seed.model.unfreeze_blocks, seed.data.augment, seed.train.patience) == (0, "seed", 7)
     default = cli.config_from_args(parser.parse_args(["train", "--data", "d"]))
     assert default.model.unfreeze_blocks == 0 and default.data.augment == "acquisition"
-    assert default.train.members == "frozen-acquisition,seed-study"
+    assert default.train.members == "frozen-acquisition-mixup,seed-study-lite0"
     # the package defaults are the default recipe's settings; the recipe adds its members
     import dataclasses
     assert default.model == RunConfig().model

@@ -367,7 +367,7 @@ def _members_config(root, out) -> RunConfig:
     from pneumoscan import config as cfg
 
     c = cfg.recipe("default")
-    assert c.train.members == "frozen-acquisition,seed-study"  # the package default is an ensemble
+    assert c.train.members == "frozen-acquisition-mixup,seed-study-lite0"  # the package default is an ensemble
     return cfg.apply_overrides(c, [f"data.root={root}", "data.image_size=48", "data.val_fraction=0.25",
                                    "data.batch_size=8", "model.backbone_weights=none", "train.epochs=1",
                                    "train.views=1", "train.precision=32", f"out_dir={out}", "name=ens"])
@@ -379,14 +379,17 @@ def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_pat
     model, meta = artifact.load(run / "model.pt")
     assert isinstance(model, models.Ensemble) and len(meta.members) == 2
     assert [m.config["data"]["augment"] for m in meta.members] == ["acquisition", "seed"]
-    assert (run / "members" / "frozen-acquisition" / "model.pt").is_file()
+    assert [m.architecture for m in meta.members] == ["mobilenet_v2", "efficientnet_lite0"]
+    assert [m.config["train"]["mixup"] for m in meta.members] == [0.2, 0.0]
+    assert model.sources == (0, 1)  # two backbones: two passes
+    assert (run / "members" / "frozen-acquisition-mixup" / "model.pt").is_file()
     assert json.loads((run / "test" / "metrics.json").read_text())["n"] == 8
     assert (run / "report.html").is_file() and (run / "config.yaml").is_file()
     # an interruption after the members: resuming keeps them and only combines
     (run / "model.pt").unlink()
     caplog.set_level("INFO")
     assert ensemble.fit_members(RunConfig(), resume_dir=run) == run
-    assert "member seed-study: finished earlier, kept" in caplog.text and (run / "model.pt").is_file()
+    assert "member seed-study-lite0: finished earlier, kept" in caplog.text and (run / "model.pt").is_file()
     with pytest.raises(UserError, match="is finished"):
         ensemble.fit_members(RunConfig(), resume_dir=run)
 

@@ -96,10 +96,10 @@ def cmd_explore(args: argparse.Namespace) -> int:
 
 TRAIN_DESCRIPTION = (
     "Train a classifier. The default recipe is the one the shift protocol chose (benchmarks/robustness.md): a "
-    "deep ensemble of two frozen ImageNet MobileNetV2 models with the seed study's head, one trained on films "
-    "degraded as other hospitals' are ('acquisition' augmentation), one with the study's Keras augmentation "
-    "(recipe seed-study); each member trains in RUN/members/NAME on the same split, then RUN/model.pt averages "
-    "them. --recipe NAME trains one model instead (seed-study, frozen-acquisition, finetune = the former default, "
+    "deep ensemble of two frozen ImageNet backbones with the seed study's head: a MobileNetV2 trained on films "
+    "degraded as other hospitals' are ('acquisition' augmentation) with mixup (recipe frozen-acquisition-mixup), "
+    "and an EfficientNet-Lite0 with the study's Keras augmentation (recipe seed-study-lite0); each member trains "
+    "in RUN/members/NAME on the same split, then RUN/model.pt averages them. --recipe NAME trains one model instead (seed-study, frozen-acquisition, finetune = the former default, "
     "lp-ft, wise-ft, ...). Writes a run folder with config, data manifest, curves, checkpoints, train.log and "
     "model.pt.")
 
@@ -247,7 +247,8 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     add_setting(g, "--num-nodes", "train.num_nodes", "machines")
     add_setting(g, "--strategy", "train.strategy", "e.g. ddp")
     g = p.add_argument_group("run")
-    g.add_argument("--recipe", help="starting point: default (an ensemble of frozen-acquisition and seed-study), "
+    g.add_argument("--recipe", help="starting point: default (an ensemble of frozen-acquisition-mixup and "
+                   "seed-study-lite0), "
                    "one of config.RECIPES, e.g. seed-study (frozen backbone, "
                    "Keras augmentation, 30 epochs, patience 7); --config, --set and flags override it [default]")
     g.add_argument("--config", help="YAML with data/model/train sections (--set and flags override it)")
