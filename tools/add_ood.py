@@ -35,9 +35,9 @@ def proxy_sentence(sha256: str) -> str:
     r = {k: v["not_assessed"] for k, v in measured["rates"].items()}
     return (f"On our own quick proxies (`python benchmarks/ood_check.py`, this model; not the project's held-back "
             f"sets) it left NOT_ASSESSED {r['non-radiographs (scikit-image photos)']:.0%} of 18 non-radiograph photos, "
-            f"{r['films rotated 90 degrees']:.0%} of films rotated 90°, {r['films upside down']:.0%} of films upside "
-            f"down, {r['inverted films']:.0%} of inverted films, {r['validation films']:.1%} of the validation films and "
-            f"{r['validation films, random acquisition shifts']:.0%} of validation films under one or two random "
+            f"{r['films rotated 90 degrees']:.1%} of films rotated 90°, {r['films upside down']:.1%} of films upside "
+            f"down, {r['inverted films']:.1%} of inverted films, {r['validation films']:.1%} of the validation films and "
+            f"{r['validation films, random acquisition shifts']:.1%} of validation films under one or two random "
             "acquisition shifts (benchmarks/ood.md measured the former fine-tuned model's detector more fully).")
 
 

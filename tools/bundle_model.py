@@ -198,7 +198,10 @@ def main() -> int:
         out = artifact.save(artifact.BUNDLED_MODEL, model, meta, half=True)
     command = ("pneumoscan train --data ../shared/data/chest_xray "
                "--backbone-weights ../shared/weights/mobilenet_v2_imagenet.pth --out runs --name bundled\n"
-               f"python tools/bundle_model.py runs/bundled{' --recipe ' + args.recipe if args.recipe else ''}")
+               f"python tools/bundle_model.py runs/bundled{' --recipe ' + args.recipe if args.recipe else ''}\n"
+               "python benchmarks/ood_check.py --model src/pneumoscan/assets/model.pt --run runs/bundled "
+               "--json benchmarks/ood_check.json\n"
+               f"python tools/bundle_model.py runs/bundled{' --recipe ' + args.recipe if args.recipe else ''} --card-only")
     text = card(meta, validation, command, args.where, file_sha256(out), args.recipe)
     if meta.ood is not None:
         from add_ood import input_checks_section, with_section  # tools/, beside this script
