@@ -313,6 +313,11 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # no temperature, a cut at 0.5
     "notebook": _recipe(_FROZEN, {"data": {"augment": "seed"}, "model": {"weights_normalization": "unit"},
                                   "train": {"threshold": "0.5", "calibration": "none"}}),
+    # both stopped after 2 epochs, as the notebook's re-run kept its epoch 2 (its early stop on 16
+    # validation films); with 8 cached views, 2 epochs also see each film afresh, as Keras did
+    "seed-study-early": _recipe(_FROZEN, {"data": {"augment": "seed"}, "train": {"epochs": 2}}),
+    "notebook-early": _recipe(_FROZEN, {"data": {"augment": "seed"}, "model": {"weights_normalization": "unit"},
+                                        "train": {"threshold": "0.5", "calibration": "none", "epochs": 2}}),
     # the seed study's frozen backbone and head, trained on films degraded as other hospitals' are
     # (transforms.AcquisitionAugment)
     "frozen-acquisition": _recipe(_FROZEN, {"data": {"augment": "acquisition"}}),
