@@ -303,7 +303,7 @@ def _recipe(*parts: dict) -> dict:
 # benchmarks/robustness.md measured them under shift; the default is what its rule chose.
 RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # a deep ensemble of frozen-acquisition-mixup and seed-study-lite0 (below): what the shift
-    # protocol's rule chose among 16 recipes and their pairs (benchmarks/robustness.md)
+    # protocol's rule chose among 11 recipes, their pairs and TTA variants (benchmarks/robustness.md)
     "default": _recipe(_FROZEN, {"data": {"augment": "acquisition"},
                                  "train": {"members": "frozen-acquisition-mixup,seed-study-lite0"}}),
     # the seed study: frozen ImageNet MobileNetV2 + head exp9, Keras augmentation, Adam 1e-3,
