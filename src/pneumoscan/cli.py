@@ -114,21 +114,15 @@ def add_train(sub) -> None:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from pneumoscan import train
+    from pneumoscan import ensemble
 
     config = config_from_args(args)
     run_log = console.start_run_log()  # RUN/train.log, from the first line, once fit creates RUN
     bars = console.StageBars()
     try:
-        if (Path(args.resume) / "members").is_dir() if args.resume else config.train.members:
-            from pneumoscan import ensemble
-
-            run_dir = ensemble.fit_members(config, resume_dir=args.resume, progress=bars,
-                                           callbacks_for=lambda: console.training_callbacks(run_log),
-                                           started=lambda folder: run_log.attach(folder / "train.log"))
-        else:
-            run_dir = train.fit(config, resume_dir=args.resume, callbacks=console.training_callbacks(run_log),
-                                progress=bars)
+        run_dir = ensemble.fit(config, resume_dir=args.resume, progress=bars,
+                               callbacks_for=lambda: console.training_callbacks(run_log),
+                               started=lambda folder: run_log.attach(folder / "train.log"))
     except KeyboardInterrupt:
         print("\ninterrupted; continue with: pneumoscan train --resume RUN_FOLDER", file=sys.stderr)
         return 130

