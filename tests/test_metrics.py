@@ -525,3 +525,12 @@ def test_effective_prior_undoes_a_missing_intercept():
     z_half = z_true - np.log(prior / (1 - prior))
     assert m.effective_prior(z_half, y) == pytest.approx(0.5, abs=0.04)
     assert m.effective_prior(z_true, y) == pytest.approx(prior, abs=0.04)
+
+
+def test_fit_intercept_takes_probabilities_that_rounded_to_0_or_1(recwarn):
+    """A tiny validation split can give probabilities of exactly 1.0: their logit is +inf."""
+    y = np.array([0, 0, 1, 1, 1])
+    z = m.logit([0.0, 0.2, 0.7, 1.0, 1.0])
+    b = m.fit_intercept(z, y)
+    assert np.isfinite(b) and np.isfinite(m.effective_prior(z, y))
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]

@@ -596,6 +596,9 @@ def fit_intercept(logits, y_true) -> float:
     y, z = _arrays(y_true, logits)
     if not _both_classes(y):
         return 0.0
+    # logit() of a probability that rounded to 0 or 1 is -inf or +inf (inf - inf would be nan);
+    # beyond ±50 a float64 sigmoid says nothing more
+    z = np.clip(z, -50.0, 50.0)
     result = minimize_scalar(lambda b: float(np.mean(np.logaddexp(0.0, z + b) - y * (z + b))), bounds=(-20, 20),
                              method="bounded")
     return float(result.x)
