@@ -1,9 +1,10 @@
 import csv
 import json
 
+from conftest import make_dataset
+
 from pneumoscan import cv, data
 from pneumoscan.config import RunConfig
-from conftest import make_dataset
 
 
 def tiny_cv_config(root, out) -> RunConfig:
@@ -58,5 +59,40 @@ def test_interrupted_cross_validation_keeps_finished_folds(tmp_path):
     assert again["per_fold"][0] == first["per_fold"][0]
     # another recipe under the same name is not mistaken for finished work
     config.model.head = "linear"
+    cv.cross_validate(config, folds=2)
+    assert (out / "fold1" / "model.pt").stat().st_mtime_ns != kept
+
+
+def test_cross_validating_the_default_ensemble_scores_each_fold_with_its_members_ensemble(tmp_path):
+    from pneumoscan import artifact
+    from pneumoscan import config as cfg
+
+    root = make_dataset(tmp_path / "d", {"train": (12, 12)})
+    config = cfg.apply_overrides(cfg.recipe("default"), [
+        f"data.root={root}", "data.image_size=48", "data.val_fraction=0.34", "data.batch_size=8",
+        "model.backbone_weights=none", "train.epochs=1", "train.views=1", "train.precision=32",
+        f"out_dir={tmp_path / 'cv'}", "name=cv"])
+    members = config.train.members.split(",")
+    out = cv.cross_validate(config, folds=2)
+    summary = json.loads((out / "cv.json").read_text())
+    assert len(summary["per_fold"]) == 2 and summary["config"]["train"]["members"] == config.train.members
+    with open(out / "oof_predictions.csv") as f:
+        assert sorted(r["path"] for r in csv.DictReader(f)) == sorted(s.path for s in data.scan(root))
+    for k in (1, 2):
+        meta = artifact.read_meta(out / f"fold{k}" / "model.pt")
+        assert meta.is_ensemble and [m.config["name"] for m in meta.members] == members
+        tested = [s.path for s in data.read_manifest(out / f"fold{k}" / "members" / members[0] / "manifest.csv")
+                  if s.split == "test"]
+        with open(out / f"fold{k}" / "test" / "predictions.csv") as f:
+            assert sorted(r["path"] for r in csv.DictReader(f)) == sorted(tested)
+        assert not (out / f"fold{k}" / "report.html").exists()  # folds write no report
+    # fold 2 interrupted: fold 1's ensemble is kept, fold 2's is trained again
+    kept = (out / "fold1" / "model.pt").stat().st_mtime_ns
+    (out / "fold2" / "test" / "predictions.csv").unlink()
+    cv.cross_validate(config, folds=2)
+    assert (out / "fold1" / "model.pt").stat().st_mtime_ns == kept
+    assert (out / "fold2" / "test" / "predictions.csv").is_file()
+    # other members under the same name are not mistaken for finished work
+    config.train.members = "frozen-acquisition-mixup,frozen-acquisition"
     cv.cross_validate(config, folds=2)
     assert (out / "fold1" / "model.pt").stat().st_mtime_ns != kept

@@ -146,7 +146,8 @@ def add_cv(sub) -> None:
     p = add_parser(sub, "cv", "patient-grouped k-fold cross-validation of a training recipe",
                    "Trains the recipe k times on the train (and val) images, each time testing on patients the "
                    "fold never saw; writes per-fold and pooled out-of-fold metrics (cv.md, cv.json, "
-                   "oof_predictions.csv). The data's own test split is never used.",
+                   "oof_predictions.csv). An ensemble recipe (the default) trains every member on each fold and "
+                   "scores the fold with their ensemble. The data's own test split is never used.",
                    usage="%(prog)s --data DIR [options]")
     add_training_options(p)
     p.add_argument("--folds", type=int, default=5, help="number of folds")

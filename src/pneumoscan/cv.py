@@ -12,14 +12,13 @@ import csv
 import dataclasses
 import logging
 import shutil
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 import yaml
 
-from pneumoscan import data, metrics, train
-from pneumoscan.config import RunConfig
+from pneumoscan import data, ensemble, metrics, train
+from pneumoscan.config import RunConfig, member_names
 from pneumoscan.errors import UserError
 from pneumoscan.files import write_csv, write_json, write_text
 
@@ -42,15 +41,14 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
                    split_seed: int = 42) -> Path:
     """``split_seed`` fixes the folds apart from the training seed, so recipes (and seeds of one
     recipe, for an ensemble) are compared on exactly the same patients. Run again with the same
-    name, an interrupted cross-validation keeps its finished folds and trains only the rest."""
-    if config.train.members:
-        raise UserError(f"cross-validation of an ensemble recipe ({config.train.members}) is not supported: "
-                        "cross-validate each member with --recipe NAME, or use benchmarks/robustness.py")
+    name, an interrupted cross-validation keeps its finished folds and trains only the rest.
+    An ensemble recipe (``train.members``, the default) trains every member on each fold's split and
+    scores the fold with their ensemble, as ``pneumoscan train`` would."""
     pool = [dataclasses.replace(s, split="train")
             for s in data.scan(config.data.root) if s.split in ("train", "val")]
     if not pool:
         raise UserError(f"no training images under {config.data.root}")
-    out = Path(config.out_dir) / (config.name or f"cv-{datetime.now():%Y%m%d-%H%M%S}-{config.model.backbone}")
+    out = Path(config.out_dir) / (config.name or f"cv-{train.default_run_name(config)}")
     cache = config.train.cache_dir or str(Path(config.out_dir) / ".feature-cache")
     # decoded once for all folds
     pool, images, skipped = data.load_images(
@@ -70,7 +68,8 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
             if run.exists():  # an interrupted fold starts again from scratch
                 shutil.rmtree(run)
             fold_images = images[np.array([index[s.path] for s in samples])]
-            run = train.fit(cfg, samples=samples, images=fold_images, progress=progress, report=False)
+            fit = ensemble.fit_members if cfg.train.members else train.fit
+            run = fit(cfg, samples=samples, images=fold_images, progress=progress, report=False)
         result = _read_json(run / "test" / "metrics.json")
         rows.append({"fold": k} | {key: result.get(key, float("nan")) for key in SUMMARY_KEYS}
                     | {"threshold": result["threshold"], "n": result["n"]})
@@ -104,12 +103,16 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
 
 def _fold_done(run: Path, samples: list[data.Sample], config: RunConfig) -> bool:
     """A fold finished by an earlier, interrupted cross-validation of the same recipe and folds."""
-    if not all((run / f).is_file() for f in ("test/predictions.csv", "manifest.csv", "config.yaml")):
+    members = member_names(config.train.members) if config.train.members else []
+    # an ensemble's own manifest lists only what it was calibrated on; its members' list the split
+    manifest = run / "members" / members[0] / "manifest.csv" if members else run / "manifest.csv"
+    if not all(f.is_file() for f in (run / "test" / "predictions.csv", manifest, run / "config.yaml")):
         return False
     earlier, now = yaml.safe_load((run / "config.yaml").read_text()), config.to_dict()
-    if (earlier.get("model"), earlier.get("data")) != (now["model"], now["data"]):
+    if (earlier.get("model"), earlier.get("data"), (earlier.get("train") or {}).get("members")) != (
+            now["model"], now["data"], now["train"]["members"]):
         return False
-    earlier = {(s.path, s.split) for s in data.read_manifest(run / "manifest.csv")}
+    earlier = {(s.path, s.split) for s in data.read_manifest(manifest)}
     return earlier == {(s.path, s.split) for s in samples}
 
 

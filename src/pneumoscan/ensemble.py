@@ -207,12 +207,15 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, progress=Non
 
 
 def fit_members(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,
-                callbacks_for: Callable[[], list] | None = None,
-                started: Callable[[Path], None] | None = None) -> Path:
+                callbacks_for: Callable[[], list] | None = None, started: Callable[[Path], None] | None = None,
+                samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
+                report: bool = True) -> Path:
     """``train.members``: train one run per member recipe on the same data and split, in
     ``RUN/members/NAME``, then write their ensemble to ``RUN/model.pt``. Resuming skips members
     that finished and resumes one that was interrupted, so a long ensemble run loses at most one
-    member's last epoch. ``started`` is called with the run folder once it exists."""
+    member's last epoch. ``started`` is called with the run folder once it exists. ``samples``,
+    ``images`` and ``report`` are passed to every member's ``train.fit`` (cross-validation folds),
+    and the test split is scored from ``images`` instead of being decoded again."""
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         if not (run_dir / "config.yaml").is_file():
@@ -245,16 +248,22 @@ def fit_members(config: RunConfig, *, resume_dir: str | Path | None = None, prog
 
                 shutil.rmtree(folder)
             done.append(train.fit(member_config(config, name, str(run_dir / "members")), progress=progress,
-                                  callbacks=callbacks, report=False))
+                                  callbacks=callbacks, samples=samples, images=images, report=False))
     combine(done, run_dir, seed=config.train.seed, progress=progress)
     test_rows = [s for s in data.read_manifest(done[0] / "manifest.csv") if s.split == "test"]
     if test_rows:  # as train.finalize: measure the test split once, and report on it
         model, meta = artifact.load(run_dir / "model.pt")
-        samples, images, skipped = data.load_images(test_rows, meta.image_size)
-        prob = metrics.sigmoid(predict_logits(model, images))
-        y = np.array([s.label for s in samples])
-        result = evaluate.evaluate_predictions(y, prob, meta.threshold, run_dir / "test", [s.path for s in samples],
+        if images is not None and samples is not None:
+            row_of = {s.path: i for i, s in enumerate(samples)}
+            test_images, skipped = images[np.array([row_of[s.path] for s in test_rows])], []
+        else:
+            test_rows, test_images, skipped = data.load_images(test_rows, meta.image_size)
+        prob = metrics.sigmoid(predict_logits(model, test_images))
+        y = np.array([s.label for s in test_rows])
+        result = evaluate.evaluate_predictions(y, prob, meta.threshold, run_dir / "test", [s.path for s in test_rows],
                                                unsure=meta.unsure)
         log.info("test: %s", evaluate.summary_line(result))
-        train.write_run_report(run_dir, meta, model, "test", samples, images, prob, n_skipped=len(skipped))
+        if report:
+            train.write_run_report(run_dir, meta, model, "test", test_rows, test_images, prob,
+                                   n_skipped=len(skipped))
     return run_dir

@@ -159,8 +159,12 @@ def resolve_precision(precision: str) -> str:
     return {"32": "32-true", "bf16": "bf16-mixed", "16": "16-mixed"}.get(precision, precision)
 
 
+def default_run_name(config: RunConfig) -> str:
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{'ensemble' if config.train.members else config.model.backbone}"
+
+
 def new_run_dir(config: RunConfig) -> Path:
-    name = config.name or f"{datetime.now():%Y%m%d-%H%M%S}-{config.model.backbone}"
+    name = config.name or default_run_name(config)
     run_dir = Path(config.out_dir) / name
     suffix = 1
     while run_dir.exists():
