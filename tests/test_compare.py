@@ -93,3 +93,27 @@ def test_missing_values_render_as_dashes():
     row = {"run": "r", "validation_roc_auc": math.nan}
     text = compare.markdown([row])
     assert "| 1 | r |" in text and "–" in text
+
+
+def test_an_ensemble_lists_its_members_recipes(tmp_path):
+    nets, members = [], []
+    for augment, weights in (("acquisition", "/w/mobilenet_v2_imagenet.pth"), ("seed", "imagenet")):
+        net, info = models.build("resnet18", weights="none", head="linear")
+        normalization = artifact.make_meta(architecture="resnet18", head="linear", image_size=64, weights_info=info,
+                                           threshold=0.5, threshold_rule="youden", config={}).normalization
+        config = RunConfig()
+        config.data.augment, config.model.backbone_weights = augment, weights
+        nets.append(net)
+        members.append(artifact.Member("resnet18", "linear", normalization, config=config.to_dict()))
+    run = tmp_path / "ens"
+    (run / "validation").mkdir(parents=True)
+    no_interval = _metrics(0.9) | {"ci95": {"roc_auc": [1.0, math.nan]}}
+    (run / "validation" / "metrics.json").write_text(json.dumps(no_interval))
+    meta = artifact.ModelMeta(architecture=artifact.ENSEMBLE, head="mean-logit", image_size=64,
+                              normalization=artifact.PER_MEMBER, threshold=0.5, threshold_rule="youden",
+                              members=tuple(members))
+    artifact.save(run / "model.pt", models.Ensemble(nets, ["resnet18", "resnet18"]), meta)
+    row = compare.collect([run])[0]
+    assert row["backbone"] == "resnet18+resnet18" and row["augment"] == "acquisition+seed"
+    assert row["weights"] == "mobilenet_v2_imagenet.pth+imagenet" and row["unfreeze_blocks"] == "0+0"
+    assert "| 0.900 |" in compare.markdown([row])  # an interval that could not be computed is not shown

@@ -57,21 +57,25 @@ def _metrics(run: Path, split: str) -> dict:
     return json.loads(path.read_text())
 
 
+def _recipe_columns(architecture: str, head: str, config: dict, backbone_weights: dict) -> dict:
+    model_cfg, data_cfg = config.get("model", {}), config.get("data", {})
+    weights = str(model_cfg.get("backbone_weights", backbone_weights.get("source", "")))
+    return {"backbone": architecture, "head": head, "augment": data_cfg.get("augment"),
+            "unfreeze_blocks": model_cfg.get("unfreeze_blocks"),
+            "weights": Path(weights).name if weights not in ("imagenet", "none") else weights}
+
+
 def run_row(run: Path) -> dict:
-    """One run as a flat dict: config columns, then ``<split>_<metric>`` with ``_lo`` / ``_hi``."""
+    """One run as a flat dict: config columns, then ``<split>_<metric>`` with ``_lo`` / ``_hi``.
+    An ensemble's config columns list its members' values joined by "+", in member order."""
     meta = artifact.read_meta(run / "model.pt")
-    model_cfg, data_cfg = meta.config.get("model", {}), meta.config.get("data", {})
-    weights = str(model_cfg.get("backbone_weights", meta.backbone_weights.get("source", "")))
-    row: dict = {
-        "run": run.name, "path": str(run),
-        "backbone": meta.architecture,
-        "head": meta.head,
-        "augment": data_cfg.get("augment"),
-        "unfreeze_blocks": model_cfg.get("unfreeze_blocks"),
-        "weights": Path(weights).name if weights not in ("imagenet", "none") else weights,
-        "epochs_run": meta.training.epochs_run,
-        "seconds_per_epoch": meta.training.seconds_per_epoch,
-    }
+    if meta.is_ensemble:
+        per_member = [_recipe_columns(m.architecture, m.head, m.config, m.backbone_weights) for m in meta.members]
+        recipe = {key: "+".join(str(columns[key]) for columns in per_member) for key in per_member[0]}
+    else:
+        recipe = _recipe_columns(meta.architecture, meta.head, meta.config, meta.backbone_weights)
+    row: dict = {"run": run.name, "path": str(run), **recipe, "epochs_run": meta.training.epochs_run,
+                 "seconds_per_epoch": meta.training.seconds_per_epoch}
     for split in SPLITS:
         result = _metrics(run, split)
         ci = result.get("ci95", {})
@@ -102,7 +106,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 def _with_ci(row: dict, key: str) -> str:
     value, lo, hi = row.get(key), row.get(f"{key}_lo"), row.get(f"{key}_hi")
-    if lo is None or hi is None or value is None:
+    if value is None or "–" in (_fmt(lo), _fmt(hi)):  # no interval (e.g. one class in a bootstrap)
         return _fmt(value)
     return f"{_fmt(value)} ({_fmt(lo)}–{_fmt(hi)})"
 
