@@ -534,3 +534,14 @@ def test_fit_intercept_takes_probabilities_that_rounded_to_0_or_1(recwarn):
     b = m.fit_intercept(z, y)
     assert np.isfinite(b) and np.isfinite(m.effective_prior(z, y))
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+
+
+def test_temperature_on_a_separated_validation_split_stays_finite():
+    """Eight films the model separates: 0/1 targets would sharpen without end (T at its bound)."""
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    logits = np.array([-3.0, -2.0, -0.5, 0.5, 1.0, 2.0, 3.0, 4.0])
+    t = fit_temperature(logits, y)
+    assert 0.1 < t < 5.0
+    prob = sigmoid(logits / t)
+    assert prob.max() < 0.999 and prob.min() > 0.001
+    assert 0.5 < choose_threshold(y, prob, "youden") < 0.99
