@@ -536,12 +536,20 @@ def test_fit_intercept_takes_probabilities_that_rounded_to_0_or_1(recwarn):
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
-def test_temperature_on_a_separated_validation_split_stays_finite():
+def test_temperature_on_a_separated_validation_split_stays_finite(caplog):
     """Eight films the model separates: 0/1 targets would sharpen without end (T at its bound)."""
     y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
     logits = np.array([-3.0, -2.0, -0.5, 0.5, 1.0, 2.0, 3.0, 4.0])
     t = fit_temperature(logits, y)
-    assert 0.1 < t < 5.0
+    assert 0.1 < t < 5.0 and "separates all 8 validation films" in caplog.text
     prob = sigmoid(logits / t)
     assert prob.max() < 0.999 and prob.min() > 0.001
     assert 0.5 < choose_threshold(y, prob, "youden") < 0.99
+
+
+def test_temperature_of_an_overlapping_split_is_the_plain_cross_entropy_minimum(caplog):
+    y = np.array([0, 0, 0, 1, 1, 1, 1, 1])
+    logits = np.array([-3.0, -2.0, 0.7, 0.5, 1.0, 2.0, 3.0, 4.0])  # one NORMAL above one PNEUMONIA
+    t = fit_temperature(logits, y)
+    loss = lambda temperature: log_loss(y, sigmoid(logits / temperature))  # noqa: E731
+    assert loss(t) <= min(loss(t * 0.98), loss(t * 1.02)) and "separates" not in caplog.text

@@ -384,18 +384,25 @@ def fit_temperature(logits, y_true) -> float:
 
     One scalar cannot change the ranking, so AUC and a rank-based threshold are unaffected; only
     the probabilities become honest. Optimising log T keeps T positive and the search symmetric.
-    The targets are Platt's (1999), as in scikit-learn's sigmoid calibration: (N+ + 1)/(N+ + 2)
-    and 1/(N- + 2) instead of 1 and 0. On a small validation split that the model happens to
-    separate, 0/1 targets have no optimum (T -> 0, every probability 0 or 1, the threshold 1.0);
-    with a few hundred films the difference is a fraction of a percent.
+    When the logits separate the split completely (a small validation split, a well-fitted model),
+    the 0/1 targets have no optimum: T runs to its bound, every probability becomes 0 or 1 and a
+    Youden threshold 1.0. Only then the targets are Platt's (1999), as in scikit-learn's sigmoid
+    calibration, (N+ + 1)/(N+ + 2) and 1/(N- + 2), which bound the confidence by what that many
+    films can show. They are not used otherwise: on simulated splits of 522 films that overlap,
+    they cost in-distribution ECE (0.017 -> 0.021 at a validation ROC-AUC of 0.998), and the shift
+    protocol measured plain temperature scaling.
     """
     from scipy.optimize import minimize_scalar
     y, z = _arrays(y_true, logits)
     if not _both_classes(y):
         log.warning("temperature scaling skipped: the validation split has a single class")
         return 1.0
-    n_pos, n_neg = float(y.sum()), float(y.size - y.sum())
-    target = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+    target = y.astype(np.float64)
+    if z[y == 0].max() < z[y == 1].min():
+        n_pos, n_neg = float(y.sum()), float(y.size - y.sum())
+        target = np.where(y == 1, (n_pos + 1) / (n_pos + 2), 1 / (n_neg + 2))
+        log.warning("the model separates all %d validation films: temperature fitted to Platt's smoothed targets "
+                    "(a few more validation films would estimate it better)", y.size)
 
     def nll(log_t: float) -> float:
         x = z / math.exp(log_t)
