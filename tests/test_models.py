@@ -119,3 +119,18 @@ def test_efficientnet_lite0_loads_its_packaged_imagenet_weights_and_knows_their_
         # the Classifier's trunk is the same network: its pooled features are the classifier's input
         pooled = torch.nn.functional.adaptive_avg_pool2d(models._lite0_trunk(full)(x), 1).flatten(1)
         assert torch.allclose(full._fc(pooled), full(x))
+
+
+def test_offline_torchvision_weights_are_a_user_error_and_nothing_is_printed(monkeypatch, capsys, caplog):
+    """torch.hub prints "Downloading: ..." on stdout before it fails; the library logs it instead."""
+    from torchvision.models import MobileNet_V2_Weights
+
+    def offline(self, *args, **kwargs):
+        print(f'Downloading: "{self.url}"')
+        raise OSError("network is unreachable")
+
+    monkeypatch.setattr(MobileNet_V2_Weights, "get_state_dict", offline)
+    caplog.set_level("INFO")
+    with pytest.raises(UserError, match="could not download torchvision's ImageNet weights"):
+        models.build("mobilenet_v2", weights="imagenet")
+    assert capsys.readouterr().out == "" and "Downloading" in caplog.text

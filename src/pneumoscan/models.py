@@ -12,6 +12,8 @@ its own normalisation, and the output is still one calibrated logit per image.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import logging
 import re
 from dataclasses import dataclass
@@ -458,14 +460,19 @@ def _load_pretrained(name: str, model: nn.Module, source: str) -> None:
     elif source == "imagenet":
         enum_name, member = backbone(name).torchvision_weights.split(".")
         weights = getattr(tvm, enum_name)[member]
+        said = io.StringIO()  # torch.hub prints "Downloading: ..." on stdout; the library logs instead
         try:
-            state = weights.get_state_dict(progress=False)
+            with contextlib.redirect_stdout(said):
+                state = weights.get_state_dict(progress=False)
         except Exception as exc:  # offline: urllib raises URLError / OSError
             raise UserError(
                 f"could not download torchvision's ImageNet weights for {name} ({exc.__class__.__name__}); "
                 "offline, pass --backbone-weights PATH to a local state_dict, e.g. "
                 "../shared/weights/mobilenet_v2_imagenet.pth"
             ) from None
+        finally:
+            if said.getvalue().strip():
+                log.info("%s", said.getvalue().strip())
     else:
         state = torch.load(source, map_location="cpu", weights_only=True)
     try:
