@@ -28,15 +28,15 @@ SHARED_WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_imagenet.pth
 
 
 def pick_backbone_weights() -> str:
-    """torchvision's ImageNet weights if cached or downloadable, else the shared file, else none."""
+    """MobileNetV2's ImageNet weights: the shared file beside the checkout, else torchvision's
+    (cached or downloadable), else none. The local file first, so the demo asks no network."""
+    if SHARED_WEIGHTS.is_file():
+        return str(SHARED_WEIGHTS)
     try:
         models.build("mobilenet_v2", weights="imagenet")
         return "imagenet"
     except UserError:
         pass
-    if SHARED_WEIGHTS.is_file():
-        log.info("torchvision's ImageNet weights are not available offline; using %s", SHARED_WEIGHTS)
-        return str(SHARED_WEIGHTS)
     log.info("no ImageNet weights available offline: training from random initialisation (expect weak results)")
     return "none"
 
@@ -77,7 +77,13 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     print(f"\n1. explore:  {out / 'explore' / 'summary.md'}")
-    print(f"2. trained on the sample's train split ({config.model.backbone_weights}): {run_dir}")
+    print(f"2. trained on the sample's train split: {run_dir}")
+    meta = artifact.read_meta(run_dir / "model.pt")
+    for m in meta.members or (meta,):
+        source = (m.backbone_weights or {}).get("source", "none")
+        weights = {"none": "random initialisation", "imagenet": "ImageNet weights (the backbone's own)"}.get(
+            source, f"ImageNet weights: {Path(source).name}")
+        print(f"   {m.config.get('name') or m.architecture}: {m.architecture}, {weights}")
     print(f"   its test split (n={test['n']}, far too small to judge a model): accuracy {test['accuracy']:.3f}, "
           f"ROC-AUC {test['roc_auc']:.3f}, threshold {test['threshold']:.3f} "
           f"({metrics.describe_rule(config.train.threshold)})")
