@@ -76,6 +76,9 @@ def test_cross_validating_the_default_ensemble_scores_each_fold_with_its_members
     out = cv.cross_validate(config, folds=2)
     summary = json.loads((out / "cv.json").read_text())
     assert len(summary["per_fold"]) == 2 and summary["config"]["train"]["members"] == config.train.members
+    assert set(summary["members_pooled_out_of_fold"]) == set(members)  # the members on the same patients
+    table = (out / "cv.md").read_text()
+    assert all(f"| {name} | " in table for name in ["ensemble", *members])
     with open(out / "oof_predictions.csv") as f:
         assert sorted(r["path"] for r in csv.DictReader(f)) == sorted(s.path for s in data.scan(root))
     for k in (1, 2):

@@ -56,6 +56,7 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
         progress=(lambda k: progress("decoding images", k, len(pool))) if progress else None)
     index = {s.path: i for i, s in enumerate(pool)}
     rows, oof = [], []
+    member_oof = {name: [] for name in member_names(config.train.members)} if config.train.members else {}
     for k, samples in enumerate(fold_samples(pool, folds, split_seed, config.data.val_fraction), start=1):
         cfg = copy.deepcopy(config)
         cfg.out_dir, cfg.name, cfg.train.cache_dir = str(out), f"fold{k}", cache
@@ -73,32 +74,44 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
         result = _read_json(run / "test" / "metrics.json")
         rows.append({"fold": k} | {key: result.get(key, float("nan")) for key in SUMMARY_KEYS}
                     | {"threshold": result["threshold"], "n": result["n"]})
-        with open(run / "test" / "predictions.csv", newline="") as f:
-            oof += [(r["path"], int(r["label"]), float(r["probability"]), int(r["prediction"]), k)
-                    for r in csv.DictReader(f)]
+        oof += _predictions(run / "test" / "predictions.csv", k)
+        for name in member_oof:
+            member_oof[name] += _predictions(run / "members" / name / "test" / "predictions.csv", k)
 
-    y = np.array([r[1] for r in oof])
-    prob = np.array([r[2] for r in oof])
-    pred = np.array([r[3] for r in oof])
-    # Pooled out-of-fold metrics: each image judged by its own fold's model and threshold.
-    pooled = metrics.binary_metrics(y, prob, 0.5) | _thresholded(y, pred)
-    pooled.pop("threshold")
-    pooled["brier"] = metrics.brier(y, prob)
-    ci = metrics.bootstrap_ci(y, prob, 0.5, n_resamples=2000, seed=0)
-    pooled["ci95"] = {k: ci[k] for k in ("roc_auc", "pr_auc")}
     summary = {
         "folds": folds, "split_seed": split_seed, "n_images": len(pool), "n_skipped": len(skipped),
         "config": config.to_dict(),
         "mean": {k: float(np.nanmean([r[k] for r in rows])) for k in SUMMARY_KEYS},
         "sd": {k: float(np.nanstd([r[k] for r in rows], ddof=1)) for k in SUMMARY_KEYS},
-        "per_fold": rows, "pooled_out_of_fold": pooled,
+        "per_fold": rows, "pooled_out_of_fold": pooled_metrics(oof),
     }
+    if member_oof:  # does the ensemble beat its members on these patients?
+        summary["members_pooled_out_of_fold"] = {name: pooled_metrics(p) for name, p in member_oof.items()}
     write_json(out / "cv.json", summary)
     data.write_skipped(skipped, out / "skipped.csv")
     write_csv(out / "oof_predictions.csv", ["path", "label", "probability", "prediction", "fold"], oof)
     write_text(out / "cv.md", markdown(summary))
     log.info("cross-validation: %s", out / "cv.md")
     return out
+
+
+def _predictions(path: Path, fold: int) -> list[tuple]:
+    with open(path, newline="") as f:
+        return [(r["path"], int(r["label"]), float(r["probability"]), int(r["prediction"]), fold)
+                for r in csv.DictReader(f)]
+
+
+def pooled_metrics(oof: list[tuple]) -> dict:
+    """Pooled out-of-fold metrics: each image judged by its own fold's model and threshold."""
+    y = np.array([r[1] for r in oof])
+    prob = np.array([r[2] for r in oof])
+    pred = np.array([r[3] for r in oof])
+    pooled = metrics.binary_metrics(y, prob, 0.5) | _thresholded(y, pred)
+    pooled.pop("threshold")
+    pooled["brier"] = metrics.brier(y, prob)
+    ci = metrics.bootstrap_ci(y, prob, 0.5, n_resamples=2000, seed=0)
+    pooled["ci95"] = {k: ci[k] for k in ("roc_auc", "pr_auc")}
+    return pooled
 
 
 def _fold_done(run: Path, samples: list[data.Sample], config: RunConfig) -> bool:
@@ -134,7 +147,9 @@ def _read_json(path: Path) -> dict:
 def markdown(summary: dict) -> str:
     lines = [f"# {summary['folds']}-fold patient-grouped cross-validation ({summary['n_images']} images)", "",
              "Each fold's temperature was fitted on that fold's own validation split, and so was its threshold "
-             "when the rule is fitted (youden, sensitivity:X); a fixed rule such as 0.5 is the same in every fold.", "",
+             "when the rule is fitted (youden, sensitivity:X); a fixed rule such as 0.5 is the same in every fold. "
+             "The held-out patients come from the same collection as the training films, so these numbers are an "
+             "upper bound for another hospital's films (`pneumoscan robustness` measures acquisition shifts).", "",
              "| metric | mean ± sd over folds | pooled out-of-fold |", "| --- | --- | --- |"]
     pooled = summary["pooled_out_of_fold"]
     for k in SUMMARY_KEYS:
@@ -143,4 +158,14 @@ def markdown(summary: dict) -> str:
             lo, hi = pooled["ci95"][k]
             extra = f" [{lo:.3f}, {hi:.3f}]"
         lines.append(f"| {k} | {summary['mean'][k]:.3f} ± {summary['sd'][k]:.3f} | {pooled[k]:.3f}{extra} |")
+    members = summary.get("members_pooled_out_of_fold")
+    if members:
+        keys = ("roc_auc", "accuracy", "recall", "specificity", "brier")
+        lines += ["", "The ensemble and each of its members, trained on the same folds (pooled out-of-fold, each "
+                  "at its own fold's threshold; ROC-AUC with its 95% CI):", "",
+                  "| model | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
+        for name, m in [("ensemble", pooled), *members.items()]:
+            lo, hi = m["ci95"]["roc_auc"]
+            cells = [f"{m['roc_auc']:.3f} [{lo:.3f}, {hi:.3f}]", *(f"{m[k]:.3f}" for k in keys[1:])]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
