@@ -146,10 +146,10 @@ def _read_json(path: Path) -> dict:
 
 def markdown(summary: dict) -> str:
     lines = [f"# {summary['folds']}-fold patient-grouped cross-validation ({summary['n_images']} images)", "",
-             "Each fold's temperature was fitted on that fold's own validation split, and so was its threshold "
-             "when the rule is fitted (youden, sensitivity:X); a fixed rule such as 0.5 is the same in every fold. "
-             "The held-out patients come from the same collection as the training films, so these numbers are an "
-             "upper bound for another hospital's films (`pneumoscan robustness` measures acquisition shifts).", "",
+             ("Each fold's temperature was fitted on that fold's own validation split, and so was its threshold "
+              "when the rule is fitted (youden, sensitivity:X); a fixed rule such as 0.5 is the same in every fold. "
+              "The held-out patients come from the same collection as the training films, so these numbers are an "
+              "upper bound for another hospital's films (`pneumoscan robustness` measures acquisition shifts)."), "",
              "| metric | mean ± sd over folds | pooled out-of-fold |", "| --- | --- | --- |"]
     pooled = summary["pooled_out_of_fold"]
     for k in SUMMARY_KEYS:
@@ -161,8 +161,8 @@ def markdown(summary: dict) -> str:
     members = summary.get("members_pooled_out_of_fold")
     if members:
         keys = ("roc_auc", "accuracy", "recall", "specificity", "brier")
-        lines += ["", "The ensemble and each of its members, trained on the same folds (pooled out-of-fold, each "
-                  "at its own fold's threshold; ROC-AUC with its 95% CI):", "",
+        lines += ["", ("The ensemble and each of its members, trained on the same folds (pooled out-of-fold, each "
+                       "at its own fold's threshold; ROC-AUC with its 95% CI):"), "",
                   "| model | " + " | ".join(keys) + " |", "|" + " --- |" * (len(keys) + 1)]
         for name, m in [("ensemble", pooled), *members.items()]:
             lo, hi = m["ci95"]["roc_auc"]
