@@ -288,6 +288,15 @@ def read_config_file(path: str) -> dict:
 
 # --- evaluate / predict / explain ---------------------------------------------------------------
 
+def add_labelled_data_options(p) -> None:
+    """What evaluate and robustness both read: a model and labelled films, and where to write."""
+    p.add_argument("--model", help="model.pt or .onnx [the bundled model]")
+    p.add_argument("--data", required=True, help="dataset root (its test/ split is used) or NORMAL/PNEUMONIA folder")
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--split", help="which split to use when DATA has several [test]")
+    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+
+
 def add_evaluate(sub) -> None:
     p = add_parser(sub, "evaluate", "measure a model on labelled images (metrics with 95%% CIs, plots)",
                    "Writes OUT/metrics.json (with stratified-bootstrap 95% CIs, Brier score, ECE and recall per "
@@ -296,13 +305,9 @@ def add_evaluate(sub) -> None:
                    "with --report one self-contained OUT/report.html. Scores come from the same engine as predict and "
                    "serve (--engine). The threshold is the one stored in the model (its rule is in the model card: "
                    "fixed, or fitted on validation data) unless --threshold overrides it.")
-    p.add_argument("--model", help="model.pt from a training run [the bundled model]")
-    p.add_argument("--data", required=True, help="dataset root (its test/ split is used) or NORMAL/PNEUMONIA folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--split", help="which split to evaluate when DIR has several [test]")
+    add_labelled_data_options(p)
     p.add_argument("--threshold", type=float, help="override the model's decision threshold")
     p.add_argument("--bootstrap", type=int, default=2000, help="bootstrap resamples for the CIs")
-    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
     p.add_argument("--errors", type=int, default=16, metavar="K",
                    help="explain the K most confident false positives and false negatives in OUT/errors/ (0 = off)")
     p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="explanation method for the errors")
@@ -350,11 +355,7 @@ def add_robustness(sub) -> None:
                    "OUT/robustness.json and OUT/robustness.md: ROC-AUC, accuracy, sensitivity and specificity at the "
                    "model's own threshold, specificity at sensitivity 0.95, and ECE per shift, with the worst case. "
                    "A model whose specificity collapses under a mild shift will do the same on another machine's films.")
-    p.add_argument("--model", help="model.pt or .onnx [the bundled model]")
-    p.add_argument("--data", required=True, help="dataset root (its test/ split is used) or NORMAL/PNEUMONIA folder")
-    p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--split", help="which split to use when DATA has several [test]")
-    p.add_argument("--strict", action="store_true", help="stop at the first unreadable image")
+    add_labelled_data_options(p)
     p.add_argument("--engine", choices=ENGINES, default="auto", help="runtime for scores [auto = ONNX Runtime]")
     p.set_defaults(func=cmd_robustness)
 
