@@ -98,15 +98,19 @@ def collect(paths: Iterable[str | Path]) -> list[dict]:
     return sorted((run_row(r) for r in find_runs(paths)), key=_sort_key)
 
 
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
 def _fmt(value, digits: int = 3) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if _missing(value):
         return "–"
     return f"{value:.{digits}f}" if isinstance(value, float) else str(value)
 
 
 def _with_ci(row: dict, key: str) -> str:
     value, lo, hi = row.get(key), row.get(f"{key}_lo"), row.get(f"{key}_hi")
-    if value is None or "–" in (_fmt(lo), _fmt(hi)):  # no interval (e.g. one class in a bootstrap)
+    if _missing(value) or _missing(lo) or _missing(hi):  # no interval (e.g. one class in a bootstrap)
         return _fmt(value)
     return f"{_fmt(value)} ({_fmt(lo)}–{_fmt(hi)})"
 

@@ -56,7 +56,7 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
         progress=(lambda k: progress("decoding images", k, len(pool))) if progress else None)
     index = {s.path: i for i, s in enumerate(pool)}
     rows, oof = [], []
-    member_oof = {name: [] for name in member_names(config.train.members)} if config.train.members else {}
+    member_oof: dict[str, list] = {name: [] for name in member_names(config.train.members)}
     for k, samples in enumerate(fold_samples(pool, folds, split_seed, config.data.val_fraction), start=1):
         cfg = copy.deepcopy(config)
         cfg.out_dir, cfg.name, cfg.train.cache_dir = str(out), f"fold{k}", cache
@@ -69,8 +69,7 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress |
             if run.exists():  # an interrupted fold starts again from scratch
                 shutil.rmtree(run)
             fold_images = images[np.array([index[s.path] for s in samples])]
-            fit = ensemble.fit_members if cfg.train.members else train.fit
-            run = fit(cfg, samples=samples, images=fold_images, progress=progress, report=False)
+            run = ensemble.fit(cfg, samples=samples, images=fold_images, progress=progress, report=False)
         result = _read_json(run / "test" / "metrics.json")
         rows.append({"fold": k} | {key: result.get(key, float("nan")) for key in SUMMARY_KEYS}
                     | {"threshold": result["threshold"], "n": result["n"]})
@@ -116,7 +115,7 @@ def pooled_metrics(oof: list[tuple]) -> dict:
 
 def _fold_done(run: Path, samples: list[data.Sample], config: RunConfig) -> bool:
     """A fold finished by an earlier, interrupted cross-validation of the same recipe and folds."""
-    members = member_names(config.train.members) if config.train.members else []
+    members = member_names(config.train.members)
     # an ensemble's own manifest lists only what it was calibrated on; its members' list the split
     manifest = run / "members" / members[0] / "manifest.csv" if members else run / "manifest.csv"
     if not all(f.is_file() for f in (run / "test" / "predictions.csv", manifest, run / "config.yaml")):

@@ -195,15 +195,17 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
 
 
 def fit(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,
-        callbacks_for: Callable[[], list] | None = None, started: Callable[[Path], None] | None = None) -> Path:
-    """What `pneumoscan train` runs: ``fit_members`` for an ensemble recipe (or when resuming a run
-    that has ``members/``), else ``train.fit``. ``started`` is for the ensemble's own folder only:
-    a single run hands its folder to its callbacks itself."""
+        callbacks_for: Callable[[], list] | None = None, started: Callable[[Path], None] | None = None,
+        samples: list[data.Sample] | None = None, images: np.ndarray | None = None, report: bool = True) -> Path:
+    """What `pneumoscan train` and `cv` run: ``fit_members`` for an ensemble recipe (or when
+    resuming a run that has ``members/``), else ``train.fit``. ``started`` is for the ensemble's own
+    folder only: a single run hands its folder to its callbacks itself. ``samples``, ``images`` and
+    ``report`` are as ``train.fit``'s (cross-validation folds)."""
     if (Path(resume_dir) / "members").is_dir() if resume_dir is not None else config.train.members:
         return fit_members(config, resume_dir=resume_dir, progress=progress, callbacks_for=callbacks_for,
-                           started=started)
+                           started=started, samples=samples, images=images, report=report)
     return train.fit(config, resume_dir=resume_dir, callbacks=callbacks_for() if callbacks_for else None,
-                     progress=progress)
+                     progress=progress, samples=samples, images=images, report=report)
 
 
 def fit_members(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,
