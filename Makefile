@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml | $(BIN)/python
 install: $(VENV)/.installed
 
 demo: install
-	MPLBACKEND=Agg $(BIN)/python -m pneumoscan.demo
+	MPLBACKEND=Agg $(BIN)/python -m pneumoscan.cli.demo
 
 test: install
 	MPLBACKEND=Agg $(BIN)/python -m pytest

@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.config import RECIPES as config_recipes
-from pneumoscan.config import RunConfig, apply_overrides, merge
+from pneumoscan.core.config import RECIPES as config_recipes
+from pneumoscan.core.config import RunConfig, apply_overrides, merge
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -102,7 +102,8 @@ def cmd_run(args) -> int:
             procs.append(subprocess.Popen([*base, name], stdout=log, stderr=subprocess.STDOUT, env=env))
         return max(p.wait() for p in procs)
 
-    from pneumoscan import console, cv
+    from pneumoscan.cli import console
+    from pneumoscan.training import cv
 
     console.configure_logging(False)
     for name in args.recipes:
@@ -172,7 +173,7 @@ def load_recipe(folder: Path) -> dict | None:
 
 def ensemble(members: list[dict], name: str) -> dict:
     """Mean of the members' calibrated probabilities; threshold by Youden on each fold's validation."""
-    from pneumoscan import metrics
+    from pneumoscan.core import metrics
 
     folds = []
     for parts in zip(*(m["folds"] for m in members)):
@@ -192,7 +193,7 @@ def ensemble(members: list[dict], name: str) -> dict:
 
 
 def rethreshold(recipe: dict, rule: str, name: str) -> dict:
-    from pneumoscan import metrics
+    from pneumoscan.core import metrics
 
     folds = []
     for fold in recipe["folds"]:
@@ -207,7 +208,7 @@ def rethreshold(recipe: dict, rule: str, name: str) -> dict:
 def prior_corrected(recipe: dict, target: float) -> dict:
     """Every test logit shifted by log-odds(target) - log-odds(training prevalence), cut at 0.5.
     The validation split is stratified, so its prevalence is the training prevalence."""
-    from pneumoscan import metrics
+    from pneumoscan.core import metrics
 
     log_odds = lambda p: np.log(p / (1 - p))  # noqa: E731
     folds = []
@@ -230,7 +231,8 @@ def pooled(recipe: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
 
 def compare(base: dict, other: dict) -> dict:
     """Paired, patient-clustered bootstrap of other - base on the images both have predictions for."""
-    from pneumoscan import data, metrics
+    from pneumoscan.io import data
+    from pneumoscan.core import metrics
 
     kb, yb, pb, db = pooled(base)
     ko, _, po, do = pooled(other)
@@ -245,7 +247,7 @@ def compare(base: dict, other: dict) -> dict:
 
 
 def cmd_table(args) -> int:
-    from pneumoscan import metrics
+    from pneumoscan.core import metrics
 
     recipes: dict[str, dict] = {}
     for out in args.out:  # later folders win: a re-run replaces a recipe

@@ -31,8 +31,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import metrics
-from pneumoscan.files import write_text
+from pneumoscan.core import metrics
+from pneumoscan.core.files import write_text
 
 PREVALENCES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 

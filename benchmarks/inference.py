@@ -36,7 +36,11 @@ import numpy as np
 import onnxruntime as ort
 import torch
 
-from pneumoscan import artifact, explain, export, imaging, metrics
+from pneumoscan.modeling import artifact
+from pneumoscan.evaluation import explain
+from pneumoscan.commands import export
+from pneumoscan.io import imaging
+from pneumoscan.core import metrics
 from pneumoscan.inference.engines import OnnxEngine
 from pneumoscan.inference.loading import checked_onnx_engine
 from pneumoscan.inference.onnx_export import export_onnx

@@ -31,7 +31,7 @@ NOT_BACKBONE = ("MatMul", "Gemm", "Pow", "ReduceSum", "ReduceMin", "ReduceL2", "
 
 
 def films(root: Path, size: int) -> np.ndarray:
-    from pneumoscan import data
+    from pneumoscan.io import data
 
     paths = sorted((root / "NORMAL").glob("*.jpeg"))[::20] + sorted((root / "PNEUMONIA").glob("*.jpeg"))[::40]
     samples = [data.Sample(str(p), int("PNEUMONIA" in str(p)), p.stem, "test") for p in paths]
@@ -56,7 +56,7 @@ def main(argv=None) -> int:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
-    from pneumoscan import metrics
+    from pneumoscan.core import metrics
     from pneumoscan.inference.engines import OnnxEngine
     from pneumoscan.inference.loading import BUNDLED_ONNX
 

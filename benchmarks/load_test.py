@@ -44,7 +44,7 @@ def untrained_model(path: Path, size: int = 224) -> Path:
     model gets a new sha256 (torch.save records the temporary file's name), so reuse the file."""
     if path.is_file():
         return path
-    from pneumoscan import artifact, models
+    from pneumoscan.modeling import artifact, models
 
     model, info = models.build("mobilenet_v2", weights="none")
     meta = artifact.make_meta(architecture="mobilenet_v2", head="seed", image_size=size, weights_info=info,
@@ -53,7 +53,7 @@ def untrained_model(path: Path, size: int = 224) -> Path:
 
 
 def pick_model(given: str | None) -> tuple[Path, str]:
-    from pneumoscan import artifact
+    from pneumoscan.modeling import artifact
 
     if given:
         return Path(given), f"{given} (given)"

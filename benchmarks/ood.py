@@ -40,8 +40,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from pneumoscan import shifts
-from pneumoscan.shifts import blur, burn_text, contrast, crop_zoom, gamma, jpeg, noise, rotate, zoom_out
+from pneumoscan.modeling import shifts
+from pneumoscan.modeling.shifts import blur, burn_text, contrast, crop_zoom, gamma, jpeg, noise, rotate, zoom_out
 
 SIZE = 224
 ROOT = Path(__file__).resolve().parents[1]
@@ -275,7 +275,7 @@ def sklearn_sources() -> dict[str, np.ndarray]:
 def _extractors():
     import torch
 
-    from pneumoscan import artifact, models
+    from pneumoscan.modeling import artifact, models
 
     torch.set_num_threads(2)
     tuned, _ = artifact.load(None)
@@ -286,7 +286,7 @@ def _extractors():
 
 def embed_all(sets: dict[str, ImageSet]) -> dict[str, dict[str, np.ndarray]]:
     """{extractor: {set name: (N, 1280) float32}}, cached by content hash of each set's images."""
-    from pneumoscan import features
+    from pneumoscan.training import features
 
     CACHE.mkdir(parents=True, exist_ok=True)
     extractors = None
@@ -314,7 +314,7 @@ def embed_all(sets: dict[str, ImageSet]) -> dict[str, dict[str, np.ndarray]]:
 
 def build_sets(data_root: Path, seed: int = 0, n_shift: int = 60, n_wrong: int = 60,
                n_aug: int = 1000) -> tuple[dict[str, ImageSet], np.ndarray]:
-    from pneumoscan import data
+    from pneumoscan.io import data
 
     logging.getLogger("pydicom").setLevel(logging.CRITICAL)  # bundled test files are deliberately odd
     warnings.filterwarnings("ignore", module="pydicom")
@@ -419,7 +419,7 @@ def pct(x) -> str:
 
 
 def report(sets: dict[str, ImageSet], fit_labels: np.ndarray, feats: dict, t0: float) -> int:
-    from pneumoscan import gate, ood
+    from pneumoscan.safety import gate, ood
 
     fit_name, val_name = "chest fit films", "chest val films"
     test_sets = [n for n, s in sets.items() if s.kind == "test"]
@@ -513,7 +513,7 @@ FINAL_AUG = True  # covariance also fitted on shifted fit films
 
 def sweep(sets, F, st, gated, groups, val_name, ex) -> None:
     """NOT_ASSESSED (gate or score above the cut-off) for candidate not_chest_xray cut-offs."""
-    from pneumoscan import ood
+    from pneumoscan.safety import ood
 
     sc = {n: ood.score(st, F[n]) for n in sets}
     p995 = np.percentile(sc[val_name], 99.5)
@@ -533,7 +533,7 @@ def sweep(sets, F, st, gated, groups, val_name, ex) -> None:
 
 
 def table(sets, F, st, gated, groups, val_name, ex) -> None:
-    from pneumoscan import ood
+    from pneumoscan.safety import ood
 
     src = "fit + shifted fit films" if FINAL_AUG else "fit films"
     print(f"## Per set: {ex} features, Mahalanobis k={FINAL_K or 1280} (L2-normalised, fitted on {src})\n")

@@ -20,8 +20,9 @@ import numpy as np
 import skimage.data as sd
 from PIL import Image
 
-from pneumoscan import data, shifts
-from pneumoscan.inference import decision
+from pneumoscan.io import data
+from pneumoscan.modeling import shifts
+from pneumoscan.safety import decision
 from pneumoscan.inference.loading import load_engine
 
 PHOTOS = ("astronaut", "coffee", "chelsea", "camera", "text", "page", "coins", "horse", "moon", "rocket", "clock",

@@ -22,7 +22,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import artifact, console, data, evaluate
+from pneumoscan.modeling import artifact
+from pneumoscan.cli import console
+from pneumoscan.io import data
+from pneumoscan.evaluation import evaluate
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -41,8 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import artifact, data, metrics, robustness, shifts
-from pneumoscan.config import RECIPES, apply_overrides, merge, RunConfig
+from pneumoscan.modeling import artifact, shifts
+from pneumoscan.io import data
+from pneumoscan.core import metrics
+from pneumoscan.evaluation import robustness
+from pneumoscan.core.config import RECIPES, apply_overrides, merge, RunConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "chest_xray" / "train"
@@ -169,7 +172,8 @@ def screen(out: Path, weights: Path) -> dict:
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pneumoscan import features, models
+    from pneumoscan.training import features
+    from pneumoscan.modeling import models
 
     samples, images = load(DEFAULT_DATA, out / "cache")
     by_fold = folds(samples)
@@ -251,7 +255,7 @@ def score_model(model_path: Path, samples, images, fold: dict, view=None, engine
 
 def run(names: list[str], out: Path, weights: Path, overrides: list[str], variants: bool) -> None:
 
-    from pneumoscan import train
+    from pneumoscan.training import train
 
     samples, images = load(DEFAULT_DATA, out / "cache")
     by_fold = folds(samples)
@@ -282,7 +286,7 @@ def wise(run_dir: Path, probe: Path, alpha: float, samples, images, fold, target
     """WiSE-FT at ``alpha`` from an LP-FT run's two ends, re-calibrated on its validation split."""
     import torch
 
-    from pneumoscan import train
+    from pneumoscan.training import train
     from pneumoscan.inference.torch_model import predict_logits
 
     model, meta = artifact.load(run_dir / "model.pt")

@@ -19,8 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from pneumoscan import console, data, train
-from pneumoscan.config import apply_overrides, recipe
+from pneumoscan.cli import console
+from pneumoscan.io import data
+from pneumoscan.training import train
+from pneumoscan.core.config import apply_overrides, recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

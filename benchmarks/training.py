@@ -31,8 +31,10 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from seed_reproduction import ROOT, holdout_tree  # noqa: E402
 
-from pneumoscan import artifact, console, train  # noqa: E402
-from pneumoscan.config import apply_overrides, recipe  # noqa: E402
+from pneumoscan.modeling import artifact
+from pneumoscan.cli import console
+from pneumoscan.training import train  # noqa: E402
+from pneumoscan.core.config import apply_overrides, recipe  # noqa: E402
 
 
 def run(root: Path, out: str, name: str, weights: str, *overrides: str) -> dict:

@@ -53,8 +53,8 @@ def tiny_dataset(tmp_path: Path) -> Path:
 @pytest.fixture(scope="session")
 def trained_model(tmp_path_factory) -> Path:
     """One tiny trained model shared by tests that only need *a* model.pt."""
-    from pneumoscan import train
-    from pneumoscan.config import RunConfig
+    from pneumoscan.training import train
+    from pneumoscan.core.config import RunConfig
 
     root = make_dataset(tmp_path_factory.mktemp("data") / "chest_xray", {"train": (20, 20), "test": (6, 6)})
     config = RunConfig()

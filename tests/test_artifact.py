@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pneumoscan import artifact, models
-from pneumoscan.errors import UserError
+from pneumoscan.modeling import artifact, models
+from pneumoscan.core.errors import UserError
 
 
 def _meta(info, **kw):
@@ -75,7 +75,7 @@ def test_meta_round_trips_through_the_plain_dict_and_keeps_unknown_keys():
 def test_add_data_digests_changes_only_the_meta(tmp_path):
     import torch
 
-    from pneumoscan.files import content_digest, content_digests, file_sha256
+    from pneumoscan.core.files import content_digest, content_digests, file_sha256
 
     model, info = models.build("mobilenet_v2", weights="none", head="linear")
     meta = artifact.make_meta(architecture="mobilenet_v2", head="linear", image_size=32, weights_info=info,

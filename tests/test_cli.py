@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pneumoscan import cli
+from pneumoscan.cli import app as cli
 
 METRIC_KEYS = {"n", "threshold", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc",
                "loss", "confusion_matrix", "ci95"}
@@ -59,12 +59,12 @@ def test_train_evaluate_predict_end_to_end(tiny_dataset, tmp_path, capsys, caplo
                                                   "flags", "flag_details", "model_sha256"}
     # the default UNSURE band (conformal:0.95) needs >= 19 validation films per class; this run has ~5,
     # so its band spans every probability and every film is UNSURE, its prediction still the threshold's class
-    from pneumoscan import artifact
+    from pneumoscan.modeling import artifact
 
     band = artifact.read_meta(model).unsure
     assert band["low"] == 0.0 and band["high"] == pytest.approx(1.0)
     assert all(r["label"] == "UNSURE" and r["prediction"] in ("0", "1") for r in rows)
-    from pneumoscan.files import file_sha256
+    from pneumoscan.core.files import file_sha256
 
     threshold = json.loads((tmp_path / "runs" / "e2e" / "validation" / "metrics.json").read_text())["threshold"]
     assert {r["model_sha256"] for r in rows} == {file_sha256(model)}
@@ -127,7 +127,7 @@ def test_console_script_help_runs():
 
 
 def test_recipe_then_config_file_then_flags(tmp_path):
-    from pneumoscan.config import RunConfig
+    from pneumoscan.core.config import RunConfig
 
     parser = cli.build_parser()
     args = parser.parse_args(["train", "--data", "d", "--recipe", "seed-study"])
@@ -161,7 +161,7 @@ def test_set_overrides_after_config_file_and_before_flags(tmp_path):
 
 
 def test_flag_choices_come_from_config():
-    from pneumoscan import config
+    from pneumoscan.core import config
 
     train = cli.build_parser()._subparsers._group_actions[0].choices["train"]
     choices = {a.option_strings[0]: a.choices for a in train._actions if a.choices}
@@ -195,7 +195,7 @@ def test_help_shows_one_true_default_each():
 
 
 def test_evaluate_without_model_uses_the_bundled_one(tmp_path, capsys):
-    from pneumoscan import artifact
+    from pneumoscan.modeling import artifact
 
     if not artifact.BUNDLED_MODEL.is_file():
         pytest.skip("no bundled model in this installation")

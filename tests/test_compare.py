@@ -6,9 +6,11 @@ import math
 
 import pytest
 
-from pneumoscan import artifact, cli, compare, models
-from pneumoscan.config import RunConfig
-from pneumoscan.errors import UserError
+from pneumoscan.modeling import artifact, models
+from pneumoscan.cli import app as cli
+from pneumoscan.evaluation import compare
+from pneumoscan.core.config import RunConfig
+from pneumoscan.core.errors import UserError
 
 
 @pytest.fixture(scope="module")

@@ -4,14 +4,17 @@ import dataclasses
 
 import pytest
 
-from pneumoscan import config
-from pneumoscan.config import ConfigError, RunConfig, apply_overrides, parse_overrides
-from pneumoscan.errors import UserError
+from pneumoscan.core import config
+from pneumoscan.core.config import ConfigError, RunConfig, apply_overrides, parse_overrides
+from pneumoscan.core.errors import UserError
 
 
 def test_declared_choices_match_the_library():
     """config.py declares the choices without importing torch; the modules that act on them agree."""
-    from pneumoscan import cli, data, explain, models, transforms
+    from pneumoscan.cli import app as cli
+    from pneumoscan.io import data
+    from pneumoscan.evaluation import explain
+    from pneumoscan.modeling import models, transforms
     from pneumoscan.inference import loading
 
     assert config.AUGMENTATIONS == transforms.AUGMENTATIONS
@@ -59,7 +62,7 @@ def test_the_backbone_error_lists_the_valid_names():
 
 @pytest.mark.parametrize("rule", ["0.5", "youden", "sensitivity:0.95", "sensitivity:1", "0.3", " youden "])
 def test_threshold_rules_that_train_accepts(rule):
-    from pneumoscan import metrics
+    from pneumoscan.core import metrics
 
     assert config.check_threshold_rule(rule) is None
     metrics.choose_threshold([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.6], rule)
@@ -68,7 +71,7 @@ def test_threshold_rules_that_train_accepts(rule):
 @pytest.mark.parametrize("rule", ["none", "conformal:0.95", "conformal:0.8", " none ", "conformal:1", "conformal:0",
                                   "conformal:", "maybe", "conformal:0.9x"])
 def test_unsure_check_agrees_with_metrics_parse_unsure(rule):
-    from pneumoscan import metrics
+    from pneumoscan.core import metrics
 
     ok = config.check_unsure_rule(rule) is None
     try:
@@ -82,7 +85,7 @@ def test_unsure_check_agrees_with_metrics_parse_unsure(rule):
 @pytest.mark.parametrize("spec", ["seed", "exp3", "linear", "", "64,bn,d0.3,32", "128, bn, 64", "64,relu", "d1.5",
                                   "64,,32", "bn,x"])
 def test_head_check_agrees_with_models_build_head(spec):
-    from pneumoscan import models
+    from pneumoscan.modeling import models
 
     try:
         models.build_head(spec, 8)
@@ -94,7 +97,7 @@ def test_head_check_agrees_with_models_build_head(spec):
 
 @pytest.mark.parametrize("schedule", ["", "1:3", "1:3,3:-1", " 2 : 4 ", "soon", "1:x", "1-3", "1:3:4"])
 def test_unfreeze_check_agrees_with_models(schedule):
-    from pneumoscan import models
+    from pneumoscan.modeling import models
 
     try:
         models.stages_to_unfreeze(schedule, 5)

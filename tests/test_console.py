@@ -2,7 +2,7 @@
 
 import logging
 
-from pneumoscan import console
+from pneumoscan.cli import console
 
 
 def progress_lines(caplog):

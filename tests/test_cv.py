@@ -3,8 +3,9 @@ import json
 
 from conftest import make_dataset
 
-from pneumoscan import cv, data
-from pneumoscan.config import RunConfig
+from pneumoscan.training import cv
+from pneumoscan.io import data
+from pneumoscan.core.config import RunConfig
 
 
 def tiny_cv_config(root, out) -> RunConfig:
@@ -64,8 +65,8 @@ def test_interrupted_cross_validation_keeps_finished_folds(tmp_path):
 
 
 def test_cross_validating_the_default_ensemble_scores_each_fold_with_its_members_ensemble(tmp_path):
-    from pneumoscan import artifact
-    from pneumoscan import config as cfg
+    from pneumoscan.modeling import artifact
+    from pneumoscan.core import config as cfg
 
     root = make_dataset(tmp_path / "d", {"train": (12, 12)})
     config = cfg.apply_overrides(cfg.recipe("default"), [

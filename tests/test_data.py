@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from pneumoscan import CLASS_NAMES
-from pneumoscan.data import (
+from pneumoscan.io.data import (
     ImageDataset,
     Sample,
     assign_validation,
@@ -27,7 +27,7 @@ from pneumoscan.data import (
     write_manifest,
     write_skipped,
 )
-from pneumoscan.errors import ImageError, UserError
+from pneumoscan.core.errors import ImageError, UserError
 
 rng = np.random.default_rng(0)
 
@@ -146,7 +146,7 @@ def test_scan_class_layout_and_file_filtering(tmp_path, caplog):
     (tmp_path / "NORMAL" / "notes.txt").write_text("hi")
     (tmp_path / "NORMAL" / "sub").mkdir()
 
-    with caplog.at_level(logging.WARNING, logger="pneumoscan.data"):
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.io.data"):
         samples = scan(tmp_path, default_split="test")
     (line,) = [r.getMessage() for r in caplog.records if "left out" in r.getMessage()]
     assert "left out 2 entries" in line and "sub/ (a folder)" in line and "notes.txt" in line
@@ -264,7 +264,7 @@ def test_load_images_skips_unreadable(tmp_path, caplog):
     bad = [(tmp_path / "gone.jpeg", 0), (_truncated_jpeg(tmp_path / "person9_bacteria_1.jpeg"), 1)]
     samples = _samples([good[0], bad[0], *good[1:4], bad[1], *good[4:]])
     calls = []
-    with caplog.at_level(logging.WARNING, logger="pneumoscan.data"):
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.io.data"):
         kept, images, skipped = load_images(samples, 16, progress=calls.append)
     assert calls == list(range(1, len(samples) + 1))
     assert [s.path for s in kept] == [str(p) for p, _ in good]  # order kept
@@ -283,7 +283,7 @@ def test_load_images_skips_unreadable(tmp_path, caplog):
 def test_load_images_truncates_long_list(tmp_path, caplog):
     good = [(_jpeg(tmp_path / "IM-0001-0001.jpeg"), 0), (_jpeg(tmp_path / "person1_virus_1.jpeg"), 1)]
     bad = [(tmp_path / f"missing{i:02d}.png", 1) for i in range(12)]
-    with caplog.at_level(logging.WARNING, logger="pneumoscan.data"):
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.io.data"):
         kept, images, skipped = load_images(_samples(good + bad), 8)
     assert len(kept) == 2 and len(skipped) == 12
     [line] = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]

@@ -25,8 +25,9 @@ import torch
 import yaml
 
 from conftest import make_dataset
-from pneumoscan import models, train
-from pneumoscan.config import RunConfig
+from pneumoscan.modeling import models
+from pneumoscan.training import train
+from pneumoscan.core.config import RunConfig
 
 pytestmark = pytest.mark.skipif(
     not (torch.distributed.is_available() and torch.distributed.is_gloo_available()),
@@ -41,8 +42,8 @@ import json, sys
 from pathlib import Path
 import lightning as L
 import yaml
-from pneumoscan import train
-from pneumoscan.config import RunConfig
+from pneumoscan.training import train
+from pneumoscan.core.config import RunConfig
 
 class RecordSampler(L.Callback):
     """What each rank iterates over in each epoch."""

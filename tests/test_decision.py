@@ -8,14 +8,16 @@ import pytest
 from PIL import Image
 
 from conftest import make_dataset, synthetic_xray
-from pneumoscan import artifact, gate, predict
-from pneumoscan.inference import decision
+from pneumoscan.modeling import artifact
+from pneumoscan.safety import gate
+from pneumoscan.commands import predict
+from pneumoscan.safety import decision
 from pneumoscan.inference.engines import OnnxEngine, TorchEngine
 from pneumoscan.inference.onnx_export import export_onnx
 
 
 def _meta(**ood):
-    _, info = __import__("pneumoscan.models", fromlist=["build"]).build("resnet18", weights="none")
+    _, info = __import__("pneumoscan.modeling.models", fromlist=["build"]).build("resnet18", weights="none")
     meta = artifact.make_meta(architecture="resnet18", head="seed", image_size=32, weights_info=info,
                               threshold=0.5, threshold_rule="0.5", config={})
     return meta.replace(ood={"cutoff_not_chest": 100.0, "cutoff_ood": 50.0, "percentile": 99.5,
@@ -41,8 +43,8 @@ def test_decide_labels_flags_and_reasons():
 @pytest.fixture(scope="module")
 def ood_model(tmp_path_factory):
     """A tiny model with enough validation films (>= ood.MIN_VALIDATION) for a detector."""
-    from pneumoscan import train
-    from pneumoscan.config import RunConfig
+    from pneumoscan.training import train
+    from pneumoscan.core.config import RunConfig
 
     root = make_dataset(tmp_path_factory.mktemp("data") / "d", {"train": (130, 130), "test": (4, 4)}, size=32)
     config = RunConfig()
@@ -83,7 +85,7 @@ def test_evaluate_counts_flagged_images_and_reports_metrics_without_them(ood_mod
     import json
     import shutil
 
-    from pneumoscan import evaluate
+    from pneumoscan.evaluation import evaluate
 
     path, root = ood_model
     data = shutil.copytree(root / "test", tmp_path / "d")
@@ -101,7 +103,7 @@ def test_evaluate_counts_flagged_images_and_reports_metrics_without_them(ood_mod
 def test_report_shows_the_input_checks(ood_model, tmp_path):
     import shutil
 
-    from pneumoscan import evaluate
+    from pneumoscan.evaluation import evaluate
 
     path, root = ood_model
     data = shutil.copytree(root / "test", tmp_path / "d")

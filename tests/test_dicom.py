@@ -12,10 +12,10 @@ from PIL import Image
 from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, JPEG2000Lossless, RLELossless, generate_uid
 
-from pneumoscan import imaging
-from pneumoscan.errors import ImageError
-from pneumoscan.imaging import decode_image_bytes, load_image
-from pneumoscan.dicom import read_dicom
+from pneumoscan.io import imaging
+from pneumoscan.core.errors import ImageError
+from pneumoscan.io.imaging import decode_image_bytes, load_image
+from pneumoscan.io.dicom import read_dicom
 
 PATIENT = "Doe^Janet"
 PATIENT_ID = "MRN-7731904"

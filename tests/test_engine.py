@@ -9,13 +9,13 @@ import onnx
 import pytest
 from PIL import Image
 
-from pneumoscan import predict
+from pneumoscan.commands import predict
 from pneumoscan.inference import loading, onnx_export
 from pneumoscan.inference.engines import OnnxEngine, TorchEngine
 from pneumoscan.inference.loading import load_engine
 from pneumoscan.inference.onnx_format import get_document
-from pneumoscan.errors import UserError
-from pneumoscan.files import file_sha256
+from pneumoscan.core.errors import UserError
+from pneumoscan.core.files import file_sha256
 from test_export import tiny_model, xrays
 
 

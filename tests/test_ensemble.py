@@ -14,9 +14,16 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import make_dataset, synthetic_xray
-from pneumoscan import artifact, cli, data, ensemble, explain, export, metrics, models, ood, train
-from pneumoscan.config import RunConfig
-from pneumoscan.errors import UserError
+from pneumoscan.modeling import artifact, models
+from pneumoscan.cli import app as cli
+from pneumoscan.io import data
+from pneumoscan.training import ensemble, train
+from pneumoscan.evaluation import explain
+from pneumoscan.commands import export
+from pneumoscan.core import metrics
+from pneumoscan.safety import ood
+from pneumoscan.core.config import RunConfig
+from pneumoscan.core.errors import UserError
 from pneumoscan.inference import onnx_export
 from pneumoscan.inference.engines import OnnxEngine, TorchEngine
 from pneumoscan.inference.loading import load_engine
@@ -364,7 +371,7 @@ def test_evaluate_an_ensemble_with_error_galleries_and_report(two_runs, tmp_path
 
 
 def _members_config(root, out) -> RunConfig:
-    from pneumoscan import config as cfg
+    from pneumoscan.core import config as cfg
 
     c = cfg.recipe("default")
     assert c.train.members == "frozen-acquisition-mixup,seed-study-lite0"  # the package default is an ensemble
@@ -395,7 +402,7 @@ def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_pat
 
 
 def test_members_must_name_known_single_model_recipes():
-    from pneumoscan.config import ConfigError, recipe
+    from pneumoscan.core.config import ConfigError, recipe
 
     c = recipe("seed-study")
     for bad in ("seed-study", "seed-study,nope", "default,seed-study", "seed-study,seed-study"):

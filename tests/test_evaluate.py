@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from conftest import synthetic_xray
-from pneumoscan import artifact, evaluate, metrics
+from pneumoscan.modeling import artifact
+from pneumoscan.evaluation import evaluate
+from pneumoscan.core import metrics
 
 
 def test_select_errors_picks_the_most_confident_first():
@@ -117,7 +119,7 @@ def test_write_errors_lists_and_explains_the_most_confident(trained_model, tmp_p
 
 
 def test_training_overlap_counts_seen_files_by_content(tmp_path, caplog):
-    from pneumoscan.files import content_digests
+    from pneumoscan.core.files import content_digests
 
     files = []
     for i in range(4):
@@ -129,21 +131,21 @@ def test_training_overlap_counts_seen_files_by_content(tmp_path, caplog):
     meta = artifact.ModelMeta(architecture="a", head="h", image_size=8,
                               normalization=artifact.Normalization("imagenet", (0.5,), (0.5,)),
                               threshold=0.5, threshold_rule="0.5", data_digests=tuple(content_digests(files[:2])))
-    with caplog.at_level(logging.WARNING, logger="pneumoscan.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.evaluation.evaluate"):
         assert evaluate.training_overlap(meta, [renamed, files[1], files[2], files[3]]) == {
             "n_in_training_data": 2, "n_checked": 4}
     assert "2 of 4 evaluated files were in this model's training data: these numbers are optimistic" in caplog.text
     caplog.clear()
     assert evaluate.training_overlap(meta, files[2:]) == {"n_in_training_data": 0, "n_checked": 2}
     assert not caplog.text
-    with caplog.at_level(logging.WARNING, logger="pneumoscan.evaluate"):
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.evaluation.evaluate"):
         unknown = evaluate.training_overlap(meta.replace(data_digests=()), files)
     assert unknown == {"n_in_training_data": None, "n_checked": 4} and "cannot be checked" in caplog.text
 
 
 def test_trained_model_records_its_training_and_validation_files(trained_model):
-    from pneumoscan import data
-    from pneumoscan.files import content_digest
+    from pneumoscan.io import data
+    from pneumoscan.core.files import content_digest
 
     meta = artifact.read_meta(trained_model)
     manifest = data.read_manifest(trained_model.parent / "manifest.csv")

@@ -10,8 +10,9 @@ import pytest
 import yaml
 
 from conftest import make_dataset
-from pneumoscan import cli, experiments
-from pneumoscan.errors import UserError
+from pneumoscan.cli import app as cli
+from pneumoscan.training import experiments
+from pneumoscan.core.errors import UserError
 
 # resnet18: a random-init frozen MobileNetV2 gives all-zero features, so every head would tie
 GRID = {
@@ -35,7 +36,7 @@ def test_grid_runs_every_seed_tracks_them_and_compares_mean_sd(tmp_path, capsys,
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     tiny_dataset = make_dataset(tmp_path / "data", {"train": (8, 8), "val": (4, 4), "test": (4, 4)}, size=32)
     out = tmp_path / "exp"
-    with caplog.at_level("INFO", logger="pneumoscan.features"):
+    with caplog.at_level("INFO", logger="pneumoscan.training.features"):
         code = cli.main(["experiments", "--grid", str(write_grid(tmp_path)), "--data", str(tiny_dataset),
                          "--out", str(out)])
     printed = capsys.readouterr()

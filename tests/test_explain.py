@@ -15,8 +15,10 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from conftest import synthetic_xray
-from pneumoscan import artifact, cli, explain, models
-from pneumoscan.errors import UserError
+from pneumoscan.modeling import artifact, models
+from pneumoscan.cli import app as cli
+from pneumoscan.evaluation import explain
+from pneumoscan.core.errors import UserError
 from pneumoscan.inference.torch_model import as_batch, predict_logits
 
 SIZE = 64  # the smallest input whose last feature map is 2x2 for every backbone, so maps have a location
@@ -167,7 +169,7 @@ def test_flat_or_nan_maps_become_zeros(value, caplog):
     with torch.no_grad():
         model.head[-1].weight.fill_(value)  # 0: the logit ignores the features; nan: it is nan
     images, _ = _images(2)
-    with caplog.at_level(logging.INFO, logger="pneumoscan.explain"):
+    with caplog.at_level(logging.INFO, logger="pneumoscan.evaluation.explain"):
         cams = explain.compute_cams(model, "resnet18", images)
     assert cams.shape == images.shape and not cams.any()
     assert "2 of 2 maps are flat or not finite" in caplog.text

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan import data
-from pneumoscan.explore import explore
+from pneumoscan.io import data
+from pneumoscan.evaluation.explore import explore
 
 SAMPLE = Path(__file__).resolve().parents[1] / "examples" / "chest_xray_sample"
 

@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from conftest import synthetic_xray
-from pneumoscan import artifact, cli, export, models
+from pneumoscan.modeling import artifact, models
+from pneumoscan.cli import app as cli
+from pneumoscan.commands import export
 from pneumoscan.inference import onnx_export
 from pneumoscan.inference.engines import OnnxEngine, TorchEngine
 from pneumoscan.inference.onnx_format import get_document
 from pneumoscan.inference.torch_model import as_batch
-from pneumoscan.errors import UserError
-from pneumoscan.files import file_sha256
+from pneumoscan.core.errors import UserError
+from pneumoscan.core.files import file_sha256
 
 
 def xrays(n: int, size: int = 48, seed: int = 1) -> np.ndarray:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from pneumoscan import data, features, models
+from pneumoscan.io import data
+from pneumoscan.training import features
+from pneumoscan.modeling import models
 
 
 def _samples(tmp_path, n):
@@ -50,7 +52,7 @@ def test_feature_dataset_draws_a_view():
 def test_onnx_runtime_embedding_agrees_with_pytorch():
     import numpy as np
 
-    from pneumoscan import models
+    from pneumoscan.modeling import models
 
     model, _ = models.build("mobilenet_v2", weights="none", unfreeze_blocks=0)
     images = np.random.default_rng(0).integers(0, 256, (5, 64, 64), dtype=np.uint8)

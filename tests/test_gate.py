@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from pneumoscan import gate
+from pneumoscan.safety import gate
 
 
 def radiograph_like(seed: int = 0, size: int = 224) -> np.ndarray:

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan.errors import ImageError, UserError
-from pneumoscan.imaging import collect_files, decode_many, load_image, read, read_bytes
+from pneumoscan.core.errors import ImageError, UserError
+from pneumoscan.io.imaging import collect_files, decode_many, load_image, read, read_bytes
 from test_data import _jpeg, _truncated_jpeg, rng
 
 # ----------------------------------------------------------------------------- load_image
@@ -219,7 +219,7 @@ def test_collect_files_and_decode_many(tmp_path, caplog):
     assert [f.name for f in files] == ["0.jpeg", "1.jpeg", "2.jpeg", "broken.png"]
     with pytest.raises(UserError, match="no such file"):
         collect_files([tmp_path / "missing"])
-    with caplog.at_level(logging.WARNING, logger="pneumoscan.imaging"):
+    with caplog.at_level(logging.WARNING, logger="pneumoscan.io.imaging"):
         decoded = decode_many(files, 8)
     assert decoded.kept == [0, 1, 2] and decoded.images.shape == (3, 8, 8) and decoded.sizes == [(16, 16)] * 3
     assert [p for p, _ in decoded.skipped] == [str(tmp_path / "a" / "broken.png")]

@@ -16,8 +16,8 @@ from sklearn.metrics import (
     roc_auc_score,
 )
 
-from pneumoscan.errors import UserError
-from pneumoscan.metrics import (
+from pneumoscan.core.errors import UserError
+from pneumoscan.core.metrics import (
     METRIC_KEYS,
     _stratified_counts,
     _weighted_metrics,
@@ -302,7 +302,7 @@ def test_temperature_single_class_is_identity():
 
 
 def test_paired_bootstrap_point_estimates_match_sklearn_and_identical_models_differ_by_zero():
-    from pneumoscan.metrics import paired_bootstrap_diff
+    from pneumoscan.core.metrics import paired_bootstrap_diff
 
     y, p = noisy_scores(400, seed=3)
     _, q = noisy_scores(400, seed=4)
@@ -318,7 +318,7 @@ def test_paired_bootstrap_point_estimates_match_sklearn_and_identical_models_dif
 
 
 def test_paired_bootstrap_resamples_patients_not_images():
-    from pneumoscan.metrics import paired_bootstrap_diff
+    from pneumoscan.core.metrics import paired_bootstrap_diff
 
     y, p = noisy_scores(300, seed=5)
     _, q = noisy_scores(300, seed=6)
@@ -332,7 +332,7 @@ def test_paired_bootstrap_resamples_patients_not_images():
 
 
 def test_prevalence_weights_shift_the_positive_share_and_match_sklearn_weighted():
-    from pneumoscan.metrics import prevalence_weights, weighted_metrics
+    from pneumoscan.core.metrics import prevalence_weights, weighted_metrics
 
     y, p = noisy_scores(500, seed=7)
     w = prevalence_weights(y, 0.625)
@@ -348,7 +348,7 @@ def test_prevalence_weights_shift_the_positive_share_and_match_sklearn_weighted(
 
 
 def test_describe_rule_says_fixed_or_fitted():
-    from pneumoscan.metrics import describe_rule
+    from pneumoscan.core.metrics import describe_rule
 
     assert describe_rule("0.5") == "fixed at 0.5 on the calibrated probability"
     assert describe_rule("youden") == "youden on the validation split"
@@ -357,7 +357,7 @@ def test_describe_rule_says_fixed_or_fitted():
 
 # --- intervals that stay honest at the extremes (issue 14) ---------------------------------------
 
-from pneumoscan.metrics import confidence_intervals, proportion_ci, rate_counts  # noqa: E402
+from pneumoscan.core.metrics import confidence_intervals, proportion_ci, rate_counts  # noqa: E402
 
 
 @pytest.mark.parametrize("k, n, method, expected", [
@@ -419,7 +419,7 @@ def test_confidence_intervals_keep_the_bootstrap_where_it_has_spread():
 
 # --- the UNSURE band and prior shift -------------------------------------------------------------
 
-from pneumoscan import metrics as m  # noqa: E402
+from pneumoscan.core import metrics as m  # noqa: E402
 
 
 def test_conformal_band_on_known_vectors():

@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from pneumoscan import models
-from pneumoscan.errors import UserError
+from pneumoscan.modeling import models
+from pneumoscan.core.errors import UserError
 
 SHARED_WEIGHTS = "../shared/weights/mobilenet_v2_imagenet.pth"
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.spatial.distance import mahalanobis
 
-from pneumoscan import ood
+from pneumoscan.safety import ood
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +90,7 @@ def test_scoring_does_not_import_torch():
     import subprocess
     import sys
 
-    code = ("import sys, numpy as np; from pneumoscan import ood, gate; "
+    code = ("import sys, numpy as np; from pneumoscan.safety import ood, gate; "
             "s = ood.fit(np.random.rand(50, 4), np.r_[np.zeros(25), np.ones(25)], np.random.rand(20, 4), k=None); "
             "ood.score(s, np.random.rand(3, 4)); gate.check_quality(np.zeros((8, 8), np.uint8)); "
             "assert 'torch' not in sys.modules, 'torch imported'")
@@ -98,7 +98,7 @@ def test_scoring_does_not_import_torch():
 
 
 def test_shifted_views_keep_shape_and_source_index_and_are_reproducible():
-    from pneumoscan import shifts
+    from pneumoscan.modeling import shifts
 
     imgs = np.random.default_rng(0).integers(30, 220, (5, 64, 64)).astype(np.uint8)
     v, idx = shifts.shifted_views(imgs, 8, seed=1)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pneumoscan import plots
+from pneumoscan.evaluation import plots
 
 
 def _assert_png(path: Path) -> None:

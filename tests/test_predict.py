@@ -7,9 +7,9 @@ import pytest
 from PIL import Image
 
 from conftest import synthetic_xray
-from pneumoscan import predict
-from pneumoscan.errors import UserError
-from pneumoscan.files import file_sha256
+from pneumoscan.commands import predict
+from pneumoscan.core.errors import UserError
+from pneumoscan.core.files import file_sha256
 from pneumoscan.inference.loading import load_engine
 
 

@@ -8,7 +8,9 @@ from html import unescape
 
 import pytest
 
-from pneumoscan import artifact, cli, report
+from pneumoscan.modeling import artifact
+from pneumoscan.cli import app as cli
+from pneumoscan.evaluation import report
 
 SECTIONS = ("summary", "data", "configuration", "training", "metrics", "curves", "calibration", "errors",
             "subtypes", "model-card")
@@ -85,7 +87,7 @@ def test_report_of_a_model_outside_its_run_folder(evaluated, trained_model, tmp_
 
 
 def _meta(**training) -> artifact.ModelMeta:
-    from pneumoscan.config import RunConfig
+    from pneumoscan.core.config import RunConfig
 
     cfg = RunConfig().to_dict()
     cfg["model"]["unfreeze_blocks"] = 0
@@ -97,7 +99,7 @@ def _meta(**training) -> artifact.ModelMeta:
 def test_report_is_honest_about_overlap_intervals_and_shortcuts(tmp_path):
     import numpy as np
 
-    from pneumoscan import evaluate
+    from pneumoscan.evaluation import evaluate
 
     y = np.array([0] * 10 + [1] * 10)
     p = np.where(y == 1, 0.6, 0.1) + np.linspace(0, 0.3, 20)  # no errors at 0.5

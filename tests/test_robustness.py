@@ -7,8 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from pneumoscan import metrics, robustness
-from pneumoscan.cli import main
+from pneumoscan.core import metrics
+from pneumoscan.evaluation import robustness
+from pneumoscan.cli.app import main
 from tests.conftest import make_dataset
 
 

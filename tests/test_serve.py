@@ -15,8 +15,10 @@ from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 from conftest import synthetic_xray
-from pneumoscan import artifact, cli, predict
-from pneumoscan.files import file_sha256
+from pneumoscan.modeling import artifact
+from pneumoscan.cli import app as cli
+from pneumoscan.commands import predict
+from pneumoscan.core.files import file_sha256
 from pneumoscan.serve.app import create_app
 
 MAX_BYTES = 64 * 1024

@@ -11,8 +11,8 @@ import numpy as np
 import onnx
 from PIL import Image
 
-from pneumoscan import artifact
-from pneumoscan.files import file_sha256
+from pneumoscan.modeling import artifact
+from pneumoscan.core.files import file_sha256
 from pneumoscan.inference import loading
 from pneumoscan.inference.onnx_format import get_document
 
@@ -20,7 +20,7 @@ HEAVY = ("torch", "torchvision", "sklearn", "scipy")
 
 SCRIPT = """
 import json, sys
-from pneumoscan import predict
+from pneumoscan.commands import predict
 from pneumoscan.inference import engines, loading
 engine = loading.load_engine()
 rows, skipped = predict.predict_files(None, [sys.argv[1]], engine=engine)

@@ -5,9 +5,11 @@ import pytest
 import torch
 import yaml
 
-from pneumoscan import artifact, data, train
-from pneumoscan.config import RunConfig
-from pneumoscan.errors import UserError
+from pneumoscan.modeling import artifact
+from pneumoscan.io import data
+from pneumoscan.training import train
+from pneumoscan.core.config import RunConfig
+from pneumoscan.core.errors import UserError
 
 
 def tiny_config(root, out, **train_kw) -> RunConfig:
@@ -97,7 +99,7 @@ def test_fast_path_caches_features_and_matches_slow_path_shape(tiny_dataset, tmp
     fast = train.fit(config)
     assert list((tmp_path / "runs" / ".feature-cache").glob("features-*.pt"))
     config.name = "again"
-    with caplog.at_level("INFO", logger="pneumoscan.features"):
+    with caplog.at_level("INFO", logger="pneumoscan.training.features"):
         train.fit(config)
     assert "from cache" in caplog.text
     config.name, config.train.feature_cache = "slow", False
@@ -134,7 +136,7 @@ def test_bad_unfreeze_schedule_is_a_user_error(tiny_dataset, tmp_path):
 
 
 def test_frozen_batchnorm_keeps_pretrained_statistics_while_weights_train(tiny_dataset, tmp_path):
-    from pneumoscan import models
+    from pneumoscan.modeling import models
 
     model, _ = models.build("resnet18", unfreeze_blocks=-1, batchnorm="frozen")
     model.train()

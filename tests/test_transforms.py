@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from pneumoscan.errors import UserError
-from pneumoscan.transforms import PRESETS, AUGMENTATIONS, SeedAugment, train_transform
+from pneumoscan.core.errors import UserError
+from pneumoscan.modeling.transforms import PRESETS, AUGMENTATIONS, SeedAugment, train_transform
 
 
 @pytest.mark.parametrize("size", [16, 17, 32])
@@ -99,7 +99,7 @@ def test_radiograph_intensity_jitter_is_seeded_bounded_and_changes_contrast():
 
 
 def test_acquisition_degrades_about_half_the_films_reproducibly_on_uint8_and_float():
-    from pneumoscan.transforms import AcquisitionAugment
+    from pneumoscan.modeling.transforms import AcquisitionAugment
 
     aug = train_transform("acquisition", 64)
     assert isinstance(aug, AcquisitionAugment)
@@ -116,7 +116,7 @@ def test_acquisition_degrades_about_half_the_films_reproducibly_on_uint8_and_flo
 
 
 def test_framing_adds_zooming_in_to_the_degradations(monkeypatch):
-    from pneumoscan import shifts, transforms
+    from pneumoscan.modeling import shifts, transforms
 
     crops = []
     real = shifts.crop_zoom

@@ -12,8 +12,12 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from pneumoscan import artifact, cli, evaluate, metrics, predict
-from pneumoscan.files import file_sha256
+from pneumoscan.modeling import artifact
+from pneumoscan.cli import app as cli
+from pneumoscan.evaluation import evaluate
+from pneumoscan.core import metrics
+from pneumoscan.commands import predict
+from pneumoscan.core.files import file_sha256
 
 
 def rewrite(src, dst, **changes):
@@ -28,7 +32,7 @@ def rewrite(src, dst, **changes):
 def banded(tmp_path_factory, tiny_dataset_module):
     """An untrained (randomly initialised) model, whose scores at least differ between films, with its
     threshold at their median and a band around the middle of them."""
-    from pneumoscan import models
+    from pneumoscan.modeling import models
 
     torch.manual_seed(0)
     model, info = models.build("resnet18", weights="none", head="linear")
@@ -148,7 +152,7 @@ def test_adapt_writes_a_shifted_copy_that_predict_applies(trained_model, tiny_da
 
 
 def test_a_prevalence_independent_threshold_keeps_its_logit():
-    from pneumoscan import adapt
+    from pneumoscan.safety import adapt
 
     meta = artifact.ModelMeta(architecture="resnet18", head="seed", image_size=32,
                               normalization=artifact.Normalization("imagenet", (0.5,), (0.5,)), threshold=0.4,

@@ -21,8 +21,9 @@ import re
 import sys
 from pathlib import Path
 
-from pneumoscan import artifact, data, imaging
-from pneumoscan.files import content_digests, file_sha256, write_text
+from pneumoscan.modeling import artifact
+from pneumoscan.io import data, imaging
+from pneumoscan.core.files import content_digests, file_sha256, write_text
 
 CARD = Path(artifact.BUNDLED_MODEL).parent / "MODEL_CARD.md"
 SHA_LINE = re.compile(r"^\*\*File\.\*\* .*$", re.MULTILINE)

@@ -18,9 +18,13 @@ import sys
 from pathlib import Path
 
 
-from pneumoscan import artifact, console, data, gate, train
-from pneumoscan.config import RunConfig
-from pneumoscan.files import file_sha256, write_text
+from pneumoscan.modeling import artifact
+from pneumoscan.cli import console
+from pneumoscan.io import data
+from pneumoscan.safety import gate
+from pneumoscan.training import train
+from pneumoscan.core.config import RunConfig
+from pneumoscan.core.files import file_sha256, write_text
 
 
 BEGIN, END = "<!-- input checks: tools/add_ood.py -->", "<!-- end input checks -->"
@@ -47,7 +51,7 @@ def input_checks_section(meta: artifact.ModelMeta, sha256: str = "") -> str:
         gate.QualityLimits.from_dict(meta.quality)))
     return f"""{BEGIN}
 **Input checks.** Before the model's answer counts, every image passes an input-quality gate and an
-out-of-distribution score (`pneumoscan.gate`, `pneumoscan.ood`; the proxy benchmark is
+out-of-distribution score (`pneumoscan.safety.gate`, `pneumoscan.safety.ood`; the proxy benchmark is
 benchmarks/ood.md). `low_quality` (gate) and `not_chest_xray` (distance above
 {o['cutoff_not_chest']:.1f}, the {o['percentile']:g}th percentile of {o['n_val']} validation films) make the
 label NOT_ASSESSED; `out_of_distribution` (above {o['cutoff_ood']:.1f}, the {o['ood_percentile']:g}th

@@ -18,8 +18,9 @@ import json
 import sys
 from pathlib import Path
 
-from pneumoscan import artifact, metrics
-from pneumoscan.files import file_sha256, write_text
+from pneumoscan.modeling import artifact
+from pneumoscan.core import metrics
+from pneumoscan.core.files import file_sha256, write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
 import export_bundled_onnx  # noqa: E402  (the tool beside this one)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import sys
 
-from pneumoscan import artifact
+from pneumoscan.modeling import artifact
 from pneumoscan.inference.loading import BUNDLED_ONNX
 from pneumoscan.inference.onnx_export import export_onnx
 

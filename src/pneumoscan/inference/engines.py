@@ -13,10 +13,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan import metrics
-from pneumoscan.artifact import ModelMeta
-from pneumoscan.errors import UserError
-from pneumoscan.files import file_sha256
+from pneumoscan.core import metrics
+from pneumoscan.modeling.artifact import ModelMeta
+from pneumoscan.core.errors import UserError
+from pneumoscan.core.files import file_sha256
 from pneumoscan.inference.batching import check_images, spans, unit_interval
 from pneumoscan.inference.onnx_format import (INPUT_NAME, OOD_NAME, OUTPUT_NAME, SELFCHECK_KEY, decode_selfcheck,
                                               session_document)
@@ -72,7 +72,7 @@ class Engine:
 
 class TorchEngine(Engine):
     def __init__(self, path: str | Path):
-        from pneumoscan import artifact
+        from pneumoscan.modeling import artifact
 
         self.path = Path(path)
         self.model, self.meta = artifact.load(self.path)

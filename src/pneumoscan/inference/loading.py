@@ -18,9 +18,9 @@ import logging
 import os
 from pathlib import Path
 
-from pneumoscan import artifact
-from pneumoscan.errors import UserError
-from pneumoscan.files import file_sha256
+from pneumoscan.modeling import artifact
+from pneumoscan.core.errors import UserError
+from pneumoscan.core.files import file_sha256
 from pneumoscan.inference.engines import Engine, OnnxEngine, TorchEngine
 
 log = logging.getLogger(__name__)

@@ -18,14 +18,15 @@ import numpy as np
 import onnx
 import torch
 
-from pneumoscan import __version__, artifact
-from pneumoscan.errors import UserError
-from pneumoscan.files import atomic_path, file_sha256
+from pneumoscan import __version__
+from pneumoscan.modeling import artifact
+from pneumoscan.core.errors import UserError
+from pneumoscan.core.files import atomic_path, file_sha256
 from pneumoscan.inference import onnx_graph
 from pneumoscan.inference.engines import OnnxEngine
 from pneumoscan.inference.onnx_format import FORMAT, INPUT_NAME, METADATA_KEY, OOD_NAME, OUTPUT_NAME, set_document
 from pneumoscan.inference.torch_model import assess, predict_logits
-from pneumoscan.metrics import sigmoid
+from pneumoscan.core.metrics import sigmoid
 
 log = logging.getLogger(__name__)
 

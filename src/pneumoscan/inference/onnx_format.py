@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from pneumoscan.errors import UserError
+from pneumoscan.core.errors import UserError
 
 if TYPE_CHECKING:
     import onnx

@@ -32,12 +32,13 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from pneumoscan import __version__, artifact
+from pneumoscan import __version__
+from pneumoscan.modeling import artifact
 from pneumoscan.inference.engines import default_threads
 from pneumoscan.inference.loading import check_kind
-from pneumoscan.errors import UserError
-from pneumoscan import imaging
-from pneumoscan.imaging import FORMAT_NAMES
+from pneumoscan.core.errors import UserError
+from pneumoscan.io import imaging
+from pneumoscan.io.imaging import FORMAT_NAMES
 from pneumoscan.serve import uploads
 from pneumoscan.serve.card import INTENDED_USE, model_card
 from pneumoscan.serve.batcher import BatchSettings, Busy, TimedOut
@@ -73,7 +74,7 @@ CAM_SCALE_HELP = ("colour scale of the overlay (explain=true): 'absolute' = the 
                   "its brightest colour is the probability; 'relative' = scaled to this image's maximum")
 CAM_FLAT_HELP = "true when no region raised the PNEUMONIA score: the overlay then carries no location"
 CAM_OUTSIDE_HELP = ("share of the map's mass outside a fixed lung-field mask (a heuristic, see "
-                    "pneumoscan.explain); null when the map is flat")
+                    "pneumoscan.evaluation.explain); null when the map is flat")
 CAM_BORDER_HELP = "share of the map's mass within 8% of the image border; null when the map is flat"
 
 class ModelRef(BaseModel):

@@ -9,8 +9,8 @@ from __future__ import annotations
 from pathlib import PurePath
 from typing import Any
 
-from pneumoscan.artifact import ModelMeta
-from pneumoscan.metrics import describe_rule
+from pneumoscan.modeling.artifact import ModelMeta
+from pneumoscan.core.metrics import describe_rule
 
 INTENDED_USE = (
     "Screening aid and second opinion for chest X-rays: it sorts a worklist so the most suspicious "
@@ -121,8 +121,8 @@ FLAG_MEANINGS = {
 
 def input_checks(meta: ModelMeta) -> dict[str, Any]:
     """What the model refuses to judge, and by which limits: the gate's and the OOD cut-offs."""
-    from pneumoscan import gate
-    from pneumoscan.inference.decision import quality_limits
+    from pneumoscan.safety import gate
+    from pneumoscan.safety.decision import quality_limits
 
     o = meta.ood
     return {

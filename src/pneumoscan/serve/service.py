@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from PIL import Image
 
-from pneumoscan import artifact
-from pneumoscan.inference import decision
-from pneumoscan.artifact import ModelMeta
+from pneumoscan.modeling import artifact
+from pneumoscan.safety import decision
+from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.inference.engines import Engine
 from pneumoscan.inference.loading import load_engine
 from pneumoscan.serve.batcher import BatchSettings, MicroBatcher, TimedOut
@@ -30,7 +30,7 @@ from pneumoscan.serve.batcher import BatchSettings, MicroBatcher, TimedOut
 if TYPE_CHECKING:  # torch and Grad-CAM load only with a model.pt: an ONNX model serves without them
     import torch
 
-    from pneumoscan import explain
+    from pneumoscan.evaluation import explain
 
 log = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ class Service:
         self.batcher = MicroBatcher(self._score_now, batching)
         self.explainer = None
         if cam_model is not None:
-            from pneumoscan import explain
+            from pneumoscan.evaluation import explain
 
             self.explainer = explain.CamExplainer(cam_model, self.meta.architecture)
 
@@ -122,7 +122,7 @@ class Service:
     def overlays(self, images: np.ndarray, prob=None) -> "list[explain.Explanation]":
         """A Grad-CAM explanation per image: the overlay PNG, its scale (absolute, i.e. weighted by
         ``prob``, when the probabilities are given), flatness and where the map's mass lies."""
-        from pneumoscan import explain
+        from pneumoscan.evaluation import explain
 
         cams = explain.compute_cams(self.cam_model, self.meta.architecture, images, explainer=self.explainer)
         return explain.explanations(images, cams, prob)

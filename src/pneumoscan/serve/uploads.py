@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pneumoscan import imaging
-from pneumoscan.errors import ImageError
+from pneumoscan.io import imaging
+from pneumoscan.core.errors import ImageError
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,7 @@
+"""python -m pneumoscan.cli"""
+
+import sys
+
+from pneumoscan.cli.app import main
+
+sys.exit(main())

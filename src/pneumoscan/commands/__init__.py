@@ -1,0 +1,1 @@
+"""Jobs the faces run: predict and export."""

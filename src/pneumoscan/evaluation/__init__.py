@@ -1,0 +1,1 @@
+"""Measuring a model: evaluate, report, plots, explanations, robustness, compare, explore."""

@@ -1,0 +1,1 @@
+"""Input: decoding files and DICOM into grayscale pixels, datasets, patients and splits."""

@@ -1,0 +1,1 @@
+"""Networks and their weights, transforms, and the self-describing model.pt."""

@@ -1,0 +1,1 @@
+"""Input checks and honest decisions: quality gate, OOD score, decision and flags, prevalence adaptation."""

@@ -1,0 +1,1 @@
+"""The training pipeline: prepare, fit, calibrate, save; cross-validation and experiment grids."""
