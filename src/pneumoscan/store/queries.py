@@ -70,8 +70,8 @@ def _filtered(query: Select, state: str | None, since: datetime | None, until: d
 def list_studies(s: Session, *, state: str | None, since: datetime | None, until: datetime | None,
                  needs_human: bool | None, limit: int, offset: int) -> list[StudySummary]:
     query = _filtered(select(StudyRow), state, since, until, needs_human)
-    query = query.order_by(StudyRow.max_probability.desc().nulls_last(), StudyRow.first_received_at.desc(),
-                           StudyRow.id.desc()).limit(limit).offset(offset)
+    query = query.order_by(StudyRow.max_probability.desc().nulls_last(), StudyRow.needs_human.desc(),
+                           StudyRow.first_received_at.desc(), StudyRow.id.desc()).limit(limit).offset(offset)
     rows = list(s.scalars(query))
     ids = [r.id for r in rows]
     counts = dict(s.execute(select(FilmRow.study_id, func.count()).where(FilmRow.study_id.in_(ids))
