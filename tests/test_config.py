@@ -62,20 +62,20 @@ def test_the_backbone_error_lists_the_valid_names():
 
 @pytest.mark.parametrize("rule", ["0.5", "youden", "sensitivity:0.95", "sensitivity:1", "0.3", " youden "])
 def test_threshold_rules_that_train_accepts(rule):
-    from pneumoscan.core import metrics
+    from pneumoscan.core import calibration, conformal
 
     assert config.check_threshold_rule(rule) is None
-    metrics.choose_threshold([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.6], rule)
+    calibration.choose_threshold([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.6], rule)
 
 
 @pytest.mark.parametrize("rule", ["none", "conformal:0.95", "conformal:0.8", " none ", "conformal:1", "conformal:0",
                                   "conformal:", "maybe", "conformal:0.9x"])
 def test_unsure_check_agrees_with_metrics_parse_unsure(rule):
-    from pneumoscan.core import metrics
+    from pneumoscan.core import calibration, conformal
 
     ok = config.check_unsure_rule(rule) is None
     try:
-        metrics.parse_unsure(rule)
+        conformal.parse_unsure(rule)
         parsed = True
     except UserError:
         parsed = False

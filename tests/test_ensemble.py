@@ -20,7 +20,7 @@ from pneumoscan.io import data
 from pneumoscan.training import ensemble, train
 from pneumoscan.evaluation import explain
 from pneumoscan.commands import export
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, metrics
 from pneumoscan.safety import ood
 from pneumoscan.core.config import RunConfig
 from pneumoscan.core.errors import UserError
@@ -306,10 +306,10 @@ def test_combine_fits_temperature_threshold_and_ood_on_the_shared_validation(two
     result = json.loads((out / "validation" / "metrics.json").read_text())
     assert result["n"] == len(val)
     assert result["roc_auc"] == pytest.approx(metrics.binary_metrics(y, prob, 0.5)["roc_auc"])
-    assert meta.threshold == pytest.approx(metrics.choose_threshold(y, prob, "youden"), abs=1e-5)
+    assert meta.threshold == pytest.approx(calibration.choose_threshold(y, prob, "youden"), abs=1e-5)
     # the temperature is the one that calibrates the saved model's mean logit on validation
     assert meta.temperature != pytest.approx(1.0)
-    assert metrics.fit_temperature(logits * meta.temperature, y) == pytest.approx(meta.temperature, rel=1e-3)
+    assert calibration.fit_temperature(logits * meta.temperature, y) == pytest.approx(meta.temperature, rel=1e-3)
     assert len(result["members"]) == 2 and (out / "members.csv").is_file()
     with pytest.raises(UserError, match="exists"):
         ensemble.combine(two_runs, out)

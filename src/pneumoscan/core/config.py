@@ -41,7 +41,7 @@ SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "32", "bf16")
 CALIBRATIONS = ("temperature", "none")
 THRESHOLD_RULES = "0.5, youden, sensitivity:0.95 or a number in (0, 1)"
-UNSURE_RULES = "none or conformal:<confidence in (0, 1)>, e.g. conformal:0.95"  # metrics.parse_unsure
+UNSURE_RULES = "none or conformal:<confidence in (0, 1)>, e.g. conformal:0.95"  # conformal.parse_unsure
 
 _HEAD_TOKEN = re.compile(r"bn|d0?\.\d+|\d+")  # models.build_head's layer tokens
 _UNFREEZE_PAIR = re.compile(r"\s*(\d+)\s*:\s*(-?\d+)\s*")
@@ -94,7 +94,7 @@ class TrainConfig:
     threshold: str = "youden"  # 0.5 | youden | sensitivity:0.95 | any float in (0, 1)
     calibration: str = "temperature"  # CALIBRATIONS: temperature fitted on validation, or none (T = 1)
     # UNSURE band: Mondrian split conformal prediction on the validation split at this confidence
-    # (metrics.conformal_band); films whose prediction set is not a single class are UNSURE
+    # (conformal.conformal_band); films whose prediction set is not a single class are UNSURE
     unsure: str = "conformal:0.95"  # conformal:<confidence> | none
     max_train_batches: float = 1.0  # fraction or count; for quick tests
     feature_cache: bool = True  # frozen backbone: train the head on cached features (fast path)
@@ -192,7 +192,7 @@ def _at_least(low, what: str = ""):
 
 
 def check_threshold_rule(rule: str, key: str = "train.threshold") -> str | None:
-    """None if ``rule`` is a threshold rule metrics.choose_threshold accepts, else why not."""
+    """None if ``rule`` is a threshold rule calibration.choose_threshold accepts, else why not."""
     rule = rule.strip()
     if rule == "youden":
         return None
@@ -210,7 +210,7 @@ def check_threshold_rule(rule: str, key: str = "train.threshold") -> str | None:
 
 
 def check_unsure_rule(rule: str, key: str = "train.unsure") -> str | None:
-    """None if ``rule`` is an UNSURE rule metrics.parse_unsure accepts, else why not."""
+    """None if ``rule`` is an UNSURE rule conformal.parse_unsure accepts, else why not."""
     rule = rule.strip()
     if rule == "none":
         return None

@@ -131,7 +131,7 @@ class ModelMeta:
     # ``members.N.`` keys; empty for a single model, whose architecture, head and normalisation
     # are the top-level fields
     members: tuple[Member, ...] = ()
-    # the UNSURE band (metrics.conformal_band): {"low", "high", "method", "confidence", "n_calibration",
+    # the UNSURE band (conformal.conformal_band): {"low", "high", "method", "confidence", "n_calibration",
     # "class_counts", ...}; a film with low <= P(PNEUMONIA) < high is UNSURE. None: no band, every
     # assessed film gets NORMAL or PNEUMONIA (models older than the field, or train.unsure=none)
     unsure: dict[str, Any] | None = None

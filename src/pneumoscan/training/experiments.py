@@ -44,7 +44,7 @@ import yaml
 
 from pneumoscan.modeling import artifact, models
 from pneumoscan.evaluation import compare
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration
 from pneumoscan.training import train
 from pneumoscan.core.config import RunConfig, apply_overrides, merge
 from pneumoscan.core.errors import UserError
@@ -151,7 +151,7 @@ def _validate(runs: list[Run]) -> None:
         try:
             models.backbone(mc.backbone)
             models.build_head(mc.head, 8)
-            metrics.choose_threshold([0, 1], [0.2, 0.8], tc.threshold)
+            calibration.choose_threshold([0, 1], [0.2, 0.8], tc.threshold)
             key = (mc.backbone, mc.backbone_weights, mc.weights_normalization)
             if key not in checked_weights:
                 models.resolve_weights(*key)
