@@ -14,14 +14,14 @@ def test_declared_choices_match_the_library():
     from pneumoscan.cli import app as cli
     from pneumoscan.io import data
     from pneumoscan.evaluation import explain
-    from pneumoscan.modeling import models, transforms
+    from pneumoscan.modeling import backbones, heads, models, transforms
     from pneumoscan.inference import loading
 
     assert config.AUGMENTATIONS == transforms.AUGMENTATIONS
     assert config.CLASS_WEIGHT_MODES == data.CLASS_WEIGHT_MODES
-    assert config.BACKBONES == tuple(models.BACKBONES)
-    assert config.HEAD_NAMES == tuple(models.HEADS)
-    assert config.WEIGHTS_NORMALIZATIONS == ("auto", *models.NORMALIZATIONS)
+    assert config.BACKBONES == tuple(backbones.BACKBONES)
+    assert config.HEAD_NAMES == tuple(heads.HEADS)
+    assert config.WEIGHTS_NORMALIZATIONS == ("auto", *backbones.NORMALIZATIONS)
     assert cli.ENGINES == loading.KINDS and cli.CAM_METHODS == tuple(explain.METHODS)
 
 
@@ -85,10 +85,10 @@ def test_unsure_check_agrees_with_metrics_parse_unsure(rule):
 @pytest.mark.parametrize("spec", ["seed", "exp3", "linear", "", "64,bn,d0.3,32", "128, bn, 64", "64,relu", "d1.5",
                                   "64,,32", "bn,x"])
 def test_head_check_agrees_with_models_build_head(spec):
-    from pneumoscan.modeling import models
+    from pneumoscan.modeling import backbones, heads, models
 
     try:
-        models.build_head(spec, 8)
+        heads.build_head(spec, 8)
         builds = True
     except UserError:
         builds = False
@@ -97,7 +97,7 @@ def test_head_check_agrees_with_models_build_head(spec):
 
 @pytest.mark.parametrize("schedule", ["", "1:3", "1:3,3:-1", " 2 : 4 ", "soon", "1:x", "1-3", "1:3:4"])
 def test_unfreeze_check_agrees_with_models(schedule):
-    from pneumoscan.modeling import models
+    from pneumoscan.modeling import backbones, heads, models
 
     try:
         models.stages_to_unfreeze(schedule, 5)
