@@ -61,3 +61,23 @@ def save(ds: FileDataset, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     ds.save_as(path, enforce_file_format=True)
     return path
+
+
+def sr_items(sr) -> dict[str, object]:
+    """Concept name -> value of every content item of an SR, depth first: numbers and codes (the
+    last one wins), texts as a list of all of them."""
+    out: dict[str, object] = {}
+
+    def walk(seq):
+        for it in seq:
+            name = it.ConceptNameCodeSequence[0].CodeMeaning
+            if "MeasuredValueSequence" in it:
+                out[name] = float(it.MeasuredValueSequence[0].NumericValue)
+            elif "ConceptCodeSequence" in it:
+                out[name] = it.ConceptCodeSequence[0].CodeValue
+            elif "TextValue" in it:
+                out.setdefault(name, []).append(it.TextValue)
+            walk(it.get("ContentSequence", []))
+
+    walk(sr.ContentSequence)
+    return out

@@ -17,6 +17,7 @@ from pynetdicom import AE, AllStoragePresentationContexts, evt
 from pynetdicom.sop_class import Verification
 
 from dicom_films import CLASSES, chest_film, sample_jpegs, save
+from dicom_films import sr_items as items
 from pneumoscan.commands.predict import predict_files
 from pneumoscan.node import results, selection, spool
 from pneumoscan.node.config import Destination, NodeConfig
@@ -103,26 +104,6 @@ def film(tmp_path: Path, name: str = "film.dcm", **kwargs) -> pydicom.Dataset:
     """A film as a modality would send it: written, then read back."""
     ds = chest_film(kwargs.pop("jpeg", None) or sample_jpegs(1)[0], **kwargs)
     return pydicom.dcmread(save(ds, tmp_path / name))
-
-
-def items(sr: pydicom.Dataset) -> dict[str, object]:
-    """Concept name -> value of every content item, depth first: numbers and codes (the last one
-    wins), texts as a list of all of them."""
-    out: dict[str, object] = {}
-
-    def walk(seq):
-        for it in seq:
-            name = it.ConceptNameCodeSequence[0].CodeMeaning
-            if "MeasuredValueSequence" in it:
-                out[name] = float(it.MeasuredValueSequence[0].NumericValue)
-            elif "ConceptCodeSequence" in it:
-                out[name] = it.ConceptCodeSequence[0].CodeValue
-            elif "TextValue" in it:
-                out.setdefault(name, []).append(it.TextValue)  # texts repeat: keep them all
-            walk(it.get("ContentSequence", []))
-
-    walk(sr.ContentSequence)
-    return out
 
 
 # --- association ------------------------------------------------------------------------------
