@@ -38,13 +38,14 @@ def wait_for(check, what: str, timeout: float = WAIT_S):
 
 class Orthanc:
     def __init__(self, folder: Path, aet: str = "ORTHANC", modalities: dict | None = None,
-                 dicom_port: int | None = None) -> None:
+                 dicom_port: int | None = None, plugins: list[str] | None = None) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.aet, self.dicom_port, self.http_port = aet, dicom_port or free_port(), free_port()
         config = {"Name": aet, "StorageDirectory": str(folder / "db"), "IndexDirectory": str(folder / "db"),
                   "DicomAet": aet, "DicomPort": self.dicom_port, "HttpPort": self.http_port,
                   "RemoteAccessAllowed": False, "AuthenticationEnabled": False, "HttpServerEnabled": True,
-                  "DicomModalities": modalities or {}, "StableAge": 1, "ConcurrentJobs": 2}
+                  "DicomModalities": modalities or {}, "StableAge": 1, "ConcurrentJobs": 2,
+                  "Plugins": plugins or []}
         (folder / "orthanc.json").write_text(json.dumps(config))
         self.log = open(folder / "orthanc.log", "w")
         self.proc = subprocess.Popen(["/usr/sbin/Orthanc", str(folder / "orthanc.json")], stdout=self.log,

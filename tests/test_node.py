@@ -298,3 +298,38 @@ def test_sr_passes_dciodvfy(tmp_path):
     out = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
     errors = [line for line in (out.stdout + out.stderr).splitlines() if line.startswith("Error")]
     assert not errors, errors
+
+
+def test_tls(tmp_path, scorer):
+    import ssl
+
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl missing: apt-get install -y openssl")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(cert),
+                    "-days", "1", "-subj", "/CN=localhost", "-addext", "subjectAltName=IP:127.0.0.1"],
+                   check=True, capture_output=True, timeout=60)
+    with make_node(tmp_path, scorer, tls={"cert": str(cert), "key": str(key), "ca": None}) as node:
+        client = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=str(cert))
+        ae = AE("MODALITY")
+        ae.add_requested_context(Verification)
+        ae.acse_timeout = ae.network_timeout = 10
+        assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN", tls_args=(client, "127.0.0.1"))
+        assert assoc.is_established and assoc.send_c_echo().Status == 0
+        assoc.release()
+        plain = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")  # no TLS: no association
+        assert not plain.is_established
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--send-to", "ORTHANC@nowhere"], "expected AE@host:port"),
+    (["--stow", "ftp://x"], "expected an http(s) URL"),
+    (["--allow", "A" * 17], "1 to 16 printable ASCII"),
+    (["--tls-cert", "c.pem"], "--tls-cert and --tls-key go together"),
+])
+def test_cli_bad_options_get_one_line(args, message, capsys):
+    from pneumoscan.cli.app import main
+
+    assert main(["node", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err

@@ -150,6 +150,31 @@ def test_killed_node_scores_acknowledged_film_after_restart(work, orthanc):
         again.close()
 
 
+DICOMWEB = Path("/usr/share/orthanc/plugins/libOrthancDicomWeb.so")
+
+
+def test_stow_rs_delivery(work):
+    if not DICOMWEB.exists():
+        pytest.skip("Orthanc's DICOMweb plug-in missing: apt-get install -y orthanc-dicomweb")
+    web = Orthanc(work / "web", aet="WEB", plugins=[str(DICOMWEB)])
+    proc = None
+    try:
+        proc = NodeProcess(work / "stow", "--stow", f"http://127.0.0.1:{web.http_port}/dicom-web",
+                           "--stable-seconds", "1")
+        connect(web, "stow", proc)
+        (path,) = films(work / "st", {})
+        study, sop = uids(path)
+        web.storescu(path)
+        web.forward("stow", sop)
+        (sr,) = wait_for(lambda: web.instances_of(study, "SR"), "the SR through STOW-RS")
+        assert sr_items(sr)["Probability of pneumonia"] == pytest.approx(predict_files(None, [path])[0][0].probability,
+                                                                         abs=1e-12)
+    finally:
+        if proc is not None:
+            proc.close()
+        web.close()
+
+
 def test_no_identifier_in_any_node_log(work, orthanc, node):
     """Every film above carried the planted name and identifier; no node line may quote them."""
     node.close()
