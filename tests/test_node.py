@@ -277,6 +277,16 @@ def test_dead_letter_then_resend(tmp_path, scorer):
         assert f.results[0].deliveries[0].state == "delivered" and node.outbox.dead() == []
 
 
+def test_objects_staged_before_a_crash_are_delivered_at_start(tmp_path, scorer, pacs):
+    from pneumoscan.node.delivery import Outbox
+
+    ds = chest_film(pixels=np.full((64, 64), 90, np.uint8))
+    sr = results.film_sr(ds, Verdict(0.2, -1.4, "NORMAL", 0, 0.5), scorer.algorithm)
+    Outbox(tmp_path / "spool").stage(sr)  # scored, then the process died before recording it
+    with make_node(tmp_path, scorer, [Destination("dicom", "PACS", "127.0.0.1", pacs.port)]):
+        assert pacs.wait(1)[0].SOPInstanceUID == sr.SOPInstanceUID
+
+
 def test_no_identifier_in_logs(tmp_path, scorer, pacs, caplog):
     caplog.set_level(logging.DEBUG)
     planted = "LEAKTEST^PATIENT"

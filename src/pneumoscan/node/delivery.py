@@ -1,7 +1,8 @@
 """Sending results: C-STORE to PACS peers and/or STOW-RS, bounded retries, then a dead letter.
 
-Every result object is written to ``SPOOL/outbox`` before the first attempt, so a crash between
-scoring and sending loses nothing: the next start sends what is there. An object that still
+Every result object is written durably to ``SPOOL/staged`` before its result is recorded in
+the store and moves to ``SPOOL/outbox`` after, so a crash between scoring and sending loses
+nothing: the next start sends what is there (staged objects too, without a store record). An object that still
 cannot be delivered after ``retries`` attempts (backoff doubling from ``backoff_s``) moves to
 ``SPOOL/deadletter`` with a JSON note of where it was going and why it failed;
 ``pneumoscan node --resend`` tries those again. Objects carry deterministic UIDs, so a second
@@ -13,6 +14,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,19 +96,33 @@ class Outbox:
     """Result objects waiting for delivery, and those that failed (dead letters)."""
 
     def __init__(self, root: Path) -> None:
+        self.staged = Path(root) / "staged"
         self.outbox = Path(root) / "outbox"
         self.deadletter = Path(root) / "deadletter"
-        self.outbox.mkdir(parents=True, exist_ok=True)
-        self.deadletter.mkdir(parents=True, exist_ok=True)
+        for folder in (self.staged, self.outbox, self.deadletter):
+            folder.mkdir(parents=True, exist_ok=True)
 
-    def put(self, ds: pydicom.Dataset, meta: dict | None = None) -> Path:
-        """Durably queue ``ds``; ``meta`` (e.g. the store's result id) travels beside it."""
+    def stage(self, ds: pydicom.Dataset) -> Path:
+        """Durably keep ``ds`` before its result is recorded: a crash after this loses nothing."""
         buf = io.BytesIO()
         ds.save_as(buf, enforce_file_format=True)
-        path = self.outbox / f"{ds.SOPInstanceUID}.dcm"  # result UIDs are ours: no patient data in them
-        files.write_json(path.with_suffix(".json"), meta or {})
+        path = self.staged / f"{ds.SOPInstanceUID}.dcm"  # result UIDs are ours: no patient data in them
         durable_write(path, buf.getvalue())
         return path
+
+    def publish(self, staged: Path, meta: dict | None = None) -> Path:
+        """Hand a staged object to the delivery loop, ``meta`` (the store's result id) beside it."""
+        target = self.outbox / staged.name
+        files.write_json(target.with_suffix(".json"), meta or {})
+        os.replace(staged, target)
+        return target
+
+    def recover(self) -> int:
+        """Objects staged by a process that died before recording them: deliver them anyway."""
+        staged = sorted(self.staged.glob("*.dcm"))
+        for path in staged:
+            self.publish(path)
+        return len(staged)
 
     def meta(self, path: Path) -> dict:
         try:

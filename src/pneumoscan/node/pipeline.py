@@ -168,24 +168,24 @@ class Pipeline:
             sc = None
             if overlays is not None:
                 sc = results.overlay_sc(inst.ds, overlays[j], a, verdict.label, verdict.probability)
+            staged = [self.outbox.stage(ds) for ds in (sr, sc) if ds is not None]  # before the store says "scored"
             result = self.store.record_result(
                 inst.film.id, a.sha256, probability=verdict.probability, label=verdict.label,
                 threshold=verdict.threshold, flags=[st.Flag(c, d) for c, d in zip(verdict.flags, verdict.details)],
                 ood_score=verdict.ood_score, duration_ms=ms, sr_sop_instance_uid=sr.SOPInstanceUID,
                 sc_sop_instance_uid=sc.SOPInstanceUID if sc is not None else None)
-            for ds in (sr, sc):
-                if ds is not None:
-                    self._post(ds, result.id, out)
+            for path in staged:
+                self._post(path, result.id, out)
         out.scored += len(verdicts)
         return len(verdicts)
 
-    def _post(self, ds: pydicom.Dataset, result_id: int | None, out: Round) -> None:
-        """Into the outbox, with a pending delivery per destination in the store."""
+    def _post(self, staged: Path, result_id: int | None, out: Round) -> None:
+        """To the outbox, with a pending delivery per destination in the store."""
         for dest in self.cfg.destinations:
             if result_id is not None:
                 self.store.record_delivery(result_id, dest.name, dest.store_kind, state=st.PENDING, attempted=False)
-        self.outbox.put(ds, {"result_id": result_id})
-        out.objects.append(ds.SOPInstanceUID)
+        self.outbox.publish(staged, {"result_id": result_id})
+        out.objects.append(staged.stem)
 
     def _nothing_scored(self, study_id: int) -> bool:
         detail = self.store.study(study_id)
@@ -196,7 +196,7 @@ class Pipeline:
         if readable:
             sr = results.study_not_scored_sr([i.ds for i in readable], [i.reason for i in readable],
                                              self.scorer.algorithm)
-            self._post(sr, None, out)
+            self._post(self.outbox.stage(sr), None, out)
 
     def run(self, stop: threading.Event) -> None:
         """Process until ``stop`` is set; a store outage is logged and retried, not fatal."""

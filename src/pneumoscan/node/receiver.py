@@ -48,7 +48,7 @@ def tls_context(cert: str | None, key: str | None, ca: str | None) -> ssl.SSLCon
     return ctx
 
 
-def store_handler(spool: Spool, cfg: NodeConfig, received: Callable[[str], None]) -> Callable:
+def store_handler(spool: Spool, cfg: NodeConfig) -> Callable:
     """The EVT_C_STORE handler: decode the identifiers, spool durably, then answer."""
 
     def handle(event) -> int:
@@ -78,7 +78,6 @@ def store_handler(spool: Spool, cfg: NodeConfig, received: Callable[[str], None]
             log.error("C-STORE refused (0x%04X): cannot write the spool (%s)", OUT_OF_RESOURCES, why)
             return OUT_OF_RESOURCES
         log.debug("stored an instance of study %s", tag(study))
-        received(study)
         return SUCCESS
 
     return handle
@@ -101,12 +100,12 @@ def make_ae(cfg: NodeConfig):
     return ae
 
 
-def start(cfg: NodeConfig, spool: Spool, received: Callable[[str], None]):
-    """Listen in background threads; returns (ae, server). ``received(study_uid)`` after each store."""
+def start(cfg: NodeConfig, spool: Spool):
+    """Listen in background threads; returns (ae, server)."""
     from pynetdicom import evt
 
     ae = make_ae(cfg)
-    handlers = [(evt.EVT_C_STORE, store_handler(spool, cfg, received)), (evt.EVT_C_ECHO, lambda event: SUCCESS),
+    handlers = [(evt.EVT_C_STORE, store_handler(spool, cfg)), (evt.EVT_C_ECHO, lambda event: SUCCESS),
                 (evt.EVT_REJECTED, _rejected)]
     ctx = tls_context(cfg.tls.get("cert"), cfg.tls.get("key"), cfg.tls.get("ca"))
     server = ae.start_server((cfg.host, cfg.port), block=False, evt_handlers=handlers, ssl_context=ctx)

@@ -77,7 +77,10 @@ class Node:
         released = self.store.release_claims(self.cfg.worker)
         if released:
             log.info("released %d film(s) this node had claimed before it stopped", released)
-        self.ae, self.server = receiver.start(self.cfg, self.spool, lambda study: None)
+        recovered = self.outbox.recover()
+        if recovered:
+            log.info("%d result object(s) staged before a stop will be delivered", recovered)
+        self.ae, self.server = receiver.start(self.cfg, self.spool)
         for name, target in (("score", self.pipeline.run), ("deliver", self._deliver_loop)):
             thread = threading.Thread(target=target, args=(self.stop_event,), name=f"node-{name}", daemon=True)
             thread.start()
