@@ -651,6 +651,9 @@ def add_serve(sub) -> None:
                    help="requests waiting to be scored before new ones get 503 busy")
     p.add_argument("--score-timeout", type=float, default=settings.DEFAULT_SCORE_TIMEOUT_S, metavar="S",
                    help="seconds a request may wait for its score before a 504")
+    p.add_argument("--db", metavar="URL", help="result store whose studies the page and /v1/studies list (those the "
+                   "DICOM node scored): a SQLite file (sqlite:///pneumoscan.db or a path) or postgresql://...; "
+                   "none by default")
     p.set_defaults(func=cmd_serve, log_timestamps=True)  # a server's log is read later: every line is dated
 
 
@@ -669,7 +672,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
                         "--score-timeout positive") from None
     app = create_app(args.model, max_upload_bytes=int(args.max_upload_mb * settings.MiB),
                      max_pixels=args.max_pixels, engine=args.engine, cors_origins=args.cors_origin,
-                     batching=batching)
+                     batching=batching, db=args.db)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(settings.API_KEY_ENV):
         log.warning("listening on %s without an API key: anyone who can reach this port can use it "
                     "(set %s)", args.host, settings.API_KEY_ENV)

@@ -44,6 +44,8 @@ from pneumoscan.serve.card import INTENDED_USE, model_card
 from pneumoscan.serve.batcher import BatchSettings, Busy, TimedOut
 from pneumoscan.serve.middleware import AccessLog, ContentLengthLimit, SecurityHeaders
 from pneumoscan.serve.service import Service, png_bytes
+from pneumoscan.serve.worklist import study_routes
+from pneumoscan.store import Store
 from pneumoscan.serve.settings import (API_KEY_ENV, DEFAULT_MAX_BATCH_FILES, DEFAULT_MAX_PIXELS,
                                        DEFAULT_MAX_UPLOAD_BYTES, MiB)
 
@@ -144,6 +146,7 @@ class Health(BaseModel):
     status: str
     model_loaded: bool
     api_key_required: bool = Field(description="whether /v1 calls other than health need the X-API-Key header")
+    result_store: bool = Field(False, description="whether /v1/studies lists a result store's studies (--db)")
 
 
 class ErrorBody(BaseModel):
@@ -222,7 +225,7 @@ class ServerLimits:
 def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_files: int = DEFAULT_MAX_BATCH_FILES,
                api_key: str | None | object = _FROM_ENV, cors_origins: tuple[str, ...] | list[str] = (),
-               engine: str = "auto", batching: BatchSettings | None = None) -> FastAPI:
+               engine: str = "auto", batching: BatchSettings | None = None, db: str | None = None) -> FastAPI:
     """The service for the model at ``model_path`` (default: the bundled model).
 
     ``api_key``: required in the X-API-Key header of every /v1 call except health; by default
@@ -230,7 +233,8 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     origins allowed to call the API from other pages; none by default. ``engine``: the runtime
     for scores (see ``inference.loading.load_engine``); Grad-CAM always runs in PyTorch.
     ``batching``: the scoring queue's micro-batch size, wait, length and timeout
-    (``serve.batcher.BatchSettings``; defaults in ``serve.settings``).
+    (``serve.batcher.BatchSettings``; defaults in ``serve.settings``). ``db``: the result store's
+    URL (``pneumoscan.store``), whose studies /v1/studies and the page's study worklist show.
     """
     path = artifact.resolve(model_path)  # fail here, not at startup, on a model that is not there
     if not path.is_file():
@@ -240,6 +244,7 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     limits = ServerLimits(uploads.Limits(max_bytes=int(max_upload_bytes), max_pixels=int(max_pixels)),
                           int(max_batch_files), key or None)
     batching = batching or BatchSettings()
+    store = Store.open(db) if db else None  # a bad URL or an unreachable database fails here, readably
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -253,11 +258,15 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
             yield
         finally:
             await run_in_threadpool(app.state.service.close)
+            if store is not None:
+                store.close()
 
     app = FastAPIOffline(title="pneumoscan", version=__version__, lifespan=lifespan,
                          description=_description(limits) + "\n\n" + batching.describe())
+    app.state.store = store
     add_error_handlers(app, limits)
     app.include_router(api_routes(limits))
+    app.include_router(study_routes(_key_check(limits.api_key), _auth_errors(limits)))
     add_page(app)
     add_middleware(app, limits, cors_origins)
     return app
@@ -313,11 +322,15 @@ def _key_check(api_key: str | None) -> list:
     return [Security(require_key)]
 
 
+def _auth_errors(limits: ServerLimits) -> dict:
+    return {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if limits.api_key else {}
+
+
 def api_routes(limits: ServerLimits) -> APIRouter:
     """/v1: health, the model card, and scoring one file or a batch."""
     router = APIRouter(prefix="/v1")
     protected = _key_check(limits.api_key)
-    errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if limits.api_key else {}
+    errors = _auth_errors(limits)
     upload_errors = errors | {
         413: {"model": ErrorBody, "description": "file or request too large (bytes or pixels)"},
         422: {"model": ErrorBody, "description": f"not a {FORMAT_NAMES} image; empty upload; missing field"},
@@ -329,7 +342,8 @@ def api_routes(limits: ServerLimits) -> APIRouter:
     async def health(request: Request) -> dict:
         """Liveness; open even when an API key is set."""
         return {"status": "ok", "model_loaded": getattr(request.app.state, "service", None) is not None,
-                "api_key_required": limits.api_key is not None}
+                "api_key_required": limits.api_key is not None,
+                "result_store": getattr(request.app.state, "store", None) is not None}
 
     @router.get("/model", dependencies=protected, responses=errors, tags=["service"])
     async def model(request: Request) -> dict:

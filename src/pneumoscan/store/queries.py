@@ -19,7 +19,6 @@ from pneumoscan.store.records import (CLAIMED, FAILED, NOT_SCORED, RECEIVED, SCO
                                       StudyDetail, StudySummary)
 from pneumoscan.store.schema import DeliveryRow, FilmRow, ModelVersionRow, ReadRow, ResultRow, StudyRow
 
-UNDECIDED = ("UNSURE", "NOT_ASSESSED")
 
 
 def _study_state(film_states: set[str]) -> str:
@@ -40,7 +39,8 @@ def _latest_results(s: Session, film_ids: list[int]) -> dict[int, ResultRow]:
 
 
 def refresh_study(s: Session, study: StudyRow) -> None:
-    """Recompute a study's state, most suspicious probability and label, and "needs a human"."""
+    """Recompute a study's state, most suspicious probability and label, and "needs a human"
+    (as the page's group: a flagged or NOT_ASSESSED result, a failed film, or no assessed film)."""
     films = list(s.scalars(select(FilmRow).where(FilmRow.study_id == study.id)))
     study.state = _study_state({f.state for f in films})
     latest = list(_latest_results(s, [f.id for f in films]).values())
@@ -49,7 +49,7 @@ def refresh_study(s: Session, study: StudyRow) -> None:
     study.max_probability = top.probability if top else None
     study.top_label = top.label if top else (latest[0].label if latest else None)
     final = study.state in (SCORED, NOT_SCORED, FAILED)
-    study.needs_human = (any(r.label in UNDECIDED or r.flags for r in latest)
+    study.needs_human = (any(r.label == "NOT_ASSESSED" or r.flags for r in latest)
                          or any(f.state == FAILED for f in films) or (final and top is None))
     study.scored_at = max((r.scored_at for r in latest), default=None) if final else None
 
@@ -70,8 +70,8 @@ def _filtered(query: Select, state: str | None, since: datetime | None, until: d
 def list_studies(s: Session, *, state: str | None, since: datetime | None, until: datetime | None,
                  needs_human: bool | None, limit: int, offset: int) -> list[StudySummary]:
     query = _filtered(select(StudyRow), state, since, until, needs_human)
-    query = query.order_by(StudyRow.max_probability.desc().nulls_last(), StudyRow.first_received_at.desc(),
-                           StudyRow.id.desc()).limit(limit).offset(offset)
+    query = query.order_by(StudyRow.max_probability.desc().nulls_last(), StudyRow.needs_human.desc(),
+                           StudyRow.first_received_at.desc(), StudyRow.id.desc()).limit(limit).offset(offset)
     rows = list(s.scalars(query))
     ids = [r.id for r in rows]
     counts = dict(s.execute(select(FilmRow.study_id, func.count()).where(FilmRow.study_id.in_(ids))
