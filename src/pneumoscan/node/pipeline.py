@@ -32,6 +32,7 @@ from pneumoscan.node.spool import Spool
 log = logging.getLogger(__name__)
 
 POLL_S = 0.1
+SWEEP_S = 2.0
 CLAIM_LIMIT = 32
 RECLAIM_AFTER_S = 600.0  # a claim this old belongs to a node that died: another may take it
 FINAL = (st.SCORED, st.NOT_SCORED, st.FAILED)
@@ -86,7 +87,8 @@ class Pipeline:
                  rules: selection.Rules = selection.Rules()) -> None:
         self.cfg, self.spool, self.outbox, self.scorer, self.store, self.rules = \
             cfg, spool, outbox, scorer, store, rules
-        self.known: set[Path] = set()  # spooled files already recorded in the store
+        self.known: dict[Path, int] = {}  # spooled files already recorded in the store -> film id
+        self.swept = time.monotonic()
         self.outbox_ready = threading.Event()
         a = scorer.algorithm
         store.register_model(a.sha256, a.name, a.version)
@@ -107,13 +109,26 @@ class Pipeline:
                 path.unlink(missing_ok=True)
                 out.repeated += 1
                 continue
-            self.known.add(path)
+            self.known[path] = up.film.id
             out.ingested += 1
         return out
+
+    def sweep(self) -> None:
+        """Drop spooled copies of films another node finished (nodes sharing a database may both
+        receive a film; the one that claims it scores it from its own copy)."""
+        if time.monotonic() - self.swept < SWEEP_S:
+            return
+        self.swept = time.monotonic()
+        for path, film_id in list(self.known.items()):
+            film = self.store.film(film_id)
+            if film is None or film.state in FINAL:
+                path.unlink(missing_ok=True)
+                self.known.pop(path, None)
 
     def tick(self) -> Round:
         """Record new files, then process every stable study's claimed films once."""
         out = self.ingest()
+        self.sweep()
         films = self.store.claim_films(self.cfg.worker, CLAIM_LIMIT, quiet_seconds=self.cfg.stable_seconds,
                                        reclaim_after_s=RECLAIM_AFTER_S)
         by_study: dict[int, list[st.Film]] = defaultdict(list)
@@ -146,7 +161,7 @@ class Pipeline:
         for inst in instances:
             if inst.film.spool_path:
                 Path(inst.film.spool_path).unlink(missing_ok=True)
-                self.known.discard(Path(inst.film.spool_path))
+                self.known.pop(Path(inst.film.spool_path), None)
         study_uid = next((i.ds.StudyInstanceUID for i in instances if i.ds is not None), "")
         log.info("study %s: %d instance(s) processed, %d scored, %d not scored (%.0f ms)", tag(study_uid),
                  len(instances), scored, len(rejected), (time.perf_counter() - t0) * 1000)

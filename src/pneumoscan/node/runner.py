@@ -56,6 +56,7 @@ def delivery_recorder(store: st.Store):
 
 class Node:
     def __init__(self, cfg: NodeConfig, scorer: Scorer | None = None, store: st.Store | None = None) -> None:
+        quiet_libraries()
         cfg.worker = cfg.worker or default_worker(cfg)
         self.cfg = cfg
         self.spool = Spool(cfg.spool)
@@ -73,7 +74,6 @@ class Node:
         return self.server.server_address[1] if self.server is not None else self.cfg.port
 
     def start(self) -> "Node":
-        quiet_libraries()
         released = self.store.release_claims(self.cfg.worker)
         if released:
             log.info("released %d film(s) this node had claimed before it stopped", released)
@@ -160,6 +160,7 @@ def run_cli(args) -> int:
     import sys
 
     cfg = config_from_args(args)
+    quiet_libraries()
     if args.resend:
         with st.Store.open(cfg.db_url()) as store:  # delivery only: no model, no listener
             ok, failed = delivery.resend(Outbox(cfg.spool), cfg, delivery_recorder(store))
