@@ -38,8 +38,12 @@ class Outcome:
     reason: str = ""
 
 
-def _cstore(ds: pydicom.Dataset, dest: Destination, cfg: NodeConfig) -> str | None:
-    """One C-STORE; None on success, else the reason (no attribute values in it)."""
+OK_STATUSES = (0x0000, 0xB000, 0xB006, 0xB007)  # success, and warnings: delivered
+
+
+def _cstore(datasets: list[pydicom.Dataset], dest: Destination, cfg: NodeConfig) -> list[str | None]:
+    """C-STORE each dataset over one association; per dataset None (delivered) or the reason
+    (never an attribute value)."""
     from pynetdicom import AE
 
     ae = AE(ae_title=cfg.ae_title)
@@ -50,46 +54,57 @@ def _cstore(ds: pydicom.Dataset, dest: Destination, cfg: NodeConfig) -> str | No
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(dest.host, dest.port, ae_title=dest.ae_title)
     if not assoc.is_established:
-        return "association rejected or peer unreachable"
+        return ["association rejected or peer unreachable"] * len(datasets)
+    reasons: list[str | None] = []
     try:
-        status = assoc.send_c_store(ds)
-        code = getattr(status, "Status", None)
-        if code is None:
-            return "no response (timeout or aborted association)"
-        if code not in (0x0000, 0xB000, 0xB007, 0xB006):  # success and warnings are delivered
-            return f"C-STORE status 0x{code:04X}"
-        return None
+        for ds in datasets:
+            if not assoc.is_established:
+                reasons.append("association aborted")
+                continue
+            code = getattr(assoc.send_c_store(ds), "Status", None)
+            reasons.append("no response (timeout or aborted association)" if code is None else
+                           None if code in OK_STATUSES else f"C-STORE status 0x{code:04X}")
     finally:
-        assoc.release()
+        if assoc.is_established:
+            assoc.release()
+    return reasons
 
 
-def _stow(ds: pydicom.Dataset, dest: Destination, cfg: NodeConfig) -> str | None:
+def _stow(datasets: list[pydicom.Dataset], dest: Destination, cfg: NodeConfig) -> list[str | None]:
     from dicomweb_client.api import DICOMwebClient
 
     try:
-        DICOMwebClient(url=dest.url).store_instances([ds])
-        return None
+        DICOMwebClient(url=dest.url).store_instances(datasets)
+        return [None] * len(datasets)
     except Exception as exc:  # requests/HTTP errors; their text names the URL, never the dataset
-        return f"STOW-RS failed ({type(exc).__name__})"
+        return [f"STOW-RS failed ({type(exc).__name__})"] * len(datasets)
 
 
-def send_once(ds: pydicom.Dataset, dest: Destination, cfg: NodeConfig) -> str | None:
+def send_once(datasets: list[pydicom.Dataset], dest: Destination, cfg: NodeConfig) -> list[str | None]:
     try:
-        return _cstore(ds, dest, cfg) if dest.kind == "dicom" else _stow(ds, dest, cfg)
+        return _cstore(datasets, dest, cfg) if dest.kind == "dicom" else _stow(datasets, dest, cfg)
     except Exception as exc:  # a socket error mid-way: a failed attempt, not a crash of the node
-        return f"{type(exc).__name__} while sending"
+        return [f"{type(exc).__name__} while sending"] * len(datasets)
 
 
-def send(ds: pydicom.Dataset, dest: Destination, cfg: NodeConfig, sleep=time.sleep) -> Outcome:
-    """Up to ``cfg.retries`` attempts with doubling backoff."""
-    reason = ""
-    for attempt in range(1, max(1, cfg.retries) + 1):
-        reason = send_once(ds, dest, cfg) or ""
-        if not reason:
-            return Outcome(True, attempt)
-        if attempt < cfg.retries:
+def send(datasets: list[pydicom.Dataset], dest: Destination, cfg: NodeConfig, sleep=time.sleep) -> list[Outcome]:
+    """Up to ``cfg.retries`` attempts with doubling backoff; each attempt resends only what failed."""
+    retries = max(1, cfg.retries)
+    outcomes: list[Outcome | None] = [None] * len(datasets)
+    todo, reasons = list(range(len(datasets))), {}
+    for attempt in range(1, retries + 1):
+        for i, reason in zip(todo, send_once([datasets[i] for i in todo], dest, cfg)):
+            if reason is None:
+                outcomes[i] = Outcome(True, attempt)
+            reasons[i] = reason
+        todo = [i for i in todo if outcomes[i] is None]
+        if not todo:
+            break
+        if attempt < retries:
             sleep(cfg.backoff_s * 2 ** (attempt - 1))
-    return Outcome(False, max(1, cfg.retries), reason)
+    for i in todo:
+        outcomes[i] = Outcome(False, retries, reasons[i])
+    return outcomes
 
 
 class Outbox:
@@ -157,40 +172,40 @@ def _slug(name: str) -> str:
     return "".join(c if c.isalnum() else "_" for c in name)[:60]
 
 
-def deliver(outbox: Outbox, path: Path, cfg: NodeConfig, record=None) -> list[tuple[Destination, Outcome]]:
-    """Send one outbox object to every destination; failures go to the dead letters; the
-    outbox copy is removed once each destination has either taken it or has a dead letter.
-    ``record(meta, destination, outcome)`` is told every final outcome."""
-    ds = pydicom.dcmread(path)
-    meta = outbox.meta(path)
-    done = []
+def deliver(outbox: Outbox, paths: list[Path], cfg: NodeConfig, record=None) -> None:
+    """Send outbox objects to every destination (one association each); failures go to the dead
+    letters; the outbox copies are removed once each destination has either taken them or has a
+    dead letter. ``record(meta, destination, outcome)`` is told every final outcome."""
+    datasets = [pydicom.dcmread(p) for p in paths]
+    metas = [outbox.meta(p) for p in paths]
     for dest in cfg.destinations:
-        outcome = send(ds, dest, cfg)
-        if not outcome.ok:
-            outbox.bury(path, dest, outcome)
-            log.warning("result ...%s not delivered to %s after %d attempts (%s); kept in the dead-letter folder",
-                        ds.SOPInstanceUID[-8:], dest.name, outcome.attempts, outcome.reason)
-        if record is not None:
-            record(meta, dest, outcome)
-        done.append((dest, outcome))
-    path.with_suffix(".json").unlink(missing_ok=True)
-    path.unlink(missing_ok=True)
-    return done
+        for path, ds, meta, outcome in zip(paths, datasets, metas, send(datasets, dest, cfg)):
+            if not outcome.ok:
+                outbox.bury(path, dest, outcome)
+                log.warning("result ...%s not delivered to %s after %d attempts (%s); kept in the dead-letter "
+                            "folder", ds.SOPInstanceUID[-8:], dest.name, outcome.attempts, outcome.reason)
+            if record is not None:
+                record(meta, dest, outcome)
+    for path in paths:
+        path.with_suffix(".json").unlink(missing_ok=True)
+        path.unlink(missing_ok=True)
 
 
 def resend(outbox: Outbox, cfg: NodeConfig, record=None) -> tuple[int, int]:
     """Try every dead letter again (to the destination it failed for): (delivered, still failing)."""
-    ok = failed = 0
+    by_dest: dict[Destination, list[Path]] = {}
     for dead in outbox.dead():
-        note = outbox.note(dead)
-        dest = Destination.from_dict(note["destination"])
-        outcome = send(pydicom.dcmread(dead), dest, cfg)
-        if record is not None:
-            record(note, dest, outcome)
-        if outcome.ok:
-            outbox.remove_dead(dead)
-            ok += 1
-        else:
-            files.write_json(dead.with_suffix(".json"), {**note, "reason": outcome.reason, "time": time.time()})
-            failed += 1
+        by_dest.setdefault(Destination.from_dict(outbox.note(dead)["destination"]), []).append(dead)
+    ok = failed = 0
+    for dest, deads in by_dest.items():
+        for dead, outcome in zip(deads, send([pydicom.dcmread(d) for d in deads], dest, cfg)):
+            note = outbox.note(dead)
+            if record is not None:
+                record(note, dest, outcome)
+            if outcome.ok:
+                outbox.remove_dead(dead)
+                ok += 1
+            else:
+                files.write_json(dead.with_suffix(".json"), {**note, "reason": outcome.reason, "time": time.time()})
+                failed += 1
     return ok, failed

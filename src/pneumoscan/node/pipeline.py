@@ -126,19 +126,24 @@ class Pipeline:
                 self.known.pop(path, None)
 
     def tick(self) -> Round:
-        """Record new files, then process every stable study's claimed films once."""
+        """Record new files, then process the claimed films of every stable study, scored in one
+        batch (one model call for a burst of one-film studies rather than one each)."""
         out = self.ingest()
         self.sweep()
         films = self.store.claim_films(self.cfg.worker, CLAIM_LIMIT, quiet_seconds=self.cfg.stable_seconds,
                                        reclaim_after_s=RECLAIM_AFTER_S)
-        by_study: dict[int, list[st.Film]] = defaultdict(list)
-        for film in films:
-            by_study[film.study_id].append(film)
-        for study_films in by_study.values():
+        if films:
             try:
-                self.process(study_films, out)
-            except Exception:  # one study's failure must not stop the node; its claims age out
-                log.exception("a study could not be processed; it will be retried after %.0f s", RECLAIM_AFTER_S)
+                self.process(films, out)
+            except Exception:  # retry study by study, so one bad study cannot hold the others
+                by_study: dict[int, list[st.Film]] = defaultdict(list)
+                for film in films:
+                    by_study[film.study_id].append(film)
+                for group in by_study.values():
+                    try:
+                        self.process(group, out)
+                    except Exception:  # its claims age out and it is tried again
+                        log.exception("a study could not be processed; retried after %.0f s", RECLAIM_AFTER_S)
         if out.objects:
             self.outbox_ready.set()
         return out
@@ -149,22 +154,26 @@ class Pipeline:
         for inst in instances:
             inst.reason = "unreadable DICOM file" if inst.ds is None else selection.reason_not_scored(inst.ds, self.rules)
         scored = self._score([i for i in instances if i.reason is None], out)
-        rejected = [i for i in instances if i.reason is not None]
-        for inst in rejected:
-            if inst.reason.startswith("unreadable"):
-                self.store.mark_failed(inst.film.id, inst.reason)
-            else:
-                self.store.mark_not_scored(inst.film.id, inst.reason)
-        out.not_scored += len(rejected)
-        if not scored and self._nothing_scored(films[0].study_id):
-            self._no_eligible(rejected, out)
         for inst in instances:
-            if inst.film.spool_path:
-                Path(inst.film.spool_path).unlink(missing_ok=True)
-                self.known.pop(Path(inst.film.spool_path), None)
-        study_uid = next((i.ds.StudyInstanceUID for i in instances if i.ds is not None), "")
-        log.info("study %s: %d instance(s) processed, %d scored, %d not scored (%.0f ms)", tag(study_uid),
-                 len(instances), scored, len(rejected), (time.perf_counter() - t0) * 1000)
+            if inst.reason is not None:
+                (self.store.mark_failed if inst.reason.startswith("unreadable") else self.store.mark_not_scored)(
+                    inst.film.id, inst.reason)
+        by_study: dict[int, list[Instance]] = defaultdict(list)
+        for inst in instances:
+            by_study[inst.film.study_id].append(inst)
+        ms = (time.perf_counter() - t0) * 1000
+        for study_id, group in by_study.items():
+            rejected = [i for i in group if i.reason is not None]
+            out.not_scored += len(rejected)
+            if len(rejected) == len(group) and self._nothing_scored(study_id):
+                self._no_eligible(rejected, out)
+            for inst in group:
+                if inst.film.spool_path:
+                    Path(inst.film.spool_path).unlink(missing_ok=True)
+                    self.known.pop(Path(inst.film.spool_path), None)
+            study_uid = next((i.ds.StudyInstanceUID for i in group if i.ds is not None), "")
+            log.info("study %s: %d instance(s) processed, %d scored, %d not scored (batch of %d: %.0f ms)",
+                     tag(study_uid), len(group), len(group) - len(rejected), len(rejected), len(instances), ms)
 
     def _score(self, eligible: list[Instance], out: Round) -> int:
         if not eligible:

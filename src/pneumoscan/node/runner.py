@@ -24,6 +24,7 @@ from pneumoscan.node.spool import Spool
 log = logging.getLogger(__name__)
 
 
+DELIVERY_BATCH = 32
 CHATTY = ("pynetdicom", "highdicom", "alembic")  # their INFO/DEBUG lines quote UIDs and dataset details
 
 
@@ -115,17 +116,18 @@ class Node:
             return False
 
     def deliver_pending(self) -> int:
-        n = 0
-        for path in self.outbox.pending():
-            if self.stop_event.is_set():
-                break
-            if self.shadow():
+        """Deliver what the outbox holds, ``DELIVERY_BATCH`` objects per association."""
+        pending = self.outbox.pending()
+        if pending and self.shadow():
+            for path in pending:
                 path.unlink(missing_ok=True)
                 path.with_suffix(".json").unlink(missing_ok=True)
-                continue
-            delivery.deliver(self.outbox, path, self.cfg, self.record)
-            n += 1
-        return n
+            return 0
+        for start in range(0, len(pending), DELIVERY_BATCH):
+            if self.stop_event.is_set():
+                break
+            delivery.deliver(self.outbox, pending[start:start + DELIVERY_BATCH], self.cfg, self.record)
+        return len(pending)
 
     def _deliver_loop(self, stop: threading.Event) -> None:
         while not stop.is_set():
