@@ -47,6 +47,7 @@ def test_studies_are_listed_most_suspicious_first_with_who_they_are(client, db):
     assert (high["patient_name"], high["accession_number"]) == PATIENTS[2]
     assert high["probability"] == pytest.approx(0.93) and high["label"] == "PNEUMONIA"
     assert high["read_label"] == "PNEUMONIA" and not high["needs_human"]
+    assert "patient_id" not in high  # what the worklist needs, no more
     assert [s["needs_human"] for s in body["studies"]] == [False, True, False, True, False]
 
 
@@ -71,7 +72,7 @@ def test_one_study_lists_films_results_flags_and_reads(client, db):
     _, ids = db
     odd = get(client, f"/v1/studies/{ids['odd']}").json()
     (film,) = odd["films"]
-    assert "spool_path" not in film and "claimed_by" not in film
+    assert "spool_path" not in film and "claimed_by" not in film and "patient_id" not in odd["summary"]
     (result,) = film["results"]
     assert result["flags"] == [{"code": "out_of_distribution", "detail": "unusual for the training films"}]
     assert result["model"]["sha256"] == "5e" * 32 and result["threshold"] == 0.5

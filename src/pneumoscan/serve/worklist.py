@@ -1,7 +1,8 @@
 """/v1/studies: the result store's studies as the worklist (``pneumoscan serve --db URL``).
 
 The studies the DICOM node scored, most suspicious first, with the patient name and accession
-number a radiologist needs to find them; these appear in the responses only, never in a log line
+number a radiologist needs to find them (the patient ID and the node's spool paths stay in the
+store); these appear in the responses only, never in a log line
 (the access log names the path, whose only variable part is the store's integer id). Behind the
 API key when one is set. Store calls block, so they run in the threadpool.
 """
@@ -59,7 +60,8 @@ def study_routes(protected: list, errors: dict) -> APIRouter:
     router = APIRouter(prefix="/v1", tags=["worklist"], dependencies=protected)
     not_found = errors | {404: {"description": "no such study, or no result store on this server"}}
 
-    @router.get("/studies", response_model=StudyList, responses=not_found | {422: {"description": "bad filter"}})
+    @router.get("/studies", response_model=StudyList, responses=not_found | {422: {"description": "bad filter"}},
+                response_model_exclude={"studies": {"__all__": {"patient_id"}}})
     async def studies(request: Request,
                       state: Annotated[str | None, Query(description=f"one of {', '.join(STUDY_STATES)}")] = None,
                       since: Annotated[str | None, Query(description=DATE_HELP)] = None,
@@ -78,7 +80,7 @@ def study_routes(protected: list, errors: dict) -> APIRouter:
         return StudyList(studies=rows, total=total, limit=limit, offset=offset)
 
     @router.get("/studies/{study_id}", response_model=StudyDetail, responses=not_found,
-                response_model_exclude={"films": {"__all__": {"spool_path", "claimed_by"}}})
+                response_model_exclude={"summary": {"patient_id"}, "films": {"__all__": {"spool_path", "claimed_by"}}})
     async def study(request: Request, study_id: int) -> StudyDetail:
         """One study: its films (with why a film was not scored), every model's result with its flags
         and deliveries, and the radiologists' reads (corrections included, oldest first)."""

@@ -1,4 +1,5 @@
-"""The store's read side: the worklist, one study in full, read histories; and the study roll-up.
+"""Queries inside the store's transactions: the worklist, one study in full, read histories; the
+study roll-up and the study a received film belongs to.
 
 A study's state and its worklist position (most suspicious film, "needs a human") are derived
 from its films and results; ``refresh_study`` recomputes them inside every write that changes a
@@ -15,8 +16,8 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from pneumoscan.store import convert
-from pneumoscan.store.records import (CLAIMED, FAILED, NOT_SCORED, RECEIVED, SCORED, SCORING, Read, Result,
-                                      StudyDetail, StudySummary)
+from pneumoscan.store.records import (CLAIMED, FAILED, NOT_SCORED, RECEIVED, SCORED, SCORING, FilmHeader, Read,
+                                      Result, StudyDetail, StudySummary)
 from pneumoscan.store.schema import DeliveryRow, FilmRow, ModelVersionRow, ReadRow, ResultRow, StudyRow
 
 
@@ -118,3 +119,24 @@ def study_detail(s: Session, row: StudyRow) -> StudyDetail:
     summary = convert.study_summary(row, len(films), current[-1].label if current else None)
     return StudyDetail(summary=summary, films=tuple(convert.film(f, results.get(f.id, ())) for f in films),
                        reads=tuple(history))
+
+
+def film_fields(h: FilmHeader) -> dict[str, str | None]:
+    return dict(sop_instance_uid=h.sop_instance_uid, series_instance_uid=h.series_instance_uid,
+                sop_class_uid=h.sop_class_uid, modality=h.modality, view_position=h.view_position,
+                body_part=h.body_part, manufacturer=h.manufacturer, manufacturer_model=h.manufacturer_model)
+
+
+def study_for_film(s: Session, h: FilmHeader, now: datetime, shadow: bool) -> StudyRow:
+    """The study row of a received film, created on its first film; later films fill gaps only."""
+    row = s.scalar(select(StudyRow).where(StudyRow.study_instance_uid == h.study_instance_uid))
+    if row is None:
+        row = StudyRow(study_instance_uid=h.study_instance_uid, state=RECEIVED, first_received_at=now,
+                       last_received_at=now, shadow=shadow, needs_human=False)
+        s.add(row)
+    row.last_received_at = max(row.last_received_at, now)
+    for attr in ("accession_number", "patient_id", "patient_name", "study_date"):
+        if getattr(row, attr) is None and getattr(h, attr) is not None:
+            setattr(row, attr, getattr(h, attr))
+    s.flush()
+    return row
