@@ -14,7 +14,7 @@ def test_declared_choices_match_the_library():
     from pneumoscan.cli import app as cli
     from pneumoscan.io import data
     from pneumoscan.evaluation import explain
-    from pneumoscan.modeling import backbones, heads, models, transforms
+    from pneumoscan.modeling import backbones, heads, transforms
     from pneumoscan.inference import loading
 
     assert config.AUGMENTATIONS == transforms.AUGMENTATIONS
@@ -62,7 +62,7 @@ def test_the_backbone_error_lists_the_valid_names():
 
 @pytest.mark.parametrize("rule", ["0.5", "youden", "sensitivity:0.95", "sensitivity:1", "0.3", " youden "])
 def test_threshold_rules_that_train_accepts(rule):
-    from pneumoscan.core import calibration, conformal
+    from pneumoscan.core import calibration
 
     assert config.check_threshold_rule(rule) is None
     calibration.choose_threshold([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.6], rule)
@@ -71,7 +71,7 @@ def test_threshold_rules_that_train_accepts(rule):
 @pytest.mark.parametrize("rule", ["none", "conformal:0.95", "conformal:0.8", " none ", "conformal:1", "conformal:0",
                                   "conformal:", "maybe", "conformal:0.9x"])
 def test_unsure_check_agrees_with_metrics_parse_unsure(rule):
-    from pneumoscan.core import calibration, conformal
+    from pneumoscan.core import conformal
 
     ok = config.check_unsure_rule(rule) is None
     try:
@@ -85,7 +85,7 @@ def test_unsure_check_agrees_with_metrics_parse_unsure(rule):
 @pytest.mark.parametrize("spec", ["seed", "exp3", "linear", "", "64,bn,d0.3,32", "128, bn, 64", "64,relu", "d1.5",
                                   "64,,32", "bn,x"])
 def test_head_check_agrees_with_models_build_head(spec):
-    from pneumoscan.modeling import backbones, heads, models
+    from pneumoscan.modeling import heads
 
     try:
         heads.build_head(spec, 8)
@@ -97,7 +97,7 @@ def test_head_check_agrees_with_models_build_head(spec):
 
 @pytest.mark.parametrize("schedule", ["", "1:3", "1:3,3:-1", " 2 : 4 ", "soon", "1:x", "1-3", "1:3:4"])
 def test_unfreeze_check_agrees_with_models(schedule):
-    from pneumoscan.modeling import backbones, heads, models
+    from pneumoscan.modeling import models
 
     try:
         models.stages_to_unfreeze(schedule, 5)
