@@ -11,7 +11,7 @@ from pneumoscan.core.errors import UserError
 
 def test_declared_choices_match_the_library():
     """config.py declares the choices without importing torch; the modules that act on them agree."""
-    from pneumoscan.cli import app as cli
+    from pneumoscan.cli import common
     from pneumoscan.io import data
     from pneumoscan.evaluation import explain
     from pneumoscan.modeling import backbones, heads, transforms
@@ -22,7 +22,7 @@ def test_declared_choices_match_the_library():
     assert config.BACKBONES == tuple(backbones.BACKBONES)
     assert config.HEAD_NAMES == tuple(heads.HEADS)
     assert config.WEIGHTS_NORMALIZATIONS == ("auto", *backbones.NORMALIZATIONS)
-    assert cli.ENGINES == loading.KINDS and cli.CAM_METHODS == tuple(explain.METHODS)
+    assert common.ENGINES == loading.KINDS and common.CAM_METHODS == tuple(explain.METHODS)
 
 
 def test_defaults_and_recipes_are_valid():
