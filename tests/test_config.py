@@ -60,53 +60,6 @@ def test_the_backbone_error_lists_the_valid_names():
         apply_overrides(RunConfig(), ["model.backbone=vgg99"])
 
 
-@pytest.mark.parametrize("rule", ["0.5", "youden", "sensitivity:0.95", "sensitivity:1", "0.3", " youden "])
-def test_threshold_rules_that_train_accepts(rule):
-    from pneumoscan.core import calibration
-
-    assert config.check_threshold_rule(rule) is None
-    calibration.choose_threshold([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.6], rule)
-
-
-@pytest.mark.parametrize("rule", ["none", "conformal:0.95", "conformal:0.8", " none ", "conformal:1", "conformal:0",
-                                  "conformal:", "maybe", "conformal:0.9x"])
-def test_unsure_check_agrees_with_metrics_parse_unsure(rule):
-    from pneumoscan.core import conformal
-
-    ok = config.check_unsure_rule(rule) is None
-    try:
-        conformal.parse_unsure(rule)
-        parsed = True
-    except UserError:
-        parsed = False
-    assert ok == parsed
-
-
-@pytest.mark.parametrize("spec", ["seed", "exp3", "linear", "", "64,bn,d0.3,32", "128, bn, 64", "64,relu", "d1.5",
-                                  "64,,32", "bn,x"])
-def test_head_check_agrees_with_models_build_head(spec):
-    from pneumoscan.modeling import heads
-
-    try:
-        heads.build_head(spec, 8)
-        builds = True
-    except UserError:
-        builds = False
-    assert (config.check_head(spec) is None) == builds
-
-
-@pytest.mark.parametrize("schedule", ["", "1:3", "1:3,3:-1", " 2 : 4 ", "soon", "1:x", "1-3", "1:3:4"])
-def test_unfreeze_check_agrees_with_models(schedule):
-    from pneumoscan.modeling import models
-
-    try:
-        models.stages_to_unfreeze(schedule, 5)
-        parses = True
-    except UserError:
-        parses = False
-    assert (config.check_unfreeze_at(schedule) is None) == parses
-
-
 def test_overrides_take_the_field_types():
     parsed = parse_overrides(["train.lr=3e-4", "train.epochs=3", "data.strict=yes", "train.feature_cache=false",
                               "model.backbone_weights=none", "train.threshold=0.5", "name=x", "out_dir=o"])

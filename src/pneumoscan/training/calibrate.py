@@ -7,7 +7,7 @@ import logging
 
 import numpy as np
 
-from pneumoscan.core import calibration, conformal
+from pneumoscan.core import calibration, conformal, rules
 from pneumoscan.modeling import models, shifts
 from pneumoscan.safety import ood
 from pneumoscan.training import features
@@ -20,7 +20,7 @@ def fit_unsure(y: np.ndarray, prob: np.ndarray, threshold: float, rule: str) -> 
     ``conformal:<confidence>``, see ``conformal.conformal_band``), or None for rule ``none``. Fitted
     after the temperature and the threshold, on the same films: the band is of the probabilities
     the model will output, and contains the threshold it will use."""
-    confidence = conformal.parse_unsure(rule)
+    confidence = rules.parse_unsure(rule)
     if confidence is None:
         return None
     if len(set(np.asarray(y).tolist())) < 2:
