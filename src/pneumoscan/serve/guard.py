@@ -153,6 +153,8 @@ class _Request:
             return  # the app answers a cut body (often 400): ours replaces it
         if message["type"] == "http.response.start":
             self.started = True
+            if not self.body_done:  # answered before the body was read (400, 422...): do not read it
+                message = message | {"headers": [*message.get("headers", []), (b"connection", b"close")]}
         await self._send(message)
 
     async def run(self) -> None:
