@@ -70,7 +70,8 @@ class Server:
             time.sleep(0.2)
 
     def log(self) -> str:
-        self._log.flush()
+        if not self._log.closed:
+            self._log.flush()
         return self.log_path.read_text()
 
     def connect(self) -> socket.socket:

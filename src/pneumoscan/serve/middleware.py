@@ -23,8 +23,9 @@ SECURITY_HEADERS = [
 class AccessLog:
     """One line per request: method, path, status, latency, bytes in and out.
 
-    Deliberately nothing else: no query string, headers, client address, body or file name, so a
-    log shipped off the machine carries no patient data.
+    Deliberately nothing else: no query string, headers, client address, body or file name, and the
+    path as its route template (``/static/{path}``; ``(no route)`` for a 404), never as sent, so
+    a log shipped off the machine carries nothing a client chose.
     """
 
     def __init__(self, app: ASGIApp) -> None:
@@ -54,8 +55,25 @@ class AccessLog:
         try:
             await self.app(scope, counting_receive, counting_send)
         finally:
-            access_log.info("%s %s %d %.1fms in=%dB out=%dB", scope["method"], scope["path"], status,
+            access_log.info("%s %s %d %.1fms in=%dB out=%dB", _method(scope), route_template(scope), status,
                             1000 * (time.perf_counter() - started), received, sent)
+
+
+KNOWN_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _method(scope: Scope) -> str:
+    return scope["method"] if scope["method"] in KNOWN_METHODS else "OTHER"
+
+
+def route_template(scope: Scope) -> str:
+    """The matched route's template, e.g. ``/v1/predict``; never the path the client sent."""
+    route = scope.get("route")
+    template = getattr(route, "path_format", None) or getattr(route, "path", None)
+    if isinstance(template, str):
+        return template
+    mounted = scope.get("root_path") or ""  # a mount (the static files) moves its prefix there
+    return f"{mounted}/{{path}}" if mounted.startswith("/") and scope.get("endpoint") is not None else "(no route)"
 
 
 class SecurityHeaders:
