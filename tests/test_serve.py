@@ -305,6 +305,31 @@ def test_docs_work_offline(client, page):
     assert {"/v1/predict", "/v1/predict/batch", "/v1/model", "/v1/health"} <= set(spec["paths"])
 
 
+def test_openapi_matches_what_the_server_accepts_and_answers(keyed):
+    spec = keyed.get("/openapi.json").json()
+    bodies = spec["components"]["schemas"]
+    assert bodies["Body_predict_v1_predict_post"]["properties"]["file"]["minLength"] == 1
+    assert bodies["Body_predict_batch_v1_predict_batch_post"]["properties"]["files"]["minItems"] == 1
+    for path in ("/v1/predict", "/v1/predict/batch"):
+        assert {"400", "401", "408", "413", "422", "503"} <= set(spec["paths"][path]["post"]["responses"]), path
+    model = spec["paths"]["/v1/model"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert model == {"$ref": "#/components/schemas/ModelCard"}
+    card = keyed.get("/v1/model", headers={"X-API-Key": KEY}).json()
+    assert set(bodies["ModelCard"]["required"]) <= set(card)
+
+
+def test_docs_have_a_csp_with_their_inline_script_hashed(client):
+    csp = client.get("/docs").headers["content-security-policy"]
+    assert "script-src 'self' 'sha256-" in csp and "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0]
+    assert "frame-ancestors 'none'" in csp
+    assert "default-src 'self'" in client.get("/redoc").headers["content-security-policy"]
+
+
+def test_a_very_long_file_name_gets_an_honest_reason(client):
+    body = assert_error(post(client, encode(xray(), "PNG"), name="a" * 4200 + ".png"), 400, "bad_request")
+    assert "file name" in body["detail"] and "Invalid multipart data" not in body["detail"]
+
+
 # --- privacy ---------------------------------------------------------------------------------
 
 def test_logs_carry_no_file_names_or_patient_data(client, caplog):
