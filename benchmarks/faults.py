@@ -8,8 +8,9 @@ for the load probes the throughput of well-behaved clients during the attack aga
     python benchmarks/faults.py                       # bundled model, ~3 minutes on 2 cores
     python benchmarks/faults.py --seconds 20 --out benchmarks/faults.md
 
-Peak RSS growth: the server's VmHWM after the probe minus its VmRSS before, with the high-water
-mark reset before each probe (/proc/PID/clear_refs; Linux).
+Peak RSS growth: VmHWM after the probe minus VmRSS before, summed over the server and its
+heavy-decode worker, with the high-water marks reset before each probe (/proc/PID/clear_refs;
+Linux).
 """
 
 from __future__ import annotations
@@ -71,14 +72,34 @@ class Server:
         except OSError:
             return False
 
+    def pids(self) -> list[int]:
+        """The server and its children (the heavy-decode worker)."""
+        kids: set[int] = set()
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):  # a thread may have started it
+            try:
+                kids |= set(map(int, (task / "children").read_text().split()))
+            except OSError:
+                pass
+        return [self.proc.pid, *sorted(kids)]
+
     def status(self, field: str) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        return 0
+        """Summed over the server and its children."""
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(field + ":"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
 
     def reset_peak(self) -> int:
-        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+        for pid in self.pids():
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                pass
         return self.status("VmRSS")
 
     def connect(self) -> socket.socket:
