@@ -15,8 +15,8 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from conftest import synthetic_xray
-from pneumoscan.modeling import artifact, models
-from pneumoscan.cli import app as cli
+from pneumoscan.modeling import artifact, backbones, models
+from pneumoscan.cli import app as cli, common
 from pneumoscan.evaluation import explain
 from pneumoscan.core.errors import UserError
 from pneumoscan.inference.torch_model import as_batch, predict_logits
@@ -47,7 +47,7 @@ def _calibrate_batchnorm(model: models.Classifier, x: torch.Tensor) -> None:
     model.eval()
 
 
-@pytest.fixture(scope="module", params=list(models.BACKBONES))
+@pytest.fixture(scope="module", params=list(backbones.BACKBONES))
 def trained(request):
     """(model, architecture, PNEUMONIA training images it scores positive) for a tiny model of each backbone.
 
@@ -223,7 +223,7 @@ def test_explain_files_writes_one_png_per_readable_image(model_file, image_folde
 
 
 def test_cli_explain_and_predict_explain(model_file, image_folder, tmp_path, capsys):
-    assert cli.CAM_METHODS == tuple(explain.METHODS)
+    assert common.CAM_METHODS == tuple(explain.METHODS)
     code = cli.main(["explain", "--model", str(model_file), str(image_folder / "a"), "--out", str(tmp_path / "e"),
                      "--method", "eigencam"])
     assert code == 0 and (tmp_path / "e" / "x.eigencam.png").is_file()
