@@ -39,7 +39,7 @@ from pneumoscan.inference.loading import check_kind
 from pneumoscan.core.errors import UserError
 from pneumoscan.io import imaging
 from pneumoscan.io.imaging import FORMAT_NAMES
-from pneumoscan.serve import uploads
+from pneumoscan.serve import heavy, uploads
 from pneumoscan.serve.card import INTENDED_USE, model_card
 from pneumoscan.serve.batcher import BatchSettings, Busy, TimedOut
 from pneumoscan.serve.guard import Guard, GuardState
@@ -204,16 +204,19 @@ def _b64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
 
-async def _image(file: UploadFile, size: int, limits: uploads.Limits,
-                 slots: asyncio.Semaphore | None = None) -> imaging.Picture | uploads.Rejected:
+async def _image(file: UploadFile, size: int, limits: uploads.Limits, slots: asyncio.Semaphore | None = None,
+                 lane: heavy.HeavyLane | None = None) -> imaging.Picture | uploads.Rejected:
     """One upload as model input, or why not. Files are read one at a time and only their decoded
     (size x size) image is kept, so a full batch never sits in memory as raw bytes. ``slots``
     bounds how many decode at once: 32 decoding threads on two cores starve the scoring thread,
-    which is the bottleneck, and throughput falls as clients are added."""
+    which is the bottleneck, and throughput falls as clients are added. Large decodes go to the
+    heavy lane (``serve.heavy``)."""
     try:
         if file.size is not None:
             uploads.check_size(file.size, limits)  # ruled out without reading it
         blob = await file.read()
+        if lane is not None and await run_in_threadpool(heavy.estimate, blob, limits) > heavy.HEAVY_BYTES:
+            return await lane.decode(blob, size, limits)
         async with slots or contextlib.nullcontext():
             return await run_in_threadpool(uploads.to_model_input, blob, size, limits)
     except uploads.Rejected as rejected:
@@ -296,6 +299,8 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     async def lifespan(app: FastAPI):
         app.state.service = await run_in_threadpool(Service.load, model_path, engine, batching)
         app.state.decode_slots = asyncio.Semaphore(default_threads())
+        app.state.heavy_lane = heavy.HeavyLane()
+        await run_in_threadpool(app.state.heavy_lane.warm)
         # the model and its libraries are loaded for good: keep the collector from re-scanning
         # them on every full collection, which under load showed as latency spikes
         gc.collect()
@@ -303,6 +308,7 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
         try:
             yield
         finally:
+            app.state.heavy_lane.close()
             await run_in_threadpool(app.state.service.close)
             if store is not None:
                 store.close()
@@ -415,7 +421,8 @@ def api_routes(limits: ServerLimits) -> APIRouter:
         """Score one chest X-ray (multipart field `file`)."""
         service: Service = request.app.state.service
         _check_explain(service, explain)
-        image = await _image(file, service.image_size, limits.uploads, request.app.state.decode_slots)
+        image = await _image(file, service.image_size, limits.uploads, request.app.state.decode_slots,
+                             request.app.state.heavy_lane)
         if isinstance(image, uploads.Rejected):
             raise image
         (result,) = await _results(service, [image], explain)
@@ -435,7 +442,8 @@ def api_routes(limits: ServerLimits) -> APIRouter:
         if len(files) > limits.max_batch_files:
             raise uploads.Rejected(413, "too_many_files",
                                    f"{len(files)} files; the limit is {limits.max_batch_files} per batch")
-        images = [await _image(f, service.image_size, limits.uploads, request.app.state.decode_slots) for f in files]
+        images = [await _image(f, service.image_size, limits.uploads, request.app.state.decode_slots,
+                             request.app.state.heavy_lane) for f in files]
         scored = iter(await _results(service, [i for i in images if not isinstance(i, uploads.Rejected)], explain))
         items = [{"filename": f.filename} | ({"error": i.error, "detail": i.detail, "status": i.status}
                                               if isinstance(i, uploads.Rejected) else next(scored))
