@@ -316,6 +316,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--report", action="store_true", help="also write OUT/report.html, one self-contained page")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="runtime for scores: auto = ONNX Runtime, as predict and serve use (PyTorch if export fails)")
+    add_outside_population(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -387,12 +388,30 @@ PREDICTION_COLUMNS = ["path", "probability", "prediction", "label", "threshold",
                       "model_sha256"]
 
 
+def add_outside_population(p) -> None:
+    p.add_argument("--outside-population", choices=("not-assessed", "warn"), default=None,
+                   help="what the flag outside_training_population (a frontal chest film unlike the training films, "
+                        "e.g. an adult's) does to the label: not-assessed (default), or warn = give the label and "
+                        "keep the flag, only at a site that validated the model on its own films "
+                        "[$PNEUMOSCAN_OUTSIDE_POPULATION or not-assessed]")
+
+
+def apply_outside_population(args: argparse.Namespace) -> None:
+    """The option becomes the process's policy (``decision.POLICY_ENV``), so every face in this
+    process (CSV, report, API, page) decides alike."""
+    value = getattr(args, "outside_population", None)
+    if value is not None:
+        from pneumoscan.safety import decision
+
+        os.environ[decision.POLICY_ENV] = decision.outside_policy(value)
+
+
 def add_predict(sub) -> None:
     p = add_parser(sub, "predict", "score new images; CSV of probabilities",
                    "Scores unlabelled images and writes one CSV row per image (to stdout, or to --out): path, "
                    "P(PNEUMONIA), the 0/1 prediction and its label at the model's threshold, that threshold, "
                    "flags and the model file's sha256. An image the model is not competent for (flag "
-                   "not_chest_xray or low_quality) is labelled NOT_ASSESSED, its probability not meaningful; one in the "
+                   "not_chest_xray, outside_training_population or low_quality) is labelled NOT_ASSESSED, its probability not meaningful; one in the "
                    "model's UNSURE band (its conformal prediction set is not a single class) is labelled UNSURE, "
                    "its prediction still the threshold's class; "
                    "out_of_distribution keeps the label but marks the image as unlike the training films. "
@@ -406,6 +425,7 @@ def add_predict(sub) -> None:
                    help="runtime: auto = ONNX Runtime through a cached export (PyTorch if export fails)")
     p.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM overlay PNG per image to DIR")
     p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="explanation method for --explain")
+    add_outside_population(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -651,6 +671,7 @@ def add_serve(sub) -> None:
                    help="requests waiting to be scored before new ones get 503 busy")
     p.add_argument("--score-timeout", type=float, default=settings.DEFAULT_SCORE_TIMEOUT_S, metavar="S",
                    help="seconds a request may wait for its score before a 504")
+    add_outside_population(p)
     p.set_defaults(func=cmd_serve, log_timestamps=True)  # a server's log is read later: every line is dated
 
 
@@ -727,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console.configure_logging(args.verbose, timestamps=getattr(args, "log_timestamps", False))
     try:
+        apply_outside_population(args)
         return args.func(args)
     except UserError as exc:
         print(f"pneumoscan: error: {exc}", file=sys.stderr)
