@@ -140,7 +140,10 @@ def extract(name: str, pictures: list[tuple[np.ndarray, tuple[int, int]]], keys:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", type=Path, default=DATA)
+    ap.add_argument("--only", default="other,adult,children,negatives",
+                    help="comma-separated groups to extract (two processes may share the work)")
     args = ap.parse_args()
+    only = set(args.only.split(","))
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     import torch
 
@@ -155,9 +158,11 @@ def main() -> int:
     for name, files, base in (("other", folder_files(args.data / "other_radiographs"), args.data / "other_radiographs"),
                               ("adult", folder_files(args.data / "adult_cxr_normal", 3), args.data / "adult_cxr_normal"),
                               ("children", child_files(args.data), args.data / "chest_xray")):
+        if name not in only:
+            continue
         pics = [imaging.read(base / rel, meta.image_size) for rel, _, _ in files]
         extract(name, [(p.pixels, (p.width, p.height)) for p in pics], *map(list, zip(*files)), model, torch)
-    for seed, p in ((0, "fit"), (1, "calibrate"), (2, "report")):
+    for seed, p in ((0, "fit"), (1, "calibrate"), (2, "report")) if "negatives" in only else ():
         raw = negatives(seed)
         pics = [imaging.read_bytes(_png(a), meta.image_size) for a in raw]
         extract(f"negatives_{p}", [(q.pixels, (q.width, q.height)) for q in pics], [f"gen{seed}-{i}" for i in range(len(raw))],

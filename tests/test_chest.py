@@ -189,3 +189,10 @@ def test_bundled_model_calls_held_out_lateral_and_limb_films_not_chest():
     assert len(rows) == len(files) >= 6
     assert all(r.label == "NOT_ASSESSED" for r in rows)
     assert sum("not_chest_xray" in r.flags for r in rows) >= len(rows) - 1
+
+
+def test_a_caller_without_chest_logits_gets_no_claim_that_the_image_is_a_chest_film(monkeypatch):
+    """A face that forgot ``Engine.score_all`` must not call a knee film "a frontal chest film"."""
+    monkeypatch.delenv(decision.POLICY_ENV, raising=False)
+    (v,) = decision.decide(_meta(), np.zeros(1), np.array([500.0]), [[]])
+    assert v.flags == ("outside_training_population",) and v.details[0].startswith(decision.SENTENCE_NO_DETECTOR)

@@ -123,11 +123,12 @@ def quality_limits(meta: ModelMeta) -> gate.QualityLimits:
     return gate.QualityLimits.from_dict(meta.quality) if meta.quality else gate.default_limits(meta.image_size)
 
 
-def ood_sentence(code: str, score: float, meta: ModelMeta) -> str:
-    """The flag's sentence and the distance behind it."""
+def ood_sentence(code: str, score: float, meta: ModelMeta, detector: bool | None = None) -> str:
+    """The flag's sentence and the distance behind it. ``detector``: whether a chest-film logit
+    was there to rule out a non-chest image (default: whether the model has a detector)."""
     o = meta.ood or {}
     if code == OUTSIDE_POPULATION:
-        head = SENTENCES[code] if meta.chest else SENTENCE_NO_DETECTOR
+        head = SENTENCES[code] if (bool(meta.chest) if detector is None else detector) else SENTENCE_NO_DETECTOR
         return (f"{head} (distance {score:.0f} from the training films > {o['cutoff_not_chest']:.0f}, which "
                 f"{100 - o['percentile']:g}% of validation films exceed)")
     return (f"{SENTENCES[code]} (distance {score:.0f} > {o['cutoff_ood']:.0f}, which "
@@ -153,14 +154,15 @@ def input_flags(meta: ModelMeta, score: float, chest_logit: float, failed: Seque
     """(flags, sentences) of one image. Not a chest film: that flag alone (its distance from the
     training films says nothing more); otherwise the distance's flag, if any."""
     flags, details = [], []
-    if chest.is_chest(meta.chest, chest_logit) is False:
+    is_chest = chest.is_chest(meta.chest, chest_logit)
+    if is_chest is False:
         flags.append(NOT_CHEST)
         details.append(chest_sentence(float(chest_logit), meta))
     else:
         code = ood_flag(meta, score)
         if code is not None:
             flags.append(code)
-            sentence = ood_sentence(code, score, meta)
+            sentence = ood_sentence(code, score, meta, detector=is_chest is not None)
             details.append(f"{sentence}; {WARNED}" if code == OUTSIDE_POPULATION and policy == "warn" else sentence)
     if failed:
         flags.append(LOW_QUALITY)
