@@ -25,9 +25,11 @@ LIMITATIONS = [
     "bacterial from viral pneumonia.",
     "Images are squashed to a square of the model's input size; the aspect ratio is not kept.",
     "Grad-CAM overlays show where the model looked, not where the pathology is.",
-    "Images that are not frontal chest films are flagged by an input-quality gate and an out-of-distribution "
-    "score and left NOT_ASSESSED, but the detector was tested on proxies only (see input_checks): a wrong "
-    "study that resembles a chest film can still get a label.",
+    "Images that are not frontal chest films are flagged not_chest_xray by a chest-film detector (or "
+    "low_quality by the input gate) and left NOT_ASSESSED; frontal chest films unlike the training films "
+    "(e.g. adults') are flagged outside_training_population, NOT_ASSESSED unless the site policy is warn "
+    "(see input_checks; rates on development sets in benchmarks/ood.md): a wrong study that resembles a "
+    "chest film can still get a label.",
 ]
 
 
