@@ -32,6 +32,7 @@ sys.path.insert(0, str(ROOT / "tools"))
 import chest_data  # noqa: E402  (benchmarks/chest_data.py: the parts and the cached features)
 
 from pneumoscan.core.files import file_sha256, write_text  # noqa: E402
+from pneumoscan.core.metrics import sigmoid  # noqa: E402
 from pneumoscan.modeling import artifact  # noqa: E402
 from pneumoscan.safety import chest  # noqa: E402
 
@@ -98,7 +99,7 @@ def main() -> int:
     tmp = Path(args.model).with_suffix(".chest.tmp.pt")
     artifact.save(tmp, model, meta, half=half)
     after_model, _ = artifact.load(tmp)
-    delta = float(np.abs(1 / (1 + np.exp(-predict_logits(after_model, images))) - 1 / (1 + np.exp(-before))).max())
+    delta = float(np.abs(sigmoid(predict_logits(after_model, images)) - sigmoid(before)).max())
     if not delta <= 1e-6:
         tmp.unlink()
         raise SystemExit(f"refused: the pneumonia probabilities moved by {delta:.2e} (> 1e-6)")
