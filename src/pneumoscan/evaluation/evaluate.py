@@ -19,7 +19,7 @@ from pneumoscan import CLASS_NAMES
 from pneumoscan.modeling import artifact
 from pneumoscan.io import data
 from pneumoscan.evaluation import explain, plots
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, conformal, metrics
 from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import content_digest, write_csv, write_json
@@ -62,14 +62,14 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
         result["flagged"] = flag_summary(y_true, prob, threshold, flags, n_bootstrap=n_bootstrap, seed=seed)
     band = None
     if unsure:
-        band = metrics.band_with_threshold(float(unsure["low"]), float(unsure["high"]), threshold)
-        decided = [_decision(q, threshold, f, band) not in (decision.NOT_ASSESSED, decision.UNSURE)
-                   for q, f in zip(prob, flags)]
+        band = conformal.band_with_threshold(float(unsure["low"]), float(unsure["high"]), threshold)
+        labels = [decision.label_for(q, threshold, f, band, CLASS_NAMES) for q, f in zip(prob, flags)]
+        decided = [label not in (decision.NOT_ASSESSED, decision.UNSURE) for label in labels]
         result["selective"] = selective_block(y_true, prob, threshold, decided, unsure, band)
     write_json(out / "metrics.json", result)
     pred = (prob >= threshold).astype(int)
     write_csv(out / "predictions.csv", ["path", "label", "probability", "prediction", "decision", "flags"],
-              [(p, int(t), f"{q:.6f}", int(k), _decision(q, threshold, f, band), ";".join(f))
+              [(p, int(t), f"{q:.6f}", int(k), decision.label_for(q, threshold, f, band, CLASS_NAMES), ";".join(f))
                for p, t, q, k, f in zip(paths, y_true, prob, pred, flags)])
     plots.confusion_matrix_plot(result["confusion_matrix"], out / "confusion_matrix.png")
     if len(set(y_true.tolist())) == 2:
@@ -79,15 +79,6 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
     plots.reliability_diagram(y_true, prob, out / "reliability.png", n_bins=ECE_BINS)
     return result
 
-
-
-def _decision(prob: float, threshold: float, flags: Sequence[str], band: tuple[float, float] | None = None) -> str:
-    """As ``inference.decision.decide`` labels the film: NOT_ASSESSED wins over UNSURE."""
-    if any(f in decision.not_competent() for f in flags):
-        return decision.NOT_ASSESSED
-    if band is not None and band[0] <= prob < band[1]:
-        return decision.UNSURE
-    return CLASS_NAMES[int(prob >= threshold)]
 
 
 def selective_block(y_true, prob, threshold: float, decided, unsure: dict, band: tuple[float, float]) -> dict:
@@ -280,7 +271,7 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
         "n_skipped": len(skipped),
         **overlap,
         "threshold": thr,
-        "threshold_source": "--threshold" if threshold is not None else f"model ({metrics.describe_rule(meta.threshold_rule)})",
+        "threshold_source": "--threshold" if threshold is not None else f"model ({calibration.describe_rule(meta.threshold_rule)})",
         "class_names": list(CLASS_NAMES),
     }
     write_json(out / "evaluation.json", evaluation)

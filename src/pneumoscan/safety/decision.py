@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pneumoscan.safety import chest, gate, ood
-from pneumoscan.core import metrics
+from pneumoscan.core import conformal, metrics
 from pneumoscan.core.errors import UserError
 from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.inference.engines import Engine
@@ -116,7 +116,7 @@ def unsure_band(meta: ModelMeta, threshold: float | None = None) -> tuple[float,
     if not u:
         return None
     low, high = float(u["low"]), float(u["high"])
-    return (low, high) if threshold is None else metrics.band_with_threshold(low, high, float(threshold))
+    return (low, high) if threshold is None else conformal.band_with_threshold(low, high, float(threshold))
 
 
 def quality_limits(meta: ModelMeta) -> gate.QualityLimits:
@@ -170,6 +170,17 @@ def input_flags(meta: ModelMeta, score: float, chest_logit: float, failed: Seque
     return flags, details
 
 
+def label_for(prob: float, threshold: float, flags: Sequence[str], band: tuple[float, float] | None,
+              class_names: Sequence[str] = ("NORMAL", "PNEUMONIA"), policy: str | None = None) -> str:
+    """The label of one film: NOT_ASSESSED when a flag says the model is not competent for it (under
+    ``policy``, ``outside_policy``'s), else UNSURE inside the band [low, high), else the threshold's class."""
+    if any(f in not_competent(policy) for f in flags):
+        return NOT_ASSESSED
+    if band is not None and band[0] <= prob < band[1]:
+        return UNSURE
+    return class_names[int(prob >= threshold)]
+
+
 def decide(meta: ModelMeta, logits: np.ndarray, ood_scores: np.ndarray, quality: Sequence[Sequence[gate.Flag]],
            threshold: float | None = None, chest_logits: np.ndarray | None = None,
            policy: str | None = None) -> list[Verdict]:
@@ -177,7 +188,6 @@ def decide(meta: ModelMeta, logits: np.ndarray, ood_scores: np.ndarray, quality:
     offset), OOD score, chest-film logit (None or NaN: no detector) and failed quality checks.
     ``policy`` for ``outside_training_population``: ``outside_policy``'s (default: the environment's)."""
     policy = outside_policy(policy)
-    blocking = not_competent(policy)
     thr = meta.threshold if threshold is None else float(threshold)
     band = unsure_band(meta, None if threshold is None else thr)
     logits = meta.site_logits(logits)
@@ -187,12 +197,10 @@ def decide(meta: ModelMeta, logits: np.ndarray, ood_scores: np.ndarray, quality:
                                   chest_logits, quality, strict=True):
         p = float(p)
         flags, details = input_flags(meta, float(s), float(c), failed, policy)
-        assessed = not any(f in blocking for f in flags)
-        prediction = int(p >= thr) if assessed else None
-        unsure = assessed and band is not None and band[0] <= p < band[1]
-        label = NOT_ASSESSED if not assessed else UNSURE if unsure else meta.class_names[prediction]
+        label = label_for(p, thr, flags, band, meta.class_names, policy)
+        prediction = None if label == NOT_ASSESSED else int(p >= thr)
         out.append(Verdict(p, float(z), label, prediction, thr, tuple(flags), tuple(details),
-                           float(s) if math.isfinite(s) else None, decided=assessed and not unsure,
+                           float(s) if math.isfinite(s) else None, decided=label not in (NOT_ASSESSED, UNSURE),
                            chest_logit=float(c) if math.isfinite(c) else None))
     return out
 

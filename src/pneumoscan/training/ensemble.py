@@ -29,9 +29,9 @@ import yaml
 from pneumoscan.modeling import artifact, models
 from pneumoscan.io import data
 from pneumoscan.evaluation import evaluate
-from pneumoscan.training import features, train
+from pneumoscan.training import calibrate, features, train
 from pneumoscan.safety import gate
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, metrics
 from pneumoscan.modeling.artifact import Member, ModelMeta
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.config import RunConfig, member_config, member_names
@@ -145,16 +145,16 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
     y_val = np.array([s.label for s in val_samples])
     with torch.inference_mode():
         per_member = ensemble.member_logits(features.embed(ensemble, val_images)).numpy().astype(np.float64)
-    temperature = metrics.fit_temperature(per_member.mean(axis=1), y_val)
+    temperature = calibration.fit_temperature(per_member.mean(axis=1), y_val)
     ensemble.temperature.fill_(temperature)
     val_prob = metrics.sigmoid(per_member.mean(axis=1) / temperature)
-    threshold = metrics.choose_threshold(y_val, val_prob, rule)
+    threshold = calibration.choose_threshold(y_val, val_prob, rule)
     log.info("ensemble of %d: temperature %.3f, threshold %.4f (rule %s), fitted on %d validation images",
              len(nets), temperature, threshold, rule, len(val_samples))
     # the members' own UNSURE rule (first run's), refitted for the ensemble's probabilities
     unsure_rule = (configs[0].get("train") or {}).get("unsure", "none") if unsure_rule is None else unsure_rule
-    band = train.fit_unsure(y_val, val_prob, threshold, unsure_rule)
-    prior = train.calibration_prior(y_val, metrics.logit(val_prob), "validation split")
+    band = calibrate.fit_unsure(y_val, val_prob, threshold, unsure_rule)
+    prior = calibrate.calibration_prior(y_val, metrics.logit(val_prob), "validation split")
 
     detector, train_samples = None, []
     if with_ood:
@@ -163,7 +163,7 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
         skipped += train_skipped
         # PCA to the widest member's width: members sharing a frozen backbone give the same features
         # twice, and the full square precision would double the model file for nothing
-        detector = train.fit_ood(ensemble, {"train": (train_samples, train_images), "val": (val_samples, val_images)},
+        detector = calibrate.fit_ood(ensemble, {"train": (train_samples, train_images), "val": (val_samples, val_images)},
                                  seed=seed, k=max(net.feature_dim for net in nets))
     digests = sorted({d for m in metas for d in m.data_digests})
     if any(not m.data_digests for m in metas):
