@@ -16,7 +16,7 @@ import torch
 from pneumoscan.core.errors import UserError
 from pneumoscan.inference import onnx_export
 from pneumoscan.inference.engines import OnnxEngine, TorchEngine
-from pneumoscan.modeling import artifact, models
+from pneumoscan.modeling import artifact, heads, models
 from pneumoscan.safety import chest, decision
 
 NOT_CHEST_SENTENCE = "probably not a frontal chest X-ray"
@@ -100,7 +100,7 @@ def chest_file(tmp_path_factory):
     path = tmp_path_factory.mktemp("chest") / "model.pt"
     model, meta = ensemble_file(path, with_ood=True)
     g = torch.Generator().manual_seed(2)
-    model.chest_head = models.ChestHead(torch.randn(model.feature_dim, generator=g), torch.tensor([0.1]))
+    model.chest_head = heads.ChestHead(torch.randn(model.feature_dim, generator=g), torch.tensor([0.1]))
     artifact.save(path, model, meta.replace(chest={"cutoff": 0.0, "rule": "test", "fitted_on": {}}))
     return path
 

@@ -296,7 +296,7 @@ def load(path: str | Path | None) -> tuple["Classifier | Ensemble", ModelMeta]:
         model.ood_head = heads.MahalanobisHead(state["ood_head.W"], state["ood_head.b"], state["ood_head.M"],
                                                 l2_normalize=bool(meta.ood.get("l2_normalize", True)))
     if meta.chest is not None:
-        model.chest_head = models.ChestHead(state["chest_head.w"], state["chest_head.b"],
+        model.chest_head = heads.ChestHead(state["chest_head.w"], state["chest_head.b"],
                                             l2_normalize=bool(meta.chest.get("l2_normalize", True)))
     model.load_state_dict(state)
     model.eval()

@@ -14,7 +14,7 @@ Model: L2-normalised pooled features (the model's own ``embed``, which for the b
 frozen ImageNet features of MobileNetV2 and EfficientNet-Lite0, generic image features that know
 nothing of pneumonia) -> standardise -> logistic regression (scikit-learn, class-balanced, L2).
 Standardisation is folded into one weight vector and bias, so scoring is one dot product: in
-numpy here (``logit``), in the model as ``models.ChestHead`` and in the ONNX graph as the output
+numpy here (``logit``), in the model as ``heads.ChestHead`` and in the ONNX graph as the output
 ``chest_logit``. An image whose logit is below ``cutoff`` gets ``not_chest_xray``.
 
 The cut-off is chosen on a *calibrate* part that the fit never saw (``choose_cutoff``): the
@@ -110,8 +110,8 @@ def is_chest(meta_chest: dict[str, Any] | None, chest_logit: float) -> bool | No
 
 
 def torch_module(state: ChestState):
-    """``models.ChestHead`` for this state (imports torch lazily)."""
-    from pneumoscan.modeling.models import ChestHead
+    """``heads.ChestHead`` for this state (imports torch lazily)."""
+    from pneumoscan.modeling.heads import ChestHead
 
     return ChestHead(np.asarray(state.weights, np.float32), np.array([state.bias], np.float32),
                      l2_normalize=state.l2_normalize)
