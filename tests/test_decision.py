@@ -30,9 +30,12 @@ def test_decide_labels_flags_and_reasons():
     verdicts = decision.decide(meta, np.array([2.0, 2.0, -2.0, 2.0, 0.0]), np.array([10, 70, 150, 10, np.nan]),
                                [[], [], [], low, []])
     assert [v.label for v in verdicts] == ["PNEUMONIA", "PNEUMONIA", "NOT_ASSESSED", "NOT_ASSESSED", "PNEUMONIA"]
-    assert [v.flags for v in verdicts] == [(), ("out_of_distribution",), ("not_chest_xray",), ("low_quality",), ()]
+    # a far distance says "unlike the training films", not "not a chest film" (tests/test_chest.py)
+    assert [v.flags for v in verdicts] == [(), ("out_of_distribution",), ("outside_training_population",),
+                                           ("low_quality",), ()]
     assert verdicts[2].prediction is None and verdicts[2].probability == pytest.approx(1 / (1 + np.exp(2)))
-    assert "not a frontal chest X-ray" in verdicts[2].details[0] and verdicts[3].details == ("image is 1x1 px",)
+    assert "the model is not validated for it" in verdicts[2].details[0]
+    assert verdicts[3].details == ("image is 1x1 px",)
     assert verdicts[4].ood_score is None  # NaN: a model without a detector gets no OOD flag
     # without a detector at all, only the gate speaks
     plain = meta.replace(ood=None)

@@ -14,7 +14,7 @@ import sys
 
 from pneumoscan import __version__
 from pneumoscan.cli import console
-from pneumoscan.cli.common import _Formatter
+from pneumoscan.cli.common import _Formatter, apply_outside_population
 from pneumoscan.cli.model_commands import (add_adapt, add_evaluate, add_explain, add_explore, add_export, add_predict,
                                            add_robustness)
 from pneumoscan.cli.node_command import add_node
@@ -57,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console.configure_logging(args.verbose, timestamps=getattr(args, "log_timestamps", False))
     try:
+        apply_outside_population(args)
         return args.func(args)
     except UserError as exc:
         print(f"pneumoscan: error: {exc}", file=sys.stderr)

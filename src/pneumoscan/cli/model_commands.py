@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pneumoscan.cli import console
-from pneumoscan.cli.common import CAM_METHODS, ENGINES, add_parser, skipped_line
+from pneumoscan.cli.common import CAM_METHODS, ENGINES, add_outside_population, add_parser, skipped_line
 from pneumoscan.core.errors import UserError
 
 
@@ -60,6 +60,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--report", action="store_true", help="also write OUT/report.html, one self-contained page")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="runtime for scores: auto = ONNX Runtime, as predict and serve use (PyTorch if export fails)")
+    add_outside_population(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -136,7 +137,7 @@ def add_predict(sub) -> None:
                    "Scores unlabelled images and writes one CSV row per image (to stdout, or to --out): path, "
                    "P(PNEUMONIA), the 0/1 prediction and its label at the model's threshold, that threshold, "
                    "flags and the model file's sha256. An image the model is not competent for (flag "
-                   "not_chest_xray or low_quality) is labelled NOT_ASSESSED, its probability not meaningful; one in the "
+                   "not_chest_xray, outside_training_population or low_quality) is labelled NOT_ASSESSED, its probability not meaningful; one in the "
                    "model's UNSURE band (its conformal prediction set is not a single class) is labelled UNSURE, "
                    "its prediction still the threshold's class; "
                    "out_of_distribution keeps the label but marks the image as unlike the training films. "
@@ -150,6 +151,7 @@ def add_predict(sub) -> None:
                    help="runtime: auto = ONNX Runtime through a cached export (PyTorch if export fails)")
     p.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM overlay PNG per image to DIR")
     p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="explanation method for --explain")
+    add_outside_population(p)
     p.set_defaults(func=cmd_predict)
 
 

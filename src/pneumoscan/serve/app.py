@@ -108,15 +108,20 @@ class Score(BaseModel):
     label: str = Field(description="NORMAL, PNEUMONIA, UNSURE when the probability lies in the model's UNSURE "
                                    "band (its conformal prediction set is not a single class; the band is in "
                                    "/v1/model), or NOT_ASSESSED when a flag says the model is not competent for "
-                                   "the image (not_chest_xray, low_quality); NOT_ASSESSED wins over UNSURE")
+                                   "the image (not_chest_xray, outside_training_population unless the server runs "
+                                   "with --outside-population warn, low_quality); NOT_ASSESSED wins over UNSURE")
     decided: bool = Field(True, description="false for UNSURE and NOT_ASSESSED: the model gives no class "
                                             "(prediction is then the threshold's class, or absent)")
     threshold: float
-    flags: list[str] = Field(description="input checks the image failed: not_chest_xray, low_quality (label "
-                                         "NOT_ASSESSED), out_of_distribution (label kept); empty when none")
+    flags: list[str] = Field(description="input checks the image failed: not_chest_xray (probably not a frontal "
+                                         "chest X-ray), outside_training_population (a frontal chest film unlike the "
+                                         "training films, e.g. an adult's), low_quality (label NOT_ASSESSED), "
+                                         "out_of_distribution (label kept); empty when none")
     flag_details: list[str] = Field(description="one sentence per flag, in the same order")
     ood_score: float | None = Field(None, description="out-of-distribution distance of the image's features "
                                                       "(the model card gives the cut-offs)")
+    chest_logit: float | None = Field(None, description="the chest-film detector's logit (below the model card's "
+                                                        "cut-off: not_chest_xray)")
     overlay_png_base64: str | None = Field(None, description="Grad-CAM overlay (explain=true)")
     image_png_base64: str | None = Field(None, description="the model's input image (explain=true)")
     cam_scale: str | None = Field(None, description=CAM_SCALE_HELP)
@@ -140,6 +145,7 @@ class BatchItem(BaseModel):
     flags: list[str] | None = None
     flag_details: list[str] | None = None
     ood_score: float | None = None
+    chest_logit: float | None = None
     overlay_png_base64: str | None = None
     image_png_base64: str | None = None
     cam_scale: str | None = Field(None, description=CAM_SCALE_HELP)
