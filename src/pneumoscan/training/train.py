@@ -493,7 +493,7 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
                               weights_info=p.weights_info, threshold=threshold, threshold_rule=tc.threshold,
                               config=p.config.to_dict(), training=training).replace(
         temperature=temperature, ood=detector, quality=gate.default_limits(dc.image_size).to_dict(), unsure=band,
-        prior=calibration_prior(val_y, metrics.logit(val_prob), "validation split"))
+        prior=calibration_prior(val_y, val_logits / temperature, "validation split"))
     # every file the weights, the temperature or the threshold were fitted on: evaluate warns on overlap
     seen = [s.path for split in ("train", "val") for s in p.split_data[split][0]]
     meta = meta.replace(data_digests=tuple(content_digests(seen)))
@@ -534,11 +534,18 @@ def fit_unsure(y: np.ndarray, prob: np.ndarray, threshold: float, rule: str) -> 
 
 def calibration_prior(y: np.ndarray, logits: np.ndarray, source: str) -> dict:
     """``ModelMeta.prior`` at training time: the PNEUMONIA share of the films the temperature was
-    fitted on, and the prevalence the calibrated probabilities are really posteriors at
-    (``metrics.effective_prior``), which is where ``adapt`` shifts from."""
+    fitted on, the prevalence the calibrated probabilities are really posteriors at
+    (``metrics.effective_prior``, where ``adapt`` shifts from) and the validation reference the
+    drift monitor compares a site's films with (``metrics.validation_reference``).
+
+    ``logits`` must be the calibrated logits themselves, not logit(sigmoid(...)) of them: a film
+    whose probability rounds to 1.0 became +inf, the intercept fit's objective nan, and the bundled
+    model recorded an effective prior of 0.997 instead of 0.553 (docs/pilot.md)."""
     y = np.asarray(y).astype(int)
+    logits = np.asarray(logits, dtype=np.float64)
     return {"calibration": float(y.mean()), "effective": metrics.effective_prior(logits, y),
-            "n_calibration": int(y.size), "calibration_source": source}
+            "n_calibration": int(y.size), "calibration_source": source,
+            "validation": metrics.validation_reference(logits, y)}
 
 
 def fit_ood(model: models.Classifier, split_data: dict, *, seed: int, k: int | None = None) -> dict | None:
