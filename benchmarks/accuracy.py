@@ -173,7 +173,7 @@ def load_recipe(folder: Path) -> dict | None:
 
 def ensemble(members: list[dict], name: str) -> dict:
     """Mean of the members' calibrated probabilities; threshold by Youden on each fold's validation."""
-    from pneumoscan.core import metrics
+    from pneumoscan.core import calibration, metrics
 
     folds = []
     for parts in zip(*(m["folds"] for m in members)):
@@ -183,7 +183,7 @@ def ensemble(members: list[dict], name: str) -> dict:
             y = np.array([parts[0][split][k][0] for k in keys])
             prob = np.mean([[part[split][k][1] for k in keys] for part in parts], axis=0)
             out[split] = (keys, y, prob)
-        threshold = metrics.choose_threshold(out["val"][1], out["val"][2], "youden")
+        threshold = calibration.choose_threshold(out["val"][1], out["val"][2], "youden")
         keys, y, prob = out["test"]
         pred = (prob >= threshold).astype(int)
         folds.append({"test": {k: (int(a), float(b), int(c)) for k, a, b, c in zip(keys, y, prob, pred)},
@@ -193,12 +193,12 @@ def ensemble(members: list[dict], name: str) -> dict:
 
 
 def rethreshold(recipe: dict, rule: str, name: str) -> dict:
-    from pneumoscan.core import metrics
+    from pneumoscan.core import calibration, metrics
 
     folds = []
     for fold in recipe["folds"]:
         vy, vp = (np.array([v[i] for v in fold["val"].values()]) for i in (0, 1))
-        threshold = metrics.choose_threshold(vy, vp, rule)
+        threshold = calibration.choose_threshold(vy, vp, rule)
         test = {k: (y, p, int(p >= threshold)) for k, (y, p, _) in fold["test"].items()}
         ty, tp = (np.array([v[i] for v in test.values()]) for i in (0, 1))
         folds.append({"val": fold["val"], "test": test, "metrics": metrics.binary_metrics(ty, tp, threshold)})
@@ -208,7 +208,7 @@ def rethreshold(recipe: dict, rule: str, name: str) -> dict:
 def prior_corrected(recipe: dict, target: float) -> dict:
     """Every test logit shifted by log-odds(target) - log-odds(training prevalence), cut at 0.5.
     The validation split is stratified, so its prevalence is the training prevalence."""
-    from pneumoscan.core import metrics
+    from pneumoscan.core import calibration, metrics
 
     log_odds = lambda p: np.log(p / (1 - p))  # noqa: E731
     folds = []
@@ -232,7 +232,7 @@ def pooled(recipe: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
 def compare(base: dict, other: dict) -> dict:
     """Paired, patient-clustered bootstrap of other - base on the images both have predictions for."""
     from pneumoscan.io import data
-    from pneumoscan.core import metrics
+    from pneumoscan.core import calibration, metrics
 
     kb, yb, pb, db = pooled(base)
     ko, _, po, do = pooled(other)
@@ -247,7 +247,7 @@ def compare(base: dict, other: dict) -> dict:
 
 
 def cmd_table(args) -> int:
-    from pneumoscan.core import metrics
+    from pneumoscan.core import calibration, metrics
 
     recipes: dict[str, dict] = {}
     for out in args.out:  # later folders win: a re-run replaces a recipe

@@ -5,13 +5,13 @@ temperature was calibrated on, giving the calibration prior; RUN/test/prediction
 the run never saw), resamples the test films to pneumonia prevalences 0.1 ... 0.9 (class-wise
 with replacement, so only the mix changes: label shift), and compares, per prevalence:
 
-* EM's estimate of the prevalence from the unlabelled resample (``metrics.em_prior``): its error,
-  and how often its bootstrap 95% CI (``metrics.em_prior_ci``) covers the truth;
+* EM's estimate of the prevalence from the unlabelled resample (``calibration.em_prior``): its error,
+  and how often its bootstrap 95% CI (``calibration.em_prior_ci``) covers the truth;
 * the probabilities before adaptation, after (logit offset Δ from the EM estimate) and with the
   true prevalence (oracle Δ): accuracy at the 0.5 probability cut (the Bayes rule, which is what
   moves with the prevalence), log loss and ECE.
 
-Also the UNSURE band (``metrics.conformal_band``) fitted on the validation predictions and
+Also the UNSURE band (``conformal.conformal_band``) fitted on the validation predictions and
 measured on the test films at their own prevalence: coverage and accuracy on decided films.
 
 Run (the run used for benchmarks/adapt.md is described there):
@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, conformal, metrics
 from pneumoscan.core.files import write_text
 
 PREVALENCES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -69,7 +69,7 @@ def main() -> int:
     y_test, p_test = read(args.run / "test" / "predictions.csv")
     share = float(y_val.mean())
     # what train.finalize now stores as ModelMeta.prior["effective"] and adapt starts from
-    prior = metrics.effective_prior(metrics.logit(np.clip(p_val, 1e-6, 1 - 1e-6)), y_val)
+    prior = calibration.effective_prior(metrics.logit(np.clip(p_val, 1e-6, 1 - 1e-6)), y_val)
     rng = np.random.default_rng(args.seed)
     naive = []
     rows = []
@@ -79,16 +79,16 @@ def main() -> int:
         ece = {k: [] for k in acc}
         for rep in range(args.reps):
             y, p = resample(y_test, p_test, pi, args.n, rng)
-            est, _ = metrics.em_prior(p, prior)
+            est, _ = calibration.em_prior(p, prior)
             err.append(est - pi)
-            est_naive, _ = metrics.em_prior(p, share)
+            est_naive, _ = calibration.em_prior(p, share)
             if rep < args.ci_reps:
-                lo, hi = metrics.em_prior_ci(p, prior, n_resamples=200, seed=rep)
+                lo, hi = calibration.em_prior_ci(p, prior, n_resamples=200, seed=rep)
                 covered.append(lo <= pi <= hi)
             z = metrics.logit(np.clip(p, 1e-6, 1 - 1e-6))
-            for name, q in (("before", p), ("adapted", metrics.sigmoid(z + metrics.prior_offset(est, prior))),
-                            ("oracle", metrics.sigmoid(z + metrics.prior_offset(pi, prior))),
-                            ("naive", metrics.sigmoid(z + metrics.prior_offset(est_naive, share)))):
+            for name, q in (("before", p), ("adapted", metrics.sigmoid(z + calibration.prior_offset(est, prior))),
+                            ("oracle", metrics.sigmoid(z + calibration.prior_offset(pi, prior))),
+                            ("naive", metrics.sigmoid(z + calibration.prior_offset(est_naive, share)))):
                 if name == "naive":
                     naive.append((pi, est_naive - pi, scores(y, q)))
                     continue
@@ -109,8 +109,8 @@ def main() -> int:
         naive_rows.append(f"| {pi:.1f} | {np.mean([e for e, _ in got]):+.3f} | "
                           + " | ".join(f"{np.mean([s[k] for _, s in got]):.3f}" for k in ("accuracy", "loss", "ece"))
                           + " |")
-    band = metrics.conformal_band(y_val, p_val, 0.95, 0.5)
-    unsure = metrics.in_band(p_test, band["low"], band["high"])
+    band = conformal.conformal_band(y_val, p_val, 0.95, 0.5)
+    unsure = conformal.in_band(p_test, band["low"], band["high"])
     sel = metrics.selective_metrics(y_test, p_test, 0.5, ~unsure)
     all_acc = float(((p_test >= 0.5) == y_test).mean())
     all_ci = metrics.proportion_ci(int(((p_test >= 0.5) == y_test).sum()), y_test.size)
@@ -125,7 +125,7 @@ def main() -> int:
 (`pneumoscan train --recipe seed-study --set train.epochs=5 --views 2`) trained on 80% of the patients of
 the Kaggle/Kermany *training* folder (`/work/shared/data/chest_xray/train`; patient-grouped split, seed 7).
 Its temperature was fitted on its patient-grouped validation split ({y_val.size} films, PNEUMONIA share
-{share:.3f}); the prior its calibrated probabilities are posteriors at (`metrics.effective_prior`, stored by
+{share:.3f}); the prior its calibrated probabilities are posteriors at (`calibration.effective_prior`, stored by
 training as `ModelMeta.prior["effective"]`) is **{prior:.3f}**: temperature scaling has no intercept, and the
 balanced class weights trained the model as if at 0.5. The simulated sites resample its test split — the other 20% of the
 patients, {y_test.size} films ({int((y_test == 0).sum())} NORMAL, {int(y_test.sum())} PNEUMONIA), never used
@@ -133,7 +133,7 @@ for fitting — class by class with replacement to each prevalence: {args.n} fil
 per prevalence (bootstrap CI, 200 resamples, on the first {args.ci_reps}). Only the class mix changes
 (pure label shift), which is the assumption EM makes: a real site also changes how films look.
 
-**Method.** EM (Saerens, Latinne & Decaestecker 2002, `metrics.em_prior`) estimates the prevalence from
+**Method.** EM (Saerens, Latinne & Decaestecker 2002, `calibration.em_prior`) estimates the prevalence from
 the unlabelled probabilities; the adapted probability is sigmoid(logit(p) + Δ), Δ = logit(estimate) −
 logit({prior:.3f}). "Oracle" uses the true prevalence. Accuracy is at the **0.5 probability cut** (the
 Bayes rule, which follows the prevalence); a Youden or sensitivity threshold keeps its logit under

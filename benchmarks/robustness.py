@@ -43,7 +43,7 @@ import numpy as np
 
 from pneumoscan.modeling import artifact, shifts
 from pneumoscan.io import data
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, metrics
 from pneumoscan.evaluation import robustness
 from pneumoscan.core.config import RECIPES, apply_overrides, merge, RunConfig
 
@@ -202,8 +202,8 @@ def screen(out: Path, weights: Path) -> dict:
                 clf = make_pipeline(StandardScaler(), LogisticRegression(C=0.05, max_iter=3000, class_weight="balanced"))
                 clf.fit(feats[tr], y_all[tr])
                 z = lambda f: clf.decision_function(f)  # noqa: E731
-                t = metrics.fit_temperature(z(feats[va]), y_all[va])
-                thr = metrics.choose_threshold(y_all[va], metrics.sigmoid(z(feats[va]) / t), "youden")
+                t = calibration.fit_temperature(z(feats[va]), y_all[va])
+                thr = calibration.choose_threshold(y_all[va], metrics.sigmoid(z(feats[va]) / t), "youden")
                 prob = lambda f: metrics.sigmoid(z(f) / t)  # noqa: E731
                 sub = shift_subset(samples, fold["id_test"])
                 rows = []
@@ -296,9 +296,9 @@ def wise(run_dir: Path, probe: Path, alpha: float, samples, images, fold, target
     val = [paths[s.path] for s in fold["samples"] if s.split == "val"]
     y = np.array([samples[i].label for i in val])
     z = predict_logits(model, images[val])
-    t = metrics.fit_temperature(z, y)
+    t = calibration.fit_temperature(z, y)
     model.temperature.fill_(t)
-    threshold = metrics.choose_threshold(y, metrics.sigmoid(z / t), meta.threshold_rule)
+    threshold = calibration.choose_threshold(y, metrics.sigmoid(z / t), meta.threshold_rule)
     path = run_dir / f"wise-{alpha}" / "model.pt"
     path.parent.mkdir(exist_ok=True)
     artifact.save(path, model, meta.replace(temperature=t, threshold=threshold))
@@ -395,10 +395,10 @@ def ensemble(members: list[dict], rule: str) -> dict:
     re-thresholded with ``rule`` on the fold's validation split (as ``pneumoscan ensemble`` does)."""
     mean = {k: np.mean([m[k].astype(np.float64) for m in members], axis=0) for k in members[0]
             if (k in KEYS or k.startswith("shift:"))}
-    t = metrics.fit_temperature(mean["val"], members[0]["val_y"])
+    t = calibration.fit_temperature(mean["val"], members[0]["val_y"])
     out = {k: v / t for k, v in mean.items()} | {k: members[0][k] for k in members[0] if k.endswith("_y")}
     out["temperature"] = np.array(t)
-    out["threshold"] = np.array(metrics.choose_threshold(out["val_y"], metrics.sigmoid(out["val"]), rule))
+    out["threshold"] = np.array(calibration.choose_threshold(out["val_y"], metrics.sigmoid(out["val"]), rule))
     out["train_seconds"] = np.array(sum(float(m.get("train_seconds", np.nan)) for m in members))
     return out
 

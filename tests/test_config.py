@@ -14,14 +14,14 @@ def test_declared_choices_match_the_library():
     from pneumoscan.cli import app as cli
     from pneumoscan.io import data
     from pneumoscan.evaluation import explain
-    from pneumoscan.modeling import models, transforms
+    from pneumoscan.modeling import backbones, heads, models, transforms
     from pneumoscan.inference import loading
 
     assert config.AUGMENTATIONS == transforms.AUGMENTATIONS
     assert config.CLASS_WEIGHT_MODES == data.CLASS_WEIGHT_MODES
-    assert config.BACKBONES == tuple(models.BACKBONES)
-    assert config.HEAD_NAMES == tuple(models.HEADS)
-    assert config.WEIGHTS_NORMALIZATIONS == ("auto", *models.NORMALIZATIONS)
+    assert config.BACKBONES == tuple(backbones.BACKBONES)
+    assert config.HEAD_NAMES == tuple(heads.HEADS)
+    assert config.WEIGHTS_NORMALIZATIONS == ("auto", *backbones.NORMALIZATIONS)
     assert cli.ENGINES == loading.KINDS and cli.CAM_METHODS == tuple(explain.METHODS)
 
 
@@ -62,20 +62,20 @@ def test_the_backbone_error_lists_the_valid_names():
 
 @pytest.mark.parametrize("rule", ["0.5", "youden", "sensitivity:0.95", "sensitivity:1", "0.3", " youden "])
 def test_threshold_rules_that_train_accepts(rule):
-    from pneumoscan.core import metrics
+    from pneumoscan.core import calibration, conformal
 
     assert config.check_threshold_rule(rule) is None
-    metrics.choose_threshold([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.6], rule)
+    calibration.choose_threshold([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.6], rule)
 
 
 @pytest.mark.parametrize("rule", ["none", "conformal:0.95", "conformal:0.8", " none ", "conformal:1", "conformal:0",
                                   "conformal:", "maybe", "conformal:0.9x"])
 def test_unsure_check_agrees_with_metrics_parse_unsure(rule):
-    from pneumoscan.core import metrics
+    from pneumoscan.core import calibration, conformal
 
     ok = config.check_unsure_rule(rule) is None
     try:
-        metrics.parse_unsure(rule)
+        conformal.parse_unsure(rule)
         parsed = True
     except UserError:
         parsed = False
@@ -85,10 +85,10 @@ def test_unsure_check_agrees_with_metrics_parse_unsure(rule):
 @pytest.mark.parametrize("spec", ["seed", "exp3", "linear", "", "64,bn,d0.3,32", "128, bn, 64", "64,relu", "d1.5",
                                   "64,,32", "bn,x"])
 def test_head_check_agrees_with_models_build_head(spec):
-    from pneumoscan.modeling import models
+    from pneumoscan.modeling import backbones, heads, models
 
     try:
-        models.build_head(spec, 8)
+        heads.build_head(spec, 8)
         builds = True
     except UserError:
         builds = False
@@ -97,7 +97,7 @@ def test_head_check_agrees_with_models_build_head(spec):
 
 @pytest.mark.parametrize("schedule", ["", "1:3", "1:3,3:-1", " 2 : 4 ", "soon", "1:x", "1-3", "1:3:4"])
 def test_unfreeze_check_agrees_with_models(schedule):
-    from pneumoscan.modeling import models
+    from pneumoscan.modeling import backbones, heads, models
 
     try:
         models.stages_to_unfreeze(schedule, 5)

@@ -14,13 +14,13 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from conftest import make_dataset, synthetic_xray
-from pneumoscan.modeling import artifact, models
+from pneumoscan.modeling import artifact, backbones, heads, models
 from pneumoscan.cli import app as cli
 from pneumoscan.io import data
 from pneumoscan.training import ensemble, train
 from pneumoscan.evaluation import explain
 from pneumoscan.commands import export
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, metrics
 from pneumoscan.safety import ood
 from pneumoscan.core.config import RunConfig
 from pneumoscan.core.errors import UserError
@@ -73,7 +73,7 @@ def ensemble_file(path, *, with_ood: bool = False) -> tuple[models.Ensemble, art
     if with_ood:
         g = torch.Generator().manual_seed(1)
         d = model.feature_dim
-        model.ood_head = models.MahalanobisHead(torch.randn(d, 4, generator=g), torch.randn(4, generator=g),
+        model.ood_head = heads.MahalanobisHead(torch.randn(d, 4, generator=g), torch.randn(4, generator=g),
                                                 torch.randn(2, 4, generator=g))
         detector = {"l2_normalize": True, "cutoff_not_chest": 1e9, "cutoff_ood": 1e9, "percentile": 99.5,
                     "ood_percentile": 97.5, "n_val": 8}  # cut-offs no image reaches: labels stay
@@ -116,7 +116,7 @@ def test_members_on_one_frozen_backbone_share_its_pass_and_give_the_same_answer(
     first, meta = models.build("mobilenet_v2", weights="none", head="linear", tf_same_padding=True)
     _spread_batchnorm(first)
     second = copy.deepcopy(first)
-    second.head = models.build_head("seed", first.feature_dim).eval()
+    second.head = heads.build_head("seed", first.feature_dim).eval()
     model = models.Ensemble([first, second], ["mobilenet_v2"] * 2).eval()
     assert model.sources == (0, 0)
     assert models.cam_layer_paths(model, artifact.ENSEMBLE) == ["members.0.features.18"]
@@ -131,10 +131,10 @@ def test_members_on_one_frozen_backbone_share_its_pass_and_give_the_same_answer(
     monkeypatch.undo()
     # a backbone that differs in one tensor, in its normalisation or in its padding is its own pass
     for change in (lambda n: n.features[18][1].running_mean.add_(1e-3), lambda n: n.std.mul_(2),
-                   lambda n: models.use_tf_same_padding(n.features)):
-        other = copy.deepcopy(first if change is not models.use_tf_same_padding else
+                   lambda n: backbones.use_tf_same_padding(n.features)):
+        other = copy.deepcopy(first if change is not backbones.use_tf_same_padding else
                               models.build("mobilenet_v2", weights="none", head="linear")[0])
-        if change is models.use_tf_same_padding:
+        if change is backbones.use_tf_same_padding:
             other.load_state_dict(first.state_dict())
         change(other)
         assert models.Ensemble([first, other], ["mobilenet_v2"] * 2).sources == (0, 1)
@@ -306,10 +306,10 @@ def test_combine_fits_temperature_threshold_and_ood_on_the_shared_validation(two
     result = json.loads((out / "validation" / "metrics.json").read_text())
     assert result["n"] == len(val)
     assert result["roc_auc"] == pytest.approx(metrics.binary_metrics(y, prob, 0.5)["roc_auc"])
-    assert meta.threshold == pytest.approx(metrics.choose_threshold(y, prob, "youden"), abs=1e-5)
+    assert meta.threshold == pytest.approx(calibration.choose_threshold(y, prob, "youden"), abs=1e-5)
     # the temperature is the one that calibrates the saved model's mean logit on validation
     assert meta.temperature != pytest.approx(1.0)
-    assert metrics.fit_temperature(logits * meta.temperature, y) == pytest.approx(meta.temperature, rel=1e-3)
+    assert calibration.fit_temperature(logits * meta.temperature, y) == pytest.approx(meta.temperature, rel=1e-3)
     assert len(result["members"]) == 2 and (out / "members.csv").is_file()
     with pytest.raises(UserError, match="exists"):
         ensemble.combine(two_runs, out)

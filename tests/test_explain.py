@@ -15,7 +15,7 @@ from scipy.stats import spearmanr
 from torch import nn
 
 from conftest import synthetic_xray
-from pneumoscan.modeling import artifact, models
+from pneumoscan.modeling import artifact, backbones, models
 from pneumoscan.cli import app as cli
 from pneumoscan.evaluation import explain
 from pneumoscan.core.errors import UserError
@@ -47,7 +47,7 @@ def _calibrate_batchnorm(model: models.Classifier, x: torch.Tensor) -> None:
     model.eval()
 
 
-@pytest.fixture(scope="module", params=list(models.BACKBONES))
+@pytest.fixture(scope="module", params=list(backbones.BACKBONES))
 def trained(request):
     """(model, architecture, PNEUMONIA training images it scores positive) for a tiny model of each backbone.
 

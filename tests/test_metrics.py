@@ -25,13 +25,12 @@ from pneumoscan.core.metrics import (
     binary_metrics,
     bootstrap_ci,
     brier,
-    choose_threshold,
     confusion,
     expected_calibration_error,
-    fit_temperature,
     reliability_curve,
     sigmoid,
 )
+from pneumoscan.core.calibration import choose_threshold, fit_temperature
 
 Y = [0, 0, 1, 1, 1]
 P = [0.1, 0.6, 0.4, 0.8, 0.9]
@@ -348,7 +347,7 @@ def test_prevalence_weights_shift_the_positive_share_and_match_sklearn_weighted(
 
 
 def test_describe_rule_says_fixed_or_fitted():
-    from pneumoscan.core.metrics import describe_rule
+    from pneumoscan.core.calibration import describe_rule
 
     assert describe_rule("0.5") == "fixed at 0.5 on the calibrated probability"
     assert describe_rule("youden") == "youden on the validation split"
@@ -419,6 +418,7 @@ def test_confidence_intervals_keep_the_bootstrap_where_it_has_spread():
 
 # --- the UNSURE band and prior shift -------------------------------------------------------------
 
+from pneumoscan.core import calibration, conformal  # noqa: E402
 from pneumoscan.core import metrics as m  # noqa: E402
 
 
@@ -426,25 +426,25 @@ def test_conformal_band_on_known_vectors():
     # 5 NORMAL and 5 PNEUMONIA films; at 0.8 confidence each class keeps up to its largest score
     y = np.array([0, 0, 0, 0, 0, 1, 1, 1, 1, 1])
     p = np.array([0.05, 0.10, 0.15, 0.20, 0.60, 0.30, 0.70, 0.80, 0.90, 0.95])
-    band = m.conformal_band(y, p, 0.8, threshold=0.5)
+    band = conformal.conformal_band(y, p, 0.8, threshold=0.5)
     # NORMAL stays in the set up to its largest calibration score 0.6; PNEUMONIA from 1 - 0.7 = 0.3 on
     assert band["q_normal"] == 0.6 and band["q_pneumonia"] == pytest.approx(0.7)
     assert band["low"] == pytest.approx(0.3) and band["high"] == pytest.approx(0.6) and band["high"] > 0.6
     assert band["class_counts"] == {"NORMAL": 5, "PNEUMONIA": 5} and band["n_calibration"] == 10
-    assert m.in_band([0.29, 0.31, 0.6, 0.6000001], band["low"], band["high"]).tolist() == [False, True, True, False]
+    assert conformal.in_band([0.29, 0.31, 0.6, 0.6000001], band["low"], band["high"]).tolist() == [False, True, True, False]
     # a threshold outside the conformal band widens it, so every decided film agrees with the threshold
-    wide = m.conformal_band(y, p, 0.8, threshold=0.75)
+    wide = conformal.conformal_band(y, p, 0.8, threshold=0.75)
     assert wide["conformal_high"] == band["conformal_high"] and wide["low"] == band["low"] and wide["high"] > 0.75
     # separated classes: the set is empty between them, and that gap is UNSURE too
-    gap = m.conformal_band(y, np.array([0.05, 0.1, 0.15, 0.18, 0.2, 0.8, 0.85, 0.9, 0.93, 0.95]), 0.8, 0.5)
+    gap = conformal.conformal_band(y, np.array([0.05, 0.1, 0.15, 0.18, 0.2, 0.8, 0.85, 0.9, 0.93, 0.95]), 0.8, 0.5)
     assert gap["conformal_low"] == pytest.approx(0.2) and gap["conformal_low"] > 0.2
     assert gap["conformal_high"] == pytest.approx(0.2 + 0.6)  # 1 - q1 = 1 - (1 - 0.8)
     # too few films of a class for the confidence: that class is never excluded, the band spans everything
-    assert m.films_for_confidence(0.8) == 5 and m.films_for_confidence(0.95) == 19
-    few = m.conformal_band(y, p, 0.95, threshold=0.5)
+    assert conformal.films_for_confidence(0.8) == 5 and conformal.films_for_confidence(0.95) == 19
+    few = conformal.conformal_band(y, p, 0.95, threshold=0.5)
     assert few["low"] == 0.0 and few["high"] == 1.0
     with pytest.raises(UserError, match="both classes"):
-        m.conformal_band(np.zeros(5), np.linspace(0, 1, 5), 0.9, 0.5)
+        conformal.conformal_band(np.zeros(5), np.linspace(0, 1, 5), 0.9, 0.5)
 
 
 @pytest.mark.parametrize("seed, confidence", [(0, 0.9), (1, 0.95), (2, 0.8)])
@@ -455,15 +455,15 @@ def test_conformal_band_agrees_with_crepes_prediction_sets(seed, confidence):
     n = int(rng.integers(60, 400))
     y = rng.integers(0, 2, n)
     p = m.sigmoid(rng.normal(2.0 * y - 1.0, 1.5))
-    band = m.conformal_band(y, p, confidence, threshold=float(rng.uniform(0.2, 0.8)))
+    band = conformal.conformal_band(y, p, confidence, threshold=float(rng.uniform(0.2, 0.8)))
     cc = ConformalClassifier().fit(np.where(y == 1, 1 - p, p), bins=y)  # Mondrian: one bin per class
     t = rng.random(3000)
     normal = cc.predict_set(t, bins=np.zeros(t.size, int), confidence=confidence, smoothing=False)
     pneumonia = cc.predict_set(1 - t, bins=np.ones(t.size, int), confidence=confidence, smoothing=False)
     not_single = normal + pneumonia != 1
-    assert (m.in_band(t, band["conformal_low"], band["conformal_high"]) == not_single).all()
+    assert (conformal.in_band(t, band["conformal_low"], band["conformal_high"]) == not_single).all()
     # outside the widened band the set is the threshold's class
-    outside = ~m.in_band(t, band["low"], band["high"])
+    outside = ~conformal.in_band(t, band["low"], band["high"])
     assert (pneumonia[outside] == (t[outside] >= band["low"])).all()
     assert band["low"] <= band["conformal_low"] and band["high"] >= band["conformal_high"]
 
@@ -499,17 +499,17 @@ def test_em_prior_recovers_known_priors_and_is_the_identity_without_shift():
 
     for site in (0.1, 0.5, 0.8):
         n = 20000
-        est, _ = m.em_prior(calibrated(int(site * n), n - int(site * n)), train_prior)
+        est, _ = calibration.em_prior(calibrated(int(site * n), n - int(site * n)), train_prior)
         assert est == pytest.approx(site, abs=0.015)
-    same, _ = m.em_prior(calibrated(6000, 14000), train_prior)
+    same, _ = calibration.em_prior(calibrated(6000, 14000), train_prior)
     assert same == pytest.approx(0.3, abs=0.015)
     # a fixed point: posteriors whose mean is the training prior stay where they are
     p = np.array([0.1, 0.2, 0.6])
-    assert m.em_prior(p, float(p.mean()))[0] == pytest.approx(p.mean(), abs=1e-7)
-    lo, hi = m.em_prior_ci(calibrated(300, 700), train_prior, n_resamples=200)
+    assert calibration.em_prior(p, float(p.mean()))[0] == pytest.approx(p.mean(), abs=1e-7)
+    lo, hi = calibration.em_prior_ci(calibrated(300, 700), train_prior, n_resamples=200)
     assert lo < 0.3 < hi and hi - lo < 0.2
     # the offset turns posteriors at one prior into those at another (Bayes' rule)
-    delta = m.prior_offset(0.8, 0.3)
+    delta = calibration.prior_offset(0.8, 0.3)
     assert m.sigmoid(m.logit(0.3) + delta) == pytest.approx(0.8)
 
 
@@ -519,20 +519,20 @@ def test_effective_prior_undoes_a_missing_intercept():
     z_true = rng.normal(0, 1, y.size) + np.where(y == 1, 1.5, -1.5) + np.log(3.0)  # a logit at prevalence 0.75
     true_post = m.sigmoid(z_true)
     y = (rng.random(y.size) < true_post).astype(int)  # labels drawn from the true posteriors
-    assert m.fit_intercept(z_true - 1.0, y) == pytest.approx(1.0, abs=0.15)
+    assert calibration.fit_intercept(z_true - 1.0, y) == pytest.approx(1.0, abs=0.15)
     prior = y.mean()
     # logits that are posteriors at prevalence 0.5 instead: the effective prior says so
     z_half = z_true - np.log(prior / (1 - prior))
-    assert m.effective_prior(z_half, y) == pytest.approx(0.5, abs=0.04)
-    assert m.effective_prior(z_true, y) == pytest.approx(prior, abs=0.04)
+    assert calibration.effective_prior(z_half, y) == pytest.approx(0.5, abs=0.04)
+    assert calibration.effective_prior(z_true, y) == pytest.approx(prior, abs=0.04)
 
 
 def test_fit_intercept_takes_probabilities_that_rounded_to_0_or_1(recwarn):
     """A tiny validation split can give probabilities of exactly 1.0: their logit is +inf."""
     y = np.array([0, 0, 1, 1, 1])
     z = m.logit([0.0, 0.2, 0.7, 1.0, 1.0])
-    b = m.fit_intercept(z, y)
-    assert np.isfinite(b) and np.isfinite(m.effective_prior(z, y))
+    b = calibration.fit_intercept(z, y)
+    assert np.isfinite(b) and np.isfinite(calibration.effective_prior(z, y))
     assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 

@@ -1,13 +1,13 @@
 import pytest
 import torch
 
-from pneumoscan.modeling import models
+from pneumoscan.modeling import backbones, heads, lite0, models
 from pneumoscan.core.errors import UserError
 
 SHARED_WEIGHTS = "../shared/weights/mobilenet_v2_imagenet.pth"
 
 
-@pytest.mark.parametrize("name", list(models.BACKBONES))
+@pytest.mark.parametrize("name", list(backbones.BACKBONES))
 def test_every_backbone_builds_frozen_and_outputs_one_logit(name):
     model, info = models.build(name, weights="none")
     x = torch.rand(2, 1, 32, 32)
@@ -17,22 +17,22 @@ def test_every_backbone_builds_frozen_and_outputs_one_logit(name):
     assert all(p.requires_grad for p in model.head.parameters())
     # frozen stages keep BatchNorm in eval mode even while the model trains
     assert all(not m.training for stage in model.features.children() for m in stage.modules())
-    assert model.get_submodule(models.BACKBONES[name].cam_layer) is not None
+    assert model.get_submodule(backbones.BACKBONES[name].cam_layer) is not None
     assert info["normalization"] == "imagenet"
 
 
 def test_seed_head_is_the_studys_experiment_9():
-    head = models.build_head("seed", 1280)
+    head = heads.build_head("seed", 1280)
     kinds = [type(m).__name__ for m in head]
     assert kinds == ["Linear", "ReLU", "BatchNorm1d", "BatchNorm1d", "Linear", "ReLU", "Linear"]
     assert head[0].out_features == 64 and head[4].out_features == 32 and head[-1].out_features == 1
 
 
 def test_head_spec_with_dropout_and_bad_spec():
-    head = models.build_head("128,d0.3,bn", 10)
+    head = heads.build_head("128,d0.3,bn", 10)
     assert [type(m).__name__ for m in head] == ["Linear", "ReLU", "Dropout", "BatchNorm1d", "Linear"]
     with pytest.raises(UserError, match="bad head spec"):
-        models.build_head("64,foo", 10)
+        heads.build_head("64,foo", 10)
 
 
 def test_unknown_backbone_lists_valid_names():
@@ -64,7 +64,7 @@ def test_normalisation_and_temperature_live_in_the_model():
 
 def test_unknown_weights_file_needs_explicit_normalisation(tmp_path):
     model, _ = models.build("resnet18", weights="none")
-    full = models.BACKBONES["resnet18"].build()
+    full = backbones.BACKBONES["resnet18"].build()
     path = tmp_path / "resnet.pth"
     torch.save(full.state_dict(), path)
     with pytest.raises(UserError, match="--weights-normalization"):
@@ -75,7 +75,7 @@ def test_unknown_weights_file_needs_explicit_normalisation(tmp_path):
 
 def test_wrong_state_dict_and_missing_file_are_user_errors(tmp_path):
     path = tmp_path / "other.pth"
-    torch.save(models.BACKBONES["resnet18"].build().state_dict(), path)
+    torch.save(backbones.BACKBONES["resnet18"].build().state_dict(), path)
     with pytest.raises(UserError, match="not a mobilenet_v2 state_dict"):
         models.build("mobilenet_v2", weights=str(path), normalization="imagenet")
     with pytest.raises(UserError, match="not found"):
@@ -86,7 +86,7 @@ def test_tf_same_padding_matches_explicit_padding():
     conv = torch.nn.Conv2d(3, 4, 3, stride=2, padding=1)
     x = torch.rand(1, 3, 8, 8)
     expected = torch.nn.functional.conv2d(torch.nn.functional.pad(x, (0, 1, 0, 1)), conv.weight, conv.bias, stride=2)
-    models.use_tf_same_padding(torch.nn.Sequential(conv))
+    backbones.use_tf_same_padding(torch.nn.Sequential(conv))
     assert torch.allclose(conv(x), expected)
 
 
@@ -105,19 +105,19 @@ def test_efficientnet_lite0_loads_its_packaged_imagenet_weights_and_knows_their_
 
     model, info = models.build("efficientnet_lite0", weights="imagenet", head="linear")
     assert (info["source"], info["normalization"], info["tf_same_padding"]) == ("imagenet", "efficientnet-lite", True)
-    assert info["sha256"] in models.KNOWN_WEIGHT_FILES and model.feature_dim == 1280
+    assert info["sha256"] in backbones.KNOWN_WEIGHT_FILES and model.feature_dim == 1280
     assert len(list(model.features.children())) == 9  # stem, seven stages, head: unfreeze_blocks counts these
-    full = models.EfficientNetLite0()
-    full.load_state_dict(torch.load(models.BACKBONES["efficientnet_lite0"].imagenet_file(), weights_only=True))
-    models.use_tf_same_padding(full)
+    full = lite0.EfficientNetLite0()
+    full.load_state_dict(torch.load(backbones.BACKBONES["efficientnet_lite0"].imagenet_file(), weights_only=True))
+    backbones.use_tf_same_padding(full)
     with matplotlib.cbook.get_sample_data("grace_hopper.jpg") as f:
         rgb = np.asarray(Image.open(f).convert("RGB").resize((224, 224)), dtype=np.float32) / 255
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in models.NORMALIZATIONS[info["normalization"]])
+    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in backbones.NORMALIZATIONS[info["normalization"]])
     with torch.no_grad():
         x = (torch.from_numpy(rgb).permute(2, 0, 1)[None] - mean) / std
         assert full.eval()(x).argmax(1).item() == 652
         # the Classifier's trunk is the same network: its pooled features are the classifier's input
-        pooled = torch.nn.functional.adaptive_avg_pool2d(models._lite0_trunk(full)(x), 1).flatten(1)
+        pooled = torch.nn.functional.adaptive_avg_pool2d(lite0.lite0_trunk(full)(x), 1).flatten(1)
         assert torch.allclose(full._fc(pooled), full(x))
 
 

@@ -14,7 +14,7 @@ import sys
 import numpy as np
 import pytest
 
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration
 from pneumoscan.modeling import artifact
 from pneumoscan.training import train
 
@@ -38,9 +38,9 @@ def test_bundled_prior_is_consistent_with_its_validation_films():
     # plausible: between the balanced-training prior and the films' share, not at the edge of (0, 1)
     assert 0.3 < prior["effective"] < prior["calibration"]
     # EM from the recorded prior on validation-like films finds their share (0.743) again
-    assert metrics.em_consistency(ref, prior["effective"]) == pytest.approx(prior["calibration"], abs=0.02)
+    assert calibration.em_consistency(ref, prior["effective"]) == pytest.approx(prior["calibration"], abs=0.02)
     # ...which the old record did not: it found 0.43 (the issue's 0.41 underestimate)
-    assert metrics.em_consistency(ref, 0.9969346549624343) < 0.5
+    assert calibration.em_consistency(ref, 0.9969346549624343) < 0.5
 
 
 def test_repair_kept_the_weights():
@@ -66,11 +66,11 @@ def test_calibration_prior_survives_probabilities_that_round_to_one():
     z = np.where(y == 1, rng.normal(2.5, 1.5, y.size), rng.normal(-2.5, 1.5, y.size))
     z[np.flatnonzero(y == 1)[:9]] = 500.0  # confident films, as in the bundled model's validation split
     prior = train.calibration_prior(y, z, "validation split")
-    truth = metrics.effective_prior(np.clip(z, -50, 50), y)
+    truth = calibration.effective_prior(np.clip(z, -50, 50), y)
     assert prior["effective"] == pytest.approx(truth, abs=1e-6)
-    assert metrics.em_consistency(prior["validation"], prior["effective"]) == pytest.approx(0.7, abs=0.02)
+    assert calibration.em_consistency(prior["validation"], prior["effective"]) == pytest.approx(0.7, abs=0.02)
     with pytest.raises(ValueError):
-        metrics.fit_intercept(np.r_[np.nan, z[1:]], y)
+        calibration.fit_intercept(np.r_[np.nan, z[1:]], y)
 
 
 @pytest.mark.slow

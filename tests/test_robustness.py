@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration
 from pneumoscan.evaluation import robustness
 from pneumoscan.cli.app import main
 from tests.conftest import make_dataset
@@ -35,7 +35,7 @@ def test_rates_match_sklearn_and_specificity_at_sensitivity():
     r = robustness.rates(y, p, 0.5)
     assert r["roc_auc"] == pytest.approx(roc_auc_score(y, p))
     assert r["specificity"] == pytest.approx(((p < 0.5) & (y == 0)).sum() / (y == 0).sum())
-    cut = metrics.choose_threshold(y, p, "sensitivity:0.95")
+    cut = calibration.choose_threshold(y, p, "sensitivity:0.95")
     assert (p[y == 1] >= cut).mean() >= 0.95
     assert r["specificity_at_sens95"] == pytest.approx((p[y == 0] < cut).mean())
 

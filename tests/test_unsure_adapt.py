@@ -15,7 +15,7 @@ from fastapi.testclient import TestClient
 from pneumoscan.modeling import artifact
 from pneumoscan.cli import app as cli
 from pneumoscan.evaluation import evaluate
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, metrics
 from pneumoscan.commands import predict
 from pneumoscan.core.files import file_sha256
 
@@ -161,7 +161,7 @@ def test_a_prevalence_independent_threshold_keeps_its_logit():
                                       "confidence": 0.9})
     new = adapt.adapted_meta(meta, calibration=0.5, calibration_source="validation split", threshold0=0.4,
                              band0=meta.unsure, site=0.2, ci=(0.1, 0.3), n_images=10, extra={})
-    delta = metrics.prior_offset(0.2, 0.5)
+    delta = calibration.prior_offset(0.2, 0.5)
     assert float(metrics.logit(new.threshold)) == pytest.approx(float(metrics.logit(0.4)) + delta)
     assert float(metrics.logit(new.unsure["conformal_low"])) == pytest.approx(float(metrics.logit(0.3)) + delta)
     assert new.unsure["low"] <= new.threshold < new.unsure["high"]

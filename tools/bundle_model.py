@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 
 from pneumoscan.modeling import artifact
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration
 from pneumoscan.core.files import file_sha256, write_text
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -90,7 +90,7 @@ def model_paragraph(meta: artifact.ModelMeta) -> str:
     return (f"**Model.** {meta.architecture} (ImageNet weights: {Path(meta.backbone_weights['source']).name}, "
             f"{tuning}) with the head `{meta.head}`; input {meta.image_size}×{meta.image_size} grayscale, "
             f"normalisation {meta.normalization.name}; temperature {meta.temperature:.3f} (fitted on validation); "
-            f"decision threshold {meta.threshold:.4f} ({metrics.describe_rule(meta.threshold_rule)}). Weights stored "
+            f"decision threshold {meta.threshold:.4f} ({calibration.describe_rule(meta.threshold_rule)}). Weights stored "
             "as fp16, computed in fp32.")
 
 
@@ -112,7 +112,7 @@ def model_paragraph_ensemble(meta: artifact.ModelMeta) -> str:
     return (f"**Model.** A deep ensemble of {len(meta.members)} members, each an ImageNet-initialised "
             + "; ".join(rows) + f". Its output is the mean of the members' calibrated logits divided by the "
             f"ensemble's own temperature {meta.temperature:.3f}; decision threshold {meta.threshold:.4f} "
-            f"({metrics.describe_rule(meta.threshold_rule)}), both fitted on validation. Input "
+            f"({calibration.describe_rule(meta.threshold_rule)}), both fitted on validation. Input "
             f"{meta.image_size}×{meta.image_size} grayscale. Weights stored as fp16, computed in fp32.")
 
 

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python tools/repair_prior.py [--model src/pneumoscan/assets/model.pt] [--cache val.npz]
 
-The bundled model (made before ``metrics.fit_intercept`` clipped infinite logits) recorded
+The bundled model (made before ``calibration.fit_intercept`` clipped infinite logits) recorded
 ``prior["effective"] = 0.9969``: nine validation films have probabilities that round to 1.0 in
 float64, ``logit()`` of them is +inf, the intercept fit's objective was nan and the bounded search
 returned its first golden-section point, b = -4.72 (sigmoid(logit(0.743) + 4.72) = 0.9969).
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration
 from pneumoscan.core.files import atomic_path, file_sha256
 from pneumoscan.io import data, imaging
 from pneumoscan.modeling import artifact
@@ -92,7 +92,7 @@ def main() -> int:
                 torch.save({"format": artifact.FORMAT, "meta": new.to_dict(), "state_dict": blob["state_dict"]}, f)
         diff = float(np.max(np.abs(sample_probabilities(old_copy) - sample_probabilities(args.model))))
     print(f"effective prior {meta.prior.get('effective')} -> {prior['effective']:.4f}; EM on the validation "
-          f"reference from it: {metrics.em_consistency(prior['validation'], prior['effective']):.4f} (share "
+          f"reference from it: {calibration.em_consistency(prior['validation'], prior['effective']):.4f} (share "
           f"{prior['calibration']:.4f}); max |probability change| on the sample films: {diff:.2e}")
     if diff > 1e-6:
         raise SystemExit("probabilities changed: not repaired")

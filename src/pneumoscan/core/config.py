@@ -32,18 +32,18 @@ SECTIONS = ("data", "model", "train")
 # Library modules keep their own copies for direct callers (tests/test_config.py checks they agree).
 AUGMENTATIONS = ("seed", "seed-noflip", "radiograph", "acquisition", "acquisition-framing", "none")  # transforms.AUGMENTATIONS
 CLASS_WEIGHT_MODES = ("balanced", "none")  # data.class_weights
-BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_b0", "densenet121", "efficientnet_lite0")  # models.BACKBONES
-WEIGHTS_NORMALIZATIONS = ("auto", "imagenet", "inception", "unit", "efficientnet-lite")  # "auto" + models.NORMALIZATIONS
+BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_b0", "densenet121", "efficientnet_lite0")  # backbones.BACKBONES
+WEIGHTS_NORMALIZATIONS = ("auto", "imagenet", "inception", "unit", "efficientnet-lite")  # "auto" + backbones.NORMALIZATIONS
 HEAD_NAMES = ("seed", "exp1", "exp2", "exp3", "exp4", "exp5", "exp6", "exp7", "exp8", "exp9", "exp10",
-              "linear")  # models.HEADS
+              "linear")  # heads.HEADS
 BATCHNORM_MODES = ("train", "frozen")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "32", "bf16")
 CALIBRATIONS = ("temperature", "none")
 THRESHOLD_RULES = "0.5, youden, sensitivity:0.95 or a number in (0, 1)"
-UNSURE_RULES = "none or conformal:<confidence in (0, 1)>, e.g. conformal:0.95"  # metrics.parse_unsure
+UNSURE_RULES = "none or conformal:<confidence in (0, 1)>, e.g. conformal:0.95"  # conformal.parse_unsure
 
-_HEAD_TOKEN = re.compile(r"bn|d0?\.\d+|\d+")  # models.build_head's layer tokens
+_HEAD_TOKEN = re.compile(r"bn|d0?\.\d+|\d+")  # heads.build_head's layer tokens
 _UNFREEZE_PAIR = re.compile(r"\s*(\d+)\s*:\s*(-?\d+)\s*")
 
 
@@ -65,7 +65,7 @@ class ModelConfig:
     backbone: str = "mobilenet_v2"  # BACKBONES
     backbone_weights: str = "imagenet"  # imagenet | none | path to a state_dict
     weights_normalization: str = "auto"  # WEIGHTS_NORMALIZATIONS; auto knows torchvision's and known files
-    head: str = "seed"  # HEAD_NAMES or a spec like "64,bn,d0.3,32" (see models.HEADS)
+    head: str = "seed"  # HEAD_NAMES or a spec like "64,bn,d0.3,32" (see heads.HEADS)
     unfreeze_blocks: int = 0  # last N backbone stages train; 0 = frozen backbone; -1 = all
     batchnorm: str = "train"  # BATCHNORM_MODES; frozen: trainable stages keep their ImageNet BN statistics
 
@@ -94,7 +94,7 @@ class TrainConfig:
     threshold: str = "youden"  # 0.5 | youden | sensitivity:0.95 | any float in (0, 1)
     calibration: str = "temperature"  # CALIBRATIONS: temperature fitted on validation, or none (T = 1)
     # UNSURE band: Mondrian split conformal prediction on the validation split at this confidence
-    # (metrics.conformal_band); films whose prediction set is not a single class are UNSURE
+    # (conformal.conformal_band); films whose prediction set is not a single class are UNSURE
     unsure: str = "conformal:0.95"  # conformal:<confidence> | none
     max_train_batches: float = 1.0  # fraction or count; for quick tests
     feature_cache: bool = True  # frozen backbone: train the head on cached features (fast path)
@@ -192,7 +192,7 @@ def _at_least(low, what: str = ""):
 
 
 def check_threshold_rule(rule: str, key: str = "train.threshold") -> str | None:
-    """None if ``rule`` is a threshold rule metrics.choose_threshold accepts, else why not."""
+    """None if ``rule`` is a threshold rule calibration.choose_threshold accepts, else why not."""
     rule = rule.strip()
     if rule == "youden":
         return None
@@ -210,7 +210,7 @@ def check_threshold_rule(rule: str, key: str = "train.threshold") -> str | None:
 
 
 def check_unsure_rule(rule: str, key: str = "train.unsure") -> str | None:
-    """None if ``rule`` is an UNSURE rule metrics.parse_unsure accepts, else why not."""
+    """None if ``rule`` is an UNSURE rule conformal.parse_unsure accepts, else why not."""
     rule = rule.strip()
     if rule == "none":
         return None
@@ -231,7 +231,7 @@ def check_unfreeze_at(schedule: str, key: str = "train.unfreeze_at") -> str | No
 
 
 def check_head(spec: str, key: str = "model.head") -> str | None:
-    """None if ``spec`` is a head name or a spec models.build_head can build."""
+    """None if ``spec`` is a head name or a spec heads.build_head can build."""
     if spec in HEAD_NAMES:
         return None
     for token in filter(None, (t.strip() for t in spec.split(","))):

@@ -19,7 +19,7 @@ from pneumoscan import CLASS_NAMES
 from pneumoscan.modeling import artifact
 from pneumoscan.io import data
 from pneumoscan.evaluation import explain, plots
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, conformal, metrics
 from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import content_digest, write_csv, write_json
@@ -62,7 +62,7 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
         result["flagged"] = flag_summary(y_true, prob, threshold, flags, n_bootstrap=n_bootstrap, seed=seed)
     band = None
     if unsure:
-        band = metrics.band_with_threshold(float(unsure["low"]), float(unsure["high"]), threshold)
+        band = conformal.band_with_threshold(float(unsure["low"]), float(unsure["high"]), threshold)
         decided = [_decision(q, threshold, f, band) not in (decision.NOT_ASSESSED, decision.UNSURE)
                    for q, f in zip(prob, flags)]
         result["selective"] = selective_block(y_true, prob, threshold, decided, unsure, band)
@@ -279,7 +279,7 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
         "n_skipped": len(skipped),
         **overlap,
         "threshold": thr,
-        "threshold_source": "--threshold" if threshold is not None else f"model ({metrics.describe_rule(meta.threshold_rule)})",
+        "threshold_source": "--threshold" if threshold is not None else f"model ({calibration.describe_rule(meta.threshold_rule)})",
         "class_names": list(CLASS_NAMES),
     }
     write_json(out / "evaluation.json", evaluation)

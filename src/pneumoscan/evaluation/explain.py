@@ -1,7 +1,7 @@
 """Grad-CAM explanations: which part of an X-ray moved the PNEUMONIA logit.
 
 Maps come from the ``grad-cam`` library (pytorch_grad_cam), not a hand-written CAM, at the layer
-each backbone declares in ``models.BACKBONES[name].cam_layer`` (for a ``models.Ensemble``, every
+each backbone declares in ``backbones.BACKBONES[name].cam_layer`` (for a ``models.Ensemble``, every
 member's layer: the library scales each member's map to [0, 1] and averages them). The Classifier returns one logit
 per image, shaped (N,), while the library expects (N, classes); a thin wrapper adds the class
 axis and the target is column 0, the PNEUMONIA logit. A hot region is therefore evidence *for*
@@ -73,7 +73,7 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from torch import nn
 
 from pneumoscan import CLASS_NAMES
-from pneumoscan.modeling import artifact, models
+from pneumoscan.modeling import artifact, backbones, models
 from pneumoscan.io import data, imaging
 from pneumoscan.core import metrics
 from pneumoscan.evaluation import plots
@@ -206,7 +206,7 @@ class _WithClassAxis(nn.Module):
 
 def cam_layer(model: nn.Module, architecture: str) -> nn.Module:
     """The module whose activations are explained, as the backbone registry declares it."""
-    return model.get_submodule(models.backbone(architecture).cam_layer)
+    return model.get_submodule(backbones.backbone(architecture).cam_layer)
 
 
 def cam_layers(model: nn.Module, architecture: str) -> list[nn.Module]:

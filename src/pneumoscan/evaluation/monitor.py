@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, conformal, metrics
 from pneumoscan.modeling.artifact import ModelMeta
 
 P_OOD = 0.01
@@ -84,12 +84,12 @@ def monitor(meta: ModelMeta, window: Sequence[WindowFilm], *, n_bootstrap: int =
     if assessed:
         z = np.array([f.logit for f in assessed], float)
         p = metrics.sigmoid(z)
-        pi, _ = metrics.em_prior(p, effective)
-        lo, hi = metrics.em_prior_ci(p, effective, n_resamples=n_bootstrap, seed=seed)
+        pi, _ = calibration.em_prior(p, effective)
+        lo, hi = calibration.em_prior_ci(p, effective, n_resamples=n_bootstrap, seed=seed)
         checks.append(_check("prevalence", {"em": pi, "ci": [lo, hi]}, expected_prev, not lo <= expected_prev <= hi,
                              "the share of pneumonia among the films moved (a new population or referral pattern): "
                              "PPV, NPV and the calibrated probabilities change with it", n=len(assessed)))
-        zs, w = metrics.reference_sample(ref)
+        zs, w = calibration.reference_sample(ref)
         ps = metrics.sigmoid(zs)
         mean_ref = float(np.sum(w * ps))
         half = 1.96 * math.sqrt(float(np.sum(w * (ps - mean_ref) ** 2)) / len(assessed))
@@ -117,9 +117,9 @@ def _unsure_reference(meta: ModelMeta, ref: dict) -> float:
     """The validation films' UNSURE share, from the reference quantiles and the band."""
     if not meta.unsure:
         return 0.0
-    z, w = metrics.reference_sample(ref)
+    z, w = calibration.reference_sample(ref)
     p = metrics.sigmoid(z + meta.logit_offset)
-    return float(np.sum(w * metrics.in_band(p, float(meta.unsure["low"]), float(meta.unsure["high"]))))
+    return float(np.sum(w * conformal.in_band(p, float(meta.unsure["low"]), float(meta.unsure["high"]))))
 
 
 def summary(result: dict) -> str:

@@ -6,7 +6,7 @@ On a held-back collection of the same hospital's children the bundled model kept
 specificity to about 0.90 on other patients. This does that on the reads the store collected:
 
 * the threshold is the highest that keeps the site sensitivity >= ``floor`` on the read films
-  (``metrics.choose_threshold`` rule ``sensitivity:<floor>``): the most specificity the floor
+  (``calibration.choose_threshold`` rule ``sensitivity:<floor>``): the most specificity the floor
   allows; the report says what specificity it costs against the Youden point;
 * the numbers reported for the recalibrated model are **out-of-fold**: patient-grouped k-fold
   cross-fitting, each fold's films scored by a recalibration fitted on the other patients only;
@@ -24,7 +24,7 @@ import math
 
 import numpy as np
 
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, conformal, metrics
 from pneumoscan.core.errors import UserError
 from pneumoscan.evaluation.site_report import cluster_bootstrap
 
@@ -34,12 +34,12 @@ HALF_WIDTH = 0.05
 
 def fit(raw: np.ndarray, y: np.ndarray, floor: float, confidence: float | None) -> dict:
     """Temperature, threshold at the sensitivity floor and UNSURE band on raw (pre-temperature) logits."""
-    temperature = metrics.fit_temperature(raw, y)
+    temperature = calibration.fit_temperature(raw, y)
     prob = metrics.sigmoid(raw / temperature)
-    threshold = metrics.choose_threshold(y, prob, f"sensitivity:{floor:g}")
-    band = metrics.conformal_band(y, prob, confidence, threshold) if confidence else None
+    threshold = calibration.choose_threshold(y, prob, f"sensitivity:{floor:g}")
+    band = conformal.conformal_band(y, prob, confidence, threshold) if confidence else None
     return {"temperature": temperature, "threshold": threshold, "band": band,
-            "youden": metrics.choose_threshold(y, prob, "youden")}
+            "youden": calibration.choose_threshold(y, prob, "youden")}
 
 
 def _folds(y: np.ndarray, clusters: np.ndarray, k: int, seed: int):
@@ -63,7 +63,7 @@ def cross_fitted(raw, y, clusters, *, floor: float, confidence: float | None, k:
         pred[test] = prob[test] >= f["threshold"]
         youden[test] = prob[test] >= f["youden"]
         if f["band"]:
-            unsure[test] = metrics.in_band(prob[test], f["band"]["low"], f["band"]["high"])
+            unsure[test] = conformal.in_band(prob[test], f["band"]["low"], f["band"]["high"])
     return {"prob": prob, "pred": pred, "youden": youden, "unsure": unsure}
 
 
@@ -96,8 +96,8 @@ def recalibrate(raw, y, clusters, *, floor: float = DEFAULT_FLOOR, confidence: f
             "unsure_rate": float(oof["unsure"].mean()),
             "decided_accuracy": float((oof["pred"][decided] == y[decided]).mean()) if decided.any() else math.nan,
             "reads_needed": reads_needed(int(y.sum()), int((y == 0).sum()), sens, spec),
-            "share": float(y.mean()), "effective": metrics.effective_prior(raw / final["temperature"], y),
-            "reference": metrics.validation_reference(raw / final["temperature"], y)}
+            "share": float(y.mean()), "effective": calibration.effective_prior(raw / final["temperature"], y),
+            "reference": calibration.validation_reference(raw / final["temperature"], y)}
 
 
 def summary(r: dict) -> str:

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
 
 from pneumoscan import __version__
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration
 from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.core.files import write_text
 
@@ -103,10 +103,10 @@ def _errors(eval_dir: Path, confusion: list[list[int]]) -> list[dict]:
 
 def _threshold_source(source: Mapping, meta: ModelMeta) -> str:
     """Where the cut-off came from, naming the model's own when a command-line value replaced it."""
-    text = source.get("threshold_source") or f"model ({metrics.describe_rule(meta.threshold_rule)})"
+    text = source.get("threshold_source") or f"model ({calibration.describe_rule(meta.threshold_rule)})"
     if text == "--threshold":
         return (f"--threshold on the command line (the model's own is {meta.threshold:.4f}, "
-                f"{metrics.describe_rule(meta.threshold_rule)})")
+                f"{calibration.describe_rule(meta.threshold_rule)})")
     return text
 
 

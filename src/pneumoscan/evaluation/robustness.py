@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, metrics
 from pneumoscan.modeling import shifts
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def rates(y: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float]
 def specificity_at(y: np.ndarray, prob: np.ndarray, sensitivity: float) -> float:
     """Specificity at the highest cut-off whose sensitivity on (y, prob) reaches ``sensitivity``:
     how well the ranking holds up, whatever threshold a site would set."""
-    cut = metrics.choose_threshold(y, prob, f"sensitivity:{sensitivity}")
+    cut = calibration.choose_threshold(y, prob, f"sensitivity:{sensitivity}")
     normals = prob[y == 0]
     return float((normals < cut).mean()) if len(normals) else math.nan
 

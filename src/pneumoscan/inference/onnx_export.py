@@ -3,7 +3,7 @@
 The exporter is TorchScript's (``dynamo=False``): in this torch it exports MobileNetV2 in about a
 second at opset 17, while the dynamo exporter takes several times longer and cannot lower the
 TF-'SAME' padding to opset 17. Tracing runs forward pre-hooks, so the padding hooks of
-``models.use_tf_same_padding`` become ``Pad`` nodes; with a fixed image size their pads are
+``backbones.use_tf_same_padding`` become ``Pad`` nodes; with a fixed image size their pads are
 constants, which is exact.
 """
 

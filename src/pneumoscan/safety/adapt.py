@@ -5,7 +5,7 @@ on (the validation split, ``ModelMeta.prior["calibration"]``). At a site where p
 or commoner, the same film deserves another posterior. Under label shift (the look of a NORMAL and
 of a PNEUMONIA film unchanged, only their mix) Bayes' rule gives it exactly: add
 Δ = logit(π_site) - logit(π_calibration) to every logit. ``adapt`` estimates π_site from the
-site's *unlabelled* films by EM (Saerens, Latinne & Decaestecker 2002; ``metrics.em_prior``),
+site's *unlabelled* films by EM (Saerens, Latinne & Decaestecker 2002; ``calibration.em_prior``),
 with a bootstrap 95% CI, and writes a copy of the model whose meta carries Δ
 (``ModelMeta.prior["logit_offset"]``); ``ModelMeta.site_logits`` applies it wherever a
 probability is made (decide, the engines' ``predict_proba``, explain), so predict, evaluate,
@@ -25,7 +25,7 @@ What moves with Δ and what does not:
   contain the (possibly unmoved) threshold.
 
 The prior EM starts from is ``ModelMeta.prior["effective"]``, the prevalence the calibrated
-probabilities really are posteriors at (``metrics.effective_prior``); with balanced class weights
+probabilities really are posteriors at (``calibration.effective_prior``); with balanced class weights
 and temperature scaling (no intercept) it was 0.47 for a validation split of 0.74 PNEUMONIA, and
 starting from 0.74 made EM biased and the adaptation harmful (benchmarks/adapt.md).
 
@@ -44,7 +44,8 @@ import numpy as np
 
 from pneumoscan.modeling import artifact
 from pneumoscan.io import data, imaging
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration as calib  # "calibration" names the calibration prior below
+from pneumoscan.core import conformal, metrics
 from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import atomic_path
@@ -68,7 +69,7 @@ def shift(prob: float, delta: float) -> float:
 
 def calibration_prior(meta: ModelMeta, train_prior: float | None) -> tuple[float, str]:
     """The prevalence the model's probabilities are posteriors at, and where it was read from:
-    ``prior["effective"]`` (``metrics.effective_prior``, recorded since training stores it), else the
+    ``prior["effective"]`` (``calibration.effective_prior``, recorded since training stores it), else the
     calibration films' PNEUMONIA share (exact only if their calibration had no intercept error)."""
     if train_prior is not None:
         if not 0 < train_prior < 1:
@@ -109,11 +110,11 @@ def refit_on_labels(engine, labels: str | Path, meta: ModelMeta) -> dict[str, An
     if len(set(y.tolist())) < 2:
         raise UserError(f"{labels}: re-fitting needs both NORMAL and PNEUMONIA films")
     raw = np.asarray(engine.assess(decoded.images)[0], dtype=np.float64) * meta.temperature  # before any temperature
-    temperature = metrics.fit_temperature(raw, y)
+    temperature = calib.fit_temperature(raw, y)
     prob = metrics.sigmoid(raw / temperature)
-    threshold = metrics.choose_threshold(y, prob, meta.threshold_rule)
+    threshold = calib.choose_threshold(y, prob, meta.threshold_rule)
     confidence = (meta.unsure or {}).get("confidence")
-    band = metrics.conformal_band(y, prob, float(confidence), threshold) if confidence else None
+    band = conformal.conformal_band(y, prob, float(confidence), threshold) if confidence else None
     pred = prob >= threshold
     n_normal, n_pneumonia = int((y == 0).sum()), int((y == 1).sum())
     spec = float((~pred[y == 0]).mean())
@@ -130,7 +131,7 @@ def refit_on_labels(engine, labels: str | Path, meta: ModelMeta) -> dict[str, An
     for w in warnings:
         log.warning("%s", w)
     return {"temperature": temperature, "threshold": threshold, "band": band,
-            "prior": metrics.effective_prior(raw / temperature, y), "share": float(y.mean()),
+            "prior": calib.effective_prior(raw / temperature, y), "share": float(y.mean()),
             "n": int(y.size), "class_counts": {"NORMAL": n_normal, "PNEUMONIA": n_pneumonia},
             "films_needed": need, "warnings": warnings}
 
@@ -141,13 +142,13 @@ def adapted_meta(meta: ModelMeta, *, calibration: float, calibration_source: str
     starts from, kept as ``effective``), and the threshold and band on the shifted scale.
     ``threshold0`` and ``band0`` are on the calibration scale (kept in ``prior`` so that adapting an
     adapted model starts again from them, not from the already shifted values)."""
-    delta = metrics.prior_offset(site, calibration)
+    delta = calib.prior_offset(site, calibration)
     threshold = shift(threshold0, delta) if moves_with_prior(meta.threshold_rule) else float(threshold0)
     unsure = None
     if band0 is not None:
         c_low, c_high = float(band0["conformal_low"]), float(band0["conformal_high"])
         s_low, s_high = shift(c_low, delta), shift(c_high, delta)
-        low, high = metrics.band_with_threshold(s_low, s_high, threshold)
+        low, high = conformal.band_with_threshold(s_low, s_high, threshold)
         unsure = {**band0, "conformal_low": s_low, "conformal_high": s_high, "low": low, "high": high,
                   "shifted_by_prior": delta}
     prior = {"calibration": float(calibration), **(meta.prior or {}), "effective": float(calibration),
@@ -240,8 +241,8 @@ def run(model_path: str | Path, images: str | Path, out: str | Path, *, labels: 
             extra["n_calibration"] = meta.prior["n_calibration"]
 
     prob = metrics.sigmoid(logits)
-    site, iterations = metrics.em_prior(prob, calibration)
-    ci = metrics.em_prior_ci(prob, calibration, n_resamples=n_bootstrap, seed=seed)
+    site, iterations = calib.em_prior(prob, calibration)
+    ci = calib.em_prior_ci(prob, calibration, n_resamples=n_bootstrap, seed=seed)
     extra["em_iterations"] = iterations
     warnings = list(extra.get("refit_warnings", []))
     if not 0.01 < site < 0.99:

@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from pneumoscan.safety import gate, ood
-from pneumoscan.core import metrics
+from pneumoscan.core import conformal, metrics
 from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.inference.engines import Engine
 
@@ -65,7 +65,7 @@ def unsure_band(meta: ModelMeta, threshold: float | None = None) -> tuple[float,
     if not u:
         return None
     low, high = float(u["low"]), float(u["high"])
-    return (low, high) if threshold is None else metrics.band_with_threshold(low, high, float(threshold))
+    return (low, high) if threshold is None else conformal.band_with_threshold(low, high, float(threshold))
 
 
 def quality_limits(meta: ModelMeta) -> gate.QualityLimits:

@@ -290,9 +290,9 @@ def score_folded(a: dict[str, np.ndarray], features: np.ndarray, l2_normalize: b
 
 
 def torch_module(state: OODState):
-    """The model's OOD head (``models.MahalanobisHead``) for this state: (N, D) features -> (N,)
+    """The model's OOD head (``heads.MahalanobisHead``) for this state: (N, D) features -> (N,)
     scores, the form ``model.pt`` stores and the ONNX export computes. Imports torch lazily."""
-    from pneumoscan.modeling.models import MahalanobisHead
+    from pneumoscan.modeling.heads import MahalanobisHead
 
     a = arrays(state)
     return MahalanobisHead(a["W"], a["b"], a["M"], l2_normalize=bool(state.l2_normalize))

@@ -42,10 +42,12 @@ from pneumoscan.io.imaging import FORMAT_NAMES
 from pneumoscan.serve import uploads
 from pneumoscan.serve.card import INTENDED_USE, model_card
 from pneumoscan.serve.batcher import BatchSettings, Busy, TimedOut
-from pneumoscan.serve.middleware import AccessLog, ContentLengthLimit, SecurityHeaders
+from pneumoscan.serve.guard import Guard, GuardState
+from pneumoscan.serve.middleware import AccessLog, SecurityHeaders
 from pneumoscan.serve.service import Service, png_bytes
-from pneumoscan.serve.settings import (API_KEY_ENV, DEFAULT_MAX_BATCH_FILES, DEFAULT_MAX_PIXELS,
-                                       DEFAULT_MAX_UPLOAD_BYTES, MiB)
+from pneumoscan.serve.settings import (API_KEY_ENV, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BATCH_FILES,
+                                       DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES,
+                                       RETRY_AFTER_S, MiB)
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +224,8 @@ class ServerLimits:
 def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_files: int = DEFAULT_MAX_BATCH_FILES,
                api_key: str | None | object = _FROM_ENV, cors_origins: tuple[str, ...] | list[str] = (),
-               engine: str = "auto", batching: BatchSettings | None = None) -> FastAPI:
+               engine: str = "auto", batching: BatchSettings | None = None,
+               max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
     """The service for the model at ``model_path`` (default: the bundled model).
 
     ``api_key``: required in the X-API-Key header of every /v1 call except health; by default
@@ -230,7 +233,9 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     origins allowed to call the API from other pages; none by default. ``engine``: the runtime
     for scores (see ``inference.loading.load_engine``); Grad-CAM always runs in PyTorch.
     ``batching``: the scoring queue's micro-batch size, wait, length and timeout
-    (``serve.batcher.BatchSettings``; defaults in ``serve.settings``).
+    (``serve.batcher.BatchSettings``; defaults in ``serve.settings``). ``max_in_flight``: requests
+    handled at once before new ones get 503; ``body_timeout_s``: how long a request body may take
+    to arrive before a 408 (see ``serve.guard``).
     """
     path = artifact.resolve(model_path)  # fail here, not at startup, on a model that is not there
     if not path.is_file():
@@ -259,7 +264,9 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     add_error_handlers(app, limits)
     app.include_router(api_routes(limits))
     add_page(app)
-    add_middleware(app, limits, cors_origins)
+    app.state.guard = GuardState(limits.api_key, limits.body_limit, limits.body_detail, max_in_flight=int(max_in_flight),
+                                 body_timeout_s=float(body_timeout_s), retry_after_s=RETRY_AFTER_S)
+    add_middleware(app, app.state.guard, cors_origins)
     return app
 
 
@@ -298,7 +305,8 @@ def add_error_handlers(app: FastAPI, limits: ServerLimits) -> None:
 
     @app.exception_handler(uploads.Rejected)
     async def rejected(request: Request, exc: uploads.Rejected) -> JSONResponse:
-        return _error(exc.status, exc.error, exc.detail)
+        log.info("upload refused: %d %s", exc.status, exc.error)  # the code only: details may quote the file
+        return _error(exc.status, exc.error, exc.detail, {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None)
 
 
 def _key_check(api_key: str | None) -> list:
@@ -390,9 +398,10 @@ def add_page(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
-def add_middleware(app: FastAPI, limits: ServerLimits, cors_origins) -> None:
-    # outermost last: the access log sees every answer, including the early 413
-    app.add_middleware(ContentLengthLimit, limit_for=limits.body_limit, detail_for=limits.body_detail)
+def add_middleware(app: FastAPI, guard: GuardState, cors_origins) -> None:
+    # outermost last: the access log sees every answer, including the Guard's early 401/413/503;
+    # the Guard sits inside CORS so that its refusals still carry the CORS headers a page needs
+    app.add_middleware(Guard, state=guard)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key"])

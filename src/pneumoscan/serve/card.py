@@ -10,7 +10,7 @@ from pathlib import PurePath
 from typing import Any
 
 from pneumoscan.modeling.artifact import ModelMeta
-from pneumoscan.core.metrics import describe_rule
+from pneumoscan.core.calibration import describe_rule
 
 INTENDED_USE = (
     "Screening aid and second opinion for chest X-rays: it sorts a worklist so the most suspicious "

@@ -1,17 +1,14 @@
-"""ASGI middleware around the whole app: the access log, early size refusal, security headers.
+"""ASGI middleware around the whole app: the access log and security headers (the early refusals
+are ``serve.guard``).
 
-Plain ASGI rather than ``BaseHTTPMiddleware``: the size check must answer before the body is read,
-and the access log must see the response without buffering it.
+Plain ASGI rather than ``BaseHTTPMiddleware``: the access log must see the response without
+buffering it.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
-from typing import Callable
-
-from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 access_log = logging.getLogger("pneumoscan.serve.access")
@@ -77,29 +74,3 @@ class SecurityHeaders:
             await send(message)
 
         await self.app(scope, receive, with_headers)
-
-
-class ContentLengthLimit:
-    """413 from the Content-Length header alone, before a byte of the body is read.
-
-    Bodies without the header (chunked) are counted while read by the routes' own
-    ``max_body_size``; this is the cheap early answer for honest clients.
-    """
-
-    def __init__(self, app: ASGIApp, limit_for: Callable[[str], int | None], detail_for: Callable[[str], str]) -> None:
-        self.app = app
-        self.limit_for = limit_for
-        self.detail_for = detail_for
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            limit = self.limit_for(scope["path"])
-            declared = Headers(scope=scope).get("content-length", "")
-            if limit is not None and declared.isdigit() and int(declared) > limit:
-                body = json.dumps({"error": "request_too_large", "detail": self.detail_for(scope["path"])}).encode()
-                await send({"type": "http.response.start", "status": 413, "headers": [
-                    (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                    (b"connection", b"close")]})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)

@@ -31,7 +31,7 @@ from pneumoscan.io import data
 from pneumoscan.evaluation import evaluate
 from pneumoscan.training import features, train
 from pneumoscan.safety import gate
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, metrics
 from pneumoscan.modeling.artifact import Member, ModelMeta
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.config import RunConfig, member_config, member_names
@@ -145,10 +145,10 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
     y_val = np.array([s.label for s in val_samples])
     with torch.inference_mode():
         per_member = ensemble.member_logits(features.embed(ensemble, val_images)).numpy().astype(np.float64)
-    temperature = metrics.fit_temperature(per_member.mean(axis=1), y_val)
+    temperature = calibration.fit_temperature(per_member.mean(axis=1), y_val)
     ensemble.temperature.fill_(temperature)
     val_prob = metrics.sigmoid(per_member.mean(axis=1) / temperature)
-    threshold = metrics.choose_threshold(y_val, val_prob, rule)
+    threshold = calibration.choose_threshold(y_val, val_prob, rule)
     log.info("ensemble of %d: temperature %.3f, threshold %.4f (rule %s), fitted on %d validation images",
              len(nets), temperature, threshold, rule, len(val_samples))
     # the members' own UNSURE rule (first run's), refitted for the ensemble's probabilities

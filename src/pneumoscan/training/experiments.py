@@ -42,9 +42,9 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pneumoscan.modeling import artifact, models
+from pneumoscan.modeling import artifact, backbones, heads
 from pneumoscan.evaluation import compare
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration
 from pneumoscan.training import train
 from pneumoscan.core.config import RunConfig, apply_overrides, merge
 from pneumoscan.core.errors import UserError
@@ -149,12 +149,12 @@ def _validate(runs: list[Run]) -> None:
             raise UserError(f"{where}: experiments train one process per run; scale out a single run with "
                             "'pneumoscan train --devices N --strategy ddp' instead")
         try:
-            models.backbone(mc.backbone)
-            models.build_head(mc.head, 8)
-            metrics.choose_threshold([0, 1], [0.2, 0.8], tc.threshold)
+            backbones.backbone(mc.backbone)
+            heads.build_head(mc.head, 8)
+            calibration.choose_threshold([0, 1], [0.2, 0.8], tc.threshold)
             key = (mc.backbone, mc.backbone_weights, mc.weights_normalization)
             if key not in checked_weights:
-                models.resolve_weights(*key)
+                backbones.resolve_weights(*key)
                 checked_weights.add(key)
         except UserError as exc:
             raise UserError(f"{where}: {exc}") from None

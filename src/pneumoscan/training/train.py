@@ -35,7 +35,7 @@ from pneumoscan.io import data
 from pneumoscan.evaluation import evaluate, plots
 from pneumoscan.training import features
 from pneumoscan.safety import gate, ood
-from pneumoscan.core import metrics
+from pneumoscan.core import calibration, conformal, metrics
 from pneumoscan.core.config import RunConfig
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import atomic_path, content_digests, write_csv, write_text
@@ -476,10 +476,10 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
     val_samples, val_images = p.split_data["val"]
     val_y = np.array([s.label for s in val_samples])
     val_logits = predict_logits(model, val_images, device=t.device)
-    temperature = metrics.fit_temperature(val_logits, val_y) if tc.calibration == "temperature" else 1.0
+    temperature = calibration.fit_temperature(val_logits, val_y) if tc.calibration == "temperature" else 1.0
     model.temperature.fill_(temperature)
     val_prob = metrics.sigmoid(val_logits / temperature)
-    threshold = metrics.choose_threshold(val_y, val_prob, tc.threshold)
+    threshold = calibration.choose_threshold(val_y, val_prob, tc.threshold)
     log.info("temperature %.3f (fitted on validation); threshold %.4f (rule %s)", temperature, threshold, tc.threshold)
     band = fit_unsure(val_y, val_prob, threshold, tc.unsure)
     detector = fit_ood(model, p.split_data, seed=tc.seed) if tc.ood else None
@@ -516,17 +516,17 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
 
 def fit_unsure(y: np.ndarray, prob: np.ndarray, threshold: float, rule: str) -> dict | None:
     """The UNSURE band for ``ModelMeta.unsure`` from calibrated validation probabilities (rule
-    ``conformal:<confidence>``, see ``metrics.conformal_band``), or None for rule ``none``. Fitted
+    ``conformal:<confidence>``, see ``conformal.conformal_band``), or None for rule ``none``. Fitted
     after the temperature and the threshold, on the same films: the band is of the probabilities
     the model will output, and contains the threshold it will use."""
-    confidence = metrics.parse_unsure(rule)
+    confidence = conformal.parse_unsure(rule)
     if confidence is None:
         return None
     if len(set(np.asarray(y).tolist())) < 2:
         log.warning("no UNSURE band: the validation split has a single class")
         return None
-    band = metrics.conformal_band(y, prob, confidence, threshold)
-    unsure = metrics.in_band(prob, band["low"], band["high"])
+    band = conformal.conformal_band(y, prob, confidence, threshold)
+    unsure = conformal.in_band(prob, band["low"], band["high"])
     log.info("UNSURE band [%.4f, %.4f) (Mondrian conformal, %g confidence, %d validation films): %d of them "
              "UNSURE", band["low"], band["high"], confidence, len(y), int(unsure.sum()))
     return band | {"rule": rule, "fitted_on": "validation split"}
@@ -543,9 +543,9 @@ def calibration_prior(y: np.ndarray, logits: np.ndarray, source: str) -> dict:
     model recorded an effective prior of 0.997 instead of 0.553 (docs/pilot.md)."""
     y = np.asarray(y).astype(int)
     logits = np.asarray(logits, dtype=np.float64)
-    return {"calibration": float(y.mean()), "effective": metrics.effective_prior(logits, y),
+    return {"calibration": float(y.mean()), "effective": calibration.effective_prior(logits, y),
             "n_calibration": int(y.size), "calibration_source": source,
-            "validation": metrics.validation_reference(logits, y)}
+            "validation": calibration.validation_reference(logits, y)}
 
 
 def fit_ood(model: models.Classifier, split_data: dict, *, seed: int, k: int | None = None) -> dict | None:
@@ -582,7 +582,7 @@ def write_run_report(run_dir: Path, meta: artifact.ModelMeta, model: models.Clas
     paths = [s.path for s in samples]
     evaluate.write_errors(model, meta, images, y, prob, meta.threshold, paths, run_dir / split)
     source = {"model": str(run_dir / "model.pt"), "data": meta.config["data"]["root"], "split": split,
-              "n_skipped": n_skipped, "threshold_source": metrics.describe_rule(meta.threshold_rule)}
+              "n_skipped": n_skipped, "threshold_source": calibration.describe_rule(meta.threshold_rule)}
     return report.write_report(run_dir / split, meta, source, run_dir=run_dir, path=run_dir / "report.html")
 
 
