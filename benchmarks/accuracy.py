@@ -208,7 +208,7 @@ def rethreshold(recipe: dict, rule: str, name: str) -> dict:
 def prior_corrected(recipe: dict, target: float) -> dict:
     """Every test logit shifted by log-odds(target) - log-odds(training prevalence), cut at 0.5.
     The validation split is stratified, so its prevalence is the training prevalence."""
-    from pneumoscan.core import calibration, metrics
+    from pneumoscan.core import metrics
 
     log_odds = lambda p: np.log(p / (1 - p))  # noqa: E731
     folds = []
@@ -232,7 +232,7 @@ def pooled(recipe: dict) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]
 def compare(base: dict, other: dict) -> dict:
     """Paired, patient-clustered bootstrap of other - base on the images both have predictions for."""
     from pneumoscan.io import data
-    from pneumoscan.core import calibration, metrics
+    from pneumoscan.core import metrics
 
     kb, yb, pb, db = pooled(base)
     ko, _, po, do = pooled(other)
@@ -247,7 +247,7 @@ def compare(base: dict, other: dict) -> dict:
 
 
 def cmd_table(args) -> int:
-    from pneumoscan.core import calibration, metrics
+    from pneumoscan.core import metrics
 
     recipes: dict[str, dict] = {}
     for out in args.out:  # later folders win: a re-run replaces a recipe

@@ -286,11 +286,11 @@ def wise(run_dir: Path, probe: Path, alpha: float, samples, images, fold, target
     """WiSE-FT at ``alpha`` from an LP-FT run's two ends, re-calibrated on its validation split."""
     import torch
 
-    from pneumoscan.training import train
+    from pneumoscan.training import finetune
     from pneumoscan.inference.torch_model import predict_logits
 
     model, meta = artifact.load(run_dir / "model.pt")
-    train.interpolate(model, torch.load(probe, map_location="cpu", weights_only=True), alpha)
+    finetune.interpolate(model, torch.load(probe, map_location="cpu", weights_only=True), alpha)
     model.temperature.fill_(1.0)  # interpolation mixed the two temperatures: re-fitted below
     paths = {s.path: i for i, s in enumerate(samples)}
     val = [paths[s.path] for s in fold["samples"] if s.split == "val"]

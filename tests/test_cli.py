@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from pneumoscan.cli import app as cli
+from pneumoscan.cli import app as cli, train_commands
 
 METRIC_KEYS = {"n", "threshold", "accuracy", "precision", "recall", "specificity", "f1", "roc_auc", "pr_auc",
                "loss", "confusion_matrix", "ci95"}
@@ -131,9 +131,9 @@ def test_recipe_then_config_file_then_flags(tmp_path):
 
     parser = cli.build_parser()
     args = parser.parse_args(["train", "--data", "d", "--recipe", "seed-study"])
-    seed = cli.config_from_args(args)
+    seed = train_commands.config_from_args(args)
     assert (seed.model.unfreeze_blocks, seed.data.augment, seed.train.patience) == (0, "seed", 7)
-    default = cli.config_from_args(parser.parse_args(["train", "--data", "d"]))
+    default = train_commands.config_from_args(parser.parse_args(["train", "--data", "d"]))
     assert default.model.unfreeze_blocks == 0 and default.data.augment == "acquisition"
     assert default.train.members == "frozen-acquisition-mixup,seed-study-lite0"
     # the package defaults are the default recipe's settings; the recipe adds its members
@@ -142,7 +142,7 @@ def test_recipe_then_config_file_then_flags(tmp_path):
     assert dataclasses.replace(default.train, members="") == RunConfig().train
     # a config file overrides only what it names; flags override the file
     (tmp_path / "c.yaml").write_text("train: {epochs: 3}\n")
-    both = cli.config_from_args(parser.parse_args(
+    both = train_commands.config_from_args(parser.parse_args(
         ["train", "--data", "d", "--recipe", "seed-study", "--config", str(tmp_path / "c.yaml"), "--patience", "2"]))
     assert (both.train.epochs, both.train.patience, both.model.unfreeze_blocks) == (3, 2, 0)
 
@@ -150,14 +150,14 @@ def test_recipe_then_config_file_then_flags(tmp_path):
 def test_set_overrides_after_config_file_and_before_flags(tmp_path):
     parser = cli.build_parser()
     (tmp_path / "c.yaml").write_text("train: {epochs: 3, lr: 0.01}\n")
-    config = cli.config_from_args(parser.parse_args(
+    config = train_commands.config_from_args(parser.parse_args(
         ["train", "--data", "d", "--config", str(tmp_path / "c.yaml"), "--set", "train.lr=3e-4",
          "--set", "data.augment=seed", "--set", "model.unfreeze_blocks=0", "--set", "train.epochs=5",
          "--epochs", "4"]))
     assert (config.train.lr, config.data.augment, config.model.unfreeze_blocks, config.train.epochs) == \
         (3e-4, "seed", 0, 4)
     # data.root may come from --set instead of --data
-    assert cli.config_from_args(parser.parse_args(["train", "--set", "data.root=x"])).data.root == "x"
+    assert train_commands.config_from_args(parser.parse_args(["train", "--set", "data.root=x"])).data.root == "x"
 
 
 def test_flag_choices_come_from_config():

@@ -16,7 +16,7 @@ from torch import nn
 
 from conftest import synthetic_xray
 from pneumoscan.modeling import artifact, backbones, models
-from pneumoscan.cli import app as cli
+from pneumoscan.cli import app as cli, common
 from pneumoscan.evaluation import explain
 from pneumoscan.core.errors import UserError
 from pneumoscan.inference.torch_model import as_batch, predict_logits
@@ -223,7 +223,7 @@ def test_explain_files_writes_one_png_per_readable_image(model_file, image_folde
 
 
 def test_cli_explain_and_predict_explain(model_file, image_folder, tmp_path, capsys):
-    assert cli.CAM_METHODS == tuple(explain.METHODS)
+    assert common.CAM_METHODS == tuple(explain.METHODS)
     code = cli.main(["explain", "--model", str(model_file), str(image_folder / "a"), "--out", str(tmp_path / "e"),
                      "--method", "eigencam"])
     assert code == 0 and (tmp_path / "e" / "x.eigencam.png").is_file()

@@ -220,14 +220,14 @@ def test_sensitivity_is_highest_threshold_reaching_target():
     assert higher.size and recall_score(y, p >= higher[0]) < 0.95
 
 
-@pytest.mark.parametrize("rule, expected", [("0.5", 0.5), ("0.3", 0.3), (" 0 ", 0.0), ("1", 1.0)])
+@pytest.mark.parametrize("rule, expected", [("0.5", 0.5), ("0.3", 0.3), (" 0.01 ", 0.01), ("0.99", 0.99)])
 def test_numeric_threshold(rule, expected):
     assert choose_threshold(Y, P, rule) == expected
     assert choose_threshold([1, 1], [0.2, 0.3], rule) == expected  # no class requirement
 
 
 BAD_RULES = ["bogus", "", "youden:0.9", "sensitivity:", "sensitivity:x", "sensitivity:1.5", "sensitivity:0",
-             "1.5", "-0.1", "nan"]
+             "1.5", "-0.1", "nan", "0", "1"]
 
 
 @pytest.mark.parametrize("rule", BAD_RULES)

@@ -16,7 +16,7 @@ import pytest
 
 from pneumoscan.core import calibration
 from pneumoscan.modeling import artifact
-from pneumoscan.training import train
+from pneumoscan.training import calibrate as train_calibrate
 
 # the bundled weights before the repair (tools/repair_prior.py rewrites only the meta)
 BUNDLED_STATE_FINGERPRINT = "3a25b86c299362b15df352b072cc53925ced56448311a30dabf20dc6e2af6208"
@@ -65,7 +65,7 @@ def test_calibration_prior_survives_probabilities_that_round_to_one():
     y = np.r_[np.zeros(150, int), np.ones(350, int)]
     z = np.where(y == 1, rng.normal(2.5, 1.5, y.size), rng.normal(-2.5, 1.5, y.size))
     z[np.flatnonzero(y == 1)[:9]] = 500.0  # confident films, as in the bundled model's validation split
-    prior = train.calibration_prior(y, z, "validation split")
+    prior = train_calibrate.calibration_prior(y, z, "validation split")
     truth = calibration.effective_prior(np.clip(z, -50, 50), y)
     assert prior["effective"] == pytest.approx(truth, abs=1e-6)
     assert calibration.em_consistency(prior["validation"], prior["effective"]) == pytest.approx(0.7, abs=0.02)

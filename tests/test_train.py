@@ -1,13 +1,14 @@
 import csv
 import json
 
+import lightning as L
 import pytest
 import torch
 import yaml
 
 from pneumoscan.modeling import artifact
 from pneumoscan.io import data
-from pneumoscan.training import train
+from pneumoscan.training import finetune, litmodule, train
 from pneumoscan.core.config import RunConfig
 from pneumoscan.core.errors import UserError
 
@@ -116,7 +117,7 @@ def test_progressive_unfreezing_adds_stages_to_the_optimizer_on_schedule(tiny_da
     config.data.augment = "none"
     seen = []
 
-    class Spy(train.L.Callback):
+    class Spy(L.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
             groups = trainer.optimizers[0].param_groups
             trainable = sum(p.requires_grad for p in pl_module.model.features.parameters())
@@ -155,7 +156,7 @@ def test_label_smoothing_and_cosine_schedule(tiny_dataset, tmp_path):
     config.model.unfreeze_blocks = 1
     lrs = []
 
-    class Spy(train.L.Callback):
+    class Spy(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
             lrs.append(trainer.optimizers[0].param_groups[0]["lr"])
 
@@ -163,7 +164,7 @@ def test_label_smoothing_and_cosine_schedule(tiny_dataset, tmp_path):
     assert lrs[0] == pytest.approx(1e-3) and lrs[1] == pytest.approx(0.5e-3)
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["label_smoothing"] == 0.2
     # smoothing: a perfectly confident, correct logit still has a loss
-    lit = train.LitClassifier(torch.nn.Linear(1, 1), label_smoothing=0.2, from_features=True)
+    lit = litmodule.LitClassifier(torch.nn.Linear(1, 1), label_smoothing=0.2, from_features=True)
     lit.model.classify = lambda x: torch.full((2,), 20.0)
     lit.log = lit.log_dict = lambda *a, **k: None
     loss = lit._step((torch.zeros(2, 1), torch.ones(2)), "train", lit.train_metrics)
@@ -173,7 +174,7 @@ def test_label_smoothing_and_cosine_schedule(tiny_dataset, tmp_path):
 
 def test_mixup_mixes_inputs_and_targets_and_weight_decay_selects_adamw(tiny_dataset, tmp_path):
     seen = []
-    lit = train.LitClassifier(torch.nn.Linear(1, 1), class_weights=(2.0, 0.5), from_features=True, mixup=0.4)
+    lit = litmodule.LitClassifier(torch.nn.Linear(1, 1), class_weights=(2.0, 0.5), from_features=True, mixup=0.4)
     lit.model.classify = lambda x: (seen.append(x.clone()), x[:, 0] * 3)[1]
     lit.log = lit.log_dict = lambda *a, **k: None
     x, y = torch.tensor([[1.0], [0.0], [-1.0], [2.0]]), torch.tensor([1.0, 0.0, 0.0, 1.0])
@@ -192,7 +193,7 @@ def test_mixup_mixes_inputs_and_targets_and_weight_decay_selects_adamw(tiny_data
     config = tiny_config(tiny_dataset, tmp_path / "runs", weight_decay=0.05, mixup=0.2)
     optimizers = []
 
-    class Spy(train.L.Callback):
+    class Spy(L.Callback):
         def on_train_epoch_start(self, trainer, pl_module):
             optimizers.append(trainer.optimizers[0])
 
@@ -208,7 +209,7 @@ def test_head_batchnorm_trains_while_frozen_stages_stay_in_eval(tiny_dataset, tm
     config.model.backbone, config.model.unfreeze_blocks = "resnet18", 0
     modes = {}
 
-    class Spy(train.L.Callback):
+    class Spy(L.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
             model = pl_module.model
             modes["head_bn"] = [m.training for m in model.head if isinstance(m, torch.nn.BatchNorm1d)]
@@ -238,7 +239,7 @@ def test_interpolate_keeps_counters_and_mixes_floats():
     a.weight.data.fill_(1.0)
     b.weight.data.fill_(3.0)
     a.num_batches_tracked.fill_(5)
-    train.interpolate(a, b.state_dict(), 0.25)
+    finetune.interpolate(a, b.state_dict(), 0.25)
     assert torch.allclose(a.weight, torch.full((3,), 2.5))
     assert int(a.num_batches_tracked) == 5
 

@@ -3,7 +3,7 @@
 For a model trained before detectors existed (the bundled one): the training and validation
 split is re-made from the model's own config (the same patient-grouped split its training
 carved, by seed), the detector is fitted on the training films' features plus shifted copies,
-its cut-offs on the validation films (``train.fit_ood``, what training does at its end), and the
+its cut-offs on the validation films (``calibrate.fit_ood``, what training does at its end), and the
 model is written back with its OOD head and the input-quality limits in its meta.
 
     python tools/add_ood.py src/pneumoscan/assets/model.pt --data ../shared/data/chest_xray/train \\
@@ -22,7 +22,7 @@ from pneumoscan.modeling import artifact
 from pneumoscan.cli import console
 from pneumoscan.io import data
 from pneumoscan.safety import gate
-from pneumoscan.training import train
+from pneumoscan.training import calibrate, loaders
 from pneumoscan.core.config import RunConfig
 from pneumoscan.core.files import file_sha256, write_text
 
@@ -84,10 +84,10 @@ def main() -> int:
     console.configure_logging(False)
     model, meta = artifact.load(args.model)
     config = RunConfig.from_dict(meta.config | {"data": meta.config["data"] | {"root": args.data}})
-    samples = train.split_samples(config, None)
+    samples = loaders.split_samples(config, None)
     kept, images, _ = data.load_images([s for s in samples if s.split in ("train", "val")], meta.image_size)
-    split = train.by_split(kept, images)
-    detector = train.fit_ood(model, split, seed=config.train.seed)  # as training's finalize does
+    split = loaders.by_split(kept, images)
+    detector = calibrate.fit_ood(model, split, seed=config.train.seed)  # as training's finalize does
     if detector is None:
         return 2
     meta = meta.replace(ood=detector, quality=gate.default_limits(meta.image_size).to_dict())

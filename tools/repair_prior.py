@@ -30,7 +30,7 @@ from pneumoscan.core.files import atomic_path, file_sha256
 from pneumoscan.io import data, imaging
 from pneumoscan.modeling import artifact
 from pneumoscan.safety import ood as ood_mod
-from pneumoscan.training import train
+from pneumoscan.training import calibrate as train_calibrate
 
 SAMPLE = Path(__file__).parents[1] / "examples" / "chest_xray_sample"
 
@@ -76,7 +76,7 @@ def main() -> int:
     blob = artifact.read(args.model)
     meta = artifact.ModelMeta.from_dict(blob["meta"])
     z, y, scores = validation_scores(args.model, args.cache)
-    prior = train.calibration_prior(y, z, "validation split") | {
+    prior = train_calibrate.calibration_prior(y, z, "validation split") | {
         "repaired": "tools/repair_prior.py: recomputed from the validation split's calibrated logits (the recorded "
                     f"effective prior {meta.prior.get('effective'):.4f} came from a nan objective)"}
     ood = dict(meta.ood or {})

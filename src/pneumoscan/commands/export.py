@@ -23,8 +23,8 @@ from pneumoscan.core.files import atomic_path, file_sha256
 from pneumoscan.inference.batching import spans, unit_interval
 from pneumoscan.inference.engines import OnnxEngine
 from pneumoscan.inference.onnx_export import export_onnx
-from pneumoscan.inference.onnx_format import (INPUT_NAME, SELFCHECK_KEY, encode_selfcheck, get_document,
-                                              set_document)
+from pneumoscan.inference.onnx_format import (INPUT_NAME, SELFCHECK_KEY, SELFCHECK_TOLERANCE, encode_selfcheck,
+                                              get_document, set_document)
 
 __all__ = ["export_onnx", "quantize_onnx", "quantize_checked", "compare_auc"]
 
@@ -32,7 +32,6 @@ log = logging.getLogger(__name__)
 
 INT8_AUC_TOLERANCE = 0.005  # max |ROC-AUC int8 - ROC-AUC fp32| for an INT8 model to be kept
 SELFCHECK_IMAGES = 8  # reference images stored in an INT8 file, scored again at every load
-SELFCHECK_TOLERANCE = 1e-3  # max |Δprob| vs the stored INT8 probabilities: integer arithmetic is exact
 
 
 # ----------------------------------------------------------------------------- INT8

@@ -14,61 +14,43 @@ import math
 
 import numpy as np
 
+from pneumoscan.core import rules
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.metrics import _arrays, _both_classes, logit, sigmoid
 
 log = logging.getLogger(__name__)
 
-_THRESHOLD_RULES = (
-    '"youden", "sensitivity:<recall in (0, 1]>" (e.g. "sensitivity:0.95") or a number in [0, 1] (e.g. "0.5")'
-)
 
 
 def choose_threshold(y_true, prob, rule: str) -> float:
-    """Turn an operating-point rule into a probability cut-off, fitted on the validation split."""
+    """Turn an operating-point rule (``rules.parse_threshold``) into a probability cut-off,
+    fitted on the validation split."""
     from sklearn.metrics import roc_curve
     y, p = _arrays(y_true, prob)
-    rule = str(rule).strip()
-    if rule == "youden":
-        _need_both_classes(y, rule)
+    parsed = rules.parse_threshold(rule)
+    if parsed.kind == "fixed":
+        return parsed.value
+    if not _both_classes(y):
+        raise UserError(
+            f"threshold rule {parsed.text!r} needs both NORMAL and PNEUMONIA images in the validation split, "
+            f"which has {int((y == 0).sum())} NORMAL and {int((y == 1).sum())} PNEUMONIA"
+        )
+    if parsed.kind == "youden":
         fpr, tpr, thresholds = roc_curve(y, p)
         # roc_curve's first threshold is inf (nothing predicted positive)
         return float(np.clip(thresholds[np.argmax(tpr - fpr)], 0.0, 1.0))
-    if rule.startswith("sensitivity:"):
-        target = _parse_float(rule.removeprefix("sensitivity:"), rule)
-        if not 0 < target <= 1:
-            raise UserError(f"threshold rule {rule!r}: the recall must be in (0, 1]; use {_THRESHOLD_RULES}")
-        _need_both_classes(y, rule)
-        # thresholds descend and recall only grows, so the first hit is the highest threshold
-        _, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
-        return float(np.clip(thresholds[np.argmax(tpr >= target)], 0.0, 1.0))
-    value = _parse_float(rule, rule)
-    if not 0 <= value <= 1:
-        raise UserError(f"threshold rule {rule!r} is outside [0, 1]; use {_THRESHOLD_RULES}")
-    return value
+    # thresholds descend and recall only grows, so the first hit is the highest threshold
+    _, tpr, thresholds = roc_curve(y, p, drop_intermediate=False)
+    return float(np.clip(thresholds[np.argmax(tpr >= parsed.value)], 0.0, 1.0))
 
 
 def describe_rule(rule: str) -> str:
-    """How a threshold came about, for reports: fitted on validation, or fixed."""
+    """How a threshold came about, for reports: fitted on validation, or fixed. A rule older
+    models recorded that no longer parses is described as written, not refused."""
     try:
-        return f"fixed at {float(rule):g} on the calibrated probability"
-    except ValueError:
+        return rules.parse_threshold(rule).describe()
+    except rules.RuleError:
         return f"{rule} on the validation split"
-
-
-def _parse_float(text: str, rule: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise UserError(f"unknown threshold rule {rule!r}; use {_THRESHOLD_RULES}") from None
-
-
-def _need_both_classes(y: np.ndarray, rule: str) -> None:
-    if not _both_classes(y):
-        raise UserError(
-            f"threshold rule {rule!r} needs both NORMAL and PNEUMONIA images in the validation split, "
-            f"which has {int((y == 0).sum())} NORMAL and {int((y == 1).sum())} PNEUMONIA"
-        )
 
 
 def fit_temperature(logits, y_true) -> float:

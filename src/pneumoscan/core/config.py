@@ -19,32 +19,29 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
 
+from pneumoscan.core import rules
 from pneumoscan.core.errors import UserError
 
 SECTIONS = ("data", "model", "train")
 
 # --- the choices, declared once -----------------------------------------------------------------
-# Library modules keep their own copies for direct callers (tests/test_config.py checks they agree).
+# Torch-side modules keep their own registries (tests/test_config.py checks they name the same choices);
+# the rule languages (threshold, UNSURE, head, unfreezing) have one parser each, in core.rules.
 AUGMENTATIONS = ("seed", "seed-noflip", "radiograph", "acquisition", "acquisition-framing", "none")  # transforms.AUGMENTATIONS
 CLASS_WEIGHT_MODES = ("balanced", "none")  # data.class_weights
 BACKBONES = ("mobilenet_v2", "resnet18", "efficientnet_b0", "densenet121", "efficientnet_lite0")  # backbones.BACKBONES
 WEIGHTS_NORMALIZATIONS = ("auto", "imagenet", "inception", "unit", "efficientnet-lite")  # "auto" + backbones.NORMALIZATIONS
-HEAD_NAMES = ("seed", "exp1", "exp2", "exp3", "exp4", "exp5", "exp6", "exp7", "exp8", "exp9", "exp10",
-              "linear")  # heads.HEADS
+HEAD_NAMES = tuple(rules.HEADS)
 BATCHNORM_MODES = ("train", "frozen")
 SCHEDULES = ("constant", "cosine")
 PRECISIONS = ("auto", "32", "bf16")
 CALIBRATIONS = ("temperature", "none")
-THRESHOLD_RULES = "0.5, youden, sensitivity:0.95 or a number in (0, 1)"
-UNSURE_RULES = "none or conformal:<confidence in (0, 1)>, e.g. conformal:0.95"  # conformal.parse_unsure
-
-_HEAD_TOKEN = re.compile(r"bn|d0?\.\d+|\d+")  # heads.build_head's layer tokens
-_UNFREEZE_PAIR = re.compile(r"\s*(\d+)\s*:\s*(-?\d+)\s*")
+THRESHOLD_RULES = rules.THRESHOLD_RULES
+UNSURE_RULES = rules.UNSURE_RULES
 
 
 @dataclass
@@ -191,54 +188,29 @@ def _at_least(low, what: str = ""):
     return lambda v: None if v >= low else f"must be >= {low}{what}, not {v!r}"
 
 
-def check_threshold_rule(rule: str, key: str = "train.threshold") -> str | None:
-    """None if ``rule`` is a threshold rule calibration.choose_threshold accepts, else why not."""
-    rule = rule.strip()
-    if rule == "youden":
-        return None
-    if rule.startswith("sensitivity:"):
-        target = _float_or_none(rule.removeprefix("sensitivity:"))
-        if target is None or not 0 < target <= 1:
-            return f"bad threshold rule {rule!r} ({key}): the sensitivity must be in (0, 1]; use {THRESHOLD_RULES}"
-        return None
-    value = _float_or_none(rule)
-    if value is None:
-        return f"unknown threshold rule {rule!r} ({key}); use {THRESHOLD_RULES}"
-    if not 0 < value < 1:
-        return f"threshold rule {rule!r} ({key}) is outside (0, 1); use {THRESHOLD_RULES}"
+def _problem(parse, value: str, key: str) -> str | None:
+    """None when a ``core.rules`` parser accepts ``value``, else its reason (naming ``key``)."""
+    try:
+        parse(value, key)
+    except rules.RuleError as exc:
+        return str(exc)
     return None
+
+
+def check_threshold_rule(rule: str, key: str = "train.threshold") -> str | None:
+    return _problem(rules.parse_threshold, rule, key)
 
 
 def check_unsure_rule(rule: str, key: str = "train.unsure") -> str | None:
-    """None if ``rule`` is an UNSURE rule conformal.parse_unsure accepts, else why not."""
-    rule = rule.strip()
-    if rule == "none":
-        return None
-    if rule.startswith("conformal:"):
-        value = _float_or_none(rule.removeprefix("conformal:"))
-        if value is not None and 0 < value < 1:
-            return None
-        return f"bad UNSURE rule {rule!r} ({key}): the confidence must be in (0, 1); use {UNSURE_RULES}"
-    return f"unknown UNSURE rule {rule!r} ({key}); use {UNSURE_RULES}"
+    return _problem(rules.parse_unsure, rule, key)
 
 
 def check_unfreeze_at(schedule: str, key: str = "train.unfreeze_at") -> str | None:
-    """None if ``schedule`` parses as models.stages_to_unfreeze's "EPOCH:STAGES,..." (-1 = all)."""
-    for part in filter(None, (p.strip() for p in schedule.split(","))):
-        if not _UNFREEZE_PAIR.fullmatch(part):
-            return f"bad unfreeze schedule {schedule!r} ({key}): use EPOCH:STAGES pairs like '2:3,4:-1' (-1 = all)"
-    return None
+    return _problem(rules.parse_unfreeze, schedule, key)
 
 
 def check_head(spec: str, key: str = "model.head") -> str | None:
-    """None if ``spec`` is a head name or a spec heads.build_head can build."""
-    if spec in HEAD_NAMES:
-        return None
-    for token in filter(None, (t.strip() for t in spec.split(","))):
-        if not _HEAD_TOKEN.fullmatch(token):
-            return (f"bad head spec {spec!r} ({key}) at {token!r}: use names {', '.join(HEAD_NAMES)} or "
-                    "comma-separated layers like '64,bn,d0.3,32'")
-    return None
+    return _problem(rules.parse_head, spec, key)
 
 
 def _check_backbone(name: str) -> str | None:
@@ -498,13 +470,6 @@ def _check_type(key: str, kind: type, value: Any) -> None:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
     if not ok:
         raise ConfigError(f"{key}: expected {kind.__name__}, not {value!r}")
-
-
-def _float_or_none(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
 
 
 def _build(kind: type, section: str, values: Any):

@@ -18,28 +18,6 @@ from pneumoscan.core.metrics import _arrays
 log = logging.getLogger(__name__)
 
 
-UNSURE_RULES = '"none" or "conformal:<confidence in (0, 1)>" (e.g. "conformal:0.95")'
-
-
-def parse_unsure(rule: str) -> float | None:
-    """The confidence of an UNSURE rule (``"conformal:0.95"`` -> 0.95), None for ``"none"``."""
-    rule = str(rule).strip()
-    if rule == "none":
-        return None
-    if rule.startswith("conformal:"):
-        value = _parse_float_or_none(rule.removeprefix("conformal:"))
-        if value is not None and 0 < value < 1:
-            return value
-    raise UserError(f"unknown UNSURE rule {rule!r}; use {UNSURE_RULES}")
-
-
-def _parse_float_or_none(text: str) -> float | None:
-    try:
-        return float(text)
-    except ValueError:
-        return None
-
-
 def _conformal_quantile(alphas_cal: np.ndarray, confidence: float) -> float:
     """The largest nonconformity score that crepes' (unsmoothed) conformal classifier still
     accepts at ``confidence`` against ``alphas_cal``; +inf when it accepts every score (too few

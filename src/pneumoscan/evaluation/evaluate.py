@@ -63,13 +63,13 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
     band = None
     if unsure:
         band = conformal.band_with_threshold(float(unsure["low"]), float(unsure["high"]), threshold)
-        decided = [_decision(q, threshold, f, band) not in (decision.NOT_ASSESSED, decision.UNSURE)
-                   for q, f in zip(prob, flags)]
+        labels = [decision.label_for(q, threshold, f, band, CLASS_NAMES) for q, f in zip(prob, flags)]
+        decided = [label not in (decision.NOT_ASSESSED, decision.UNSURE) for label in labels]
         result["selective"] = selective_block(y_true, prob, threshold, decided, unsure, band)
     write_json(out / "metrics.json", result)
     pred = (prob >= threshold).astype(int)
     write_csv(out / "predictions.csv", ["path", "label", "probability", "prediction", "decision", "flags"],
-              [(p, int(t), f"{q:.6f}", int(k), _decision(q, threshold, f, band), ";".join(f))
+              [(p, int(t), f"{q:.6f}", int(k), decision.label_for(q, threshold, f, band, CLASS_NAMES), ";".join(f))
                for p, t, q, k, f in zip(paths, y_true, prob, pred, flags)])
     plots.confusion_matrix_plot(result["confusion_matrix"], out / "confusion_matrix.png")
     if len(set(y_true.tolist())) == 2:
@@ -79,15 +79,6 @@ def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float,
     plots.reliability_diagram(y_true, prob, out / "reliability.png", n_bins=ECE_BINS)
     return result
 
-
-
-def _decision(prob: float, threshold: float, flags: Sequence[str], band: tuple[float, float] | None = None) -> str:
-    """As ``inference.decision.decide`` labels the film: NOT_ASSESSED wins over UNSURE."""
-    if any(f in decision.NOT_COMPETENT for f in flags):
-        return decision.NOT_ASSESSED
-    if band is not None and band[0] <= prob < band[1]:
-        return decision.UNSURE
-    return CLASS_NAMES[int(prob >= threshold)]
 
 
 def selective_block(y_true, prob, threshold: float, decided, unsure: dict, band: tuple[float, float]) -> dict:

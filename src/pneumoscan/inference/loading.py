@@ -22,6 +22,7 @@ from pneumoscan.modeling import artifact
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import file_sha256
 from pneumoscan.inference.engines import Engine, OnnxEngine, TorchEngine
+from pneumoscan.inference.onnx_format import SELFCHECK_TOLERANCE
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +74,6 @@ def load_engine(path: str | Path | None = None, kind: str = "auto", *, threads: 
         reason = f"{type(exc).__name__}: {exc}"
     log.warning("ONNX export of %s failed (%s); running it with PyTorch instead", path, reason)
     return TorchEngine(path)
-
-
-SELFCHECK_TOLERANCE = 1e-3  # as export.SELFCHECK_TOLERANCE: INT8 integer arithmetic is exact where it does not saturate
 
 
 def checked_onnx_engine(path: Path, *, threads: int | None = None) -> OnnxEngine:

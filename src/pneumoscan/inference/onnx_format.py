@@ -22,6 +22,9 @@ if TYPE_CHECKING:
 
 METADATA_KEY = "pneumoscan"  # ONNX metadata_props key holding the JSON document
 SELFCHECK_KEY = "pneumoscan.selfcheck"  # INT8 files: reference images and their expected probabilities
+# max |Δprob| between an INT8 file's stored self-check probabilities and what this machine computes:
+# integer arithmetic is exact where it does not saturate, so more means other kernels
+SELFCHECK_TOLERANCE = 1e-3
 FORMAT = "pneumoscan-onnx/1"  # {"format", "meta", "source_sha256", "precision", "opset", "exported_by", ...}
 INPUT_NAME, OUTPUT_NAME = "image", "logit"
 OOD_NAME = "ood_score"  # second output, when the model has an OOD detector: (N,) Mahalanobis distance

@@ -3,50 +3,27 @@ experiments (``HEADS``, ``build_head``) and the out-of-distribution head (``Maha
 
 from __future__ import annotations
 
-import re
-
 import torch
 from torch import nn
 
-from pneumoscan.core.errors import UserError
+from pneumoscan.core import rules
 
 
-# Head specs: comma-separated layers after global average pooling; a number is Dense+ReLU,
-# "bn" BatchNorm1d, "dN" dropout with p=N. The final Dense(1) is implicit. The names are the
-# seed study's experiments (its table: exp 9 = "2x BN, no dropout" was best).
-HEADS = {
-    "seed": "64,bn,bn,32",  # experiment 9, the study's final model
-    "exp1": "64,d0.5",
-    "exp2": "64,64,d0.5",
-    "exp3": "64,d0.3",
-    "exp4": "64,d0.7",
-    "exp5": "128,64,d0.5",
-    "exp6": "64",
-    "exp7": "64,bn",
-    "exp8": "64,bn,32,bn",
-    "exp9": "64,bn,bn,32",
-    "exp10": "128,bn,64,bn,32",
-    "linear": "",
-}
+HEADS = rules.HEADS  # the seed study's named heads; the spec language is core.rules.parse_head
 
 
 def build_head(spec: str, in_features: int) -> nn.Sequential:
-    spec = HEADS.get(spec, spec)
+    """The layers of ``spec`` (a name in HEADS or a spec like "64,bn,d0.3,32"), then Dense(1)."""
     layers: list[nn.Module] = []
     width = in_features
-    for token in filter(None, (t.strip() for t in spec.split(","))):
-        if token == "bn":
+    for layer in rules.parse_head(spec):
+        if layer.kind == "bn":
             layers.append(nn.BatchNorm1d(width))
-        elif re.fullmatch(r"d(0?\.\d+)", token):
-            layers.append(nn.Dropout(float(token[1:])))
-        elif token.isdigit():
-            layers += [nn.Linear(width, int(token)), nn.ReLU()]
-            width = int(token)
+        elif layer.kind == "dropout":
+            layers.append(nn.Dropout(layer.p))
         else:
-            raise UserError(
-                f"bad head spec {spec!r} at {token!r}: use names {', '.join(HEADS)} or "
-                "comma-separated layers like '64,bn,d0.3,32'"
-            )
+            layers += [nn.Linear(width, layer.size), nn.ReLU()]
+            width = layer.size
     layers.append(nn.Linear(width, 1))
     return nn.Sequential(*layers)
 

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pneumoscan.core import rules
 from pneumoscan.core.errors import UserError
 from pneumoscan.modeling.backbones import (NORMALIZATIONS, _load_pretrained, backbone, resolve_weights,
                                            use_tf_same_padding)
@@ -221,15 +222,10 @@ def build(name: str = "mobilenet_v2", *, weights: str = "none", head: str = "see
 
 
 def stages_to_unfreeze(schedule: str, n_stages: int) -> dict[int, int]:
-    """Parse a progressive-unfreezing schedule "EPOCH:STAGES,..." (-1 = all) into {epoch: stages}."""
-    out: dict[int, int] = {}
-    for part in filter(None, (p.strip() for p in schedule.split(","))):
-        try:
-            epoch, stages = (int(v) for v in part.split(":"))
-        except ValueError:
-            raise UserError(f"bad unfreeze schedule {schedule!r}: use EPOCH:STAGES pairs like '2:3,4:-1'") from None
-        out[epoch] = n_stages if stages < 0 or stages > n_stages else stages
-    return out
+    """A progressive-unfreezing schedule (``rules.parse_unfreeze``) as {epoch: trainable stages},
+    -1 or more than there are meaning all ``n_stages``."""
+    return {epoch: n_stages if stages < 0 or stages > n_stages else stages
+            for epoch, stages in rules.parse_unfreeze(schedule).items()}
 
 
 def parameter_groups(model: Classifier, lr: float, backbone_lr: float) -> list[dict]:

@@ -91,6 +91,17 @@ def ood_flag(meta: ModelMeta, score: float) -> str | None:
     return OUT_OF_DISTRIBUTION if score > o["cutoff_ood"] else None
 
 
+def label_for(prob: float, threshold: float, flags: Sequence[str], band: tuple[float, float] | None,
+              class_names: Sequence[str] = ("NORMAL", "PNEUMONIA")) -> str:
+    """The label of one film: NOT_ASSESSED when a flag says the model is not competent for it,
+    else UNSURE inside the band [low, high), else the threshold's class."""
+    if any(f in NOT_COMPETENT for f in flags):
+        return NOT_ASSESSED
+    if band is not None and band[0] <= prob < band[1]:
+        return UNSURE
+    return class_names[int(prob >= threshold)]
+
+
 def decide(meta: ModelMeta, logits: np.ndarray, ood_scores: np.ndarray, quality: Sequence[Sequence[gate.Flag]],
            threshold: float | None = None) -> list[Verdict]:
     """One Verdict per image from its logit (the engine's; ``meta.site_logits`` adds any prior
@@ -110,12 +121,10 @@ def decide(meta: ModelMeta, logits: np.ndarray, ood_scores: np.ndarray, quality:
         if failed:
             flags.append(LOW_QUALITY)
             details.append(gate.summary(list(failed)))
-        assessed = not any(f in NOT_COMPETENT for f in flags)
-        prediction = int(p >= thr) if assessed else None
-        unsure = assessed and band is not None and band[0] <= p < band[1]
-        label = NOT_ASSESSED if not assessed else UNSURE if unsure else meta.class_names[prediction]
+        label = label_for(p, thr, flags, band, meta.class_names)
+        prediction = None if label == NOT_ASSESSED else int(p >= thr)
         out.append(Verdict(p, float(z), label, prediction, thr, tuple(flags), tuple(details),
-                           float(s) if math.isfinite(s) else None, decided=assessed and not unsure))
+                           float(s) if math.isfinite(s) else None, decided=label not in (NOT_ASSESSED, UNSURE)))
     return out
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import yaml
 
 from pneumoscan.io import data
-from pneumoscan.training import ensemble, train
+from pneumoscan.training import ensemble, loaders, train
 from pneumoscan.core import metrics
 from pneumoscan.core.config import RunConfig, member_names
 from pneumoscan.core.errors import UserError
@@ -39,7 +39,7 @@ def fold_samples(pool: list[data.Sample], folds: int, seed: int, val_fraction: f
     return out
 
 
-def cross_validate(config: RunConfig, folds: int = 5, progress: train.Progress | None = None,
+def cross_validate(config: RunConfig, folds: int = 5, progress: loaders.Progress | None = None,
                    split_seed: int = 42) -> Path:
     """``split_seed`` fixes the folds apart from the training seed, so recipes (and seeds of one
     recipe, for an ensemble) are compared on exactly the same patients. Run again with the same

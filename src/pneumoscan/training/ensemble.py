@@ -29,7 +29,7 @@ import yaml
 from pneumoscan.modeling import artifact, models
 from pneumoscan.io import data
 from pneumoscan.evaluation import evaluate
-from pneumoscan.training import features, train
+from pneumoscan.training import calibrate, features, train
 from pneumoscan.safety import gate
 from pneumoscan.core import calibration, metrics
 from pneumoscan.modeling.artifact import Member, ModelMeta
@@ -153,8 +153,8 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
              len(nets), temperature, threshold, rule, len(val_samples))
     # the members' own UNSURE rule (first run's), refitted for the ensemble's probabilities
     unsure_rule = (configs[0].get("train") or {}).get("unsure", "none") if unsure_rule is None else unsure_rule
-    band = train.fit_unsure(y_val, val_prob, threshold, unsure_rule)
-    prior = train.calibration_prior(y_val, per_member.mean(axis=1) / temperature, "validation split")
+    band = calibrate.fit_unsure(y_val, val_prob, threshold, unsure_rule)
+    prior = calibrate.calibration_prior(y_val, per_member.mean(axis=1) / temperature, "validation split")
 
     detector, train_samples = None, []
     if with_ood:
@@ -163,7 +163,7 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
         skipped += train_skipped
         # PCA to the widest member's width: members sharing a frozen backbone give the same features
         # twice, and the full square precision would double the model file for nothing
-        detector = train.fit_ood(ensemble, {"train": (train_samples, train_images), "val": (val_samples, val_images)},
+        detector = calibrate.fit_ood(ensemble, {"train": (train_samples, train_images), "val": (val_samples, val_images)},
                                  seed=seed, k=max(net.feature_dim for net in nets))
     digests = sorted({d for m in metas for d in m.data_digests})
     if any(not m.data_digests for m in metas):

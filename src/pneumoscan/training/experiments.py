@@ -45,7 +45,7 @@ import yaml
 from pneumoscan.modeling import artifact, backbones, heads
 from pneumoscan.evaluation import compare
 from pneumoscan.core import calibration
-from pneumoscan.training import train
+from pneumoscan.training import loaders, train
 from pneumoscan.core.config import RunConfig, apply_overrides, merge
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import write_csv, write_text
@@ -202,7 +202,7 @@ def _tracking_client(uri: str, experiment: str):
 
 def run_grid(grid_path: str | Path, *, seeds: int | None = None, tracking_uri: str | None = None,
              out_dir: str | Path | None = None, data_root: str | None = None,
-             progress: train.Progress | None = None) -> Path:
+             progress: loaders.Progress | None = None) -> Path:
     """Train every run of the grid, track each in MLflow, write the comparison; returns the output folder."""
     from lightning.pytorch.loggers import MLFlowLogger
 
