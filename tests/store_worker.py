@@ -1,10 +1,11 @@
 """A claiming worker for the store's concurrency tests, run as its own process.
 
-    python store_worker.py URL WORKER_ID GO_FILE OUT_FILE
+    python store_worker.py URL WORKER_ID GO_FILE OUT_FILE RECEIVE
 
 Says it is ready (OUT_FILE with suffix .ready), waits for GO_FILE (so that both workers start
 together), then claims films two at a time and records a result for each under a model version of
-its own, until no film is left; writes the ids it claimed to OUT_FILE. A film handed to both workers would therefore carry two results.
+its own, until no film is left; writes the ids it claimed to OUT_FILE. With RECEIVE > 0 it first
+records films 0..RECEIVE-1 itself, as the other worker does: a film received twice is one row. A film handed to both workers would therefore carry two results.
 """
 
 from __future__ import annotations
@@ -15,10 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-from pneumoscan.store import Store
+from pneumoscan.store import FilmHeader, Store
 
 
-def main(url: str, worker: str, go: Path, out: Path) -> None:
+def film_header(i: int) -> FilmHeader:
+    return FilmHeader(study_instance_uid=f"1.2.826.0.1.{i // 3}", sop_instance_uid=f"1.2.826.0.1.{i // 3}.{i}")
+
+
+def main(url: str, worker: str, go: Path, out: Path, receive: int) -> None:
     sha = hashlib.sha256(worker.encode()).hexdigest()
     with Store.open(url) as store:
         store.register_model(sha, f"worker-{worker}", "1")
@@ -26,6 +31,8 @@ def main(url: str, worker: str, go: Path, out: Path) -> None:
         deadline = time.monotonic() + 60
         while not go.exists() and time.monotonic() < deadline:
             time.sleep(0.005)
+        for i in range(receive):  # both workers receive the same films (a PACS sending to two nodes)
+            store.upsert_film(film_header(i), None)
         claimed: list[int] = []
         while films := store.claim_films(worker, limit=2):
             for film in films:
@@ -36,21 +43,22 @@ def main(url: str, worker: str, go: Path, out: Path) -> None:
     tmp.rename(out)
 
 
-def run_two_claimers(url: str, folder: Path, n_films: int) -> tuple[list[int], list[int]]:
+def run_two_claimers(url: str, folder: Path, n_films: int, *, racing: bool = False) -> tuple[list[int], list[int]]:
     """Fill ``url`` with ``n_films`` waiting films, run two worker processes on it at once, and
-    return the ids each claimed (the test checks that they are disjoint and cover every film)."""
+    return the ids each claimed (the test checks that they are disjoint and cover every film).
+    ``racing``: the workers open the empty database together (both migrate) and both receive
+    every film themselves before claiming, instead of finding them there."""
     import os
     import subprocess
 
-    from pneumoscan.store import FilmHeader
-
-    with Store.open(url) as store:
-        for i in range(n_films):
-            store.upsert_film(FilmHeader(study_instance_uid=f"1.2.826.0.1.{i // 3}",
-                                         sop_instance_uid=f"1.2.826.0.1.{i // 3}.{i}"), None)
+    if not racing:
+        with Store.open(url) as store:
+            for i in range(n_films):
+                store.upsert_film(film_header(i), None)
     go = folder / "go"
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    procs = [subprocess.Popen([sys.executable, __file__, url, name, str(go), str(folder / f"{name}.json")],
+    receive = str(n_films if racing else 0)
+    procs = [subprocess.Popen([sys.executable, __file__, url, name, str(go), str(folder / f"{name}.json"), receive],
                               env=env) for name in ("a", "b")]
     deadline = time.monotonic() + 120
     while not all((folder / f"{name}.ready").exists() for name in ("a", "b")):  # both connected
@@ -64,4 +72,4 @@ def run_two_claimers(url: str, folder: Path, n_films: int) -> tuple[list[int], l
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]))
+    main(sys.argv[1], sys.argv[2], Path(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]))

@@ -249,13 +249,14 @@ def test_cors_off_by_default_and_on_for_listed_origins(client, keyed):
 # --- health, model card, page, docs ----------------------------------------------------------
 
 def test_health(client):
-    assert client.get("/v1/health").json() == {"status": "ok", "model_loaded": True, "api_key_required": False}
+    assert client.get("/v1/health").json() == {"status": "ok", "model_loaded": True, "api_key_required": False,
+                                            "result_store": False}
 
 
 def test_health_says_a_key_is_needed_without_one(keyed):
     r = keyed.get("/v1/health")  # open without the key, so the page can ask for one only when needed
     assert r.status_code == 200
-    assert r.json() == {"status": "ok", "model_loaded": True, "api_key_required": True}
+    assert r.json() == {"status": "ok", "model_loaded": True, "api_key_required": True, "result_store": False}
 
 
 def test_model_card(client, meta, trained_model):

@@ -36,6 +36,9 @@ def add_serve(sub) -> None:
                    help="requests waiting to be scored before new ones get 503 busy")
     p.add_argument("--score-timeout", type=float, default=settings.DEFAULT_SCORE_TIMEOUT_S, metavar="S",
                    help="seconds a request may wait for its score before a 504")
+    p.add_argument("--db", metavar="URL", help="result store whose studies the page and /v1/studies list (those the "
+                   "DICOM node scored): a SQLite file (sqlite:///pneumoscan.db or a path) or postgresql://...; "
+                   "none by default")
     g = p.add_argument_group("hostile and slow clients")
     g.add_argument("--header-timeout", type=float, default=settings.DEFAULT_HEADER_TIMEOUT_S, metavar="S",
                    help="seconds for a request's head to arrive (half a head: 408 and closed; nothing: closed)")
@@ -77,7 +80,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     budget.configure(int(args.decode_budget_mb * settings.MiB), int(args.decode_total_mb * settings.MiB))
     app = create_app(args.model, max_upload_bytes=int(args.max_upload_mb * settings.MiB),
                      max_pixels=args.max_pixels, engine=args.engine, cors_origins=args.cors_origin,
-                     batching=batching, max_in_flight=args.max_in_flight, body_timeout_s=args.body_timeout)
+                     batching=batching, max_in_flight=args.max_in_flight, body_timeout_s=args.body_timeout,
+                     db=args.db)
     if args.host not in ("127.0.0.1", "localhost", "::1") and not os.environ.get(settings.API_KEY_ENV):
         log.warning("listening on %s without an API key: anyone who can reach this port can use it "
                     "(set %s)", args.host, settings.API_KEY_ENV)

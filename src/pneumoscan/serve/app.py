@@ -49,6 +49,8 @@ from pneumoscan.serve.service import Service, png_bytes
 from pneumoscan.serve.settings import (API_KEY_ENV, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BATCH_FILES,
                                        DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES,
                                        RETRY_AFTER_S, MiB)
+from pneumoscan.serve.worklist import study_routes
+from pneumoscan.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -147,6 +149,7 @@ class Health(BaseModel):
     status: str
     model_loaded: bool
     api_key_required: bool = Field(description="whether /v1 calls other than health need the X-API-Key header")
+    result_store: bool = Field(False, description="whether /v1/studies lists a result store's studies (--db)")
 
 
 class ErrorBody(BaseModel):
@@ -226,7 +229,8 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
                max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_files: int = DEFAULT_MAX_BATCH_FILES,
                api_key: str | None | object = _FROM_ENV, cors_origins: tuple[str, ...] | list[str] = (),
                engine: str = "auto", batching: BatchSettings | None = None,
-               max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S) -> FastAPI:
+               max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+               db: str | None = None) -> FastAPI:
     """The service for the model at ``model_path`` (default: the bundled model).
 
     ``api_key``: required in the X-API-Key header of every /v1 call except health; by default
@@ -236,7 +240,8 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     ``batching``: the scoring queue's micro-batch size, wait, length and timeout
     (``serve.batcher.BatchSettings``; defaults in ``serve.settings``). ``max_in_flight``: requests
     handled at once before new ones get 503; ``body_timeout_s``: how long a request body may take
-    to arrive before a 408 (see ``serve.guard``).
+    to arrive before a 408 (see ``serve.guard``). ``db``: the result store's URL
+    (``pneumoscan.store``), whose studies /v1/studies and the page's study worklist show.
     """
     path = artifact.resolve(model_path)  # fail here, not at startup, on a model that is not there
     if not path.is_file():
@@ -246,6 +251,7 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     limits = ServerLimits(uploads.Limits(max_bytes=int(max_upload_bytes), max_pixels=int(max_pixels)),
                           int(max_batch_files), key or None)
     batching = batching or BatchSettings()
+    store = Store.open(db) if db else None  # a bad URL or an unreachable database fails here, readably
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -259,11 +265,15 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
             yield
         finally:
             await run_in_threadpool(app.state.service.close)
+            if store is not None:
+                store.close()
 
     app = FastAPIOffline(title="pneumoscan", version=__version__, lifespan=lifespan,
                          description=_description(limits) + "\n\n" + batching.describe())
+    app.state.store = store
     add_error_handlers(app, limits)
     app.include_router(api_routes(limits))
+    app.include_router(study_routes(_key_check(limits.api_key), _auth_errors(limits)))
     app.include_router(pilot_routes(_key_check(limits.api_key), path, bool(limits.api_key)))
     add_page(app)
     app.state.guard = GuardState(limits.api_key, limits.body_limit, limits.body_detail, max_in_flight=int(max_in_flight),
@@ -323,11 +333,15 @@ def _key_check(api_key: str | None) -> list:
     return [Security(require_key)]
 
 
+def _auth_errors(limits: ServerLimits) -> dict:
+    return {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if limits.api_key else {}
+
+
 def api_routes(limits: ServerLimits) -> APIRouter:
     """/v1: health, the model card, and scoring one file or a batch."""
     router = APIRouter(prefix="/v1")
     protected = _key_check(limits.api_key)
-    errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if limits.api_key else {}
+    errors = _auth_errors(limits)
     upload_errors = errors | {
         413: {"model": ErrorBody, "description": "file or request too large (bytes or pixels)"},
         422: {"model": ErrorBody, "description": f"not a {FORMAT_NAMES} image; empty upload; missing field"},
@@ -339,7 +353,8 @@ def api_routes(limits: ServerLimits) -> APIRouter:
     async def health(request: Request) -> dict:
         """Liveness; open even when an API key is set."""
         return {"status": "ok", "model_loaded": getattr(request.app.state, "service", None) is not None,
-                "api_key_required": limits.api_key is not None}
+                "api_key_required": limits.api_key is not None,
+                "result_store": getattr(request.app.state, "store", None) is not None}
 
     @router.get("/model", dependencies=protected, responses=errors, tags=["service"])
     async def model(request: Request) -> dict:

@@ -1,4 +1,5 @@
-"""The store's read side: the worklist, one study in full, read histories; and the study roll-up.
+"""Queries inside the store's transactions: the worklist, one study in full, read histories; the
+study roll-up and the study a received film belongs to.
 
 A study's state and its worklist position (most suspicious film, "needs a human") are derived
 from its films and results; ``refresh_study`` recomputes them inside every write that changes a
@@ -15,11 +16,10 @@ from sqlalchemy import Select, func, select
 from sqlalchemy.orm import Session
 
 from pneumoscan.store import convert
-from pneumoscan.store.records import (CLAIMED, FAILED, NOT_SCORED, RECEIVED, SCORED, SCORING, Read, Result,
-                                      StudyDetail, StudySummary)
+from pneumoscan.store.records import (CLAIMED, FAILED, NOT_SCORED, RECEIVED, SCORED, SCORING, FilmHeader, Read,
+                                      Result, StudyDetail, StudySummary)
 from pneumoscan.store.schema import DeliveryRow, FilmRow, ModelVersionRow, ReadRow, ResultRow, StudyRow
 
-UNDECIDED = ("UNSURE", "NOT_ASSESSED")
 
 
 def _study_state(film_states: set[str]) -> str:
@@ -40,7 +40,8 @@ def _latest_results(s: Session, film_ids: list[int]) -> dict[int, ResultRow]:
 
 
 def refresh_study(s: Session, study: StudyRow) -> None:
-    """Recompute a study's state, most suspicious probability and label, and "needs a human"."""
+    """Recompute a study's state, most suspicious probability and label, and "needs a human"
+    (as the page's group: a flagged or NOT_ASSESSED result, a failed film, or no assessed film)."""
     films = list(s.scalars(select(FilmRow).where(FilmRow.study_id == study.id)))
     study.state = _study_state({f.state for f in films})
     latest = list(_latest_results(s, [f.id for f in films]).values())
@@ -49,7 +50,7 @@ def refresh_study(s: Session, study: StudyRow) -> None:
     study.max_probability = top.probability if top else None
     study.top_label = top.label if top else (latest[0].label if latest else None)
     final = study.state in (SCORED, NOT_SCORED, FAILED)
-    study.needs_human = (any(r.label in UNDECIDED or r.flags for r in latest)
+    study.needs_human = (any(r.label == "NOT_ASSESSED" or r.flags for r in latest)
                          or any(f.state == FAILED for f in films) or (final and top is None))
     study.scored_at = max((r.scored_at for r in latest), default=None) if final else None
 
@@ -118,3 +119,24 @@ def study_detail(s: Session, row: StudyRow) -> StudyDetail:
     summary = convert.study_summary(row, len(films), current[-1].label if current else None)
     return StudyDetail(summary=summary, films=tuple(convert.film(f, results.get(f.id, ())) for f in films),
                        reads=tuple(history))
+
+
+def film_fields(h: FilmHeader) -> dict[str, str | None]:
+    return dict(sop_instance_uid=h.sop_instance_uid, series_instance_uid=h.series_instance_uid,
+                sop_class_uid=h.sop_class_uid, modality=h.modality, view_position=h.view_position,
+                body_part=h.body_part, manufacturer=h.manufacturer, manufacturer_model=h.manufacturer_model)
+
+
+def study_for_film(s: Session, h: FilmHeader, now: datetime, shadow: bool) -> StudyRow:
+    """The study row of a received film, created on its first film; later films fill gaps only."""
+    row = s.scalar(select(StudyRow).where(StudyRow.study_instance_uid == h.study_instance_uid))
+    if row is None:
+        row = StudyRow(study_instance_uid=h.study_instance_uid, state=RECEIVED, first_received_at=now,
+                       last_received_at=now, shadow=shadow, needs_human=False)
+        s.add(row)
+    row.last_received_at = max(row.last_received_at, now)
+    for attr in ("accession_number", "patient_id", "patient_name", "study_date"):
+        if getattr(row, attr) is None and getattr(h, attr) is not None:
+            setattr(row, attr, getattr(h, attr))
+    s.flush()
+    return row

@@ -91,8 +91,8 @@ class Result:
 
     @property
     def needs_human(self) -> bool:
-        """Flagged, not assessed or unsure: the page's "Needs a human" group."""
-        return bool(self.flags) or self.label in ("NOT_ASSESSED", "UNSURE")
+        """Flagged or not assessed: the page's "Needs a human" group (UNSURE has its own)."""
+        return bool(self.flags) or self.label == "NOT_ASSESSED"
 
 
 @dataclass(frozen=True)

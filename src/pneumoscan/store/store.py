@@ -34,6 +34,7 @@ from pneumoscan.store.schema import (DeliveryRow, FilmRow, ModelVersionRow, Read
 T = TypeVar("T")
 DEFAULT_URL = "sqlite:///pneumoscan.db"
 SHADOW_MODE = "shadow_mode"  # settings key: "on" stores results without sending or showing them
+RETRY_SQLSTATES = ("40P01", "40001")  # PostgreSQL: deadlock detected, serialisation failure
 
 
 class Store:
@@ -69,28 +70,35 @@ class Store:
     # -- transactions -------------------------------------------------------------------------
     @contextlib.contextmanager
     def _tx(self, write: bool) -> Iterator[Session]:
-        try:
-            with self._engine.connect().execution_options(sqlite_immediate=write) as conn:
-                with Session(conn, expire_on_commit=False) as s, s.begin():
-                    yield s
-        except OperationalError as exc:
-            raise migrate.StoreError(f"the store at {self.shown_url} failed: {migrate._reason(exc)}") from None
+        with self._engine.connect().execution_options(sqlite_immediate=write) as conn:
+            with Session(conn, expire_on_commit=False) as s, s.begin():
+                yield s
 
-    def _write(self, fn: Callable[[Session], T], retries: int = 3) -> T:
-        """Run ``fn`` in a write transaction; a unique-key race with another process is retried
-        (the second try finds the row the other process inserted)."""
+    def _write(self, fn: Callable[[Session], T], retries: int = 5) -> T:
+        """Run ``fn`` in a write transaction. A unique-key race with another process is retried (the
+        next try finds the row the other inserted), and so is a PostgreSQL deadlock or
+        serialisation failure; any other database failure is a readable StoreError."""
         for attempt in range(retries):
             try:
                 with self._tx(write=True) as s:
                     return fn(s)
-            except IntegrityError:
-                if attempt == retries - 1:
-                    raise
+            except (IntegrityError, OperationalError) as exc:
+                transient = isinstance(exc, IntegrityError) or _sqlstate(exc) in RETRY_SQLSTATES
+                if not transient or attempt == retries - 1:
+                    raise self._failure(exc) from None
         raise AssertionError("unreachable")
 
     def _read(self, fn: Callable[[Session], T]) -> T:
-        with self._tx(write=False) as s:
-            return fn(s)
+        try:
+            with self._tx(write=False) as s:
+                return fn(s)
+        except OperationalError as exc:
+            raise self._failure(exc) from None
+
+    def _failure(self, exc: Exception) -> Exception:
+        if isinstance(exc, IntegrityError):
+            return exc  # a bug, not the site's database: keep the type for the traceback
+        return migrate.StoreError(f"the store at {self.shown_url} failed: {migrate._reason(exc)}")
 
     # -- model versions ---------------------------------------------------------------------
     def register_model(self, sha256: str, name: str, version: str, *, parent_sha256: str | None = None,
@@ -120,15 +128,19 @@ class Store:
         now = received_at or utcnow()
 
         def run(s: Session) -> Upserted:
-            study = _study_for(s, header, now, shadow)
-            row = s.scalar(select(FilmRow).where(FilmRow.sop_instance_uid == header.sop_instance_uid))
+            # an existing film is locked before its study, in the order claims lock them (no deadlock)
+            row = s.scalar(select(FilmRow).where(FilmRow.sop_instance_uid == header.sop_instance_uid)
+                           .with_for_update())
             created = row is None
+            if row is not None and spool_path is not None:
+                row.spool_path = spool_path
+                s.flush()
+            study = queries.study_for_film(s, header, now, shadow)
             if row is None:
-                row = FilmRow(study_id=study.id, received_at=now, state=RECEIVED, **_film_fields(header))
+                row = FilmRow(study_id=study.id, received_at=now, state=RECEIVED, spool_path=spool_path,
+                              **queries.film_fields(header))
                 s.add(row)
                 study.stable_at = None
-            if spool_path is not None:
-                row.spool_path = spool_path
             s.flush()
             queries.refresh_study(s, study)
             return Upserted(film=convert.film(row), created=created)
@@ -351,6 +363,10 @@ class Store:
         return self._read(run)
 
 
+def _sqlstate(exc: Exception) -> str | None:
+    return getattr(getattr(exc, "orig", None), "sqlstate", None)
+
+
 def _get(s: Session, table: type[T], key: int) -> T:
     row = s.get(table, key)
     if row is None:
@@ -361,27 +377,6 @@ def _get(s: Session, table: type[T], key: int) -> T:
 def _refresh(s: Session, study_ids: set[int]) -> None:
     for study in s.scalars(select(StudyRow).where(StudyRow.id.in_(study_ids))):
         queries.refresh_study(s, study)
-
-
-def _film_fields(h: FilmHeader) -> dict[str, str | None]:
-    return dict(sop_instance_uid=h.sop_instance_uid, series_instance_uid=h.series_instance_uid,
-                sop_class_uid=h.sop_class_uid, modality=h.modality, view_position=h.view_position,
-                body_part=h.body_part, manufacturer=h.manufacturer, manufacturer_model=h.manufacturer_model)
-
-
-def _study_for(s: Session, h: FilmHeader, now: datetime, shadow: bool) -> StudyRow:
-    """The study row of a received film, created on its first film; later films fill gaps only."""
-    row = s.scalar(select(StudyRow).where(StudyRow.study_instance_uid == h.study_instance_uid))
-    if row is None:
-        row = StudyRow(study_instance_uid=h.study_instance_uid, state=RECEIVED, first_received_at=now,
-                       last_received_at=now, shadow=shadow, needs_human=False)
-        s.add(row)
-    row.last_received_at = max(row.last_received_at, now)
-    for attr in ("accession_number", "patient_id", "patient_name", "study_date"):
-        if getattr(row, attr) is None and getattr(h, attr) is not None:
-            setattr(row, attr, getattr(h, attr))
-    s.flush()
-    return row
 
 
 __all__ = ["Store", "DEFAULT_URL", "SHADOW_MODE"]
