@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from datetime import datetime, timedelta, timezone
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,3 +148,24 @@ def test_monitor_on_store(tmp_path, bundled, capsys, share, contrast, alert, whi
     assert alerts == ({which} if which == "ood_score" else alerts) and (which is None or which in alerts)
     if alert:
         assert all("adapt --db" in c["action"] for c in result["checks"] if c["alert"])
+
+
+@pytest.mark.slow
+def test_site_report_gallery_of_disagreements(tmp_path, trained_model):
+    """Films still in the spool get a Grad-CAM card in report.html when AI and reader disagree."""
+    from pneumoscan.commands import pilot
+
+    sha = file_sha256(trained_model)
+    films = sorted(Path("examples/chest_xray_sample/test/NORMAL").glob("*.jpeg"))[:3]
+    db = f"sqlite:///{tmp_path / 'g.db'}"
+    with Store.open(db) as store:
+        store.register_model(sha, "tiny", "1")
+        for i, path in enumerate(films):
+            film = store.upsert_film(FilmHeader(study_instance_uid=f"1.9.{i}", sop_instance_uid=f"1.9.{i}.1",
+                                                patient_id=f"G{i}"), str(path.resolve())).film
+            store.record_result(film.id, sha, probability=0.9, label="PNEUMONIA", threshold=0.5)
+            store.add_read(film.study_id, "NORMAL", "dr g")
+    report = pilot.site_report(db, tmp_path / "site", trained_model, n_resamples=50)
+    assert len(report["disagreements"]) == 3
+    page = (tmp_path / "site" / "report.html").read_text()
+    assert page.count('alt="Grad-CAM"') == 3 and "AI PNEUMONIA, read NORMAL" in page

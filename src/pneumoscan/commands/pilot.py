@@ -30,6 +30,7 @@ from pneumoscan.store.store import SHADOW_MODE
 
 log = logging.getLogger(__name__)
 PAGE = 500
+GALLERY = 24  # disagreements shown with Grad-CAM
 
 
 def details(store: Store) -> Iterator[StudyDetail]:
@@ -52,8 +53,9 @@ def _current_reads(detail: StudyDetail) -> tuple[str | None, dict[int, str]]:
     return study, {r.film_id: r.label for r in current if r.film_id is not None}
 
 
-def scored(store: Store, sha256: str) -> list[tuple[site.SiteFilm, object]]:
-    """(SiteFilm, its Result) of every film the model ``sha256`` scored."""
+def scored(store: Store, sha256: str, spool: dict | None = None) -> list[tuple[site.SiteFilm, object]]:
+    """(SiteFilm, its Result) of every film the model ``sha256`` scored; ``spool`` (if given)
+    collects each film's spool path, for the Grad-CAM gallery."""
     out = []
     for detail in details(store):
         study_read, film_reads = _current_reads(detail)
@@ -62,6 +64,8 @@ def scored(store: Store, sha256: str) -> list[tuple[site.SiteFilm, object]]:
             result = next((r for r in film.results if r.model.sha256 == sha256), None)
             if result is None:
                 continue
+            if spool is not None and film.spool_path:
+                spool[str(film.id)] = film.spool_path
             reason = ",".join(f.code for f in result.flags) if result.label == "NOT_ASSESSED" else None
             device = " ".join(x for x in (film.manufacturer, film.manufacturer_model) if x)
             out.append((site.SiteFilm(film=str(film.id), cluster=cluster, probability=result.probability,
@@ -80,14 +84,34 @@ def _model(model) -> tuple[Path, str, artifact.ModelMeta]:
 
 def site_report(db: str, out: str | Path, model=None, n_resamples: int = 1000) -> dict:
     """``pneumoscan site-report``: writes ``out``/report.html, site_report.json and .md."""
-    _, sha, _ = _model(model)
+    path, sha, _ = _model(model)
+    spool: dict[str, str] = {}
     with Store.open(db) as store:
-        films = [f for f, _ in scored(store, sha)]
+        films = [f for f, _ in scored(store, sha, spool)]
     if not films:
         raise UserError(f"the store has no results of model {sha[:12]}: score films with it first (or give --model)")
     report = site.site_report(films, n_resamples=n_resamples)
-    site.write(report, films, out, f"result store, model {sha[:12]}")
+    gallery = disagreement_gallery(path, films, report["disagreements"], spool, Path(out) / "gallery")
+    site.write(report, films, out, f"result store, model {sha[:12]}", gallery)
     return report
+
+
+def disagreement_gallery(model_path: Path, films, disagreements: list[str], spool: dict[str, str], out: Path,
+                         limit: int = GALLERY) -> list[tuple[str, str]]:
+    """Grad-CAM overlays of the first ``limit`` disagreements whose films are still in the spool:
+    (caption, png). Films no longer reachable are left out (the report says how many are shown)."""
+    from pneumoscan.evaluation import explain
+
+    by_id = {f.film: f for f in films}
+    reachable = [(fid, Path(spool[fid])) for fid in disagreements if fid in spool and Path(spool[fid]).is_file()]
+    reachable = reachable[:limit]
+    if not reachable:
+        return []
+    explain.explain_files(model_path, [p for _, p in reachable], out)
+    with open(out / "explanations.csv", newline="") as f:
+        png_of = {row[0]: row[1] for row in list(csv.reader(f))[1:]}
+    return [(f"film {fid}: AI {by_id[fid].label}, read {by_id[fid].read}", str(out / png_of[str(p)]))
+            for fid, p in reachable if str(p) in png_of]
 
 
 def raw_logits(meta: artifact.ModelMeta, prob) -> np.ndarray:
