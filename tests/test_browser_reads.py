@@ -52,3 +52,25 @@ def test_read_first_hides_the_result_until_the_read_is_saved(trained_model, brow
     with Store.open(url) as store:
         reads = store.read_history(ids["odd"])
     assert [(r.label, r.reader, r.comment) for r in reads] == [("PNEUMONIA", "Dr Read", "right lower lobe")]
+
+
+def test_drift_banner_says_what_to_do(trained_model, browser, tmp_path):  # noqa: F811
+    """60 recent films all scored near 1.0 by the served model: the prevalence alert shows as a banner."""
+    from selenium.webdriver.common.by import By
+
+    from pneumoscan.core.files import file_sha256
+    from pneumoscan.store import FilmHeader
+
+    url = f"sqlite:///{tmp_path / 'pneumoscan.db'}"
+    sha = file_sha256(trained_model)
+    with Store.open(url) as store:
+        store.register_model(sha, "tiny", "1")
+        for i in range(60):
+            film = store.upsert_film(FilmHeader(study_instance_uid=f"1.7.{i}", sop_instance_uid=f"1.7.{i}.1"),
+                                     None).film
+            store.record_result(film.id, sha, probability=0.999, label="PNEUMONIA", threshold=0.5)
+    with serving(create_app(trained_model, db=url)) as base:
+        browser.get(base + "/")
+        wait_for(lambda: browser.find_elements(By.ID, "drift-banner"), timeout=60, what="the drift banner")
+        text = browser.find_element(By.ID, "drift-banner").text
+    assert "prevalence" in text and "recalibrate" in text

@@ -148,6 +148,12 @@ def test_monitor_on_store(tmp_path, bundled, capsys, share, contrast, alert, whi
     assert alerts == ({which} if which == "ood_score" else alerts) and (which is None or which in alerts)
     if alert:
         assert all("adapt --db" in c["action"] for c in result["checks"] if c["alert"])
+    with Store.open(db) as store:  # GET /v1/monitor says the same
+        app = FastAPI()
+        app.state.store = store
+        app.include_router(pilot_routes([], None, keyed=False))
+        body = TestClient(app).get("/v1/monitor", params={"window": 300}).json()
+    assert body["alert"] is alert and {c["name"] for c in body["checks"] if c["alert"]} == alerts
 
 
 @pytest.mark.slow

@@ -18,6 +18,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
+from pneumoscan.core.errors import UserError
 from pneumoscan.store.store import SHADOW_MODE
 
 
@@ -76,7 +77,10 @@ def pilot_routes(protected: list, model_path: str | Path | None, keyed: bool) ->
         from pneumoscan.commands import pilot
 
         store = _store(request)
-        return await run_in_threadpool(pilot.monitor, store, model_path, window)
+        try:
+            return await run_in_threadpool(pilot.monitor, store, model_path, window)
+        except UserError as exc:  # no results of this model yet, or a model without a validation reference
+            raise HTTPException(409, str(exc)) from None
 
     @router.get("/shadow")
     async def shadow(request: Request) -> dict:

@@ -116,6 +116,31 @@
     markRows();
   }
 
+  // drift banner: GET /v1/monitor over the recent films; an alert says what it means and what to do
+  async function loadMonitor() {
+    const section = $("studies");
+    let banner = $("drift-banner");
+    try {
+      const res = await fetch("/v1/monitor", { headers: headers(false) });
+      const body = res.ok ? await res.json() : null;
+      const alerts = body && body.alert ? body.checks.filter((c) => c.alert) : [];
+      if (!alerts.length) {
+        if (banner) banner.remove();
+        return;
+      }
+      if (!banner) {
+        banner = el("div", "drift-banner");
+        banner.id = "drift-banner";
+        banner.setAttribute("role", "alert");
+        section.prepend(banner);
+      }
+      banner.replaceChildren(el("strong", "", `Drift alert over the last ${body.n} films: `),
+        ...alerts.map((c) => el("p", "", `${c.name.replace(/_/g, " ")}: ${c.meaning}. What to do: ${c.action}.`)));
+    } catch {
+      /* the monitor is advisory: no banner when it cannot be reached */
+    }
+  }
+
   document.addEventListener("DOMContentLoaded", () => {
     const section = $("studies");
     if (!section) return;
@@ -132,6 +157,7 @@
     section.querySelector(".panel-head, h2")?.after(bar);
     new MutationObserver(onDetail).observe(section, { childList: true, subtree: true });
     loadShadow();
-    setInterval(loadShadow, 30000);
+    loadMonitor();
+    setInterval(() => { loadShadow(); loadMonitor(); }, 30000);
   });
 })();
