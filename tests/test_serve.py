@@ -305,6 +305,49 @@ def test_docs_work_offline(client, page):
     assert {"/v1/predict", "/v1/predict/batch", "/v1/model", "/v1/health"} <= set(spec["paths"])
 
 
+def test_large_decodes_go_through_the_worker_process(keyed):
+    """A 16-bit PNG whose decode is estimated over serve.heavy.HEAVY_BYTES is decoded in the worker
+    process: it scores like the same image decoded in-process, and a corrupt one comes back as the
+    same 422 the in-process path gives."""
+    from pneumoscan.serve import heavy
+
+    side = 5000  # 25 M pixels x 3 bytes: over HEAVY_BYTES
+    assert side * side * 3 > heavy.HEAVY_BYTES
+    big = np.zeros((side, side), np.uint16)
+    big[1000:4000, 1000:4000] = 40000
+    blob = encode(big, "PNG")
+    r = post(keyed, blob, headers={"X-API-Key": KEY})
+    assert r.status_code == 200, r.text
+    assert 0 <= r.json()["probability"] <= 1
+    broken = blob[: len(blob) // 2]  # header intact (so it is routed to the worker), data truncated
+    assert_error(post(keyed, broken, headers={"X-API-Key": KEY}), 422, "not_an_image")
+
+
+def test_openapi_matches_what_the_server_accepts_and_answers(keyed):
+    spec = keyed.get("/openapi.json").json()
+    bodies = spec["components"]["schemas"]
+    assert bodies["Body_predict_v1_predict_post"]["properties"]["file"]["minLength"] == 1
+    assert bodies["Body_predict_batch_v1_predict_batch_post"]["properties"]["files"]["minItems"] == 1
+    for path in ("/v1/predict", "/v1/predict/batch"):
+        assert {"400", "401", "408", "413", "422", "503"} <= set(spec["paths"][path]["post"]["responses"]), path
+    model = spec["paths"]["/v1/model"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert model == {"$ref": "#/components/schemas/ModelCard"}
+    card = keyed.get("/v1/model", headers={"X-API-Key": KEY}).json()
+    assert set(bodies["ModelCard"]["required"]) <= set(card)
+
+
+def test_docs_have_a_csp_with_their_inline_script_hashed(client):
+    csp = client.get("/docs").headers["content-security-policy"]
+    assert "script-src 'self' 'sha256-" in csp and "'unsafe-inline'" not in csp.split("script-src")[1].split(";")[0]
+    assert "frame-ancestors 'none'" in csp
+    assert "default-src 'self'" in client.get("/redoc").headers["content-security-policy"]
+
+
+def test_a_very_long_file_name_gets_an_honest_reason(client):
+    body = assert_error(post(client, encode(xray(), "PNG"), name="a" * 4200 + ".png"), 400, "bad_request")
+    assert "file name" in body["detail"] and "Invalid multipart data" not in body["detail"]
+
+
 # --- privacy ---------------------------------------------------------------------------------
 
 def test_logs_carry_no_file_names_or_patient_data(client, caplog):

@@ -2,7 +2,7 @@
 
 Every command is an ``add_X`` (its parser) / ``cmd_X`` (its run) pair, grouped by what it works
 on: ``train_commands`` (train, cv, experiments, ensemble, compare), ``model_commands`` (explore,
-evaluate, robustness, predict, explain, adapt, export) and ``serve_command``. Mistakes in the input (missing folders, unreadable images, unknown names) end with one
+evaluate, robustness, predict, explain, adapt, export), ``serve_command`` and ``node_command``. Mistakes in the input (missing folders, unreadable images, unknown names) end with one
 line on stderr and exit status 2, never a traceback.
 """
 
@@ -18,6 +18,7 @@ from pneumoscan.cli.common import _Formatter
 from pneumoscan.cli.model_commands import (add_adapt, add_evaluate, add_explain, add_explore, add_export, add_predict,
                                            add_robustness)
 from pneumoscan.cli import pilot as pilot_cli
+from pneumoscan.cli.node_command import add_node
 from pneumoscan.cli.serve_command import add_serve
 from pneumoscan.cli.train_commands import add_compare, add_cv, add_ensemble, add_experiments, add_train
 from pneumoscan.core.errors import UserError
@@ -38,7 +39,7 @@ missing), or simply DIR/{NORMAL,PNEUMONIA}/. Label 0 = NORMAL, 1 = PNEUMONIA.
 
 
 COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_robustness, add_predict, add_explain, add_adapt,
-            add_compare, add_experiments, add_ensemble, add_export, add_serve, *pilot_cli.COMMANDS)
+            add_compare, add_experiments, add_ensemble, add_export, add_serve, add_node, *pilot_cli.COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:

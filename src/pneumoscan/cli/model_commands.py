@@ -285,9 +285,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     int8_out = out.with_name(out.stem + ".int8" + out.suffix)
     report = export.quantize_checked(out, int8_out, args.calibration)
     summary = (f"ROC-AUC int8 {report['int8_roc_auc']:.4f} vs fp32 {report['fp32_roc_auc']:.4f} on "
-               f"{report['n']} held-out images (Δ {report['delta']:+.4f}, tolerance {report['tolerance']})")
+               f"{report['n']} held-out images (Δ {report['delta']:+.4f}, tolerance {report['tolerance']}); "
+               f"{report['labels_changed']} labels and {report['ood_flags_changed']} OOD flags changed, "
+               f"mean |Δprob| {report['mean_abs_prob_delta']:.3f}")
     if not report["written"]:
-        print(f"pneumoscan: int8 model not written: {summary}", file=sys.stderr)
+        print(f"pneumoscan: int8 model not written ({'; '.join(report['disagreement'])}): {summary}",
+              file=sys.stderr)
         return 1
     print(f"int8: {int8_out} ({summary})")
     return 0

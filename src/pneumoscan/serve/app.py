@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -39,11 +39,11 @@ from pneumoscan.inference.loading import check_kind
 from pneumoscan.core.errors import UserError
 from pneumoscan.io import imaging
 from pneumoscan.io.imaging import FORMAT_NAMES
-from pneumoscan.serve import uploads
+from pneumoscan.serve import heavy, uploads
 from pneumoscan.serve.card import INTENDED_USE, model_card
 from pneumoscan.serve.batcher import BatchSettings, Busy, TimedOut
 from pneumoscan.serve.guard import Guard, GuardState
-from pneumoscan.serve.middleware import AccessLog, SecurityHeaders
+from pneumoscan.serve.middleware import AccessLog, DocsCSP, SecurityHeaders
 from pneumoscan.serve.pilot import pilot_routes
 from pneumoscan.serve.service import Service, png_bytes
 from pneumoscan.serve.settings import (API_KEY_ENV, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BATCH_FILES,
@@ -67,8 +67,20 @@ ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "
 
 _FROM_ENV = object()
 
+# Starlette's words for a multipart body it could not parse, and what they usually mean
+MULTIPART_DETAILS = {
+    "Invalid multipart data.": "the multipart body could not be parsed: a part header over 4 KiB (such as a very long "
+                               "file name), more than 8 headers in a part, or a broken boundary",
+    "There was an error parsing the body": "the multipart body could not be parsed",
+}
+
 # module level: with postponed annotations FastAPI resolves these names in the module's globals
 ExplainQuery = Annotated[bool, Query(description="add a Grad-CAM overlay and the model's input image as PNGs (slower)")]
+OneFile = Annotated[UploadFile, File(description=f"a {FORMAT_NAMES} image (not empty)",
+                                     json_schema_extra={"minLength": 1})]
+SeveralFiles = Annotated[list[UploadFile], File(description="1 or more images (the limit is in the description "
+                                                            "above and in /v1/model), one `files` field each",
+                                                json_schema_extra={"minItems": 1})]
 KeyHeader = Annotated[str | None, Security(APIKeyHeader(
     name="X-API-Key", auto_error=False, description=f"the service's API key (${API_KEY_ENV} on the server)"))]
 
@@ -152,6 +164,34 @@ class Health(BaseModel):
     result_store: bool = Field(False, description="whether /v1/studies lists a result store's studies (--db)")
 
 
+class ServiceLimits(BaseModel):
+    explanations: bool = Field(description="whether explain=true is available (needs the PyTorch model)")
+    max_upload_bytes: int
+    max_pixels: int
+    max_batch_files: int
+
+
+class ModelCard(BaseModel):
+    """The model card (``serve.card``); fields not listed here are passed through as they are."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="architecture")
+    sha256: str = Field(description="of the model file")
+    runtime: str = Field(description="what computes the score: onnxruntime or torch")
+    architecture: str
+    image_size: int
+    class_names: list[str]
+    threshold: float
+    threshold_rule: str | None = None
+    temperature: float | None = None
+    unsure: dict[str, Any] | None = Field(None, description="the UNSURE band [low, high) and how it was fitted")
+    training_data: dict[str, Any]
+    intended_use: str
+    limitations: list[str]
+    input_checks: dict[str, Any]
+    service: ServiceLimits
+
+
 class ErrorBody(BaseModel):
     error: str
     detail: str
@@ -165,16 +205,19 @@ def _b64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
 
-async def _image(file: UploadFile, size: int, limits: uploads.Limits,
-                 slots: asyncio.Semaphore | None = None) -> imaging.Picture | uploads.Rejected:
+async def _image(file: UploadFile, size: int, limits: uploads.Limits, slots: asyncio.Semaphore | None = None,
+                 lane: heavy.HeavyLane | None = None) -> imaging.Picture | uploads.Rejected:
     """One upload as model input, or why not. Files are read one at a time and only their decoded
     (size x size) image is kept, so a full batch never sits in memory as raw bytes. ``slots``
     bounds how many decode at once: 32 decoding threads on two cores starve the scoring thread,
-    which is the bottleneck, and throughput falls as clients are added."""
+    which is the bottleneck, and throughput falls as clients are added. Large decodes go to the
+    heavy lane (``serve.heavy``)."""
     try:
         if file.size is not None:
             uploads.check_size(file.size, limits)  # ruled out without reading it
         blob = await file.read()
+        if lane is not None and await run_in_threadpool(heavy.estimate, blob, limits) > heavy.HEAVY_BYTES:
+            return await lane.decode(blob, size, limits)
         async with slots or contextlib.nullcontext():
             return await run_in_threadpool(uploads.to_model_input, blob, size, limits)
     except uploads.Rejected as rejected:
@@ -257,6 +300,8 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     async def lifespan(app: FastAPI):
         app.state.service = await run_in_threadpool(Service.load, model_path, engine, batching)
         app.state.decode_slots = asyncio.Semaphore(default_threads())
+        app.state.heavy_lane = heavy.HeavyLane()
+        await run_in_threadpool(app.state.heavy_lane.warm)
         # the model and its libraries are loaded for good: keep the collector from re-scanning
         # them on every full collection, which under load showed as latency spikes
         gc.collect()
@@ -264,6 +309,7 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
         try:
             yield
         finally:
+            app.state.heavy_lane.close()
             await run_in_threadpool(app.state.service.close)
             if store is not None:
                 store.close()
@@ -297,6 +343,7 @@ def add_error_handlers(app: FastAPI, limits: ServerLimits) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = ERROR_CODES.get(exc.status_code, "error")
         detail = limits.body_detail(request.url.path) if exc.status_code == 413 else str(exc.detail)
+        detail = MULTIPART_DETAILS.get(detail, detail)
         return _error(exc.status_code, code, detail, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -343,9 +390,14 @@ def api_routes(limits: ServerLimits) -> APIRouter:
     protected = _key_check(limits.api_key)
     errors = _auth_errors(limits)
     upload_errors = errors | {
-        413: {"model": ErrorBody, "description": "file or request too large (bytes or pixels)"},
+        400: {"model": ErrorBody, "description": "malformed multipart body"},
+        408: {"model": ErrorBody, "description": "the request body did not arrive within the server's deadline"},
+        413: {"model": ErrorBody, "description": "file or request too large (bytes, pixels, decoding memory, files "
+                                                 "per batch)"},
         422: {"model": ErrorBody, "description": f"not a {FORMAT_NAMES} image; empty upload; missing field"},
-        503: {"model": ErrorBody, "description": "busy: the scoring queue is full; retry after Retry-After seconds"},
+        503: {"model": ErrorBody, "description": "busy: the scoring queue, the requests in flight or the decoding "
+                                                 "memory are full, or the server is shutting down; retry after "
+                                                 "Retry-After seconds"},
         504: {"model": ErrorBody, "description": "timeout: not scored within the server's time limit"},
     }
 
@@ -356,7 +408,7 @@ def api_routes(limits: ServerLimits) -> APIRouter:
                 "api_key_required": limits.api_key is not None,
                 "result_store": getattr(request.app.state, "store", None) is not None}
 
-    @router.get("/model", dependencies=protected, responses=errors, tags=["service"])
+    @router.get("/model", response_model=ModelCard, dependencies=protected, responses=errors, tags=["service"])
     async def model(request: Request) -> dict:
         """The model card: what the model is, its threshold and calibration, intended use, limitations."""
         service: Service = request.app.state.service
@@ -366,12 +418,13 @@ def api_routes(limits: ServerLimits) -> APIRouter:
 
     @router.post("/predict", response_model=Prediction, response_model_exclude_none=True, dependencies=protected,
                  responses=upload_errors, max_body_size=limits.single_body, tags=["predict"])
-    async def predict(request: Request, file: Annotated[UploadFile, File(description=f"a {FORMAT_NAMES} image")],
+    async def predict(request: Request, file: OneFile,
                       explain: ExplainQuery = False) -> dict:
         """Score one chest X-ray (multipart field `file`)."""
         service: Service = request.app.state.service
         _check_explain(service, explain)
-        image = await _image(file, service.image_size, limits.uploads, request.app.state.decode_slots)
+        image = await _image(file, service.image_size, limits.uploads, request.app.state.decode_slots,
+                             request.app.state.heavy_lane)
         if isinstance(image, uploads.Rejected):
             raise image
         (result,) = await _results(service, [image], explain)
@@ -380,7 +433,7 @@ def api_routes(limits: ServerLimits) -> APIRouter:
     @router.post("/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True,
                  dependencies=protected, responses=upload_errors, max_body_size=limits.batch_body, tags=["predict"])
     async def predict_batch(request: Request,
-                            files: Annotated[list[UploadFile], File(description="several images, one `files` field each")],
+                            files: SeveralFiles,
                             explain: ExplainQuery = False) -> dict:
         """Score several X-rays (repeated multipart field `files`); a file that cannot be scored gets
         an error entry, the rest still count.
@@ -391,7 +444,8 @@ def api_routes(limits: ServerLimits) -> APIRouter:
         if len(files) > limits.max_batch_files:
             raise uploads.Rejected(413, "too_many_files",
                                    f"{len(files)} files; the limit is {limits.max_batch_files} per batch")
-        images = [await _image(f, service.image_size, limits.uploads, request.app.state.decode_slots) for f in files]
+        images = [await _image(f, service.image_size, limits.uploads, request.app.state.decode_slots,
+                             request.app.state.heavy_lane) for f in files]
         scored = iter(await _results(service, [i for i in images if not isinstance(i, uploads.Rejected)], explain))
         items = [{"filename": f.filename} | ({"error": i.error, "detail": i.detail, "status": i.status}
                                               if isinstance(i, uploads.Rejected) else next(scored))
@@ -422,5 +476,6 @@ def add_middleware(app: FastAPI, guard: GuardState, cors_origins) -> None:
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key"])
+    app.add_middleware(DocsCSP)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(AccessLog)

@@ -43,22 +43,29 @@ class GuardState:
     retry_after_s: int = 1
     in_flight: int = 0
     draining: bool = False
-    drain_deadline: float | None = None  # loop time after which unfinished requests get 503
-    _drained: asyncio.Event | None = field(default=None, repr=False)
+    released: bool = False  # the drain's grace is over: what still runs is answered 503
+    _waiters: set = field(default_factory=set, repr=False)
 
     def drain(self, grace_s: float) -> None:
         """From now on refuse new requests; in-flight ones get ``grace_s`` to finish."""
-        loop = asyncio.get_event_loop()
         self.draining = True
-        self.drain_deadline = loop.time() + grace_s
-        if self._drained is None:
-            self._drained = asyncio.Event()
-        loop.call_later(grace_s, self._drained.set)
+        asyncio.get_running_loop().call_later(grace_s, self._release)
 
-    def drained_event(self) -> asyncio.Event:
-        if self._drained is None:
-            self._drained = asyncio.Event()
-        return self._drained
+    def _release(self) -> None:
+        self.released = True
+        for waiter in list(self._waiters):
+            if not waiter.done():
+                waiter.set_result(None)
+
+    def grace_over(self) -> asyncio.Future:
+        """A future of the running loop that completes when the drain's grace is over."""
+        waiter = asyncio.get_running_loop().create_future()
+        if self.released:
+            waiter.set_result(None)
+        else:
+            self._waiters.add(waiter)
+            waiter.add_done_callback(self._waiters.discard)
+        return waiter
 
 
 class _Cut(Exception):
@@ -99,7 +106,7 @@ class Guard:
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await answer(send, 413, "request_too_large", st.body_detail(scope["path"]))
-        if st.in_flight >= st.max_in_flight:
+        if st.in_flight >= st.max_in_flight and scope["path"] not in OPEN_PATHS:  # liveness stays answerable
             return await answer(send, 503, "busy", f"{st.max_in_flight} requests are in progress; retry later", retry)
         st.in_flight += 1
         try:
@@ -153,11 +160,13 @@ class _Request:
             return  # the app answers a cut body (often 400): ours replaces it
         if message["type"] == "http.response.start":
             self.started = True
+            if not self.body_done:  # answered before the body was read (400, 422...): do not read it
+                message = message | {"headers": [*message.get("headers", []), (b"connection", b"close")]}
         await self._send(message)
 
     async def run(self) -> None:
         task = asyncio.ensure_future(self.app(self.scope, self.receive, self.send))
-        drained = asyncio.ensure_future(self.st.drained_event().wait())
+        drained = self.st.grace_over()
         try:
             await asyncio.wait({task, drained}, return_when=asyncio.FIRST_COMPLETED)
             if not task.done():  # the drain's grace is over
