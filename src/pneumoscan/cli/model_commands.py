@@ -223,7 +223,11 @@ def add_adapt(sub) -> None:
                    "plain probability cut (e.g. 0.5) stays a probability. With --labels the temperature, threshold "
                    "and UNSURE band are re-fitted on the site's labelled films. The input model is never changed.")
     p.add_argument("--model", help="model.pt, or an exported .onnx (not with --labels) [the bundled model]")
-    p.add_argument("--images", required=True, metavar="DIR", help="the site's unlabelled films (searched recursively)")
+    p.add_argument("--images", metavar="DIR", help="the site's unlabelled films (searched recursively)")
+    p.add_argument("--db", metavar="URL", help="instead: re-fit temperature, threshold and UNSURE band on the result "
+                   "store's read films (patient-grouped cross-fitting; registers the new version)")
+    p.add_argument("--sensitivity-floor", type=float, default=0.95, metavar="F",
+                   help="with --db: the threshold keeps the site sensitivity at or above F")
     p.add_argument("--out", required=True, help="the adapted copy to write (same suffix as the input)")
     p.add_argument("--labels", metavar="DIR", help="labelled site films (NORMAL/ and PNEUMONIA/) to re-fit the "
                    "temperature, threshold and UNSURE band on")
@@ -238,6 +242,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     if args.bootstrap < 1:
         raise UserError("--bootstrap must be at least 1")
+    if args.db:
+        from pneumoscan.cli.pilot import adapt_from_db
+
+        return adapt_from_db(args)
+    if not args.images:
+        raise UserError("give --images DIR (unlabelled films) or --db URL (the store's read films)")
     result = adapt.run(args.model, args.images, args.out, labels=args.labels, train_prior=args.train_prior,
                        n_bootstrap=args.bootstrap)
     for warning in result["warnings"]:

@@ -44,6 +44,7 @@ from pneumoscan.serve.card import INTENDED_USE, model_card
 from pneumoscan.serve.batcher import BatchSettings, Busy, TimedOut
 from pneumoscan.serve.guard import Guard, GuardState
 from pneumoscan.serve.middleware import AccessLog, DocsCSP, SecurityHeaders
+from pneumoscan.serve.pilot import pilot_routes
 from pneumoscan.serve.service import Service, png_bytes
 from pneumoscan.serve.settings import (API_KEY_ENV, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BATCH_FILES,
                                        DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES,
@@ -325,6 +326,7 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     add_error_handlers(app, limits)
     app.include_router(api_routes(limits))
     app.include_router(study_routes(_key_check(limits.api_key), _auth_errors(limits)))
+    app.include_router(pilot_routes(_key_check(limits.api_key), path, bool(limits.api_key)))
     add_page(app)
     app.state.guard = GuardState(limits.api_key, limits.body_limit, limits.body_detail, max_in_flight=int(max_in_flight),
                                  body_timeout_s=float(body_timeout_s), retry_after_s=RETRY_AFTER_S)
