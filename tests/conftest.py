@@ -77,3 +77,18 @@ def trained_model(tmp_path_factory) -> Path:
 def _private_cache(tmp_path_factory, monkeypatch):
     """Tests never write to the user's ~/.cache (ONNX exports of test models land here instead)."""
     monkeypatch.setenv("PNEUMOSCAN_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """One throw-away PostgreSQL server for the session (skips with the apt line when not installed)."""
+    from servers import postgres_server as start
+
+    with start() as server:
+        yield server
+
+
+@pytest.fixture
+def postgres_url(postgres_server) -> str:
+    """A fresh, empty database on the session's PostgreSQL server, as a postgresql:// URL."""
+    return postgres_server.create_database()

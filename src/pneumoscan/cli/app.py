@@ -2,7 +2,7 @@
 
 Every command is an ``add_X`` (its parser) / ``cmd_X`` (its run) pair, grouped by what it works
 on: ``train_commands`` (train, cv, experiments, ensemble, compare), ``model_commands`` (explore,
-evaluate, robustness, predict, explain, adapt, export) and ``serve_command``. Mistakes in the input (missing folders, unreadable images, unknown names) end with one
+evaluate, robustness, predict, explain, adapt, export), ``serve_command`` and ``node_command``. Mistakes in the input (missing folders, unreadable images, unknown names) end with one
 line on stderr and exit status 2, never a traceback.
 """
 
@@ -17,6 +17,7 @@ from pneumoscan.cli import console
 from pneumoscan.cli.common import _Formatter
 from pneumoscan.cli.model_commands import (add_adapt, add_evaluate, add_explain, add_explore, add_export, add_predict,
                                            add_robustness)
+from pneumoscan.cli.node_command import add_node
 from pneumoscan.cli.serve_command import add_serve
 from pneumoscan.cli.train_commands import add_compare, add_cv, add_ensemble, add_experiments, add_train
 from pneumoscan.core.errors import UserError
@@ -37,7 +38,7 @@ missing), or simply DIR/{NORMAL,PNEUMONIA}/. Label 0 = NORMAL, 1 = PNEUMONIA.
 
 
 COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_robustness, add_predict, add_explain, add_adapt,
-            add_compare, add_experiments, add_ensemble, add_export, add_serve)
+            add_compare, add_experiments, add_ensemble, add_export, add_serve, add_node)
 
 
 def build_parser() -> argparse.ArgumentParser:

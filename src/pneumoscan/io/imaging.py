@@ -28,6 +28,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from pneumoscan import MAX_PIXELS
 from pneumoscan.core.errors import ImageError, UserError, unreadable
+from pneumoscan.io import budget
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ SNIFF_BYTES = _DICOM_MAGIC_AT + 4
 _MAGIC = ((b"\x89PNG\r\n\x1a\n", "png"), (b"\xff\xd8\xff", "jpeg"), (b"BM", "bmp"),
           (b"II*\x00", "tiff"), (b"MM\x00*", "tiff"))
 _MAX_LISTED = 10  # paths named in one log line before "..."
+_STRIP_ROWS = 256  # rows converted at a time from 16-bit / float: no full-size float copy
 
 
 @dataclass(frozen=True)
@@ -106,24 +108,27 @@ def _decode(source: str | bytes, name: str, size: int | None, kind: str | None) 
     if kind == "dicom":
         from pneumoscan.io import dicom  # pydicom is only imported when a DICOM shows up
 
-        pixels = dicom.read_dicom(source, name=name)
-        img = Image.fromarray(pixels)
-        (width, height), mode = img.size, img.mode
-    else:
-        img, (width, height), mode = _open_pil(source, name, size)
+        pixels = dicom.read_dicom(source, name=name)  # holds its own share of the decode budget
+        return _finish(Image.fromarray(pixels), name, size, kind, "L", (pixels.shape[1], pixels.shape[0]))
+    return _open_pil(source, name, size)
+
+
+def _finish(img: Image.Image, name: str, size: int | None, kind: str, mode: str,
+            stored: tuple[int, int]) -> Picture:
     try:
         img = _to_gray(img)
     except ValueError as e:
         raise ImageError(name, f"unsupported image mode {mode} ({e})") from None
     if size is not None and img.size != (size, size):
         img = img.resize((size, size), Image.Resampling.BILINEAR, reducing_gap=3.0)
-    return Picture(np.array(img, dtype=np.uint8), width, height, kind, mode)
+    return Picture(np.array(img, dtype=np.uint8), stored[0], stored[1], kind, mode)
 
 
-def _open_pil(source: str | bytes, name: str, size: int | None) -> tuple[Image.Image, tuple[int, int], str]:
-    """The decoded image, its stored size and mode (before JPEG draft mode changes it). Truncated
-    or corrupt data raise rather than decode half-grey: a partial X-ray is a wrong input, not a
-    smaller one."""
+def _open_pil(source: str | bytes, name: str, size: int | None) -> Picture:
+    """The decoded picture, with its stored size and mode (before JPEG draft mode changes it).
+    Truncated or corrupt data raise rather than decode half-grey: a partial X-ray is a wrong
+    input, not a smaller one. What the decode will allocate is estimated from the header and
+    held against the decode budget (``io.budget``) until the picture is at its final size."""
     limit = min(MAX_PIXELS, Image.MAX_IMAGE_PIXELS or MAX_PIXELS)
 
     def open_() -> Image.Image:
@@ -134,11 +139,12 @@ def _open_pil(source: str | bytes, name: str, size: int | None) -> tuple[Image.I
             # PIL only warns between 1x and 2x its limit. Checked here rather than by turning the
             # warning into an error: warnings.catch_warnings is not thread-safe.
             if limit and img.width * img.height > limit:
-                raise ImageError(name, f"{img.width * img.height} pixels is over the limit of {limit}")
+                raise ImageError(name, budget.pixel_limit_reason(img.width, img.height, limit))
             frames = getattr(img, "n_frames", 1)
             if frames > 1:
                 raise ImageError(name, f"multi-frame image ({frames} frames); expected a single radiograph")
             stored, mode = img.size, img.mode
+            budget.current().check(budget.pil_bytes(mode, *stored), name)  # refuse before any decoding
             if img.format == "PNG":
                 img.verify()  # checks every chunk's CRC, which a plain decode skips
         if stored[0] < 1 or stored[1] < 1:
@@ -146,8 +152,11 @@ def _open_pil(source: str | bytes, name: str, size: int | None) -> tuple[Image.I
         with open_() as img:  # verify() leaves the image unusable: open again to decode
             if size is not None and img.format == "JPEG":
                 img.draft("L", (size, size))  # let libjpeg downscale while decoding huge JPEGs
-            img.load()  # force the full decode so truncation surfaces now
-            return ImageOps.exif_transpose(img), _oriented(img, stored), mode
+            with budget.hold(budget.pil_bytes(img.mode, *img.size), name):
+                img.load()  # force the full decode so truncation surfaces now
+                oriented = _oriented(img, stored)
+                ImageOps.exif_transpose(img, in_place=True)  # no copy of the full image
+                return _finish(img, name, size, img.format.lower(), mode, oriented)
     except ImageError:
         raise
     except (FileNotFoundError, IsADirectoryError, PermissionError) as e:
@@ -174,17 +183,36 @@ def _to_gray(img: Image.Image) -> Image.Image:
     if mode.startswith("I"):
         # 16-bit PNGs open as I;16 (or I in older Pillow). convert("L") would clip at 255 and turn
         # most of the image white, so scale the full 16-bit range linearly instead.
-        a = np.asarray(img).astype(np.float32).clip(0, 65535)
-        return Image.fromarray((a * (255 / 65535) + 0.5).astype(np.uint8))
+        return _by_strips(img, lambda a: (a.astype(np.float32).clip(0, 65535) * (255 / 65535) + 0.5).astype(np.uint8))
     if mode == "F":
         # No standard range for floats: [0, 1] if it fits there, else taken as 0..255.
-        a = np.nan_to_num(np.asarray(img, dtype=np.float32))
-        if a.size and a.min() >= 0 and a.max() <= 1:
-            a = a * 255
-        return Image.fromarray((a.clip(0, 255) + 0.5).astype(np.uint8))
+        lo = hi = None
+        for a in _strips(img):
+            a = np.nan_to_num(a)
+            lo = float(a.min()) if lo is None else min(lo, float(a.min()))
+            hi = float(a.max()) if hi is None else max(hi, float(a.max()))
+        scale = 255.0 if lo is not None and lo >= 0 and hi <= 1 else 1.0
+        return _by_strips(img, lambda a: ((np.nan_to_num(a) * scale).clip(0, 255) + 0.5).astype(np.uint8))
     if mode in ("P", "PA"):
         img = img.convert("RGBA")  # via RGBA: palette transparency converts without warnings
     return img.convert("L")  # LA/RGBA: alpha dropped; RGB/CMYK/YCbCr: ITU-R 601-2 luma
+
+
+def _strips(img: Image.Image):
+    """The image as numpy arrays of a few rows each: ``np.asarray(img)`` of a 7071^2 float TIFF
+    would copy 200 MB at once, and float arithmetic on it more."""
+    width, height = img.size
+    for top in range(0, height, _STRIP_ROWS):
+        yield np.asarray(img.crop((0, top, width, min(height, top + _STRIP_ROWS))))
+
+
+def _by_strips(img: Image.Image, to_uint8) -> Image.Image:
+    out = np.empty((img.size[1], img.size[0]), dtype=np.uint8)
+    top = 0
+    for a in _strips(img):
+        out[top:top + a.shape[0]] = to_uint8(a)
+        top += a.shape[0]
+    return Image.fromarray(out)
 
 
 # ----------------------------------------------------------------------------- many files

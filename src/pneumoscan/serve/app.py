@@ -28,7 +28,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from fastapi_offline import FastAPIOffline
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
@@ -39,13 +39,17 @@ from pneumoscan.inference.loading import check_kind
 from pneumoscan.core.errors import UserError
 from pneumoscan.io import imaging
 from pneumoscan.io.imaging import FORMAT_NAMES
-from pneumoscan.serve import uploads
+from pneumoscan.serve import heavy, uploads
 from pneumoscan.serve.card import INTENDED_USE, model_card
 from pneumoscan.serve.batcher import BatchSettings, Busy, TimedOut
-from pneumoscan.serve.middleware import AccessLog, ContentLengthLimit, SecurityHeaders
+from pneumoscan.serve.guard import Guard, GuardState
+from pneumoscan.serve.middleware import AccessLog, DocsCSP, SecurityHeaders
 from pneumoscan.serve.service import Service, png_bytes
-from pneumoscan.serve.settings import (API_KEY_ENV, DEFAULT_MAX_BATCH_FILES, DEFAULT_MAX_PIXELS,
-                                       DEFAULT_MAX_UPLOAD_BYTES, MiB)
+from pneumoscan.serve.settings import (API_KEY_ENV, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BATCH_FILES,
+                                       DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES,
+                                       RETRY_AFTER_S, MiB)
+from pneumoscan.serve.worklist import study_routes
+from pneumoscan.store import Store
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +66,20 @@ ERROR_CODES = {400: "bad_request", 401: "unauthorized", 404: "not_found", 405: "
 
 _FROM_ENV = object()
 
+# Starlette's words for a multipart body it could not parse, and what they usually mean
+MULTIPART_DETAILS = {
+    "Invalid multipart data.": "the multipart body could not be parsed: a part header over 4 KiB (such as a very long "
+                               "file name), more than 8 headers in a part, or a broken boundary",
+    "There was an error parsing the body": "the multipart body could not be parsed",
+}
+
 # module level: with postponed annotations FastAPI resolves these names in the module's globals
 ExplainQuery = Annotated[bool, Query(description="add a Grad-CAM overlay and the model's input image as PNGs (slower)")]
+OneFile = Annotated[UploadFile, File(description=f"a {FORMAT_NAMES} image (not empty)",
+                                     json_schema_extra={"minLength": 1})]
+SeveralFiles = Annotated[list[UploadFile], File(description="1 or more images (the limit is in the description "
+                                                            "above and in /v1/model), one `files` field each",
+                                                json_schema_extra={"minItems": 1})]
 KeyHeader = Annotated[str | None, Security(APIKeyHeader(
     name="X-API-Key", auto_error=False, description=f"the service's API key (${API_KEY_ENV} on the server)"))]
 
@@ -144,6 +160,35 @@ class Health(BaseModel):
     status: str
     model_loaded: bool
     api_key_required: bool = Field(description="whether /v1 calls other than health need the X-API-Key header")
+    result_store: bool = Field(False, description="whether /v1/studies lists a result store's studies (--db)")
+
+
+class ServiceLimits(BaseModel):
+    explanations: bool = Field(description="whether explain=true is available (needs the PyTorch model)")
+    max_upload_bytes: int
+    max_pixels: int
+    max_batch_files: int
+
+
+class ModelCard(BaseModel):
+    """The model card (``serve.card``); fields not listed here are passed through as they are."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = Field(description="architecture")
+    sha256: str = Field(description="of the model file")
+    runtime: str = Field(description="what computes the score: onnxruntime or torch")
+    architecture: str
+    image_size: int
+    class_names: list[str]
+    threshold: float
+    threshold_rule: str | None = None
+    temperature: float | None = None
+    unsure: dict[str, Any] | None = Field(None, description="the UNSURE band [low, high) and how it was fitted")
+    training_data: dict[str, Any]
+    intended_use: str
+    limitations: list[str]
+    input_checks: dict[str, Any]
+    service: ServiceLimits
 
 
 class ErrorBody(BaseModel):
@@ -159,16 +204,19 @@ def _b64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
 
-async def _image(file: UploadFile, size: int, limits: uploads.Limits,
-                 slots: asyncio.Semaphore | None = None) -> imaging.Picture | uploads.Rejected:
+async def _image(file: UploadFile, size: int, limits: uploads.Limits, slots: asyncio.Semaphore | None = None,
+                 lane: heavy.HeavyLane | None = None) -> imaging.Picture | uploads.Rejected:
     """One upload as model input, or why not. Files are read one at a time and only their decoded
     (size x size) image is kept, so a full batch never sits in memory as raw bytes. ``slots``
     bounds how many decode at once: 32 decoding threads on two cores starve the scoring thread,
-    which is the bottleneck, and throughput falls as clients are added."""
+    which is the bottleneck, and throughput falls as clients are added. Large decodes go to the
+    heavy lane (``serve.heavy``)."""
     try:
         if file.size is not None:
             uploads.check_size(file.size, limits)  # ruled out without reading it
         blob = await file.read()
+        if lane is not None and await run_in_threadpool(heavy.estimate, blob, limits) > heavy.HEAVY_BYTES:
+            return await lane.decode(blob, size, limits)
         async with slots or contextlib.nullcontext():
             return await run_in_threadpool(uploads.to_model_input, blob, size, limits)
     except uploads.Rejected as rejected:
@@ -222,7 +270,9 @@ class ServerLimits:
 def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES,
                max_pixels: int = DEFAULT_MAX_PIXELS, max_batch_files: int = DEFAULT_MAX_BATCH_FILES,
                api_key: str | None | object = _FROM_ENV, cors_origins: tuple[str, ...] | list[str] = (),
-               engine: str = "auto", batching: BatchSettings | None = None) -> FastAPI:
+               engine: str = "auto", batching: BatchSettings | None = None,
+               max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, body_timeout_s: float = DEFAULT_BODY_TIMEOUT_S,
+               db: str | None = None) -> FastAPI:
     """The service for the model at ``model_path`` (default: the bundled model).
 
     ``api_key``: required in the X-API-Key header of every /v1 call except health; by default
@@ -230,7 +280,10 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     origins allowed to call the API from other pages; none by default. ``engine``: the runtime
     for scores (see ``inference.loading.load_engine``); Grad-CAM always runs in PyTorch.
     ``batching``: the scoring queue's micro-batch size, wait, length and timeout
-    (``serve.batcher.BatchSettings``; defaults in ``serve.settings``).
+    (``serve.batcher.BatchSettings``; defaults in ``serve.settings``). ``max_in_flight``: requests
+    handled at once before new ones get 503; ``body_timeout_s``: how long a request body may take
+    to arrive before a 408 (see ``serve.guard``). ``db``: the result store's URL
+    (``pneumoscan.store``), whose studies /v1/studies and the page's study worklist show.
     """
     path = artifact.resolve(model_path)  # fail here, not at startup, on a model that is not there
     if not path.is_file():
@@ -240,11 +293,14 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     limits = ServerLimits(uploads.Limits(max_bytes=int(max_upload_bytes), max_pixels=int(max_pixels)),
                           int(max_batch_files), key or None)
     batching = batching or BatchSettings()
+    store = Store.open(db) if db else None  # a bad URL or an unreachable database fails here, readably
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
         app.state.service = await run_in_threadpool(Service.load, model_path, engine, batching)
         app.state.decode_slots = asyncio.Semaphore(default_threads())
+        app.state.heavy_lane = heavy.HeavyLane()
+        await run_in_threadpool(app.state.heavy_lane.warm)
         # the model and its libraries are loaded for good: keep the collector from re-scanning
         # them on every full collection, which under load showed as latency spikes
         gc.collect()
@@ -252,14 +308,21 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
         try:
             yield
         finally:
+            app.state.heavy_lane.close()
             await run_in_threadpool(app.state.service.close)
+            if store is not None:
+                store.close()
 
     app = FastAPIOffline(title="pneumoscan", version=__version__, lifespan=lifespan,
                          description=_description(limits) + "\n\n" + batching.describe())
+    app.state.store = store
     add_error_handlers(app, limits)
     app.include_router(api_routes(limits))
+    app.include_router(study_routes(_key_check(limits.api_key), _auth_errors(limits)))
     add_page(app)
-    add_middleware(app, limits, cors_origins)
+    app.state.guard = GuardState(limits.api_key, limits.body_limit, limits.body_detail, max_in_flight=int(max_in_flight),
+                                 body_timeout_s=float(body_timeout_s), retry_after_s=RETRY_AFTER_S)
+    add_middleware(app, app.state.guard, cors_origins)
     return app
 
 
@@ -278,6 +341,7 @@ def add_error_handlers(app: FastAPI, limits: ServerLimits) -> None:
     async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
         code = ERROR_CODES.get(exc.status_code, "error")
         detail = limits.body_detail(request.url.path) if exc.status_code == 413 else str(exc.detail)
+        detail = MULTIPART_DETAILS.get(detail, detail)
         return _error(exc.status_code, code, detail, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
@@ -298,7 +362,8 @@ def add_error_handlers(app: FastAPI, limits: ServerLimits) -> None:
 
     @app.exception_handler(uploads.Rejected)
     async def rejected(request: Request, exc: uploads.Rejected) -> JSONResponse:
-        return _error(exc.status, exc.error, exc.detail)
+        log.info("upload refused: %d %s", exc.status, exc.error)  # the code only: details may quote the file
+        return _error(exc.status, exc.error, exc.detail, {"Retry-After": str(RETRY_AFTER_S)} if exc.status == 503 else None)
 
 
 def _key_check(api_key: str | None) -> list:
@@ -313,15 +378,24 @@ def _key_check(api_key: str | None) -> list:
     return [Security(require_key)]
 
 
+def _auth_errors(limits: ServerLimits) -> dict:
+    return {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if limits.api_key else {}
+
+
 def api_routes(limits: ServerLimits) -> APIRouter:
     """/v1: health, the model card, and scoring one file or a batch."""
     router = APIRouter(prefix="/v1")
     protected = _key_check(limits.api_key)
-    errors = {401: {"model": ErrorBody, "description": "missing or wrong API key"}} if limits.api_key else {}
+    errors = _auth_errors(limits)
     upload_errors = errors | {
-        413: {"model": ErrorBody, "description": "file or request too large (bytes or pixels)"},
+        400: {"model": ErrorBody, "description": "malformed multipart body"},
+        408: {"model": ErrorBody, "description": "the request body did not arrive within the server's deadline"},
+        413: {"model": ErrorBody, "description": "file or request too large (bytes, pixels, decoding memory, files "
+                                                 "per batch)"},
         422: {"model": ErrorBody, "description": f"not a {FORMAT_NAMES} image; empty upload; missing field"},
-        503: {"model": ErrorBody, "description": "busy: the scoring queue is full; retry after Retry-After seconds"},
+        503: {"model": ErrorBody, "description": "busy: the scoring queue, the requests in flight or the decoding "
+                                                 "memory are full, or the server is shutting down; retry after "
+                                                 "Retry-After seconds"},
         504: {"model": ErrorBody, "description": "timeout: not scored within the server's time limit"},
     }
 
@@ -329,9 +403,10 @@ def api_routes(limits: ServerLimits) -> APIRouter:
     async def health(request: Request) -> dict:
         """Liveness; open even when an API key is set."""
         return {"status": "ok", "model_loaded": getattr(request.app.state, "service", None) is not None,
-                "api_key_required": limits.api_key is not None}
+                "api_key_required": limits.api_key is not None,
+                "result_store": getattr(request.app.state, "store", None) is not None}
 
-    @router.get("/model", dependencies=protected, responses=errors, tags=["service"])
+    @router.get("/model", response_model=ModelCard, dependencies=protected, responses=errors, tags=["service"])
     async def model(request: Request) -> dict:
         """The model card: what the model is, its threshold and calibration, intended use, limitations."""
         service: Service = request.app.state.service
@@ -341,12 +416,13 @@ def api_routes(limits: ServerLimits) -> APIRouter:
 
     @router.post("/predict", response_model=Prediction, response_model_exclude_none=True, dependencies=protected,
                  responses=upload_errors, max_body_size=limits.single_body, tags=["predict"])
-    async def predict(request: Request, file: Annotated[UploadFile, File(description=f"a {FORMAT_NAMES} image")],
+    async def predict(request: Request, file: OneFile,
                       explain: ExplainQuery = False) -> dict:
         """Score one chest X-ray (multipart field `file`)."""
         service: Service = request.app.state.service
         _check_explain(service, explain)
-        image = await _image(file, service.image_size, limits.uploads, request.app.state.decode_slots)
+        image = await _image(file, service.image_size, limits.uploads, request.app.state.decode_slots,
+                             request.app.state.heavy_lane)
         if isinstance(image, uploads.Rejected):
             raise image
         (result,) = await _results(service, [image], explain)
@@ -355,7 +431,7 @@ def api_routes(limits: ServerLimits) -> APIRouter:
     @router.post("/predict/batch", response_model=BatchPrediction, response_model_exclude_none=True,
                  dependencies=protected, responses=upload_errors, max_body_size=limits.batch_body, tags=["predict"])
     async def predict_batch(request: Request,
-                            files: Annotated[list[UploadFile], File(description="several images, one `files` field each")],
+                            files: SeveralFiles,
                             explain: ExplainQuery = False) -> dict:
         """Score several X-rays (repeated multipart field `files`); a file that cannot be scored gets
         an error entry, the rest still count.
@@ -366,7 +442,8 @@ def api_routes(limits: ServerLimits) -> APIRouter:
         if len(files) > limits.max_batch_files:
             raise uploads.Rejected(413, "too_many_files",
                                    f"{len(files)} files; the limit is {limits.max_batch_files} per batch")
-        images = [await _image(f, service.image_size, limits.uploads, request.app.state.decode_slots) for f in files]
+        images = [await _image(f, service.image_size, limits.uploads, request.app.state.decode_slots,
+                             request.app.state.heavy_lane) for f in files]
         scored = iter(await _results(service, [i for i in images if not isinstance(i, uploads.Rejected)], explain))
         items = [{"filename": f.filename} | ({"error": i.error, "detail": i.detail, "status": i.status}
                                               if isinstance(i, uploads.Rejected) else next(scored))
@@ -390,11 +467,13 @@ def add_page(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
 
-def add_middleware(app: FastAPI, limits: ServerLimits, cors_origins) -> None:
-    # outermost last: the access log sees every answer, including the early 413
-    app.add_middleware(ContentLengthLimit, limit_for=limits.body_limit, detail_for=limits.body_detail)
+def add_middleware(app: FastAPI, guard: GuardState, cors_origins) -> None:
+    # outermost last: the access log sees every answer, including the Guard's early 401/413/503;
+    # the Guard sits inside CORS so that its refusals still carry the CORS headers a page needs
+    app.add_middleware(Guard, state=guard)
     if cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
                            allow_headers=["X-API-Key"])
+    app.add_middleware(DocsCSP)
     app.add_middleware(SecurityHeaders)
     app.add_middleware(AccessLog)

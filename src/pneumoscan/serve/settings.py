@@ -19,3 +19,16 @@ DEFAULT_MAX_WAIT_MS = 2.0  # how long the worker waits for more requests once it
 DEFAULT_QUEUE_SIZE = 64  # requests waiting to be scored before new ones get 503
 DEFAULT_SCORE_TIMEOUT_S = 30.0  # the longest a request waits for its score before a 504
 RETRY_AFTER_S = 1  # the Retry-After header of a 503 "busy"
+
+# Hostile or broken clients (serve.guard, serve.server): the request head must arrive within
+# HEADER_TIMEOUT_S of connecting (or of the previous answer), the body within BODY_TIMEOUT_S of the
+# head (else 408 and the connection is closed); an idle keep-alive connection is closed after
+# KEEP_ALIVE_S. At most MAX_CONNECTIONS are open (a new one evicts the longest idle) and
+# MAX_IN_FLIGHT requests are handled at once (503 + Retry-After beyond). On SIGTERM, requests
+# in flight get GRACE_S to finish, then 503.
+DEFAULT_HEADER_TIMEOUT_S = 10.0
+DEFAULT_BODY_TIMEOUT_S = 60.0
+DEFAULT_KEEP_ALIVE_S = 5.0
+DEFAULT_MAX_CONNECTIONS = 1000
+DEFAULT_MAX_IN_FLIGHT = 64
+DEFAULT_GRACE_S = 10.0

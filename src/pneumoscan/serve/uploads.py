@@ -13,7 +13,9 @@ from dataclasses import dataclass
 
 from PIL import Image
 
-from pneumoscan.io import imaging
+import re
+
+from pneumoscan.io import budget, imaging
 from pneumoscan.core.errors import ImageError
 
 
@@ -45,6 +47,20 @@ def pixel_count(blob: bytes, kind: str) -> int:
         return img.width * img.height * getattr(img, "n_frames", 1)
 
 
+def decode_bytes(blob: bytes, kind: str) -> int:
+    """What decoding will allocate (``io.budget``'s estimate), from the header alone."""
+    if kind == "dicom":
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(blob), stop_before_pixels=True)
+        syntax = getattr(getattr(ds, "file_meta", None), "get", lambda _: None)("TransferSyntaxUID")
+        return budget.dicom_bytes(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
+                                  int(ds.get("BitsAllocated", 8) or 8), int(ds.get("NumberOfFrames", 1) or 1),
+                                  int(ds.get("SamplesPerPixel", 1) or 1), bool(getattr(syntax, "is_compressed", False)))
+    with Image.open(io.BytesIO(blob), formats=imaging.PIL_FORMATS) as img:
+        return budget.pil_bytes(img.mode, *img.size)
+
+
 def check_size(n_bytes: int, limits: Limits) -> None:
     if n_bytes > limits.max_bytes:
         raise Rejected(413, "file_too_large",
@@ -61,13 +77,15 @@ def check(blob: bytes, limits: Limits) -> str:
         raise Rejected(422, "not_an_image", imaging.NOT_AN_IMAGE)
     try:
         pixels = pixel_count(blob, kind)
-    except Image.DecompressionBombError:
-        pixels = limits.max_pixels + 1  # PIL's own, larger limit tripped while reading the header
+    except Image.DecompressionBombError as exc:  # PIL's own, larger limit tripped reading the header
+        found = re.search(r"\((\d+) pixels\)", str(exc))  # its message has the real count
+        raise Rejected(413, "too_many_pixels", f"the image has {int(found[1]):,} pixels, over the limit of "
+                                               f"{limits.max_pixels:,}" if found else
+                       f"the image has more pixels than the limit of {limits.max_pixels:,}") from None
     except Exception as exc:  # a header PIL or pydicom cannot parse: corrupt, whatever its magic bytes
         raise Rejected(422, "not_an_image", f"unreadable {kind.upper()} header ({type(exc).__name__})") from None
     if pixels > limits.max_pixels:
-        raise Rejected(413, "too_many_pixels",
-                       f"the image has {pixels:,} pixels; the limit is {limits.max_pixels:,}")
+        raise Rejected(413, "too_many_pixels", f"the image has {pixels:,} pixels, over the limit of {limits.max_pixels:,}")
     if pixels == 0:
         raise Rejected(422, "not_an_image", f"the {kind.upper()} header declares no pixels")
     return kind
@@ -80,6 +98,10 @@ def to_model_input(blob: bytes, size: int, limits: Limits) -> imaging.Picture:
     try:
         # name="upload", never the client's file name: decode errors may end up in logs
         return imaging.read_bytes(blob, size, name="upload")
+    except budget.OverBudget as exc:
+        raise Rejected(413, "decode_too_large", exc.reason) from None
+    except budget.BudgetBusy as exc:
+        raise Rejected(503, "busy", exc.reason) from None
     except ImageError as exc:
         raise Rejected(422, "not_an_image", exc.reason) from None
 

@@ -1,0 +1,61 @@
+"""The page's study worklist in a real browser: headless Chromium against ``serve --db``.
+
+A study the store receives while the page is open appears in it, most suspicious first, flagged
+ones under "Needs a human"; uploads keep working beside it (tests/test_browser.py covers them).
+Skipped, with the apt line, without Debian's chromium and chromium-driver.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from store_data import PATIENTS, SHA, T0, fill_worklist, header
+from test_browser import CHROMEDRIVER, CHROMIUM, browser, serving, wait_for  # noqa: F401 (browser: a fixture)
+
+from pneumoscan.serve.app import create_app
+from pneumoscan.store import Store
+
+KEY = "ward-7-key"
+
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
+    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")]
+
+
+def test_a_stored_study_appears_in_the_page_most_suspicious_first(trained_model, browser, tmp_path):  # noqa: F811
+    from selenium.webdriver.common.by import By
+
+    url = f"sqlite:///{tmp_path / 'pneumoscan.db'}"
+    with Store.open(url) as store:
+        ids = fill_worklist(store)
+    with serving(create_app(trained_model, api_key=KEY, db=url)) as base:
+        browser.get(base + "/?refresh=1")
+        browser.execute_script("sessionStorage.setItem('pneumoscan.apiKey', arguments[0])", KEY)
+        browser.get(base + "/?refresh=1")
+        find = browser.find_element
+
+        def shown():  # group headings and patients, top to bottom (read in one go: rows are rebuilt)
+            return browser.execute_script(
+                "return [...document.querySelectorAll('#studies-body tr')].map(r => r.dataset.group || "
+                "r.querySelector('.study-patient').textContent)")
+
+        wait_for(lambda: len(shown()) == 7, timeout=60, what="the stored studies")
+        assert find(By.ID, "studies").is_displayed()
+        assert shown() == ["pneumonia", "Doe, Jane", "normal", "Roe, Richard",
+                           "human", "Poe, Edgar", "Moe, Lateral"]
+        assert PATIENTS[2][1] == browser.execute_script(  # the accession beside the name
+            "return document.querySelector('#studies-body tr.study-row .study-accession').textContent")
+
+        with Store.open(url) as store:  # the node scores a new study while the page is open
+            film = store.upsert_film(header(5, 1, view_position="PA"), None, received_at=T0 + timedelta(hours=1)).film
+            store.record_result(film.id, SHA, probability=0.98, label="PNEUMONIA", threshold=0.5)
+        wait_for(lambda: shown()[:3] == ["pneumonia", "Zoe, Waiting", "Doe, Jane"], timeout=30,
+                 what="the new study at the top")
+
+        browser.execute_script("document.querySelector(`#studies-body tr[data-id='${arguments[0]}']`).click()",
+                               ids["odd"])
+        detail = find(By.ID, "study-detail")
+        wait_for(lambda: "unusual for the training films" in detail.text, timeout=20, what="the study's films")
+        assert "No read recorded yet." in detail.text
+        assert "threshold" in find(By.ID, "model-info").text  # the upload half of the page still works
