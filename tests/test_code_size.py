@@ -16,9 +16,13 @@ LONG_MODULES = {  # module -> why it is longer than MAX_MODULE_LINES
                       "recipes are RunConfigs, so moving them out would make an import cycle (issue 20: to split)",
     "evaluation/explain.py": "Grad-CAM maps, their figures and the error galleries share the map maths "
                              "(issue 20: figures to split out)",
+    "serve/app.py": "the routes grew on the hardening, store and node branches this round; to split by route "
+                    "group once they settle",
 }
 LONG_FUNCTIONS = {  # "module:function" -> why
     "safety/adapt.py:run": "being reworked on the site branch (issue 20 left it to that engineer)",
+    "store/migrations/versions/0001_initial.py:upgrade": "an Alembic migration: one table after another, "
+                                                         "read top to bottom and never edited once released",
 }
 
 
