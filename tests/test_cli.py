@@ -24,6 +24,7 @@ def run_cli(*args, capsys=None):
     return code, out
 
 
+@pytest.mark.slow
 def test_train_evaluate_predict_end_to_end(tiny_dataset, tmp_path, capsys, caplog):
     caplog.set_level(logging.INFO)
     code, out = run_cli("train", "--data", tiny_dataset, "--backbone-weights", "none", "--epochs", 1,

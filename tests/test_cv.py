@@ -1,11 +1,15 @@
 import csv
 import json
 
+import pytest
+
 from conftest import make_dataset
 
 from pneumoscan.training import cv
 from pneumoscan.io import data
 from pneumoscan.core.config import RunConfig
+
+pytestmark = pytest.mark.slow  # most tests here train models (minutes on two cores)
 
 
 def tiny_cv_config(root, out) -> RunConfig:

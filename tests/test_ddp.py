@@ -100,6 +100,7 @@ def history(run_dir: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_train_the_same_model_as_one(tmp_path):
     root = make_dataset(tmp_path / "chest_xray", {"train": (12, 12), "val": (6, 6)}, size=32)
 

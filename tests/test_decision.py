@@ -58,6 +58,7 @@ def ood_model(tmp_path_factory):
     return train.fit(config, report=False) / "model.pt", root
 
 
+@pytest.mark.slow
 def test_training_fits_a_detector_that_onnx_computes_too(ood_model, tmp_path):
     path, root = ood_model
     meta = artifact.read_meta(path)
@@ -71,6 +72,7 @@ def test_training_fits_a_detector_that_onnx_computes_too(ood_model, tmp_path):
     assert np.isfinite(torch_scores).all() and (torch_scores > 0).all()
 
 
+@pytest.mark.slow
 def test_predict_refuses_what_no_film_looks_like(ood_model, tmp_path):
     path, root = ood_model
     Image.new("L", (1, 1), 200).save(tmp_path / "pixel.png")
@@ -92,6 +94,7 @@ def test_predict_refuses_what_no_film_looks_like(ood_model, tmp_path):
         assert ("out_of_distribution" in r.flags) == unusual
 
 
+@pytest.mark.slow
 def test_evaluate_counts_flagged_images_and_reports_metrics_without_them(ood_model, tmp_path):
     import json
     import shutil
@@ -111,6 +114,7 @@ def test_evaluate_counts_flagged_images_and_reports_metrics_without_them(ood_mod
     assert any("IM-9999-0001.png" in r and "NOT_ASSESSED" in r and "low_quality" in r for r in rows)
 
 
+@pytest.mark.slow
 def test_report_shows_the_input_checks(ood_model, tmp_path):
     import shutil
 
@@ -163,6 +167,7 @@ def test_unsure_and_prior_round_trip_through_the_meta_dict():
     assert _meta().logit_offset == 0.0
 
 
+@pytest.mark.slow
 def test_training_fits_an_unsure_band_that_predict_uses(ood_model, tmp_path):
     path, root = ood_model
     meta = artifact.read_meta(path)

@@ -29,6 +29,8 @@ from pneumoscan.inference.engines import OnnxEngine, TorchEngine
 from pneumoscan.inference.loading import load_engine
 from pneumoscan.inference.torch_model import as_batch
 
+pytestmark = pytest.mark.slow  # most tests here train models (minutes on two cores)
+
 SIZE = 48
 
 

@@ -14,6 +14,8 @@ from pneumoscan.cli import app as cli
 from pneumoscan.training import experiments
 from pneumoscan.core.errors import UserError
 
+pytestmark = pytest.mark.slow  # most tests here train models (minutes on two cores)
+
 # resnet18: a random-init frozen MobileNetV2 gives all-zero features, so every head would tie
 GRID = {
     "base": {"data": {"image_size": 32, "min_val_images": 1, "batch_size": 8, "augment": "none"},

@@ -78,6 +78,7 @@ def _flat(cam: np.ndarray) -> bool:
     return float(np.ptp(cam)) == 0.0
 
 
+@pytest.mark.slow
 def test_maps_match_the_input_and_hooks_are_released(trained, monkeypatch):
     model, meta, positive = trained
     flags = [p.requires_grad for p in model.parameters()]
@@ -322,6 +323,7 @@ def test_flat_map_png_says_so(tmp_path):
     assert any("outside lung fields" in t for t in seen) and not any(explain.FLAT_TEXT in t for t in seen)
 
 
+@pytest.mark.slow
 def test_reused_explainer_gives_the_maps_of_a_fresh_compute(trained):
     """One CamExplainer over many calls (as the service and explain_files use it) answers like a
     fresh compute_cams each time, leaves the caller's model alone, and releases its hooks."""

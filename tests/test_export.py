@@ -95,6 +95,7 @@ def test_export_that_disagrees_with_pytorch_is_refused(trained_model, tmp_path, 
     assert list(tmp_path.iterdir()) == []  # nothing written, not even a temporary file
 
 
+@pytest.mark.slow
 def test_int8_quantisation_keeps_meta_and_roughly_the_scores(onnx_model, tmp_path):
     images = xrays(16)
     int8 = export.quantize_onnx(onnx_model, tmp_path / "model.int8.onnx", images[:8])
@@ -110,6 +111,7 @@ def test_int8_quantisation_keeps_meta_and_roughly_the_scores(onnx_model, tmp_pat
     assert 0 < report["max_abs_prob_delta"] < 0.2  # quantised, so not identical; but close
 
 
+@pytest.mark.slow
 def test_int8_refused_when_auc_moves_more_than_tolerance(onnx_model, tiny_dataset, tmp_path):
     out = tmp_path / "model.int8.onnx"
     out.write_bytes(b"previous")
@@ -119,6 +121,7 @@ def test_int8_refused_when_auc_moves_more_than_tolerance(onnx_model, tiny_datase
     assert sorted(p.name for p in tmp_path.iterdir()) == ["chest_xray", "model.int8.onnx"]
 
 
+@pytest.mark.slow
 def test_cli_export_with_int8(trained_model, tiny_dataset, tmp_path, capsys, monkeypatch):
     # the tiny model's answers are too noisy to gate here (test_int8_agreement gates the bundled one)
     monkeypatch.setattr(export, "INT8_AUC_TOLERANCE", 1.0)
@@ -150,6 +153,7 @@ def _rewrite_selfcheck(path, change) -> None:
     onnx.save(proto, path)
 
 
+@pytest.mark.slow
 def test_int8_self_check_passes_here_and_falls_back_to_fp32_on_mismatch(onnx_model, tmp_path, caplog):
     import shutil
 

@@ -12,6 +12,8 @@ from pneumoscan.training import finetune, litmodule, train
 from pneumoscan.core.config import RunConfig
 from pneumoscan.core.errors import UserError
 
+pytestmark = pytest.mark.slow  # most tests here train models (minutes on two cores)
+
 
 def tiny_config(root, out, **train_kw) -> RunConfig:
     config = RunConfig()

@@ -1,18 +1,55 @@
-"""Fitting on validation after training: the UNSURE band, the calibration prior and the
-out-of-distribution detector that ``train.finalize`` and ``ensemble.combine`` attach to a model."""
+"""The calibrate stage: everything fitted on validation after training, for a single model
+(``train.finalize``) and an ensemble (``ensemble.combine``) alike.
+
+``calibrate`` chains temperature -> threshold (by its rule) -> UNSURE band -> calibration prior ->
+OOD detector and returns them as one ``Calibration``; a new calibration step goes here once.
+"""
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 
 import numpy as np
 
-from pneumoscan.core import calibration, conformal, rules
+from pneumoscan.core import calibration, conformal, metrics, rules
 from pneumoscan.modeling import models, shifts
 from pneumoscan.safety import ood
 from pneumoscan.training import features
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """What ``calibrate`` fitted; ``val_prob`` are the validation films' calibrated probabilities."""
+
+    temperature: float
+    threshold: float
+    threshold_rule: str
+    unsure: dict | None
+    prior: dict
+    ood: dict | None
+    val_prob: np.ndarray
+
+
+def calibrate(model: models.Classifier | models.Ensemble, val_logits: np.ndarray, split_data: dict, *,
+              threshold_rule: str, unsure_rule: str, temperature: bool = True, with_ood: bool = True,
+              seed: int = 0, ood_k: int | None = None) -> Calibration:
+    """Fit the temperature (or keep 1 when ``temperature`` is False), the threshold by its rule,
+    the UNSURE band and the calibration prior on the validation films' raw ``val_logits``, and the
+    OOD detector on ``split_data`` ({"train": (samples, images), "val": ...}; train is only read
+    ``with_ood``). Sets ``model.temperature`` and attaches ``model.ood_head``."""
+    val_y = np.array([s.label for s in split_data["val"][0]])
+    t = calibration.fit_temperature(val_logits, val_y) if temperature else 1.0
+    model.temperature.fill_(t)
+    val_prob = metrics.sigmoid(val_logits / t)
+    threshold = calibration.choose_threshold(val_y, val_prob, threshold_rule)
+    log.info("temperature %.3f (fitted on validation); threshold %.4f (rule %s)", t, threshold, threshold_rule)
+    band = fit_unsure(val_y, val_prob, threshold, unsure_rule)
+    detector = fit_ood(model, split_data, seed=seed, k=ood_k) if with_ood else None
+    prior = calibration_prior(val_y, val_logits / t, "validation split")  # the logits, never logit(prob)
+    return Calibration(t, float(threshold), threshold_rule, band, prior, detector, val_prob)
 
 
 def fit_unsure(y: np.ndarray, prob: np.ndarray, threshold: float, rule: str) -> dict | None:

@@ -31,7 +31,7 @@ from pneumoscan.io import data
 from pneumoscan.evaluation import evaluate
 from pneumoscan.training import calibrate, features, train
 from pneumoscan.safety import gate
-from pneumoscan.core import calibration, metrics
+from pneumoscan.core import metrics
 from pneumoscan.modeling.artifact import Member, ModelMeta
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.config import RunConfig, member_config, member_names
@@ -142,29 +142,24 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
     decode = (lambda name, n: (lambda k: progress(f"decoding {name} images", k, n))) if progress else (lambda *_: None)
     val_samples, val_images, skipped = data.load_images(val_rows, size, strict=strict,
                                                         progress=decode("validation", len(val_rows)))
-    y_val = np.array([s.label for s in val_samples])
     with torch.inference_mode():
         per_member = ensemble.member_logits(features.embed(ensemble, val_images)).numpy().astype(np.float64)
-    temperature = calibration.fit_temperature(per_member.mean(axis=1), y_val)
-    ensemble.temperature.fill_(temperature)
-    val_prob = metrics.sigmoid(per_member.mean(axis=1) / temperature)
-    threshold = calibration.choose_threshold(y_val, val_prob, rule)
-    log.info("ensemble of %d: temperature %.3f, threshold %.4f (rule %s), fitted on %d validation images",
-             len(nets), temperature, threshold, rule, len(val_samples))
-    # the members' own UNSURE rule (first run's), refitted for the ensemble's probabilities
-    unsure_rule = (configs[0].get("train") or {}).get("unsure", "none") if unsure_rule is None else unsure_rule
-    band = calibrate.fit_unsure(y_val, val_prob, threshold, unsure_rule)
-    prior = calibrate.calibration_prior(y_val, per_member.mean(axis=1) / temperature, "validation split")
-
-    detector, train_samples = None, []
+    split_data = {"val": (val_samples, val_images)}
+    train_samples = []
     if with_ood:
         train_samples, train_images, train_skipped = data.load_images(
             train_rows, size, strict=strict, progress=decode("training", len(train_rows)))
         skipped += train_skipped
-        # PCA to the widest member's width: members sharing a frozen backbone give the same features
-        # twice, and the full square precision would double the model file for nothing
-        detector = calibrate.fit_ood(ensemble, {"train": (train_samples, train_images), "val": (val_samples, val_images)},
-                                 seed=seed, k=max(net.feature_dim for net in nets))
+        split_data["train"] = (train_samples, train_images)
+    # the members' own UNSURE rule (first run's), refitted for the ensemble's probabilities; the OOD
+    # detector's PCA to the widest member's width: members sharing a frozen backbone give the same
+    # features twice, and the full square precision would double the model file for nothing
+    unsure_rule = (configs[0].get("train") or {}).get("unsure", "none") if unsure_rule is None else unsure_rule
+    cal = calibrate.calibrate(ensemble, per_member.mean(axis=1), split_data, threshold_rule=rule,
+                              unsure_rule=unsure_rule, with_ood=with_ood, seed=seed,
+                              ood_k=max(net.feature_dim for net in nets))
+    temperature, threshold, band = cal.temperature, cal.threshold, cal.unsure
+    log.info("ensemble of %d: fitted on %d validation images", len(nets), len(val_samples))
     digests = sorted({d for m in metas for d in m.data_digests})
     if any(not m.data_digests for m in metas):
         log.warning("a member records no training-data digests: evaluate cannot warn about every image the "
@@ -177,14 +172,24 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
                 "data": dict(configs[0].get("data") or {})},
         training=artifact.TrainingInfo(seconds=round(time.perf_counter() - started, 1),
                                        n_train=len(train_rows), n_val=len(val_samples)),
-        torch_version=str(torch.__version__), ood=detector,
+        torch_version=str(torch.__version__), ood=cal.ood,
         quality=metas[0].quality or gate.default_limits(size).to_dict(), data_digests=tuple(digests),
-        members=tuple(_member(r, m, c) for r, m, c in zip(run_dirs, metas, configs)), unsure=band, prior=prior)
+        members=tuple(_member(r, m, c) for r, m, c in zip(run_dirs, metas, configs)), unsure=band, prior=cal.prior)
     out.mkdir(parents=True, exist_ok=True)
     artifact.save(out / "model.pt", ensemble, meta)
     data.write_manifest([*train_samples, *val_samples] if with_ood else val_samples, out / "manifest.csv")
     if skipped:
         data.write_skipped(skipped, out / "skipped.csv")
+    _write_validation(out, run_dirs, metas, per_member, val_samples, cal)
+    return out
+
+
+def _write_validation(out: Path, run_dirs: list[Path], metas: list[ModelMeta], per_member: np.ndarray,
+                      val_samples: list[data.Sample], cal: calibrate.Calibration) -> None:
+    """``out/validation/`` (the ensemble on the shared validation split, each member's ROC-AUC and
+    Brier score beside it) and ``out/members.csv``."""
+    y_val, val_prob, threshold, band = (np.array([s.label for s in val_samples]), cal.val_prob, cal.threshold,
+                                        cal.unsure)
     member_rows = [{"run": str(r), "architecture": m.architecture, "head": m.head,
                     "roc_auc": metrics.binary_metrics(y_val, metrics.sigmoid(z), m.threshold)["roc_auc"],
                     "brier": metrics.brier(y_val, metrics.sigmoid(z))}
@@ -196,7 +201,6 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
                for r in member_rows])
     log.info("validation ROC-AUC: ensemble %.4f; members %s", result["roc_auc"],
              ", ".join(f"{r['roc_auc']:.4f}" for r in member_rows))
-    return out
 
 
 def fit(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,

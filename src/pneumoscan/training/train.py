@@ -37,7 +37,7 @@ from pneumoscan.core.config import RunConfig
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import atomic_path, content_digests, write_csv, write_text
 from pneumoscan.inference.torch_model import predict_logits
-from pneumoscan.training.calibrate import calibration_prior, fit_ood, fit_unsure
+from pneumoscan.training.calibrate import calibrate
 from pneumoscan.training.finetune import interpolate, linear_probe
 from pneumoscan.training.litmodule import LitClassifier, ProgressiveUnfreezing, resolve_precision
 from pneumoscan.training.loaders import Progress, by_split, feature_loaders, make_loader, split_samples
@@ -264,13 +264,9 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
     val_samples, val_images = p.split_data["val"]
     val_y = np.array([s.label for s in val_samples])
     val_logits = predict_logits(model, val_images, device=t.device)
-    temperature = calibration.fit_temperature(val_logits, val_y) if tc.calibration == "temperature" else 1.0
-    model.temperature.fill_(temperature)
-    val_prob = metrics.sigmoid(val_logits / temperature)
-    threshold = calibration.choose_threshold(val_y, val_prob, tc.threshold)
-    log.info("temperature %.3f (fitted on validation); threshold %.4f (rule %s)", temperature, threshold, tc.threshold)
-    band = fit_unsure(val_y, val_prob, threshold, tc.unsure)
-    detector = fit_ood(model, p.split_data, seed=tc.seed) if tc.ood else None
+    cal = calibrate(model, val_logits, p.split_data, threshold_rule=tc.threshold, unsure_rule=tc.unsure,
+                    temperature=tc.calibration == "temperature", with_ood=tc.ood, seed=tc.seed)
+    temperature, threshold, band, val_prob = cal.temperature, cal.threshold, cal.unsure, cal.val_prob
 
     training = artifact.TrainingInfo(
         epochs_run=t.epochs_run, best_epoch=best_epoch(t.history), seconds=round(t.train_seconds, 1),
@@ -280,8 +276,8 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
     meta = artifact.make_meta(architecture=mc.backbone, head=mc.head, image_size=dc.image_size,
                               weights_info=p.weights_info, threshold=threshold, threshold_rule=tc.threshold,
                               config=p.config.to_dict(), training=training).replace(
-        temperature=temperature, ood=detector, quality=gate.default_limits(dc.image_size).to_dict(), unsure=band,
-        prior=calibration_prior(val_y, val_logits / temperature, "validation split"))
+        temperature=temperature, ood=cal.ood, quality=gate.default_limits(dc.image_size).to_dict(), unsure=band,
+        prior=cal.prior)
     # every file the weights, the temperature or the threshold were fitted on: evaluate warns on overlap
     seen = [s.path for split in ("train", "val") for s in p.split_data[split][0]]
     meta = meta.replace(data_digests=tuple(content_digests(seen)))
