@@ -8,8 +8,9 @@ for the load probes the throughput of well-behaved clients during the attack aga
     python benchmarks/faults.py                       # bundled model, ~3 minutes on 2 cores
     python benchmarks/faults.py --seconds 20 --out benchmarks/faults.md
 
-Peak RSS growth: the server's VmHWM after the probe minus its VmRSS before, with the high-water
-mark reset before each probe (/proc/PID/clear_refs; Linux).
+Peak RSS growth: VmHWM after the probe minus VmRSS before, summed over the server and its
+heavy-decode worker, with the high-water marks reset before each probe (/proc/PID/clear_refs;
+Linux).
 """
 
 from __future__ import annotations
@@ -71,14 +72,34 @@ class Server:
         except OSError:
             return False
 
+    def pids(self) -> list[int]:
+        """The server and its children (the heavy-decode worker)."""
+        kids: set[int] = set()
+        for task in Path(f"/proc/{self.proc.pid}/task").glob("*"):  # a thread may have started it
+            try:
+                kids |= set(map(int, (task / "children").read_text().split()))
+            except OSError:
+                pass
+        return [self.proc.pid, *sorted(kids)]
+
     def status(self, field: str) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-        return 0
+        """Summed over the server and its children."""
+        total = 0
+        for pid in self.pids():
+            try:
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(field + ":"):
+                        total += int(line.split()[1]) * 1024
+            except OSError:
+                pass
+        return total
 
     def reset_peak(self) -> int:
-        Path(f"/proc/{self.proc.pid}/clear_refs").write_text("5")
+        for pid in self.pids():
+            try:
+                Path(f"/proc/{pid}/clear_refs").write_text("5")
+            except OSError:
+                pass
         return self.status("VmRSS")
 
     def connect(self) -> socket.socket:
@@ -250,27 +271,36 @@ def probes(server: Server, table: Table, files: dict[str, bytes], small: bytes, 
 
     table.probe("LEAKTEST^PATIENT in attributes, names, paths", "0 in the log", leak)
 
-    def loaded(label: str, attack_blob: bytes | None):
+    def loaded(attack_blob: bytes, rounds: int = 3):
+        """Quiet and attacked windows alternate ``rounds`` times, so load from other processes on a
+        shared machine falls on both; the median of the per-round ratios is reported."""
         def run():
-            quiet = throughput(port, small, seconds)
-            stop = threading.Event()
+            ratios, quiet_all, noisy_all = [], [], []
+            for _ in range(rounds):
+                quiet = throughput(port, small, seconds)
+                stop = threading.Event()
 
-            def attacker():
-                while not stop.is_set():
-                    predict(port, attack_blob)
+                def attacker():
+                    while not stop.is_set():
+                        predict(port, attack_blob)
 
-            attackers = [threading.Thread(target=attacker) for _ in range(2)]
-            for t in attackers:
-                t.start()
-            noisy = throughput(port, small, seconds)
-            stop.set()
-            for t in attackers:
-                t.join()
-            return f"{noisy:.1f} vs {quiet:.1f} req/s without ({100 * noisy / max(quiet, 1e-9):.0f}%)", -1
+                attackers = [threading.Thread(target=attacker) for _ in range(2)]
+                for t in attackers:
+                    t.start()
+                noisy = throughput(port, small, seconds)
+                stop.set()
+                for t in attackers:
+                    t.join()
+                ratios.append(noisy / max(quiet, 1e-9))
+                quiet_all.append(quiet)
+                noisy_all.append(noisy)
+            return (f"median {100 * float(np.median(ratios)):.0f}% of the quiet throughput "
+                    f"(rounds: {', '.join(f'{100 * r:.0f}%' for r in ratios)}; "
+                    f"{np.mean(noisy_all):.1f} vs {np.mean(quiet_all):.1f} req/s)"), -1
         return run
 
     table.probe("2 clients looping the RLE DICOM", "well-behaved clients keep ≥ 70% of their throughput",
-                loaded("dicom", files["RLE DICOM 7071², 16-bit"]))
+                loaded(files["RLE DICOM 7071², 16-bit"]))
 
 
 def sigterm(server: Server) -> tuple[str, str, str, str, str]:
@@ -300,7 +330,7 @@ def xray_png() -> bytes:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", help="model.pt or .onnx [the bundled model]")
-    parser.add_argument("--seconds", type=float, default=10, help="each throughput window")
+    parser.add_argument("--seconds", type=float, default=8, help="each throughput window (3 quiet, 3 attacked)")
     parser.add_argument("--out", help="also write the table (with the machine) to this markdown file")
     args = parser.parse_args()
     import resource  # noqa: PLC0415  (1,100 client sockets need more than the usual 1,024)

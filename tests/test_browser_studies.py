@@ -35,16 +35,17 @@ def test_a_stored_study_appears_in_the_page_most_suspicious_first(trained_model,
         browser.get(base + "/?refresh=1")
         find = browser.find_element
 
-        def shown():  # study rows top to bottom as (group, patient), and the group headings
-            rows = browser.find_elements(By.CSS_SELECTOR, "#studies-body tr")
-            return [r.get_attribute("data-group") or r.find_element(By.CLASS_NAME, "study-patient").text
-                    for r in rows]
+        def shown():  # group headings and patients, top to bottom (read in one go: rows are rebuilt)
+            return browser.execute_script(
+                "return [...document.querySelectorAll('#studies-body tr')].map(r => r.dataset.group || "
+                "r.querySelector('.study-patient').textContent)")
 
         wait_for(lambda: len(shown()) == 7, timeout=60, what="the stored studies")
         assert find(By.ID, "studies").is_displayed()
         assert shown() == ["pneumonia", "Doe, Jane", "normal", "Roe, Richard",
                            "human", "Poe, Edgar", "Moe, Lateral"]
-        assert PATIENTS[2][1] in find(By.CSS_SELECTOR, "#studies-body tr.study-row").text  # the accession
+        assert PATIENTS[2][1] == browser.execute_script(  # the accession beside the name
+            "return document.querySelector('#studies-body tr.study-row .study-accession').textContent")
 
         with Store.open(url) as store:  # the node scores a new study while the page is open
             film = store.upsert_film(header(5, 1, view_position="PA"), None, received_at=T0 + timedelta(hours=1)).film
@@ -52,8 +53,8 @@ def test_a_stored_study_appears_in_the_page_most_suspicious_first(trained_model,
         wait_for(lambda: shown()[:3] == ["pneumonia", "Zoe, Waiting", "Doe, Jane"], timeout=30,
                  what="the new study at the top")
 
-        odd = browser.find_element(By.CSS_SELECTOR, f"#studies-body tr[data-id='{ids['odd']}']")
-        odd.click()
+        browser.execute_script("document.querySelector(`#studies-body tr[data-id='${arguments[0]}']`).click()",
+                               ids["odd"])
         detail = find(By.ID, "study-detail")
         wait_for(lambda: "unusual for the training films" in detail.text, timeout=20, what="the study's films")
         assert "No read recorded yet." in detail.text

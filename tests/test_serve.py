@@ -305,6 +305,24 @@ def test_docs_work_offline(client, page):
     assert {"/v1/predict", "/v1/predict/batch", "/v1/model", "/v1/health"} <= set(spec["paths"])
 
 
+def test_large_decodes_go_through_the_worker_process(keyed):
+    """A 16-bit PNG whose decode is estimated over serve.heavy.HEAVY_BYTES is decoded in the worker
+    process: it scores like the same image decoded in-process, and a corrupt one comes back as the
+    same 422 the in-process path gives."""
+    from pneumoscan.serve import heavy
+
+    side = 5000  # 25 M pixels x 3 bytes: over HEAVY_BYTES
+    assert side * side * 3 > heavy.HEAVY_BYTES
+    big = np.zeros((side, side), np.uint16)
+    big[1000:4000, 1000:4000] = 40000
+    blob = encode(big, "PNG")
+    r = post(keyed, blob, headers={"X-API-Key": KEY})
+    assert r.status_code == 200, r.text
+    assert 0 <= r.json()["probability"] <= 1
+    broken = blob[: len(blob) // 2]  # header intact (so it is routed to the worker), data truncated
+    assert_error(post(keyed, broken, headers={"X-API-Key": KEY}), 422, "not_an_image")
+
+
 def test_openapi_matches_what_the_server_accepts_and_answers(keyed):
     spec = keyed.get("/openapi.json").json()
     bodies = spec["components"]["schemas"]

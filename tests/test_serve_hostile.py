@@ -248,9 +248,11 @@ def test_requests_in_flight_are_capped_with_retry_after(server):
         c.close()
         if status == 503:
             break
+    health = server.get("/v1/health", key=None)[0]  # liveness is not capped
     for s in stalled:
         s.close()
     assert status == 503 and retry and int(retry) >= 1
+    assert health == 200
 
 
 def test_1100_idle_connections_do_not_stop_a_well_behaved_client(server):

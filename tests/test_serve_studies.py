@@ -30,8 +30,8 @@ def db(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def client(trained_model, db):
-    # no lifespan: the study routes need the store, not the model
-    return TestClient(create_app(trained_model, api_key=KEY, db=db[0]))
+    with TestClient(create_app(trained_model, api_key=KEY, db=db[0])) as c:  # one event loop for all requests
+        yield c
 
 
 def get(client, path, **params):
@@ -110,10 +110,10 @@ def test_patient_names_and_accessions_stay_out_of_the_logs(client, db, caplog):
 
 
 def test_cli_serve_passes_the_store_and_refuses_a_bad_one(trained_model, db, monkeypatch, capsys, tmp_path):
-    import uvicorn
+    from pneumoscan.serve import server
 
     seen = {}
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: seen.update(app=app))
+    monkeypatch.setattr(server, "serve", lambda app, host, port, settings: seen.update(app=app))
     assert cli.main(["serve", "--model", str(trained_model), "--db", db[0]]) == 0
     assert seen["app"].state.store is not None
     assert cli.main(["serve", "--model", str(trained_model), "--db", "mysql://u:pw@host/x"]) == 2

@@ -28,15 +28,40 @@ def rewrite(src, dst, **changes):
     return dst
 
 
-@pytest.fixture(scope="module")
-def banded(tmp_path_factory, tiny_dataset_module):
-    """An untrained (randomly initialised) model, whose scores at least differ between films, with its
-    threshold at their median and a band around the middle of them."""
+def brightness_resnet18():
+    """A ResNet-18 whose weights are set by hand, not drawn: its logit is a fixed, increasing
+    function of how bright the film is (the stem's centre tap passes the normalised pixel to
+    channel 0, every residual branch is zero, the downsampling shortcuts pass channels through,
+    BatchNorm is the identity, and the head reads channel 0). Scores that differ between films and
+    a fixed order, without a random network deciding them."""
     from pneumoscan.modeling import models
 
-    torch.manual_seed(0)
     model, info = models.build("resnet18", weights="none", head="linear")
-    model.eval()
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            param.zero_()
+        for module in model.modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.fill_(1.0)
+                module.running_mean.zero_()
+                module.running_var.fill_(1.0 - module.eps)
+        stem, stem_bn = model.features[0][0], model.features[0][1]
+        stem.weight[0, :, 3, 3] = 1 / 3  # three identical channels: their mean is the normalised pixel
+        stem_bn.bias[0] = 3.0  # normalised pixels are above -2.2: the ReLUs never clip channel 0
+        for module in model.features.modules():
+            if isinstance(module, torch.nn.Conv2d) and module.kernel_size == (1, 1):  # downsample shortcuts
+                for c in range(module.in_channels):
+                    module.weight[c, c, 0, 0] = 1.0
+        head = model.head[-1]
+        head.weight[0, 0], head.bias[0] = 4.0, -12.0  # logit 4 (mean pixel - 3)
+    return model.eval(), info
+
+
+@pytest.fixture(scope="module")
+def banded(tmp_path_factory, tiny_dataset_module):
+    """A hand-set model (``brightness_resnet18``) with its threshold at the median of the test
+    films' probabilities and a band around the middle of them."""
+    model, info = brightness_resnet18()
     meta = artifact.make_meta(architecture="resnet18", head="linear", image_size=48, weights_info=info,
                               threshold=0.5, threshold_rule="0.5", config={})
     path = artifact.save(tmp_path_factory.mktemp("banded") / "model.pt", model, meta)
@@ -49,6 +74,13 @@ def banded(tmp_path_factory, tiny_dataset_module):
             "method": "mondrian-conformal", "confidence": 0.9, "n_calibration": 10,
             "class_counts": {"NORMAL": 5, "PNEUMONIA": 5}, "fitted_on": "validation split"}
     return rewrite(path, path, unsure=band, threshold=threshold), band
+
+
+def test_the_hand_set_model_scores_brightness():
+    model, _ = brightness_resnet18()
+    ramp = torch.linspace(0.0, 1.0, 6).view(6, 1, 1, 1).expand(6, 1, 48, 48).contiguous()
+    logits = model(ramp).detach().numpy()
+    assert (np.diff(logits) > 0).all()  # brighter, higher: the order the fixture relies on
 
 
 @pytest.fixture(scope="module")

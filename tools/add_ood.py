@@ -45,26 +45,51 @@ def proxy_sentence(sha256: str) -> str:
             "acquisition shifts (benchmarks/ood.md measured the former fine-tuned model's detector more fully).")
 
 
+def chest_sentence(meta: artifact.ModelMeta) -> str:
+    """The chest-film detector's paragraph, or that the model has none."""
+    from pneumoscan.safety import decision
+
+    c = meta.chest
+    if not c:
+        return ("This model has no chest-film detector: a far distance gives `outside_training_population` "
+                "whether or not the image is a chest film.")
+    cal = c.get("calibration", {})
+    fitted = ", ".join(f"{n} {k}" for k, n in (c.get("fitted_on") or {}).items())
+    return (f"`{decision.NOT_CHEST}` — \"{decision.SENTENCES[decision.NOT_CHEST]}\" — comes from a separate "
+            "detector (`pneumoscan.safety.chest`, `tools/add_chest_detector.py`): a logistic regression on the "
+            f"model's pooled ImageNet features, fitted on frontal chest films of children *and* adults against "
+            f"other radiographs, lateral chests, other modalities and non-radiographs ({fitted}); label "
+            f"NOT_ASSESSED below the logit {c['cutoff']:.2f} ({c.get('rule', '')}; calibrate-part numbers: "
+            f"{json.dumps(cal.get('positive_p1', {}))}, negatives' 99th percentile "
+            f"{cal.get('negative_p99', float('nan')):.2f}). Held-out rates: benchmarks/ood.md.")
+
+
 def input_checks_section(meta: artifact.ModelMeta, sha256: str = "") -> str:
+    from pneumoscan.safety import decision
+
     o = meta.ood
     rows = "\n".join(f"| {r['name']} | {r['value']:g} | {r['kind']} |" for r in gate.limits_table(
         gate.QualityLimits.from_dict(meta.quality)))
     return f"""{BEGIN}
-**Input checks.** Before the model's answer counts, every image passes an input-quality gate and an
-out-of-distribution score (`pneumoscan.safety.gate`, `pneumoscan.safety.ood`; the proxy benchmark is
-benchmarks/ood.md). `low_quality` (gate) and `not_chest_xray` (distance above
-{o['cutoff_not_chest']:.1f}, the {o['percentile']:g}th percentile of {o['n_val']} validation films) make the
-label NOT_ASSESSED; `out_of_distribution` (above {o['cutoff_ood']:.1f}, the {o['ood_percentile']:g}th
-percentile) keeps the label and marks the image as unlike the training films. The distance is the
-Mahalanobis distance of the model's pooled features, its covariance fitted on {o['n_fit']} training films
-and shifted copies of them. {proxy_sentence(sha256)} The validation films were in the bundled model's training run
-(early stopping and calibration), not in its gradient steps. Gate limits (minimum side and aspect reasoned, the rest fitted on training films):
+**Input checks.** Before the model's answer counts, every image passes an input-quality gate, a
+chest-film detector and an out-of-distribution score (`pneumoscan.safety.gate`, `.chest`, `.ood`;
+benchmarks/ood.md). Two questions, two answers: {chest_sentence(meta)}
+`{decision.OUTSIDE_POPULATION}` — "{decision.SENTENCES[decision.OUTSIDE_POPULATION]}" — is a
+Mahalanobis distance of the model's pooled features above {o['cutoff_not_chest']:.1f} (the
+{o['percentile']:g}th percentile of {o['n_val']} validation films; covariance fitted on {o['n_fit']}
+training films and shifted copies of them): label NOT_ASSESSED by default; a site that validated the
+model on its own films may make it a warning (`--outside-population warn` or
+`PNEUMOSCAN_OUTSIDE_POPULATION=warn`). `{decision.OUT_OF_DISTRIBUTION}` (above {o['cutoff_ood']:.1f}, the
+{o['ood_percentile']:g}th percentile) keeps the label and marks the image as unusual. `low_quality` (gate)
+makes the label NOT_ASSESSED. {proxy_sentence(sha256)} The validation films were in the bundled model's
+training run (early stopping and calibration), not in its gradient steps. Gate limits (minimum side and
+aspect reasoned, the rest fitted on training films):
 
 | limit | value | origin |
 | --- | --- | --- |
-{rows}
+{{rows}}
 {END}
-"""
+""".replace("{rows}", rows)
 
 
 def with_section(card: str, section: str) -> str:

@@ -14,9 +14,10 @@ import sys
 
 from pneumoscan import __version__
 from pneumoscan.cli import console
-from pneumoscan.cli.common import _Formatter
+from pneumoscan.cli.common import _Formatter, apply_outside_population
 from pneumoscan.cli.model_commands import (add_adapt, add_evaluate, add_explain, add_explore, add_export, add_predict,
                                            add_robustness)
+from pneumoscan.cli import pilot as pilot_cli
 from pneumoscan.cli.node_command import add_node
 from pneumoscan.cli.serve_command import add_serve
 from pneumoscan.cli.train_commands import add_compare, add_cv, add_ensemble, add_experiments, add_train
@@ -38,7 +39,7 @@ missing), or simply DIR/{NORMAL,PNEUMONIA}/. Label 0 = NORMAL, 1 = PNEUMONIA.
 
 
 COMMANDS = (add_explore, add_train, add_cv, add_evaluate, add_robustness, add_predict, add_explain, add_adapt,
-            add_compare, add_experiments, add_ensemble, add_export, add_serve, add_node)
+            add_compare, add_experiments, add_ensemble, add_export, add_serve, add_node, *pilot_cli.COMMANDS)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -57,6 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     console.configure_logging(args.verbose, timestamps=getattr(args, "log_timestamps", False))
     try:
+        apply_outside_population(args)
         return args.func(args)
     except UserError as exc:
         print(f"pneumoscan: error: {exc}", file=sys.stderr)

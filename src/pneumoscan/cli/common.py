@@ -45,3 +45,23 @@ def add_parser(sub, name: str, help: str, description: str | None = None, **kwar
 def skipped_line(path: str, reason: str) -> str:
     """One line per skipped file, whether the library's reason already starts with the path or not."""
     return f"pneumoscan: skipped {path}: {reason.removeprefix(f'{path}: ')}"
+
+
+def add_outside_population(p) -> None:
+    p.add_argument("--outside-population", choices=("not-assessed", "warn"), default=None,
+                   help="what the flag outside_training_population (a frontal chest film unlike the training films, "
+                        "e.g. an adult's) does to the label: not-assessed (default), or warn = give the label and "
+                        "keep the flag, only at a site that validated the model on its own films "
+                        "[$PNEUMOSCAN_OUTSIDE_POPULATION or not-assessed]")
+
+
+def apply_outside_population(args: argparse.Namespace) -> None:
+    """The option becomes the process's policy (``decision.POLICY_ENV``), so every face in this
+    process (CSV, report, API, page, node) decides alike."""
+    value = getattr(args, "outside_population", None)
+    if value is not None:
+        import os
+
+        from pneumoscan.safety import decision
+
+        os.environ[decision.POLICY_ENV] = decision.outside_policy(value)

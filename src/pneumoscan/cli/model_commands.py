@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from pneumoscan.cli import console
-from pneumoscan.cli.common import CAM_METHODS, ENGINES, add_parser, skipped_line
+from pneumoscan.cli.common import CAM_METHODS, ENGINES, add_outside_population, add_parser, skipped_line
 from pneumoscan.core.errors import UserError
 
 
@@ -60,6 +60,7 @@ def add_evaluate(sub) -> None:
     p.add_argument("--report", action="store_true", help="also write OUT/report.html, one self-contained page")
     p.add_argument("--engine", choices=ENGINES, default="auto",
                    help="runtime for scores: auto = ONNX Runtime, as predict and serve use (PyTorch if export fails)")
+    add_outside_population(p)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -136,7 +137,7 @@ def add_predict(sub) -> None:
                    "Scores unlabelled images and writes one CSV row per image (to stdout, or to --out): path, "
                    "P(PNEUMONIA), the 0/1 prediction and its label at the model's threshold, that threshold, "
                    "flags and the model file's sha256. An image the model is not competent for (flag "
-                   "not_chest_xray or low_quality) is labelled NOT_ASSESSED, its probability not meaningful; one in the "
+                   "not_chest_xray, outside_training_population or low_quality) is labelled NOT_ASSESSED, its probability not meaningful; one in the "
                    "model's UNSURE band (its conformal prediction set is not a single class) is labelled UNSURE, "
                    "its prediction still the threshold's class; "
                    "out_of_distribution keeps the label but marks the image as unlike the training films. "
@@ -150,6 +151,7 @@ def add_predict(sub) -> None:
                    help="runtime: auto = ONNX Runtime through a cached export (PyTorch if export fails)")
     p.add_argument("--explain", metavar="DIR", help="also write a Grad-CAM overlay PNG per image to DIR")
     p.add_argument("--method", choices=CAM_METHODS, default="gradcam", help="explanation method for --explain")
+    add_outside_population(p)
     p.set_defaults(func=cmd_predict)
 
 
@@ -221,7 +223,11 @@ def add_adapt(sub) -> None:
                    "plain probability cut (e.g. 0.5) stays a probability. With --labels the temperature, threshold "
                    "and UNSURE band are re-fitted on the site's labelled films. The input model is never changed.")
     p.add_argument("--model", help="model.pt, or an exported .onnx (not with --labels) [the bundled model]")
-    p.add_argument("--images", required=True, metavar="DIR", help="the site's unlabelled films (searched recursively)")
+    p.add_argument("--images", metavar="DIR", help="the site's unlabelled films (searched recursively)")
+    p.add_argument("--db", metavar="URL", help="instead: re-fit temperature, threshold and UNSURE band on the result "
+                   "store's read films (patient-grouped cross-fitting; registers the new version)")
+    p.add_argument("--sensitivity-floor", type=float, default=0.95, metavar="F",
+                   help="with --db: the threshold keeps the site sensitivity at or above F")
     p.add_argument("--out", required=True, help="the adapted copy to write (same suffix as the input)")
     p.add_argument("--labels", metavar="DIR", help="labelled site films (NORMAL/ and PNEUMONIA/) to re-fit the "
                    "temperature, threshold and UNSURE band on")
@@ -236,6 +242,12 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
     if args.bootstrap < 1:
         raise UserError("--bootstrap must be at least 1")
+    if args.db:
+        from pneumoscan.cli.pilot import adapt_from_db
+
+        return adapt_from_db(args)
+    if not args.images:
+        raise UserError("give --images DIR (unlabelled films) or --db URL (the store's read films)")
     result = adapt.run(args.model, args.images, args.out, labels=args.labels, train_prior=args.train_prior,
                        n_bootstrap=args.bootstrap)
     for warning in result["warnings"]:
@@ -275,9 +287,12 @@ def cmd_export(args: argparse.Namespace) -> int:
     int8_out = out.with_name(out.stem + ".int8" + out.suffix)
     report = export.quantize_checked(out, int8_out, args.calibration)
     summary = (f"ROC-AUC int8 {report['int8_roc_auc']:.4f} vs fp32 {report['fp32_roc_auc']:.4f} on "
-               f"{report['n']} held-out images (Δ {report['delta']:+.4f}, tolerance {report['tolerance']})")
+               f"{report['n']} held-out images (Δ {report['delta']:+.4f}, tolerance {report['tolerance']}); "
+               f"{report['labels_changed']} labels and {report['ood_flags_changed']} OOD flags changed, "
+               f"mean |Δprob| {report['mean_abs_prob_delta']:.3f}")
     if not report["written"]:
-        print(f"pneumoscan: int8 model not written: {summary}", file=sys.stderr)
+        print(f"pneumoscan: int8 model not written ({'; '.join(report['disagreement'])}): {summary}",
+              file=sys.stderr)
         return 1
     print(f"int8: {int8_out} ({summary})")
     return 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from pneumoscan.cli.common import ENGINES, add_parser
+from pneumoscan.cli.common import ENGINES, add_outside_population, add_parser
 
 
 def add_node(sub) -> None:
@@ -34,6 +34,7 @@ def add_node(sub) -> None:
     p.add_argument("--max-associations", type=int, default=8, help="concurrent associations")
     p.add_argument("--retries", type=int, default=3, help="delivery attempts before a dead letter")
     p.add_argument("--resend", action="store_true", help="deliver the dead letters again, then exit")
+    add_outside_population(p)
     p.set_defaults(func=cmd_node, log_timestamps=True)
 
 

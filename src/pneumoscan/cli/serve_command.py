@@ -7,7 +7,7 @@ import logging
 import os
 import sys
 
-from pneumoscan.cli.common import ENGINES, add_parser, log
+from pneumoscan.cli.common import ENGINES, add_outside_population, add_parser, log
 from pneumoscan.core.errors import UserError
 
 
@@ -56,6 +56,7 @@ def add_serve(sub) -> None:
                    help="memory one image's decoding may take, estimated from its header (over it: 413)")
     g.add_argument("--decode-total-mb", type=float, default=DEFAULT_TOTAL_DECODE_BYTES / 2**20, metavar="MB",
                    help="memory all concurrent decodes may take together (later ones wait)")
+    add_outside_population(p)
     p.set_defaults(func=cmd_serve, log_timestamps=True)  # a server's log is read later: every line is dated
 
 

@@ -133,6 +133,8 @@ def fit_intercept(logits, y_true) -> float:
     # logit() of a probability that rounded to 0 or 1 is -inf or +inf (inf - inf would be nan);
     # beyond ±50 a float64 sigmoid says nothing more
     z = np.clip(z, -50.0, 50.0)
+    if np.isnan(z).any():
+        raise ValueError("fit_intercept: a logit is nan")
     result = minimize_scalar(lambda b: float(np.mean(np.logaddexp(0.0, z + b) - y * (z + b))), bounds=(-20, 20),
                              method="bounded")
     return float(result.x)
@@ -157,3 +159,49 @@ def prior_offset(site: float, train: float) -> float:
     """The logit shift Δ = logit(site) - logit(train) that turns posteriors calibrated at prior
     ``train`` into posteriors at prior ``site`` (Bayes' rule with fixed class-conditionals)."""
     return float(logit(site) - logit(train))
+
+
+REFERENCE_QUANTILES = 41  # per class: the validation logits kept in ModelMeta.prior["validation"]
+
+
+def validation_reference(logits, y_true, n_quantiles: int = REFERENCE_QUANTILES) -> dict:
+    """A compact picture of the calibrated validation logits, per class (``n_quantiles`` evenly
+    spaced quantiles and the class counts): enough to redo EM on "validation-like" films
+    (``reference_sample``), to check that the recorded effective prior is consistent, and to give
+    the drift monitor its expected mean probability, without keeping any film."""
+    y, z = _arrays(y_true, logits)
+    z = np.clip(z, -50.0, 50.0)
+    levels = np.linspace(0.0, 1.0, n_quantiles)
+    out: dict = {"n": int(y.size), "mean_probability": float(sigmoid(z).mean()) if y.size else math.nan}
+    for name, label in (("normal", 0), ("pneumonia", 1)):
+        part = z[y == label]
+        out[f"n_{name}"] = int(part.size)
+        out[f"logit_quantiles_{name}"] = [float(v) for v in np.quantile(part, levels)] if part.size else []
+    return out
+
+
+def reference_sample(reference: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(logits, weights) standing in for the validation films, from ``validation_reference``:
+    each class's quantiles, weighted so the weights sum to 1 and the PNEUMONIA share is the
+    validation's."""
+    zn = np.asarray(reference["logit_quantiles_normal"], dtype=np.float64)
+    zp = np.asarray(reference["logit_quantiles_pneumonia"], dtype=np.float64)
+    share = reference["n_pneumonia"] / max(reference["n_normal"] + reference["n_pneumonia"], 1)
+    w = np.concatenate([np.full(zn.size, (1 - share) / max(zn.size, 1)), np.full(zp.size, share / max(zp.size, 1))])
+    return np.concatenate([zn, zp]), w
+
+
+def em_consistency(reference: dict, prior: float) -> float:
+    """The prevalence EM finds on the validation films' reference from ``prior``: equal to the
+    validation share when ``prior`` is what the probabilities are calibrated at (the intercept's
+    score equation is EM's fixed point), far from it when the recorded prior is wrong."""
+    z, w = reference_sample(reference)
+    pi = prior
+    for _ in range(1000):
+        r, s = pi / prior, (1 - pi) / (1 - prior)
+        p = sigmoid(z)
+        new = float(np.sum(w * r * p / (r * p + s * (1 - p))))
+        if abs(new - pi) < 1e-10:
+            break
+        pi = new
+    return pi

@@ -94,7 +94,8 @@ def flag_summary(y_true, prob, threshold: float, flags: Sequence[Sequence[str]],
                  seed: int = 0) -> dict:
     """How many images each flag caught, by class, and the metrics without the NOT_ASSESSED ones."""
     y, p = np.asarray(y_true).astype(int), np.asarray(prob, dtype=float)
-    assessed = np.array([not any(f in decision.NOT_COMPETENT for f in fs) for fs in flags])
+    blocking = decision.not_competent()
+    assessed = np.array([not any(f in blocking for f in fs) for fs in flags])
     out: dict = {"n_not_assessed": int((~assessed).sum()), "n_assessed": int(assessed.sum()),
                  "by_flag": {code: {name: int(sum(code in fs for fs, t in zip(flags, y) if t == label))
                                     for label, name in enumerate(CLASS_NAMES)} for code in decision.FLAGS}}

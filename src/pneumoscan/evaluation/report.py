@@ -23,6 +23,7 @@ from pneumoscan import __version__
 from pneumoscan.core import calibration
 from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.core.files import write_text
+from pneumoscan.safety import decision
 
 log = logging.getLogger(__name__)
 
@@ -175,7 +176,8 @@ def _flagged(result: Mapping) -> dict | None:
     kept = f.get("assessed_metrics") or {}
     ci = kept.get("ci95", {})
     return {"n_not_assessed": f["n_not_assessed"], "n_assessed": f["n_assessed"],
-            "by_flag": [{"code": code, **counts} for code, counts in f["by_flag"].items() if sum(counts.values())],
+            "by_flag": [{"code": code, "sentence": decision.SENTENCES.get(code, ""), **counts}
+                        for code, counts in f["by_flag"].items() if sum(counts.values())],
             "metrics": [{"name": name, "value": kept.get(key), "ci": ci.get(key)} for key, name in
                         (("accuracy", "Accuracy"), ("recall", "Sensitivity"), ("specificity", "Specificity"),
                          ("roc_auc", "ROC-AUC")) if key in kept]}

@@ -18,8 +18,8 @@ from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import file_sha256
 from pneumoscan.inference.batching import check_images, spans, unit_interval
-from pneumoscan.inference.onnx_format import (INPUT_NAME, OOD_NAME, OUTPUT_NAME, SELFCHECK_KEY, decode_selfcheck,
-                                              session_document)
+from pneumoscan.inference.onnx_format import (CHEST_NAME, INPUT_NAME, OOD_NAME, OUTPUT_NAME, SELFCHECK_KEY,
+                                              decode_selfcheck, session_document)
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +51,11 @@ class Engine:
     def assess(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
         """(logits, out-of-distribution scores), float32 (N,) each; the scores are NaN for a model
         fitted without an OOD detector."""
+        return self.score_all(images, batch_size)[:2]
+
+    def score_all(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(logits, out-of-distribution scores, chest-film logits), float32 (N,) each, from one pass;
+        NaN columns for a model without that detector. What ``safety.decision`` decides from."""
         raise NotImplementedError
 
     def predict_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
@@ -79,7 +84,7 @@ class TorchEngine(Engine):
         self.sha256 = file_sha256(self.path)
         self.name = "torch"
 
-    def assess(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    def score_all(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         from pneumoscan.inference.torch_model import assess
 
         return assess(self.model, self._check(images), batch_size)
@@ -121,16 +126,18 @@ class OnnxEngine(Engine):
         self.sha256 = sha256 or file_sha256(self.path)
         self.name = "onnxruntime-int8" if self.document.get("precision") == "int8" else "onnxruntime"
 
-    def assess(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    def score_all(self, images: np.ndarray, batch_size: int = 32) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         images = self._check(images)
-        outputs = [o.name for o in self.session.get_outputs()]
-        names = [OUTPUT_NAME] + ([OOD_NAME] if OOD_NAME in outputs else [])
+        outputs = {o.name for o in self.session.get_outputs()}
+        wanted = (OUTPUT_NAME, OOD_NAME, CHEST_NAME)
+        names = [n for n in wanted if n in outputs]
         runs = [self.session.run(names, {INPUT_NAME: unit_interval(images[s])})
                 for s in spans(len(images), min(batch_size, self.run_size))]
-        logits = np.concatenate([r[0] for r in runs]).astype(np.float32) if runs else np.zeros(0, np.float32)
-        if OOD_NAME not in names:
-            return logits, np.full(len(logits), np.nan, np.float32)
-        return logits, np.concatenate([r[1] for r in runs]).astype(np.float32)
+        columns = {n: np.concatenate([r[i] for r in runs]).astype(np.float32) if runs else np.zeros(0, np.float32)
+                   for i, n in enumerate(names)}
+        n = len(columns[OUTPUT_NAME])
+        logits, ood, chest = (columns.get(name, np.full(n, np.nan, np.float32)) for name in wanted)
+        return logits, ood, chest
 
     def self_check(self) -> float | None:
         """max |Δprob| between this machine's answers for the file's reference images and the INT8

@@ -24,7 +24,8 @@ from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import atomic_path, file_sha256
 from pneumoscan.inference import onnx_graph
 from pneumoscan.inference.engines import OnnxEngine
-from pneumoscan.inference.onnx_format import FORMAT, INPUT_NAME, METADATA_KEY, OOD_NAME, OUTPUT_NAME, set_document
+from pneumoscan.inference.onnx_format import (CHEST_NAME, FORMAT, INPUT_NAME, METADATA_KEY, OOD_NAME, OUTPUT_NAME,
+                                              set_document)
 from pneumoscan.inference.torch_model import assess, predict_logits
 from pneumoscan.core.metrics import sigmoid
 
@@ -32,6 +33,7 @@ log = logging.getLogger(__name__)
 
 PARITY_TOLERANCE = 1e-4  # max |prob_onnx - prob_torch| accepted for an fp32 export
 OOD_TOLERANCE = 1e-3  # max relative difference of the OOD distance (cut-offs are hundreds wide)
+CHEST_TOLERANCE = 1e-3  # max |Δ| of the chest-film logit (a logit, compared with a cut-off near 0)
 
 
 class ExportError(UserError):
@@ -86,11 +88,11 @@ def export_onnx(model_path: str | Path, out_path: str | Path, *, opset: int = 17
 
     images = synthetic_check_images(size) if check_images is None else check_images
     expected = sigmoid(predict_logits(model, images))
-    expected_ood = assess(model, images)[1]
+    _, expected_ood, expected_chest = assess(model, images)
     with atomic_path(out_path) as tmp:
         onnx.save(proto, tmp)
         try:
-            logits, got_ood = OnnxEngine(tmp, source=model_path).assess(images)
+            logits, got_ood, got_chest = OnnxEngine(tmp, source=model_path).score_all(images)
         except UserError as exc:  # ONNX Runtime cannot load or run what was exported
             raise ExportError(f"ONNX export of {model_path} does not run in ONNX Runtime: {exc}") from exc
         delta = float(np.abs(sigmoid(logits) - expected).max())
@@ -102,24 +104,32 @@ def export_onnx(model_path: str | Path, out_path: str | Path, *, opset: int = 17
         if not ood_delta < OOD_TOLERANCE:
             raise ExportError(f"ONNX export of {model_path} differs from PyTorch by {ood_delta:.2e} (relative) in "
                               f"its out-of-distribution score (tolerance {OOD_TOLERANCE:.0e}); not written")
+        chest_delta = float(np.abs(got_chest - expected_chest).max()) if model.chest_head is not None else 0.0
+        if not chest_delta < CHEST_TOLERANCE:
+            raise ExportError(f"ONNX export of {model_path} differs from PyTorch by {chest_delta:.2e} in its "
+                              f"chest-film logit (tolerance {CHEST_TOLERANCE:.0e}); not written")
     log.info("exported %s to %s (opset %d, max |Δprob| vs PyTorch %.1e)", model_path, out_path, opset, delta)
     return Path(out_path)
 
 
 class _Assess(torch.nn.Module):
-    """The graph of a model with an OOD head: (logit, ood_score) from one pass."""
+    """The graph of a model with input checks: (logit, ood_score, chest_logit) from one pass, the
+    outputs of the heads it has."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         super().__init__()
         self.model = model
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.model.assess(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        f = self.model.embed(x)
+        heads = [h for h in (self.model.ood_head, self.model.chest_head) if h is not None]
+        return (self.model.classify(f), *(h(f) for h in heads))
 
 
 def _trace(model: torch.nn.Module, size: int, opset: int) -> onnx.ModelProto:
-    outputs = [OUTPUT_NAME] + ([OOD_NAME] if model.ood_head is not None else [])
-    graph = _Assess(model).eval() if model.ood_head is not None else model
+    outputs = ([OUTPUT_NAME] + ([OOD_NAME] if model.ood_head is not None else [])
+               + ([CHEST_NAME] if getattr(model, "chest_head", None) is not None else []))
+    graph = _Assess(model).eval() if len(outputs) > 1 else model
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # TracerWarnings from the padding hooks' shape arithmetic (constant at a fixed image size)

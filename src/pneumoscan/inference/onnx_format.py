@@ -28,6 +28,7 @@ SELFCHECK_TOLERANCE = 1e-3
 FORMAT = "pneumoscan-onnx/1"  # {"format", "meta", "source_sha256", "precision", "opset", "exported_by", ...}
 INPUT_NAME, OUTPUT_NAME = "image", "logit"
 OOD_NAME = "ood_score"  # second output, when the model has an OOD detector: (N,) Mahalanobis distance
+CHEST_NAME = "chest_logit"  # next output, when the model has a chest-film detector: (N,) logit
 
 
 def parse_document(raw: str | None, path: str | Path) -> dict[str, Any]:

@@ -29,15 +29,17 @@ def predict_logits(model: torch.nn.Module, images: np.ndarray, batch_size: int =
     return torch.cat(out).numpy() if out else np.zeros(0, dtype=np.float32)
 
 
-def assess(model: torch.nn.Module, images: np.ndarray, batch_size: int = 64) -> tuple[np.ndarray, np.ndarray]:
-    """(logits, OOD scores) from one pass per batch (``Classifier.assess``), on the CPU."""
+def assess(model: torch.nn.Module, images: np.ndarray,
+           batch_size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(logits, OOD scores, chest-film logits) from one pass per batch (``Classifier.score_all``),
+    on the CPU; NaN where the model lacks that head."""
     model.eval()
-    logits, scores = [], []
+    columns: list[list[torch.Tensor]] = [[], [], []]
     with torch.inference_mode():
         for s in spans(len(images), batch_size):
-            z, d = model.assess(as_batch(images[s]))
-            logits.append(z.float())
-            scores.append(d.float())
-    if not logits:
-        return np.zeros(0, np.float32), np.zeros(0, np.float32)
-    return torch.cat(logits).numpy(), torch.cat(scores).numpy()
+            for column, value in zip(columns, model.score_all(as_batch(images[s]))):
+                column.append(value.float())
+    if not columns[0]:
+        return np.zeros(0, np.float32), np.zeros(0, np.float32), np.zeros(0, np.float32)
+    logits, scores, chest = (torch.cat(c).numpy() for c in columns)
+    return logits, scores, chest

@@ -123,6 +123,9 @@ class ModelMeta:
     # out-of-distribution detector (ood.OODState without its arrays, which live in the weights as
     # the OOD head): cut-offs and how they were chosen; None for a model fitted without one
     ood: dict[str, Any] | None = None
+    # "is this a frontal chest film?" detector (safety.chest): cut-off, rule and what it was fitted
+    # on; its weights live in the weights as ``chest_head``. None for a model without one
+    chest: dict[str, Any] | None = None
     quality: dict[str, Any] | None = None  # gate.QualityLimits the model's inputs must meet
     # files.content_digest of every training and validation file, sorted: lets ``evaluate`` warn when
     # it is given images the model has seen. Empty for models older than this field (cannot check).
@@ -226,7 +229,7 @@ def save(path: str | Path, model: "Classifier | Ensemble", meta: ModelMeta, *, h
 
     state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
     if half:  # not the OOD head: its distances meet cut-offs fitted in fp32
-        state = {k: v.half() if v.is_floating_point() and not k.startswith("ood_head.") else v
+        state = {k: v.half() if v.is_floating_point() and not k.startswith(("ood_head.", "chest_head.")) else v
                  for k, v in state.items()}
     meta = meta.replace(temperature=float(model.temperature))
     if meta.members:
@@ -292,6 +295,9 @@ def load(path: str | Path | None) -> tuple["Classifier | Ensemble", ModelMeta]:
     if meta.ood is not None:
         model.ood_head = heads.MahalanobisHead(state["ood_head.W"], state["ood_head.b"], state["ood_head.M"],
                                                 l2_normalize=bool(meta.ood.get("l2_normalize", True)))
+    if meta.chest is not None:
+        model.chest_head = heads.ChestHead(state["chest_head.w"], state["chest_head.b"],
+                                            l2_normalize=bool(meta.chest.get("l2_normalize", True)))
     model.load_state_dict(state)
     model.eval()
     log.debug("loaded %s (%s, threshold %.3f)", path, meta.architecture, meta.threshold)

@@ -48,3 +48,22 @@ class MahalanobisHead(nn.Module):
             f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
         z = f @ self.W - self.b
         return ((z.unsqueeze(1) - self.M.unsqueeze(0)) ** 2).sum(-1).amin(1)
+
+
+class ChestHead(nn.Module):
+    """"Is this a frontal chest film?": a logistic regression on the pooled features,
+    ``logit = n(f) @ w + b`` (``safety.chest``; standardisation folded into ``w`` and ``b``). It reads
+    the same features the classifier does, so it costs one dot product per image. It is only
+    meaningful on generic features (a frozen ImageNet backbone), which the bundled model's are."""
+
+    def __init__(self, w: torch.Tensor, b: torch.Tensor, l2_normalize: bool = True):
+        super().__init__()
+        self.register_buffer("w", torch.as_tensor(w, dtype=torch.float32).reshape(-1))
+        self.register_buffer("b", torch.as_tensor(b, dtype=torch.float32).reshape(1))
+        self.l2_normalize = l2_normalize
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        f = f.float()
+        if self.l2_normalize:
+            f = f / f.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return f @ self.w + self.b

@@ -28,18 +28,27 @@ from pneumoscan.modeling.heads import build_head
 log = logging.getLogger(__name__)
 
 
+def _nan(f: torch.Tensor) -> torch.Tensor:
+    return torch.full((len(f),), float("nan"))
+
+
 class _Scorer(nn.Module):
     """What every model does with its ``embed`` and ``classify``: one calibrated logit per image,
-    and beside it the out-of-distribution score of the same pooled features."""
+    and beside it the out-of-distribution score and the chest-film logit of the same pooled features."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.classify(self.embed(x))
 
     def assess(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(logit, out-of-distribution score) from one pass; NaN scores without an OOD head."""
+        return self.score_all(x)[:2]
+
+    def score_all(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(logit, out-of-distribution score, chest-film logit) from one pass; NaN for a missing head."""
         f = self.embed(x)
-        ood = self.ood_head(f) if self.ood_head is not None else torch.full((len(f),), float("nan"))
-        return self.classify(f), ood
+        ood = self.ood_head(f) if self.ood_head is not None else _nan(f)
+        chest = self.chest_head(f) if getattr(self, "chest_head", None) is not None else _nan(f)
+        return self.classify(f), ood, chest
 
 
 class Classifier(_Scorer):
@@ -55,6 +64,7 @@ class Classifier(_Scorer):
         self.frozen_stages = frozen_stages
         self.freeze_batchnorm = freeze_batchnorm  # trainable stages keep their pretrained BN statistics
         self.add_module("ood_head", None)  # a MahalanobisHead once an OOD detector is fitted
+        self.add_module("chest_head", None)  # a ChestHead once a chest-film detector is fitted
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features; the cacheable part when the backbone is frozen."""
@@ -128,6 +138,7 @@ class Ensemble(_Scorer):
         self.feature_dims = tuple(m.feature_dim for m in members)
         self.register_buffer("temperature", torch.tensor(1.0))
         self.add_module("ood_head", None)  # a MahalanobisHead on the concatenated features
+        self.add_module("chest_head", None)  # a ChestHead on the concatenated features
         self.share_identical_embeddings()
         self.register_load_state_dict_post_hook(_reshare_after_load)
 

@@ -95,9 +95,9 @@ def score(engine, paths: list[Path]) -> tuple[np.ndarray, np.ndarray, int]:
     decoded = imaging.decode_many(paths, meta.image_size)
     if not decoded.kept:
         raise UserError("none of the images could be read")
-    logits, ood = engine.assess(decoded.images)
+    logits, ood, chest_logits = engine.score_all(decoded.images)
     verdicts = decision.decide(meta.replace(prior=None, unsure=None), logits, ood,
-                               decision.check_inputs(meta, decoded.images, decoded.sizes))
+                               decision.check_inputs(meta, decoded.images, decoded.sizes), chest_logits=chest_logits)
     competent = np.array([v.assessed for v in verdicts], dtype=bool)
     return np.asarray(logits, dtype=np.float64)[competent], np.flatnonzero(competent), int((~competent).sum())
 

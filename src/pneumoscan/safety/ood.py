@@ -58,6 +58,8 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
+VAL_QUANTILES = 41  # validation-score quantiles kept in the state for the drift monitor (``extra``)
+
 VERSION = 1
 # Below this many validation films a 99.5th-percentile cut-off is the largest of a handful of
 # scores, and new films of the same kind exceed it often: no detector is fitted then.
@@ -218,6 +220,8 @@ def fit(features_train: np.ndarray, labels: np.ndarray, features_val: np.ndarray
         percentile=float(percentile), ood_percentile=float(ood_percentile), margin=float(margin),
         n_fit=int(len(features_train)), n_val=int(len(features_val)),
     )
+    # the drift monitor's reference: the validation films' score distribution, compactly
+    state.extra["val_score_quantiles"] = [float(v) for v in np.quantile(val, np.linspace(0, 1, VAL_QUANTILES))]
     if negatives is not None and len(negatives):
         w, b = fit_classifier(features_train, negatives, l2_normalize=l2_normalize)
         state.clf_weights, state.clf_bias = w.astype(np.float32), b

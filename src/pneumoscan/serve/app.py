@@ -39,11 +39,12 @@ from pneumoscan.inference.loading import check_kind
 from pneumoscan.core.errors import UserError
 from pneumoscan.io import imaging
 from pneumoscan.io.imaging import FORMAT_NAMES
-from pneumoscan.serve import uploads
+from pneumoscan.serve import heavy, uploads
 from pneumoscan.serve.card import INTENDED_USE, model_card
 from pneumoscan.serve.batcher import BatchSettings, Busy, TimedOut
 from pneumoscan.serve.guard import Guard, GuardState
 from pneumoscan.serve.middleware import AccessLog, DocsCSP, SecurityHeaders
+from pneumoscan.serve.pilot import pilot_routes
 from pneumoscan.serve.service import Service, png_bytes
 from pneumoscan.serve.settings import (API_KEY_ENV, DEFAULT_BODY_TIMEOUT_S, DEFAULT_MAX_BATCH_FILES,
                                        DEFAULT_MAX_IN_FLIGHT, DEFAULT_MAX_PIXELS, DEFAULT_MAX_UPLOAD_BYTES,
@@ -108,15 +109,20 @@ class Score(BaseModel):
     label: str = Field(description="NORMAL, PNEUMONIA, UNSURE when the probability lies in the model's UNSURE "
                                    "band (its conformal prediction set is not a single class; the band is in "
                                    "/v1/model), or NOT_ASSESSED when a flag says the model is not competent for "
-                                   "the image (not_chest_xray, low_quality); NOT_ASSESSED wins over UNSURE")
+                                   "the image (not_chest_xray, outside_training_population unless the server runs "
+                                   "with --outside-population warn, low_quality); NOT_ASSESSED wins over UNSURE")
     decided: bool = Field(True, description="false for UNSURE and NOT_ASSESSED: the model gives no class "
                                             "(prediction is then the threshold's class, or absent)")
     threshold: float
-    flags: list[str] = Field(description="input checks the image failed: not_chest_xray, low_quality (label "
-                                         "NOT_ASSESSED), out_of_distribution (label kept); empty when none")
+    flags: list[str] = Field(description="input checks the image failed: not_chest_xray (probably not a frontal "
+                                         "chest X-ray), outside_training_population (a frontal chest film unlike the "
+                                         "training films, e.g. an adult's), low_quality (label NOT_ASSESSED), "
+                                         "out_of_distribution (label kept); empty when none")
     flag_details: list[str] = Field(description="one sentence per flag, in the same order")
     ood_score: float | None = Field(None, description="out-of-distribution distance of the image's features "
                                                       "(the model card gives the cut-offs)")
+    chest_logit: float | None = Field(None, description="the chest-film detector's logit (below the model card's "
+                                                        "cut-off: not_chest_xray)")
     overlay_png_base64: str | None = Field(None, description="Grad-CAM overlay (explain=true)")
     image_png_base64: str | None = Field(None, description="the model's input image (explain=true)")
     cam_scale: str | None = Field(None, description=CAM_SCALE_HELP)
@@ -140,6 +146,7 @@ class BatchItem(BaseModel):
     flags: list[str] | None = None
     flag_details: list[str] | None = None
     ood_score: float | None = None
+    chest_logit: float | None = None
     overlay_png_base64: str | None = None
     image_png_base64: str | None = None
     cam_scale: str | None = Field(None, description=CAM_SCALE_HELP)
@@ -204,16 +211,19 @@ def _b64(png: bytes) -> str:
     return base64.b64encode(png).decode("ascii")
 
 
-async def _image(file: UploadFile, size: int, limits: uploads.Limits,
-                 slots: asyncio.Semaphore | None = None) -> imaging.Picture | uploads.Rejected:
+async def _image(file: UploadFile, size: int, limits: uploads.Limits, slots: asyncio.Semaphore | None = None,
+                 lane: heavy.HeavyLane | None = None) -> imaging.Picture | uploads.Rejected:
     """One upload as model input, or why not. Files are read one at a time and only their decoded
     (size x size) image is kept, so a full batch never sits in memory as raw bytes. ``slots``
     bounds how many decode at once: 32 decoding threads on two cores starve the scoring thread,
-    which is the bottleneck, and throughput falls as clients are added."""
+    which is the bottleneck, and throughput falls as clients are added. Large decodes go to the
+    heavy lane (``serve.heavy``)."""
     try:
         if file.size is not None:
             uploads.check_size(file.size, limits)  # ruled out without reading it
         blob = await file.read()
+        if lane is not None and await run_in_threadpool(heavy.estimate, blob, limits) > heavy.HEAVY_BYTES:
+            return await lane.decode(blob, size, limits)
         async with slots or contextlib.nullcontext():
             return await run_in_threadpool(uploads.to_model_input, blob, size, limits)
     except uploads.Rejected as rejected:
@@ -296,6 +306,8 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     async def lifespan(app: FastAPI):
         app.state.service = await run_in_threadpool(Service.load, model_path, engine, batching)
         app.state.decode_slots = asyncio.Semaphore(default_threads())
+        app.state.heavy_lane = heavy.HeavyLane()
+        await run_in_threadpool(app.state.heavy_lane.warm)
         # the model and its libraries are loaded for good: keep the collector from re-scanning
         # them on every full collection, which under load showed as latency spikes
         gc.collect()
@@ -303,6 +315,7 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
         try:
             yield
         finally:
+            app.state.heavy_lane.close()
             await run_in_threadpool(app.state.service.close)
             if store is not None:
                 store.close()
@@ -313,6 +326,7 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
     add_error_handlers(app, limits)
     app.include_router(api_routes(limits))
     app.include_router(study_routes(_key_check(limits.api_key), _auth_errors(limits)))
+    app.include_router(pilot_routes(_key_check(limits.api_key), path, bool(limits.api_key)))
     add_page(app)
     app.state.guard = GuardState(limits.api_key, limits.body_limit, limits.body_detail, max_in_flight=int(max_in_flight),
                                  body_timeout_s=float(body_timeout_s), retry_after_s=RETRY_AFTER_S)
@@ -415,7 +429,8 @@ def api_routes(limits: ServerLimits) -> APIRouter:
         """Score one chest X-ray (multipart field `file`)."""
         service: Service = request.app.state.service
         _check_explain(service, explain)
-        image = await _image(file, service.image_size, limits.uploads, request.app.state.decode_slots)
+        image = await _image(file, service.image_size, limits.uploads, request.app.state.decode_slots,
+                             request.app.state.heavy_lane)
         if isinstance(image, uploads.Rejected):
             raise image
         (result,) = await _results(service, [image], explain)
@@ -435,7 +450,8 @@ def api_routes(limits: ServerLimits) -> APIRouter:
         if len(files) > limits.max_batch_files:
             raise uploads.Rejected(413, "too_many_files",
                                    f"{len(files)} files; the limit is {limits.max_batch_files} per batch")
-        images = [await _image(f, service.image_size, limits.uploads, request.app.state.decode_slots) for f in files]
+        images = [await _image(f, service.image_size, limits.uploads, request.app.state.decode_slots,
+                             request.app.state.heavy_lane) for f in files]
         scored = iter(await _results(service, [i for i in images if not isinstance(i, uploads.Rejected)], explain))
         items = [{"filename": f.filename} | ({"error": i.error, "detail": i.detail, "status": i.status}
                                               if isinstance(i, uploads.Rejected) else next(scored))

@@ -25,9 +25,11 @@ LIMITATIONS = [
     "bacterial from viral pneumonia.",
     "Images are squashed to a square of the model's input size; the aspect ratio is not kept.",
     "Grad-CAM overlays show where the model looked, not where the pathology is.",
-    "Images that are not frontal chest films are flagged by an input-quality gate and an out-of-distribution "
-    "score and left NOT_ASSESSED, but the detector was tested on proxies only (see input_checks): a wrong "
-    "study that resembles a chest film can still get a label.",
+    "Images that are not frontal chest films are flagged not_chest_xray by a chest-film detector (or "
+    "low_quality by the input gate) and left NOT_ASSESSED; frontal chest films unlike the training films "
+    "(e.g. adults') are flagged outside_training_population, NOT_ASSESSED unless the site policy is warn "
+    "(see input_checks; rates on development sets in benchmarks/ood.md): a wrong study that resembles a "
+    "chest film can still get a label.",
 ]
 
 
@@ -110,28 +112,40 @@ def prevalence_card(meta: ModelMeta) -> dict[str, Any] | None:
     return out
 
 
-FLAG_MEANINGS = {
-    "low_quality": "the input-quality gate refused the image (too small, extreme aspect ratio, near-constant, "
-                   "too few grey levels, mostly black/white or noise-like): label NOT_ASSESSED",
-    "not_chest_xray": "the image's features are far from every training radiograph: label NOT_ASSESSED",
-    "out_of_distribution": "the image is unusual for the training films but plausibly a radiograph: the label "
-                           "is kept, read it with care",
-}
+def flag_meanings() -> dict[str, str]:
+    """Each flag's sentence (``decision.SENTENCES``, the one every face shows) and what it does to
+    the label under the policy in force."""
+    from pneumoscan.safety import decision
+
+    blocking = decision.not_competent()
+    effect = {True: "label NOT_ASSESSED", False: "the label is kept, read it with care"}
+    out = {code: f"{decision.SENTENCES[code]}: {effect[code in blocking]}" for code in decision.FLAGS}
+    out["low_quality"] = ("the input-quality gate refused the image (too small, extreme aspect ratio, near-constant, "
+                          "too few grey levels, mostly black/white or noise-like): label NOT_ASSESSED")
+    if decision.OUTSIDE_POPULATION not in blocking:
+        out[decision.OUTSIDE_POPULATION] += f" ({decision.WARNED})"
+    return out
 
 
 def input_checks(meta: ModelMeta) -> dict[str, Any]:
-    """What the model refuses to judge, and by which limits: the gate's and the OOD cut-offs."""
-    from pneumoscan.safety import gate
+    """What the model refuses to judge, and by which limits: the gate's, the chest-film detector's
+    and the OOD cut-offs."""
+    from pneumoscan.safety import decision, gate
     from pneumoscan.safety.decision import quality_limits
 
-    o = meta.ood
+    o, c = meta.ood, meta.chest
     return {
-        "flags": FLAG_MEANINGS,
+        "flags": flag_meanings(),
+        "outside_population_policy": decision.outside_policy(),
+        "chest_detector": None if c is None else {
+            "method": "logistic regression on the model's pooled ImageNet features: frontal chest films of children "
+                      "and adults against other radiographs, lateral chests, other modalities and non-radiographs",
+            "cutoff_logit": c["cutoff"], "rule": c.get("rule"), "fitted_on": c.get("fitted_on")},
         "quality_limits": gate.limits_table(quality_limits(meta)),
         "ood": None if o is None else {
             "method": "Mahalanobis distance of the model's pooled features (Lee et al. 2018), tied covariance "
                       "fitted on training films plus shifted copies",
-            "cutoff_not_chest_xray": o["cutoff_not_chest"], "cutoff_out_of_distribution": o["cutoff_ood"],
+            "cutoff_outside_training_population": o["cutoff_not_chest"], "cutoff_out_of_distribution": o["cutoff_ood"],
             "percentiles_of_validation": [o["percentile"], o["ood_percentile"]], "n_validation": o["n_val"]},
     }
 

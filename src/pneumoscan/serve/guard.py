@@ -106,7 +106,7 @@ class Guard:
         declared = _header(scope, b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > limit):
             return await answer(send, 413, "request_too_large", st.body_detail(scope["path"]))
-        if st.in_flight >= st.max_in_flight:
+        if st.in_flight >= st.max_in_flight and scope["path"] not in OPEN_PATHS:  # liveness stays answerable
             return await answer(send, 503, "busy", f"{st.max_in_flight} requests are in progress; retry later", retry)
         st.in_flight += 1
         try:

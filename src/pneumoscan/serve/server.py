@@ -34,6 +34,7 @@ from pneumoscan.serve.guard import GuardState
 log = logging.getLogger(__name__)
 
 FD_RESERVE = 64  # descriptors kept free for the model, logs, temp files
+MAX_HEAD_BYTES = 16 * 1024  # request line + headers; more is answered 400 by h11 (uvicorn's default, made explicit)
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,7 @@ def serve(app, host: str, port: int, settings: ServerSettings) -> GracefulServer
     config = uvicorn.Config(
         app, host=host, port=port, access_log=False, log_config=None, server_header=False,
         http=guarded_protocol(settings.header_timeout_s, connections), timeout_keep_alive=settings.keep_alive_s,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
         # uvicorn cancels what is still running a second after the Guard has answered it 503
         timeout_graceful_shutdown=settings.grace_s + 1, backlog=min(2048, connections))
     server = GracefulServer(config, app.state.guard, settings.grace_s)

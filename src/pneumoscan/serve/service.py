@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 def _row(v: "decision.Verdict") -> dict[str, Any]:
     return {"probability": v.probability, "logit": v.logit, "prediction": v.prediction, "label": v.label,
             "threshold": v.threshold, "flags": list(v.flags), "flag_details": list(v.details),
-            "ood_score": v.ood_score, "decided": v.decided}
+            "ood_score": v.ood_score, "chest_logit": v.chest_logit, "decided": v.decided}
 
 
 def png_bytes(image: np.ndarray) -> bytes:
@@ -100,10 +100,10 @@ class Service:
     def can_explain(self) -> bool:
         return self.cam_model is not None
 
-    def _score_now(self, images: np.ndarray) -> list[tuple[float, float]]:
-        """(logit, OOD score) per uint8 (N, H, W) image: the batcher's worker."""
-        logits, ood = self.engine.assess(images)
-        return list(zip(logits.tolist(), ood.tolist()))
+    def _score_now(self, images: np.ndarray) -> list[tuple[float, float, float]]:
+        """(logit, OOD score, chest-film logit) per uint8 (N, H, W) image: the batcher's worker."""
+        logits, ood, chest = self.engine.score_all(images)
+        return list(zip(logits.tolist(), ood.tolist(), chest.tolist()))
 
     async def score(self, images: np.ndarray, sizes: list[tuple[int, int]]) -> list[dict[str, Any]]:
         """One row per image: probability, logit, label (or NOT_ASSESSED), threshold, flags and their
@@ -115,9 +115,9 @@ class Service:
             rows = await asyncio.wait_for(asyncio.wrap_future(future), self.batching.timeout_s)
         except asyncio.TimeoutError:  # wait_for cancelled the future: the worker will skip it
             raise TimedOut(f"not scored within {self.batching.timeout_s:g} s") from None
-        logits, ood = (np.array(column, dtype=np.float64) for column in zip(*rows))
+        logits, ood, chest = (np.array(column, dtype=np.float64) for column in zip(*rows))
         quality = decision.check_inputs(self.meta, images, sizes)
-        return [_row(v) for v in decision.decide(self.meta, logits, ood, quality)]
+        return [_row(v) for v in decision.decide(self.meta, logits, ood, quality, chest_logits=chest)]
 
     def overlays(self, images: np.ndarray, prob=None) -> "list[explain.Explanation]":
         """A Grad-CAM explanation per image: the overlay PNG, its scale (absolute, i.e. weighted by

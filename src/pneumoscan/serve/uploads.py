@@ -47,6 +47,20 @@ def pixel_count(blob: bytes, kind: str) -> int:
         return img.width * img.height * getattr(img, "n_frames", 1)
 
 
+def decode_bytes(blob: bytes, kind: str) -> int:
+    """What decoding will allocate (``io.budget``'s estimate), from the header alone."""
+    if kind == "dicom":
+        import pydicom
+
+        ds = pydicom.dcmread(io.BytesIO(blob), stop_before_pixels=True)
+        syntax = getattr(getattr(ds, "file_meta", None), "get", lambda _: None)("TransferSyntaxUID")
+        return budget.dicom_bytes(int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0),
+                                  int(ds.get("BitsAllocated", 8) or 8), int(ds.get("NumberOfFrames", 1) or 1),
+                                  int(ds.get("SamplesPerPixel", 1) or 1), bool(getattr(syntax, "is_compressed", False)))
+    with Image.open(io.BytesIO(blob), formats=imaging.PIL_FORMATS) as img:
+        return budget.pil_bytes(img.mode, *img.size)
+
+
 def check_size(n_bytes: int, limits: Limits) -> None:
     if n_bytes > limits.max_bytes:
         raise Rejected(413, "file_too_large",

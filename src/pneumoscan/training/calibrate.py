@@ -35,11 +35,18 @@ def fit_unsure(y: np.ndarray, prob: np.ndarray, threshold: float, rule: str) -> 
 
 def calibration_prior(y: np.ndarray, logits: np.ndarray, source: str) -> dict:
     """``ModelMeta.prior`` at training time: the PNEUMONIA share of the films the temperature was
-    fitted on, and the prevalence the calibrated probabilities are really posteriors at
-    (``calibration.effective_prior``), which is where ``adapt`` shifts from."""
+    fitted on, the prevalence the calibrated probabilities are really posteriors at
+    (``calibration.effective_prior``, where ``adapt`` shifts from) and the validation reference the
+    drift monitor compares a site's films with (``calibration.validation_reference``).
+
+    ``logits`` must be the calibrated logits themselves, not logit(sigmoid(...)) of them: a film
+    whose probability rounds to 1.0 became +inf, the intercept fit's objective nan, and the bundled
+    model recorded an effective prior of 0.997 instead of 0.553 (docs/pilot.md)."""
     y = np.asarray(y).astype(int)
+    logits = np.asarray(logits, dtype=np.float64)
     return {"calibration": float(y.mean()), "effective": calibration.effective_prior(logits, y),
-            "n_calibration": int(y.size), "calibration_source": source}
+            "n_calibration": int(y.size), "calibration_source": source,
+            "validation": calibration.validation_reference(logits, y)}
 
 
 def fit_ood(model: models.Classifier, split_data: dict, *, seed: int, k: int | None = None) -> dict | None:

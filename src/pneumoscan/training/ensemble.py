@@ -154,7 +154,7 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
     # the members' own UNSURE rule (first run's), refitted for the ensemble's probabilities
     unsure_rule = (configs[0].get("train") or {}).get("unsure", "none") if unsure_rule is None else unsure_rule
     band = calibrate.fit_unsure(y_val, val_prob, threshold, unsure_rule)
-    prior = calibrate.calibration_prior(y_val, metrics.logit(val_prob), "validation split")
+    prior = calibrate.calibration_prior(y_val, per_member.mean(axis=1) / temperature, "validation split")
 
     detector, train_samples = None, []
     if with_ood:

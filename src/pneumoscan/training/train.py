@@ -281,7 +281,7 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
                               weights_info=p.weights_info, threshold=threshold, threshold_rule=tc.threshold,
                               config=p.config.to_dict(), training=training).replace(
         temperature=temperature, ood=detector, quality=gate.default_limits(dc.image_size).to_dict(), unsure=band,
-        prior=calibration_prior(val_y, metrics.logit(val_prob), "validation split"))
+        prior=calibration_prior(val_y, val_logits / temperature, "validation split"))
     # every file the weights, the temperature or the threshold were fitted on: evaluate warns on overlap
     seen = [s.path for split in ("train", "val") for s in p.split_data[split][0]]
     meta = meta.replace(data_digests=tuple(content_digests(seen)))

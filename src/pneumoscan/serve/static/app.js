@@ -41,6 +41,7 @@
   ];
   const FLAG_NAMES = {
     not_chest_xray: "Not a chest X-ray?",
+    outside_training_population: "Outside the training population",
     low_quality: "Low image quality",
     out_of_distribution: "Unlike the training images",
   };

@@ -25,7 +25,7 @@
     { key: "waiting", title: "Waiting", hint: "films still arriving or being scored" },
   ];
   const LABEL_CLASS = { PNEUMONIA: "badge-pos", NORMAL: "badge-neg", UNSURE: "badge-unsure", NOT_ASSESSED: "badge-na" };
-  const state = { selected: null, timer: null };
+  const state = { selected: null, timer: null, sig: "" };
 
   const headers = () => {
     const key = sessionStorage.getItem(KEY_STORAGE) || "";
@@ -96,7 +96,12 @@
     return tr;
   }
 
+  // Rows are rebuilt only when the list changed, so a refresh does not take the focus or the
+  // row under the pointer away from the reader.
   function render(studies, total) {
+    const sig = JSON.stringify([total, studies]);
+    if (sig === state.sig) return;
+    state.sig = sig;
     const buckets = new Map(GROUPS.map((g) => [g.key, []]));
     for (const s of studies) buckets.get(groupOf(s)).push(s);
     const rows = [];
