@@ -169,18 +169,21 @@ def run_cli(args) -> int:
         print(f"pneumoscan: resent {ok} result(s); {failed} still undeliverable (kept in {cfg.spool}/deadletter)",
               file=sys.stderr)
         return 0 if not failed else 1
-    node = Node(cfg)
-    stop = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
-    try:
-        node.start()
-    except OSError as exc:
-        node.stop()
-        from pneumoscan.core.errors import UserError
+    from pneumoscan.core.logpolicy import capture_decoder_warnings
 
-        raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from None
-    print(f"pneumoscan: DICOM node {cfg.ae_title} on {cfg.host}:{node.port}; Ctrl+C stops", file=sys.stderr)
-    stop.wait()
-    node.stop()
+    with capture_decoder_warnings():  # decoder warnings quote values: codes and counts only
+        node = Node(cfg)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, lambda *_: stop.set())
+        try:
+            node.start()
+        except OSError as exc:
+            node.stop()
+            from pneumoscan.core.errors import UserError
+
+            raise UserError(f"cannot listen on {cfg.host}:{cfg.port} ({exc.strerror or exc})") from None
+        print(f"pneumoscan: DICOM node {cfg.ae_title} on {cfg.host}:{node.port}; Ctrl+C stops", file=sys.stderr)
+        stop.wait()
+        node.stop()
     return 0
