@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import gc
 import multiprocessing
 import os
 
@@ -53,7 +54,12 @@ class HeavyLane:
         return result
 
     def close(self) -> None:
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        """Stop the worker and free the pool's queues now: the server leaves by ``os._exit``
+        (cli.serve_command.exit_now), which skips the finalizers that would unlink their named
+        semaphores, and multiprocessing's resource tracker then warns of leaked semaphores on stderr."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.pool = None
+        gc.collect()
 
 
 def estimate(blob: bytes, limits: uploads.Limits) -> int:
