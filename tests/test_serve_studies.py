@@ -119,3 +119,30 @@ def test_cli_serve_passes_the_store_and_refuses_a_bad_one(trained_model, db, mon
     assert cli.main(["serve", "--model", str(trained_model), "--db", "mysql://u:pw@host/x"]) == 2
     err = capsys.readouterr().err
     assert "unsupported database" in err and "Traceback" not in err and "pw@" not in err
+
+
+def test_shadow_mode_hides_the_answer_of_unread_studies_and_orders_by_arrival(trained_model, tmp_path):
+    """In a silent pilot neither the JSON nor the order of the worklist may tell the AI's answer
+    before the radiologist's read is saved; a read study shows it again."""
+    url = f"sqlite:///{tmp_path / 'pilot.db'}"
+    with Store.open(url) as store:
+        ids = fill_worklist(store)
+        store.add_read(ids["low"], "NORMAL", "dr-a")
+        store.set_setting("shadow_mode", "on", changed_by="pilot lead")
+        arrival = [s.id for s in store.list_studies(by_arrival=True)]
+    with TestClient(create_app(trained_model, api_key=KEY, db=url)) as c:
+        body = get(c, "/v1/studies").json()
+        assert [s["id"] for s in body["studies"]] == arrival
+        by_id = {s["id"]: s for s in body["studies"]}
+        for study_id, row in by_id.items():
+            if study_id == ids["low"]:
+                assert row["probability"] is not None and row["read_label"] == "NORMAL"
+            else:
+                assert row["probability"] is None and row["label"] is None and not row["needs_human"]
+        hidden = get(c, f"/v1/studies/{ids['high']}").json()
+        assert all(f["results"] == [] for f in hidden["films"]) and hidden["summary"]["probability"] is None
+        shown = get(c, f"/v1/studies/{ids['low']}").json()
+        assert any(f["results"] for f in shown["films"])
+        assert get(c, "/v1/studies", needs_human="true").status_code == 422
+        assert c.put("/v1/shadow", json={"on": False, "by": "pilot lead"}, headers={"X-API-Key": KEY}).status_code == 200
+        assert get(c, "/v1/studies").json()["studies"][0]["id"] == ids["high"]  # most suspicious first again

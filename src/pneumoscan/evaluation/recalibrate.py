@@ -7,7 +7,8 @@ specificity to about 0.90 on other patients. This does that on the reads the sto
 
 * the threshold is the highest that keeps the site sensitivity >= ``floor`` on the read films
   (``calibration.choose_threshold`` rule ``sensitivity:<floor>``): the most specificity the floor
-  allows; the report says what specificity it costs against the Youden point;
+  allows (set midway to the next lower fitted probability, so no film sits exactly on the cut);
+  the report says what specificity it costs against the Youden point;
 * the numbers reported for the recalibrated model are **out-of-fold**: patient-grouped k-fold
   cross-fitting, each fold's films scored by a recalibration fitted on the other patients only;
   their 95% CIs come from the cluster bootstrap of ``site_report``;
@@ -32,11 +33,19 @@ DEFAULT_FLOOR = 0.95
 HALF_WIDTH = 0.05
 
 
+def below_the_cut(prob: np.ndarray, threshold: float) -> float:
+    """``threshold`` lowered to midway to the next lower fitted probability: the same decisions on
+    the fitted films, but the film the floor hinges on no longer sits exactly on the cut, where the
+    new model's own float32 (and fp16-temperature) arithmetic could drop it below and break the floor."""
+    lower = prob[prob < threshold]
+    return float((threshold + lower.max()) / 2) if lower.size else threshold
+
+
 def fit(raw: np.ndarray, y: np.ndarray, floor: float, confidence: float | None) -> dict:
     """Temperature, threshold at the sensitivity floor and UNSURE band on raw (pre-temperature) logits."""
     temperature = calibration.fit_temperature(raw, y)
     prob = metrics.sigmoid(raw / temperature)
-    threshold = calibration.choose_threshold(y, prob, f"sensitivity:{floor:g}")
+    threshold = below_the_cut(prob, calibration.choose_threshold(y, prob, f"sensitivity:{floor:g}"))
     band = conformal.conformal_band(y, prob, confidence, threshold) if confidence else None
     return {"temperature": temperature, "threshold": threshold, "band": band,
             "youden": calibration.choose_threshold(y, prob, "youden")}

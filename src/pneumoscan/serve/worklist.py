@@ -5,10 +5,15 @@ number a radiologist needs to find them (the patient ID and the node's spool pat
 store); these appear in the responses only, never in a log line
 (the access log names the path, whose only variable part is the store's integer id). Behind the
 API key when one is set. Store calls block, so they run in the threadpool.
+
+In shadow mode (the store's ``shadow_mode`` setting, docs/pilot.md) a study nobody has read yet
+shows no AI answer: its probability, label, "needs a human" and its films' results are left out,
+and the list is ordered by arrival, so neither the JSON nor its order can anchor the reader.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import date, datetime, time, timedelta, timezone
 from typing import Annotated
 
@@ -17,7 +22,7 @@ from pydantic import BaseModel, Field
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 
-from pneumoscan.store import STUDY_STATES, Store, StudyDetail, StudySummary
+from pneumoscan.store import SHADOW_MODE, STUDY_STATES, Store, StudyDetail, StudySummary
 
 NO_STORE = "this server has no result store: start it with pneumoscan serve --db URL"
 MAX_PAGE = 500
@@ -55,6 +60,24 @@ def _store(request: Request) -> Store:
     return store
 
 
+def shadow_on(store: Store) -> bool:
+    return store.get_setting(SHADOW_MODE, "off") == "on"
+
+
+def blind(summary: StudySummary) -> StudySummary:
+    """An unread study's row without the AI's answer (shadow mode)."""
+    if summary.read_label is not None:
+        return summary
+    return dataclasses.replace(summary, probability=None, label=None, needs_human=False)
+
+
+def blind_detail(detail: StudyDetail) -> StudyDetail:
+    if detail.summary.read_label is not None or any(r.current for r in detail.reads):
+        return detail
+    films = tuple(dataclasses.replace(f, results=()) for f in detail.films)
+    return dataclasses.replace(detail, summary=blind(detail.summary), films=films)
+
+
 def study_routes(protected: list, errors: dict) -> APIRouter:
     """GET /v1/studies (filters and paging) and GET /v1/studies/{id}."""
     router = APIRouter(prefix="/v1", tags=["worklist"], dependencies=protected)
@@ -75,9 +98,14 @@ def study_routes(protected: list, errors: dict) -> APIRouter:
             raise HTTPException(422, f"state must be one of {', '.join(STUDY_STATES)}")
         filters = dict(state=state, since=parse_when(since, end=False), until=parse_when(until, end=True),
                        needs_human=needs_human)
-        rows = await run_in_threadpool(lambda: store.list_studies(limit=limit, offset=offset, **filters))
+        shadow = await run_in_threadpool(shadow_on, store)
+        if shadow and needs_human is not None:
+            raise HTTPException(422, "needs_human tells the AI's answer: not available in shadow mode")
+        rows = await run_in_threadpool(lambda: store.list_studies(limit=limit, offset=offset, by_arrival=shadow,
+                                                                  **filters))
         total = await run_in_threadpool(lambda: store.count_studies(**filters))
-        return StudyList(studies=rows, total=total, limit=limit, offset=offset)
+        return StudyList(studies=[blind(r) for r in rows] if shadow else rows, total=total, limit=limit,
+                         offset=offset)
 
     @router.get("/studies/{study_id}", response_model=StudyDetail, responses=not_found,
                 response_model_exclude={"summary": {"patient_id"}, "films": {"__all__": {"spool_path", "claimed_by"}}})
@@ -88,6 +116,6 @@ def study_routes(protected: list, errors: dict) -> APIRouter:
         detail = await run_in_threadpool(store.study, study_id)
         if detail is None:
             raise HTTPException(404, f"no study with id {study_id}")
-        return detail
+        return blind_detail(detail) if await run_in_threadpool(shadow_on, store) else detail
 
     return router

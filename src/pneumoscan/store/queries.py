@@ -69,10 +69,11 @@ def _filtered(query: Select, state: str | None, since: datetime | None, until: d
 
 
 def list_studies(s: Session, *, state: str | None, since: datetime | None, until: datetime | None,
-                 needs_human: bool | None, limit: int, offset: int) -> list[StudySummary]:
+                 needs_human: bool | None, limit: int, offset: int, by_arrival: bool = False) -> list[StudySummary]:
     query = _filtered(select(StudyRow), state, since, until, needs_human)
-    query = query.order_by(StudyRow.max_probability.desc().nulls_last(), StudyRow.needs_human.desc(),
-                           StudyRow.first_received_at.desc(), StudyRow.id.desc()).limit(limit).offset(offset)
+    arrival = (StudyRow.first_received_at.desc(), StudyRow.id.desc())
+    suspicion = (StudyRow.max_probability.desc().nulls_last(), StudyRow.needs_human.desc())
+    query = query.order_by(*(arrival if by_arrival else suspicion + arrival)).limit(limit).offset(offset)
     rows = list(s.scalars(query))
     ids = [r.id for r in rows]
     counts = dict(s.execute(select(FilmRow.study_id, func.count()).where(FilmRow.study_id.in_(ids))

@@ -289,11 +289,14 @@ class Store:
 
     # -- the worklist ----------------------------------------------------------------------
     def list_studies(self, state: str | None = None, since: datetime | None = None, until: datetime | None = None,
-                     limit: int = 50, offset: int = 0, *, needs_human: bool | None = None) -> list[StudySummary]:
-        """Studies most suspicious first (highest assessed probability; unscored ones last).
+                     limit: int = 50, offset: int = 0, *, needs_human: bool | None = None,
+                     by_arrival: bool = False) -> list[StudySummary]:
+        """Studies most suspicious first (highest assessed probability; unscored ones last), or newest
+        first ``by_arrival`` (shadow mode: the order must not tell the AI's answer).
         ``since``/``until`` bound the first reception time: since <= t < until."""
         return self._read(lambda s: queries.list_studies(s, state=state, since=since, until=until,
-                                                         needs_human=needs_human, limit=limit, offset=offset))
+                                                         needs_human=needs_human, limit=limit, offset=offset,
+                                                         by_arrival=by_arrival))
 
     def count_studies(self, state: str | None = None, since: datetime | None = None, until: datetime | None = None,
                       *, needs_human: bool | None = None) -> int:
