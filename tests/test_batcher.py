@@ -85,6 +85,7 @@ def test_request_past_its_deadline_is_not_scored():
     assert scored == [1]
 
 
+@pytest.mark.slow  # seconds of a real server or model; make test runs it
 def test_service_answers_503_busy_with_retry_after_then_recovers(trained_model):
     app = create_app(trained_model, api_key=None, batching=BatchSettings(max_batch=1, queue_size=1, timeout_s=20))
     body = {"file": ("x.png", encode(xray(size=64), "PNG"))}

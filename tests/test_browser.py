@@ -219,6 +219,7 @@ PATCHES = {
 }
 
 
+@pytest.mark.slow  # seconds of a real server or model; make test runs it
 def test_batch_rows_hold_still_and_rank_1_opens_at_the_end(open_server, browser, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By

@@ -105,6 +105,7 @@ def chest_file(tmp_path_factory):
     return path
 
 
+@pytest.mark.slow  # seconds of a real server or model; make test runs it
 def test_the_detector_travels_in_model_pt_and_the_onnx_graph(chest_file, tmp_path):
     from test_ensemble import xrays
 
@@ -124,6 +125,7 @@ def test_the_detector_travels_in_model_pt_and_the_onnx_graph(chest_file, tmp_pat
     np.testing.assert_allclose(chest.logit(state, f.numpy()), t_chest, rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow  # seconds of a real server or model; make test runs it
 def test_predict_csv_api_and_card_carry_the_detector(chest_file, monkeypatch):
     from fastapi.testclient import TestClient
 

@@ -389,6 +389,7 @@ def test_cli_serve_missing_model(tmp_path, capsys):
 ISO_LINE = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}[+-]\d\d:\d\d (INFO|WARNING|ERROR|DEBUG) [\w.]+: ")
 
 
+@pytest.mark.slow  # seconds of a real server or model; make test runs it
 def test_server_lines_are_dated_and_ctrl_c_drains_and_exits_0(trained_model, tmp_path):
     """`pneumoscan serve` as a user runs it: every log line starts with an ISO-8601 time, and SIGINT
     ends the process (exit 0) once the grace period is over even with an idle keep-alive connection

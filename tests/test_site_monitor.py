@@ -31,6 +31,7 @@ def films(n_patients=60, per_patient=2):
     return out
 
 
+@pytest.mark.slow  # seconds of a real server or model; make test runs it
 def test_site_report_counts_and_cluster_intervals(tmp_path):
     fs = films()
     rep = site_report.site_report(fs, n_resamples=300)
