@@ -7,6 +7,7 @@ import errno
 import logging
 import shutil
 import subprocess
+import threading
 import time
 from pathlib import Path
 
@@ -343,3 +344,26 @@ def test_cli_bad_options_get_one_line(args, message, capsys):
     assert main(["node", *args]) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_stop_lets_an_open_association_finish(tmp_path, scorer):
+    """Graceful stop: no new association once stopping, but one already open may still store and
+    release within the grace period; its instance is spooled and acknowledged."""
+    node = make_node(tmp_path, scorer, grace_seconds=30).start()
+    ds = film(tmp_path)
+    ae = AE("MODALITY")
+    ae.add_requested_context(ds.SOPClassUID, ds.file_meta.TransferSyntaxUID)
+    assoc = ae.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN")
+    assert assoc.is_established
+    stopping = threading.Thread(target=node.stop)
+    stopping.start()
+    until(lambda: node.server.socket.fileno() == -1, "the listening socket to close")
+    late = AE("LATE")
+    late.add_requested_context(Verification)
+    assert not late.associate("127.0.0.1", node.port, ae_title="PNEUMOSCAN").is_established
+    assert stopping.is_alive()  # waiting for the open association
+    assert assoc.send_c_store(ds).Status == 0
+    assoc.release()
+    stopping.join(timeout=60)
+    assert not stopping.is_alive()
+    assert list((tmp_path / "spool").rglob("*.dcm")), "the acknowledged instance is in the spool"

@@ -32,6 +32,8 @@ def add_node(sub) -> None:
     p.add_argument("--tls-key", help="its PEM key")
     p.add_argument("--tls-ca", help="PEM CA bundle: require client certificates signed by it")
     p.add_argument("--max-associations", type=int, default=8, help="concurrent associations")
+    p.add_argument("--grace-seconds", type=float, default=10.0, metavar="S",
+                   help="on SIGTERM/Ctrl+C: no new association; open ones may finish this long, then are aborted")
     p.add_argument("--retries", type=int, default=3, help="delivery attempts before a dead letter")
     p.add_argument("--resend", action="store_true", help="deliver the dead letters again, then exit")
     add_outside_population(p)

@@ -89,6 +89,7 @@ class NodeConfig:
     dimse_timeout: float = 60.0
     network_timeout: float = 60.0
     max_associations: int = 8
+    grace_seconds: float = 10.0  # on stop: open associations may finish this long, then are aborted
     max_pdu: int = 64 * 1024  # bytes per PDU, both ways
     max_dataset_bytes: int = 256 * 1024 * 1024
     # delivery

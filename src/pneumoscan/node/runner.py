@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import socket
 import threading
+import time
 from pathlib import Path
 
 from pneumoscan import store as st
@@ -91,10 +92,16 @@ class Node:
         return self
 
     def stop(self) -> None:
+        """Stop accepting associations, give open ones ``grace_seconds`` to finish, abort the rest
+        (what they had not been acknowledged is theirs to send again; every acknowledged instance
+        is already in the spool), then let scoring and delivery finish their round."""
+        if self.server is not None:
+            self.server.shutdown()  # the listening socket closes: no new association
+        deadline = time.monotonic() + self.cfg.grace_seconds
+        while self.ae is not None and self.ae.active_associations and time.monotonic() < deadline:
+            time.sleep(0.05)
         self.stop_event.set()
         self.pipeline.outbox_ready.set()
-        if self.server is not None:
-            self.server.shutdown()
         if self.ae is not None:
             self.ae.shutdown()
         for thread in self.threads:
@@ -144,8 +151,10 @@ def config_from_args(args) -> NodeConfig:
     from pneumoscan.core.errors import UserError
     from pneumoscan.node.config import check_ae, parse_destination, stow_destination
 
-    if args.stable_seconds < 0 or args.max_associations < 1 or args.retries < 1 or not 0 < args.port < 65536:
-        raise UserError("--stable-seconds must be >= 0, --max-associations and --retries >= 1, --port 1-65535")
+    if min(args.stable_seconds, args.grace_seconds) < 0 or min(args.max_associations, args.retries) < 1 \
+            or not 0 < args.port < 65536:
+        raise UserError("--stable-seconds and --grace-seconds must be >= 0, --max-associations and --retries >= 1, "
+                        "--port 1-65535")
     if bool(args.tls_cert) != bool(args.tls_key):
         raise UserError("--tls-cert and --tls-key go together")
     dests = tuple(parse_destination(d) for d in args.send_to) + tuple(stow_destination(u) for u in args.stow)
@@ -153,6 +162,7 @@ def config_from_args(args) -> NodeConfig:
                       allow=tuple(check_ae(a) for a in args.allow), stable_seconds=args.stable_seconds,
                       destinations=dests, secondary_capture=args.secondary_capture, db=args.db, model=args.model,
                       engine=args.engine, threshold=args.threshold, max_associations=args.max_associations,
+                      grace_seconds=args.grace_seconds,
                       retries=args.retries, tls={"cert": args.tls_cert, "key": args.tls_key, "ca": args.tls_ca})
 
 
