@@ -4,7 +4,6 @@ and its log file: codes and counts only (``core.logpolicy``, applied around disp
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -14,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from pneumoscan.core import logpolicy
+from servers import cli_env
 from test_serve_logs import PLANT, planted_dicom
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -21,9 +21,8 @@ SAMPLE = ROOT / "examples" / "chest_xray_sample" / "test"
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    env = os.environ | {"PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
     return subprocess.run([sys.executable, "-m", "pneumoscan.cli", "-v", *args], capture_output=True, text=True,
-                          env=env, timeout=600)
+                          env=cli_env(), timeout=600)
 
 
 def planted_files(folder: Path) -> None:
