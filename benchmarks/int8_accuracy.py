@@ -117,6 +117,8 @@ def variants() -> dict[str, dict]:
         "u8s8-8bit (saturates without VNNI)": u8s8_8,
         "u8s8-8bit, simulated (no saturation: a VNNI CPU)": u8s8_8 | {"simulate": True},
         "u8s8-8bit, depthwise fp32, simulated": u8s8_8 | {"simulate": True, "fp32": ("depthwise",)},
+        "u8s8-8bit, x64quantprecision (u8u8 kernels, no saturation)": u8s8_8 | {"precise": True},
+        "u8s8-8bit, depthwise fp32, x64quantprecision": u8s8_8 | {"precise": True, "fp32": ("depthwise",)},
         "s8s8-8bit": u8s8_8 | {"activation_type": QuantType.QInt8},
         "u8u8-8bit (asymmetric weights)": u8s8_8 | {"weight_type": QuantType.QUInt8},
     }
@@ -141,7 +143,7 @@ def quantize(prepared: Path, out: Path, calibration: np.ndarray, options: dict) 
             return next(self.batches, None)
 
     proto = onnx.load(prepared)
-    options = {k: v for k, v in options.items() if k not in ("simulate", "calibration", "fp32")} | {
+    options = {k: v for k, v in options.items() if k not in ("simulate", "precise", "calibration", "fp32")} | {
         "nodes_to_exclude": list(dict.fromkeys(after_pooling(proto) + sum(
             (KEPT[g](proto) for g in options.get("fp32", ())), [])))}
     options.setdefault("per_channel", True)
@@ -150,16 +152,24 @@ def quantize(prepared: Path, out: Path, calibration: np.ndarray, options: dict) 
     return out
 
 
-def engine(path: Path, simulate: bool = False):
+def engine(path: Path, simulate: bool = False, precise: bool = False):
+    """The INT8 file's ``OnnxEngine``; ``simulate``: graph optimisations off (see the docstring);
+    ``precise``: ORT's ``session.x64quantprecision`` (u8u8 kernels instead of saturating u8s8 on
+    x86 CPUs without VNNI)."""
     from pneumoscan.inference.engines import OnnxEngine
 
     e = OnnxEngine(path)
-    if simulate:
+    if simulate or precise:
         import onnxruntime as ort
 
         so = ort.SessionOptions()
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
         so.intra_op_num_threads = e.session.get_session_options().intra_op_num_threads
+        so.inter_op_num_threads = 1
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        if simulate:
+            so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        if precise:
+            so.add_session_config_entry("session.x64quantprecision", "1")
         e.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return e
 
@@ -245,7 +255,8 @@ def main(argv=None) -> int:
                 calibration, held = more, np.ones(len(images), bool)
             else:
                 calibration, held = images[::2][:80], np.arange(len(images)) % 2 == 1
-            int8 = engine(quantize(prepared, Path(work) / "int8.onnx", calibration, options), options.get("simulate", False))
+            int8 = engine(quantize(prepared, Path(work) / "int8.onnx", calibration, options), options.get("simulate", False),
+                          options.get("precise", False))
             got = verdicts(fp32.meta, int8.score_all(images))
             speed = None if options.get("simulate") else speed_ratio(fp32, int8, images[:32])
             print(row(name, ref, got, held, speed), flush=True)
