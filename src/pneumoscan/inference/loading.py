@@ -88,10 +88,10 @@ def checked_onnx_engine(path: Path, *, threads: int | None = None) -> OnnxEngine
         return engine
     fp32 = fp32_source(path, engine.document)
     if fp32 is None:
-        raise UserError(f"{path} is an INT8 model, which pneumoscan no longer runs: INT8 was withdrawn ({INT8_WHY}); "
-                        "its fp32 source is not beside it, use the fp32 model")
-    log.warning("%s is an INT8 model, which pneumoscan no longer runs: INT8 was withdrawn (%s); using its fp32 "
-                "source %s instead", path.name, INT8_WHY, fp32)
+        raise UserError(f"{path} is an INT8 model, which pneumoscan no longer runs: INT8 was withdrawn because "
+                        f"{INT8_WHY}. Its fp32 source is not beside it: use the fp32 model")
+    log.warning("%s is an INT8 model, which pneumoscan no longer runs: INT8 was withdrawn because %s. Using its "
+                "fp32 source %s instead", path.name, INT8_WHY, fp32)
     return OnnxEngine(fp32, threads=threads)
 
 

@@ -23,10 +23,10 @@ if TYPE_CHECKING:
 METADATA_KEY = "pneumoscan"  # ONNX metadata_props key holding the JSON document
 # Why pneumoscan writes and runs no INT8 model any more (``pneumoscan export --int8`` says it; an
 # INT8 file from an earlier version runs its fp32 source instead, ``inference.loading``)
-INT8_WHY = ("post-training INT8 moved the model's answers too far from fp32: at best 19 of 165 final labels "
-            "changed, most to NOT_ASSESSED through the out-of-distribution check, where at most 1% may; "
-            "see benchmarks/int8_accuracy.md")
-INT8_WITHDRAWN = f"--int8 was withdrawn ({INT8_WHY}); use the fp32 model"
+INT8_WHY = ("post-training INT8 changed too many of the model's final labels against fp32: at best 4 of 165 "
+            "where at most 1% may (13-20 with the 7-bit weights that are fast and exact on x86 CPUs without "
+            "VNNI, mostly to NOT_ASSESSED through the out-of-distribution check); see benchmarks/int8_accuracy.md")
+INT8_WITHDRAWN = f"--int8 was withdrawn because {INT8_WHY}. Use the fp32 model"
 FORMAT = "pneumoscan-onnx/1"  # {"format", "meta", "source_sha256", "precision", "opset", "exported_by", ...}
 INPUT_NAME, OUTPUT_NAME = "image", "logit"
 OOD_NAME = "ood_score"  # second output, when the model has an OOD detector: (N,) Mahalanobis distance
