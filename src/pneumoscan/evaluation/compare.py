@@ -9,7 +9,6 @@ intervals' overlap is visibly not a difference.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
@@ -52,13 +51,6 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(runs))
 
 
-def _metrics(run: Path, split: str) -> dict:
-    path = run / split / "metrics.json"
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text())
-
-
 def _recipe_columns(architecture: str, head: str, config: dict, backbone_weights: dict) -> dict:
     model_cfg, data_cfg = config.get("model", {}), config.get("data", {})
     weights = str(model_cfg.get("backbone_weights", backbone_weights.get("source", "")))
@@ -83,7 +75,7 @@ def run_row(run: Path, *, meta: ModelMeta | None = None, evaluations: Mapping[st
                  "seconds_per_epoch": meta.training.seconds_per_epoch}
     for split in SPLITS:
         if evaluations is None:
-            result = _metrics(run, split)
+            result = Evaluation.read_metrics(run / split)
         else:
             result = evaluations[split].to_dict() if split in evaluations else {}
         ci = result.get("ci95", {})

@@ -281,6 +281,13 @@ class Evaluation:
         return cls.from_dict(json.loads((out / METRICS_FILE).read_text()), Predictions.read(out / PREDICTIONS_FILE))
 
     @staticmethod
+    def read_metrics(out_dir: str | Path) -> dict:
+        """metrics.json of ``out_dir`` as written ({} when there is none), for readers of finished
+        runs that need only its numbers (``pneumoscan compare``), whatever version wrote it."""
+        path = Path(out_dir) / METRICS_FILE
+        return json.loads(path.read_text()) if path.is_file() else {}
+
+    @staticmethod
     def saved_in(out_dir: str | Path) -> bool:
         out = Path(out_dir)
         return (out / METRICS_FILE).is_file() and (out / PREDICTIONS_FILE).is_file()
