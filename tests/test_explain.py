@@ -15,7 +15,7 @@ from torch import nn
 from conftest import synthetic_xray
 from pneumoscan.modeling import artifact, backbones, models
 from pneumoscan.cli import app as cli, common
-from pneumoscan.evaluation import cams, explain
+from pneumoscan.evaluation import cams as cam_module, explain
 from pneumoscan.core.errors import UserError
 from pneumoscan.inference.torch_model import as_batch, predict_logits
 
@@ -98,7 +98,7 @@ def test_maps_match_the_input_and_hooks_are_released(trained, monkeypatch):
         return layers[-1]
 
     monkeypatch.setitem(explain.METHODS, "gradcam", Spy)
-    monkeypatch.setattr(cams, "cam_layer", spy_layer)  # where compute_cams looks it up
+    monkeypatch.setattr(cam_module, "cam_layer", spy_layer)  # where compute_cams looks it up
     images = np.concatenate([_images(2, seed=1)[0], positive[:2]])
     cams = explain.compute_cams(model, meta, images, batch_size=3)
 
