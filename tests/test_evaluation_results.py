@@ -5,7 +5,6 @@ import csv
 import dataclasses
 import json
 import math
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,7 @@ from conftest import make_dataset
 from pneumoscan.core import metrics
 from pneumoscan.core.config import RunConfig
 from pneumoscan.evaluation import evaluate
-from pneumoscan.evaluation.results import Evaluation, Predictions
+from pneumoscan.evaluation.results import Evaluation, Metrics, Predictions
 from pneumoscan.safety import decision
 from pneumoscan.training import cv, ensemble
 from pneumoscan.training.results import RunResult
@@ -61,13 +60,21 @@ def test_an_evaluation_round_trips_through_its_files(tmp_path):
     assert rows[3]["decision"] == decision.NOT_ASSESSED
 
 
+def _measured(y, prob, paths) -> Evaluation:
+    """What evaluate_predictions measures at 0.5, without its plots (the fast tests' Evaluation)."""
+    y, prob = np.asarray(y), np.asarray(prob, dtype=float)
+    labels = [decision.label_for(q, 0.5, (), None) for q in prob]
+    return Evaluation(metrics=Metrics.measure(y, prob, 0.5, n_bootstrap=20), brier=metrics.brier(y, prob),
+                      ece=metrics.expected_calibration_error(y, prob), recall_by_subtype={},
+                      predictions=Predictions.of(paths, y, prob, 0.5, labels, [()] * len(y)))
+
+
 def test_nan_metrics_and_a_changed_film_compare_as_the_files_would(tmp_path):
-    one_class = evaluate.evaluate_predictions(np.zeros(6, int), np.linspace(0.1, 0.9, 6), 0.5, tmp_path / "a",
-                                              [f"f{i}.png" for i in range(6)], n_bootstrap=20)
+    one_class = _measured(np.zeros(6, int), np.linspace(0.1, 0.9, 6), [f"f{i}.png" for i in range(6)])
     assert math.isnan(one_class.metrics.roc_auc) and "roc_auc" in one_class.metrics.ci_notes
+    one_class.save(tmp_path / "a")
     assert Evaluation.load(tmp_path / "a") == one_class  # nan equals nan, as in metrics.json
-    renamed = evaluate.evaluate_predictions(np.zeros(6, int), np.linspace(0.1, 0.9, 6), 0.5, tmp_path / "b",
-                                            [f"g{i}.png" for i in range(6)], n_bootstrap=20)
+    renamed = _measured(np.zeros(6, int), np.linspace(0.1, 0.9, 6), [f"g{i}.png" for i in range(6)])
     assert json.dumps(renamed.to_dict()) == json.dumps(one_class.to_dict())
     assert renamed != one_class  # the same metrics on other films
 
@@ -78,21 +85,16 @@ def _fixed_probability(path: str, label: int) -> float:
 
 
 def test_cross_validation_pools_the_folds_from_memory(tmp_path, monkeypatch):
-    """The fold's training is replaced by fixed scores, and every file the fold wrote is deleted
-    before cv sees its result: the summary is still computed, from the RunResult alone."""
+    """The fold's training is replaced by fixed scores handed over as a RunResult, and no fold
+    writes a file: the summary is still computed, from the values in memory alone."""
     root = make_dataset(tmp_path / "d", {"train": (12, 12)}, size=32)
-    scratch = tmp_path / "scratch"
     handed: dict[str, Evaluation] = {}
 
-    def fit(cfg, *, samples, images, progress, report):
+    def fit(cfg, *, samples, images, progress, report):  # writes no file at all
         held = [s for s in samples if s.split == "test"]
-        y = np.array([s.label for s in held])
-        prob = np.array([_fixed_probability(s.path, s.label) for s in held])
-        result = evaluate.evaluate_predictions(y, prob, 0.5, scratch / cfg.name, [s.path for s in held],
-                                               n_bootstrap=20)
-        shutil.rmtree(scratch)  # nothing on disk for cv to read back
-        handed[cfg.name] = result
-        return RunResult(Path(cfg.out_dir) / cfg.name, {"test": result})
+        handed[cfg.name] = _measured([s.label for s in held], [_fixed_probability(s.path, s.label) for s in held],
+                                     [s.path for s in held])
+        return RunResult(Path(cfg.out_dir) / cfg.name, {"test": handed[cfg.name]})
 
     monkeypatch.setattr(ensemble, "fit", fit)
     config = RunConfig()
@@ -116,8 +118,7 @@ def test_cross_validation_pools_the_folds_from_memory(tmp_path, monkeypatch):
 
 def test_a_run_result_loads_a_finished_ensemble_and_its_members(tmp_path):
     run = tmp_path / "run"
-    measured = evaluate.evaluate_predictions(np.array([0, 1] * 5), np.linspace(0.05, 0.95, 10), 0.5, tmp_path / "e",
-                                             [f"f{i}.png" for i in range(10)], n_bootstrap=20)
+    measured = _measured([0, 1] * 5, np.linspace(0.05, 0.95, 10), [f"f{i}.png" for i in range(10)])
     written = {}
     for where in ("test", "validation", "members/a/test", "members/b/test"):  # told apart by their extra key
         written[where] = dataclasses.replace(measured, extra={"where": where})
