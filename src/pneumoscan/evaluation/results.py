@@ -167,9 +167,10 @@ class Selective:
 
 @dataclass(frozen=True, eq=False)
 class Predictions:
-    """predictions.csv as arrays, one entry per film: ``probability`` as written (six decimals),
-    ``prediction`` the threshold's class, ``decision`` the label (NORMAL, PNEUMONIA, UNSURE,
-    NOT_ASSESSED), ``flags`` the flag codes."""
+    """predictions.csv as arrays, one entry per film: ``probability`` as written (six decimals,
+    so a fold read back on resume pools exactly as one kept in memory, and as cv did when it parsed
+    the file), ``prediction`` the threshold's class (from the full-precision probability),
+    ``decision`` the label (NORMAL, PNEUMONIA, UNSURE, NOT_ASSESSED), ``flags`` the flag codes."""
 
     paths: tuple[str, ...]
     label: np.ndarray
