@@ -373,7 +373,8 @@ def _members_config(root, out) -> RunConfig:
 
 def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_path, caplog):
     root = make_dataset(tmp_path / "chest_xray", {"train": (24, 24), "test": (4, 4)})
-    run = ensemble.fit_members(_members_config(root, tmp_path / "runs"))
+    result = ensemble.fit_members(_members_config(root, tmp_path / "runs"))
+    run = result.run_dir
     model, meta = artifact.load(run / "model.pt")
     assert isinstance(model, models.Ensemble) and len(meta.members) == 2
     assert [m.config["data"]["augment"] for m in meta.members] == ["acquisition", "seed"]
@@ -381,12 +382,16 @@ def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_pat
     assert [m.config["train"]["mixup"] for m in meta.members] == [0.2, 0.0]
     assert model.sources == (0, 1)  # two backbones: two passes
     assert (run / "members" / "frozen-acquisition-mixup" / "model.pt").is_file()
-    assert json.loads((run / "test" / "metrics.json").read_text())["n"] == 8
+    assert json.loads((run / "test" / "metrics.json").read_text())["n"] == 8 == result.test.n
+    assert set(result.members) == {"frozen-acquisition-mixup", "seed-study-lite0"}  # each member's, in memory
+    assert all(m.test.n == 8 and m.validation is not None for m in result.members.values())
     assert (run / "report.html").is_file() and (run / "config.yaml").is_file()
     # an interruption after the members: resuming keeps them and only combines
     (run / "model.pt").unlink()
     caplog.set_level("INFO")
-    assert ensemble.fit_members(RunConfig(), resume_dir=run) == run
+    resumed = ensemble.fit_members(RunConfig(), resume_dir=run)
+    assert resumed.run_dir == run  # the kept members' evaluations, read back, are those measured in memory
+    assert all(resumed.members[name].evaluations == m.evaluations for name, m in result.members.items())
     assert "member seed-study-lite0: finished earlier, kept" in caplog.text and (run / "model.pt").is_file()
     with pytest.raises(UserError, match="is finished"):
         ensemble.fit_members(RunConfig(), resume_dir=run)
