@@ -76,7 +76,8 @@ def test_capture_covers_handlers_added_later_and_nests(tmp_path):
             with logpolicy.capture_decoder_warnings():
                 logging.getLogger("pydicom.test").handle(logging.LogRecord(
                     "pydicom.test", logging.WARNING, __file__, 0, f"Invalid value {PLANT}", None, None))
-            warnings.warn(f"a value {PLANT}", UserWarning)  # the outer capture still holds
+            warnings.warn_explicit(f"a value {PLANT}", UserWarning,  # the outer capture still holds
+                                   "/venv/site-packages/pydicom/valuerep.py", 7)
             logging.getLogger("pydicom").warning("Invalid value %s", PLANT)
         finally:
             root.removeHandler(late)
@@ -85,3 +86,20 @@ def test_capture_covers_handlers_added_later_and_nests(tmp_path):
     assert "decoder warning" in (tmp_path / "run.log").read_text()
     assert logpolicy.counts()["pydicom.test:0:warning"] == before + 1
     assert warnings.showwarning is previous and logging.getLogger("pydicom").propagate
+
+
+def test_a_command_keeps_other_libraries_warnings_readable():
+    """Inside a command's capture only the decoding libraries' warnings become codes: a training
+    library's warning (it read no file) reaches the user with its text."""
+    shown = []
+    previous = warnings.showwarning
+    warnings.showwarning = lambda message, *rest, **kw: shown.append(str(message))
+    try:
+        with logpolicy.capture_decoder_warnings(every=False):
+            warnings.warn_explicit("Found 208 module(s) in eval mode", UserWarning,
+                                   "/venv/site-packages/lightning/pytorch/loops/fit_loop.py", 538)
+            warnings.warn_explicit(f"bad IS value {PLANT}", UserWarning,
+                                   "/venv/site-packages/pydicom/valuerep.py", 9)
+    finally:
+        warnings.showwarning = previous
+    assert shown == ["Found 208 module(s) in eval mode"]

@@ -51,6 +51,9 @@ class ContentFree(logging.Handler):
         record(f"{record_.name}:{record_.lineno}:{record_.levelname.lower()}")
 
 
+_passthrough = None  # a command's capture: other libraries' warnings (torch, Lightning) keep their text
+
+
 def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
     module = filename.replace("\\", "/")
     for root in DECODER_MODULES:
@@ -59,6 +62,9 @@ def _showwarning(message, category, filename, lineno, file=None, line=None) -> N
             module = root + "/" + module.split(marker, 1)[1]
             break
     else:
+        if _passthrough is not None:  # not a decoder's: it reads no file, so it quotes none
+            _passthrough(message, category, filename, lineno, file, line)
+            return
         module = module.rsplit("/", 1)[-1]  # a path outside the libraries: its file name only
     record(f"{module}:{lineno}:{category.__name__}")
 
@@ -71,13 +77,15 @@ def capture_decoder_warnings(every: bool = True) -> Iterator[None]:
     """While serving, or while a command runs: every warning shown and every decoder-library log
     record becomes a code and a count. Process-wide (warnings and loggers are). ``every``: count each
     occurrence (a server: how often a client sends a bad file); else the warning filters stay as
-    configured (a command's ignored library warnings stay silent; others are counted once per
-    place, as Python shows them). Re-entrant: an inner capture adds only its ``every``."""
-    global _depth
+    configured and only the decoding libraries' warnings are counted (once per place, as Python shows
+    them); other libraries' warnings (torch, Lightning) keep their text. Re-entrant: an inner capture adds only its ``every``."""
+    global _depth, _passthrough
     with _lock:
         _depth += 1
         outer = _depth == 1
-    previous, filters = warnings.showwarning, warnings.filters[:]
+    previous, filters, passthrough = warnings.showwarning, warnings.filters[:], _passthrough
+    # a server counts every warning (any may quote a client's file); a command only the decoders'
+    _passthrough = None if every else (previous if outer else _passthrough)
     ours = ContentFree()
     loggers = [(logging.getLogger(name), logging.getLogger(name).propagate) for name in DECODER_LOGGERS]
     if every:  # also inside a command's capture: a server started by the CLI counts every occurrence
@@ -91,6 +99,7 @@ def capture_decoder_warnings(every: bool = True) -> Iterator[None]:
         yield
     finally:
         warnings.filters[:] = filters
+        _passthrough = passthrough
         if outer:
             warnings.showwarning = previous
             for logger, propagate in loggers:
