@@ -22,7 +22,8 @@ from pneumoscan.training import ensemble
 from pneumoscan.evaluation import explore
 from pneumoscan.core import calibration, files
 from pneumoscan.commands import predict
-from pneumoscan.core.config import apply_overrides, recipe
+from pneumoscan.core.config import apply_overrides
+from pneumoscan.core.recipes import recipe
 from pneumoscan.core.errors import UserError
 
 log = logging.getLogger("pneumoscan.cli.demo")
