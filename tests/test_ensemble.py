@@ -405,9 +405,10 @@ def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_pat
     assert json.loads((run / "test" / "metrics.json").read_text())["n"] == 8
     assert (run / "report.html").is_file() and (run / "config.yaml").is_file()
     # config.yaml records what each member ran, and runs again to the same member configs
-    again = train_commands.config_from_args(cli.build_parser().parse_args(["train", "--config", str(run / "config.yaml")]))
+    again = train_commands.config_from_args(cli.build_parser().parse_args(["train", "--config",
+                                                                           str(run / "config.yaml")]))
+    assert again == config.placed(run)
     assert [m.to_dict() for m in again.members] == [m.config for m in meta.members]
-    assert [m.to_dict() for m in again.placed(run).members] == [m.config for m in meta.members]
     # the members handed over in memory give the ensemble that combining their folders from disk gives
     combined = ensemble.combine([run / "members" / m.name for m in config.members], tmp_path / "from-disk",
                                 seed=config.seed)
@@ -421,7 +422,7 @@ def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_pat
     caplog.set_level("INFO")
     assert ensemble.fit_members(RunConfig(), resume_dir=run) == run
     assert "member seed-study-lite0: finished earlier, kept" in caplog.text and (run / "model.pt").is_file()
-    assert np.allclose(TorchEngine(run / "model.pt").assess(images)[0], TorchEngine(combined / "model.pt").assess(images)[0],
-                       atol=1e-6)
+    assert np.allclose(TorchEngine(run / "model.pt").assess(images)[0],
+                       TorchEngine(combined / "model.pt").assess(images)[0], atol=1e-6)
     with pytest.raises(UserError, match="is finished"):
         ensemble.fit_members(RunConfig(), resume_dir=run)
