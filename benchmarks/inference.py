@@ -37,7 +37,7 @@ import onnxruntime as ort
 import torch
 
 from pneumoscan.modeling import artifact
-from pneumoscan.evaluation import explain
+from pneumoscan.evaluation import cams
 from pneumoscan.commands import export
 from pneumoscan.io import imaging
 from pneumoscan.core import metrics
@@ -123,15 +123,15 @@ def cam_before(model, architecture: str) -> Run:
     def run(images):
         with torch.inference_mode(False), torch.enable_grad():
             net = copy.deepcopy(model).float().eval().requires_grad_(True)
-            with explain.METHODS["gradcam"](model=explain._WithClassAxis(net),
-                                            target_layers=[explain.cam_layer(net, architecture)]) as cam:
+            with cams.METHODS["gradcam"](model=cams._WithClassAxis(net),
+                                         target_layers=[cams.cam_layer(net, architecture)]) as cam:
                 return cam(input_tensor=as_batch(images), targets=[ClassifierOutputTarget(0)] * len(images))
     return run
 
 
 def cam_section(model, architecture: str, images: np.ndarray) -> list[str]:
     torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
-    explainer = explain.CamExplainer(model, architecture)
+    explainer = cams.CamExplainer(model, architecture)
     runs = {"before: copy + CAM object per call, all trainable, torch threads "
             f"{torch.get_num_threads()}": cam_before(model, architecture),
             "CamExplainer reused (1 torch thread, gradients from the CAM layer up)": explainer}

@@ -391,7 +391,8 @@ def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_pat
     read, decoded = imaging.read, []
     monkeypatch.setattr(imaging, "read", lambda path, size: decoded.append(str(path)) or read(path, size))
     config = _members_config(root, tmp_path / "runs")
-    run = ensemble.fit_members(config)
+    result = ensemble.fit_members(config)
+    run = result.run_dir
     # prepare -> fit members -> calibrate -> save: every film decoded once for the whole run
     assert sorted(decoded) == sorted(s.path for s in data.scan(root))
     monkeypatch.undo()
@@ -402,7 +403,9 @@ def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_pat
     assert [m.config["train"]["mixup"] for m in meta.members] == [0.2, 0.0]
     assert model.sources == (0, 1)  # two backbones: two passes
     assert (run / "members" / "frozen-acquisition-mixup" / "model.pt").is_file()
-    assert json.loads((run / "test" / "metrics.json").read_text())["n"] == 8
+    assert json.loads((run / "test" / "metrics.json").read_text())["n"] == 8 == result.test.n
+    assert set(result.members) == {"frozen-acquisition-mixup", "seed-study-lite0"}  # each member's, in memory
+    assert all(m.test.n == 8 and m.validation is not None for m in result.members.values())
     assert (run / "report.html").is_file() and (run / "config.yaml").is_file()
     # config.yaml records what each member ran, and runs again to the same member configs
     again = train_commands.config_from_args(cli.build_parser().parse_args(["train", "--config",
@@ -420,7 +423,9 @@ def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_pat
     # an interruption after the members: resuming keeps them and only combines
     (run / "model.pt").unlink()
     caplog.set_level("INFO")
-    assert ensemble.fit_members(RunConfig(), resume_dir=run) == run
+    resumed = ensemble.fit_members(RunConfig(), resume_dir=run)
+    assert resumed.run_dir == run  # the kept members' evaluations, read back, are those measured in memory
+    assert all(resumed.members[name].evaluations == m.evaluations for name, m in result.members.items())
     assert "member seed-study-lite0: finished earlier, kept" in caplog.text and (run / "model.pt").is_file()
     assert np.allclose(TorchEngine(run / "model.pt").assess(images)[0],
                        TorchEngine(combined / "model.pt").assess(images)[0], atol=1e-6)

@@ -82,11 +82,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             run_log.attach(Path(args.out) / "evaluate.log")
         run_log.close()
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
-    if "n_in_training_data" in result and result["n_in_training_data"] != 0:
-        print(f"pneumoscan: warning: {evaluate.overlap_sentence(result['n_in_training_data'], result['n'])}",
+    if "n_in_training_data" in result.extra and result.extra["n_in_training_data"] != 0:
+        print(f"pneumoscan: warning: {evaluate.overlap_sentence(result.extra['n_in_training_data'], result.n)}",
               file=sys.stderr)
     if args.errors > 0:  # the same words as the report
-        (_, fp), (fn, _) = result["confusion_matrix"]
+        fp, fn = result.metrics.confusion.fp, result.metrics.confusion.fn
         errors_dir = Path(args.out) / "errors"
         print("errors:  no errors at this threshold" if not fp + fn else
               f"errors:  {errors_dir}" if errors_dir.is_dir() and any(errors_dir.glob("*.png")) else

@@ -1,7 +1,7 @@
 """Deep ensembles: training one (``fit_members``) and combining finished runs (``combine``).
 
 Training an ensemble is the single-model pipeline around its members: prepare (the films are
-scanned, split and decoded once for every member) -> fit each member (``train.fit_model``, which
+scanned, split and decoded once for every member) -> fit each member (``train.fit_result``, which
 saves it in RUN/members/NAME, so a resumed run keeps finished members) -> calibrate the members,
 handed over in memory, as one model (``calibrate_members``) -> save RUN/model.pt and measure the
 test split. ``pneumoscan ensemble`` (``combine``) reads finished runs from disk and then calls the
@@ -24,6 +24,7 @@ difference. Each run folder ``combine`` reads is what ``train.fit`` writes: ``mo
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import shutil
 import time
@@ -46,6 +47,8 @@ from pneumoscan.core.config import RunConfig
 from pneumoscan.core.recipes import AnyConfig, EnsembleConfig
 from pneumoscan.core.files import file_sha256, write_csv
 from pneumoscan.inference.torch_model import predict_logits
+from pneumoscan.evaluation.results import Evaluation
+from pneumoscan.training.results import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -115,12 +118,18 @@ def _member(run_dir: Path, meta: ModelMeta, config: dict) -> Member:
                           "n_train": meta.training.n_train, "n_val": meta.training.n_val})
 
 
-def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_rule: str | None = None,
-            ood: bool | None = None, seed: int = 0, strict: bool = False, unsure_rule: str | None = None,
-            progress: Callable[[str, int, int], None] | None = None) -> Path:
+def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, **options) -> Path:
+    """``combine_result`` (same arguments), returning only ``out_dir``: the ``ensemble`` command's."""
+    return combine_result(run_dirs, out_dir, **options).run_dir
+
+
+def combine_result(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_rule: str | None = None,
+                   ood: bool | None = None, seed: int = 0, strict: bool = False, unsure_rule: str | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> RunResult:
     """``pneumoscan ensemble``: read finished runs (model.pt, config.yaml, manifest.csv), check they
     share a validation split, decode it (and the training films, for the OOD detector), then
-    ``calibrate_members``. Options as there; ``ood`` None: when any member has a detector. Returns ``out_dir``.
+    ``calibrate_members``. Options as there; ``ood`` None: when any member has a detector. Returns
+    ``out_dir`` with the validation evaluation, the ensemble's meta and model.
     """
     started = time.perf_counter()
     run_dirs = [Path(r) for r in run_dirs]
@@ -148,16 +157,16 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
             train_rows, size, strict=strict, progress=decode("training", len(train_rows)))
         skipped += train_skipped
         split_data["train"] = (train_samples, train_images)
-    members = [train.Fitted(r, net, meta) for r, net, meta in zip(run_dirs, nets, metas)]
-    calibrate_members(members, configs, split_data, out, threshold_rule=threshold_rule, unsure_rule=unsure_rule,
-                      with_ood=with_ood, seed=seed, skipped=skipped, n_train=len(train_rows), started=started)
-    return out
+    members = [RunResult(r, meta=meta, model=net) for r, net, meta in zip(run_dirs, nets, metas)]
+    return calibrate_members(members, configs, split_data, out, threshold_rule=threshold_rule,
+                             unsure_rule=unsure_rule, with_ood=with_ood, seed=seed, skipped=skipped,
+                             n_train=len(train_rows), started=started)
 
 
-def calibrate_members(members: Sequence[train.Fitted], configs: Sequence[dict], split_data: dict, out: Path, *,
+def calibrate_members(members: Sequence[RunResult], configs: Sequence[dict], split_data: dict, out: Path, *,
                       threshold_rule: str | None = None, unsure_rule: str | None = None,
                       with_ood: bool | None = None, seed: int = 0, skipped: Sequence[tuple[str, str]] = (),
-                      n_train: int | None = None, started: float | None = None) -> tuple[models.Ensemble, ModelMeta]:
+                      n_train: int | None = None, started: float | None = None) -> RunResult:
     """The calibrate stage of an ensemble, on trained members in memory (each with its folder, its
     calibrated model and its meta; ``configs`` their configs): their ``models.Ensemble`` gets its own
     temperature, threshold, UNSURE band, prior and OOD detector (``calibrate.calibrate``) on
@@ -166,7 +175,8 @@ def calibrate_members(members: Sequence[train.Fitted], configs: Sequence[dict], 
 
     ``threshold_rule``: the operating point's rule (default: the first member's); ``with_ood``: fit
     an out-of-distribution detector (default: when any member has one); ``unsure_rule``: the UNSURE
-    band's rule (default: the first member's ``train.unsure``). Returns the ensemble and its meta.
+    band's rule (default: the first member's ``train.unsure``). Returns ``out`` with the
+    validation evaluation, the ensemble's meta and the ensemble.
     """
     started = time.perf_counter() if started is None else started
     run_dirs, nets, metas = [m.run_dir for m in members], [m.model for m in members], [m.meta for m in members]
@@ -212,11 +222,11 @@ def calibrate_members(members: Sequence[train.Fitted], configs: Sequence[dict], 
     data.write_manifest([*train_samples, *val_samples] if with_ood else val_samples, out / "manifest.csv")
     if skipped:
         data.write_skipped(list(skipped), out / "skipped.csv")
-    _write_validation(out, run_dirs, metas, per_member, val_samples, cal)
-    return ensemble, meta
+    validation = _write_validation(out, run_dirs, metas, per_member, val_samples, cal, rule)
+    return RunResult(out, {"validation": validation}, meta=meta, model=ensemble)
 
 def _write_validation(out: Path, run_dirs: list[Path], metas: list[ModelMeta], per_member: np.ndarray,
-                      val_samples: list[data.Sample], cal: calibrate.Calibration) -> None:
+                      val_samples: list[data.Sample], cal: calibrate.Calibration, rule: str) -> Evaluation:
     """``out/validation/`` (the ensemble on the shared validation split, each member's ROC-AUC and
     Brier score beside it) and ``out/members.csv``."""
     y_val, val_prob, threshold, band = (np.array([s.label for s in val_samples]), cal.val_prob, cal.threshold,
@@ -226,40 +236,45 @@ def _write_validation(out: Path, run_dirs: list[Path], metas: list[ModelMeta], p
                     "brier": metrics.brier(y_val, metrics.sigmoid(z))}
                    for r, m, z in zip(run_dirs, metas, per_member.T)]
     result = evaluate.evaluate_predictions(y_val, val_prob, threshold, out / "validation",
-                                           [s.path for s in val_samples], extra={"members": member_rows}, unsure=band)
+                                           [s.path for s in val_samples], extra={"members": member_rows}, unsure=band,
+                                           threshold_rule=rule)
     write_csv(out / "members.csv", ["run", "architecture", "head", "val_roc_auc", "val_brier"],
               [(r["run"], r["architecture"], r["head"], f"{r['roc_auc']:.4f}", f"{r['brier']:.4f}")
                for r in member_rows])
-    log.info("validation ROC-AUC: ensemble %.4f; members %s", result["roc_auc"],
+    log.info("validation ROC-AUC: ensemble %.4f; members %s", result.metrics.roc_auc,
              ", ".join(f"{r['roc_auc']:.4f}" for r in member_rows))
+    return result
 
 
 def fit(config: AnyConfig, *, resume_dir: str | Path | None = None, progress=None,
         callbacks_for: Callable[[], list] | None = None, started: Callable[[Path], None] | None = None,
-        samples: list[data.Sample] | None = None, images: np.ndarray | None = None, report: bool = True) -> Path:
+        samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
+        report: bool = True) -> RunResult:
     """What `pneumoscan train` and `cv` run: ``fit_members`` for an ``EnsembleConfig`` (or when
-    resuming an ensemble's run folder), else ``train.fit``. ``started`` is for the ensemble's own
-    folder only: a single run hands its folder to its callbacks itself. ``samples``, ``images`` and
-    ``report`` are as ``train.fit``'s (cross-validation folds)."""
+    resuming an ensemble's run folder), else ``train.fit_result``. ``started`` is for the
+    ensemble's own folder only: a single run hands its folder to its callbacks itself. ``samples``,
+    ``images`` and ``report`` are as ``train.fit``'s (cross-validation folds). Returns the run
+    folder with what it measured (``RunResult``)."""
     if resume_dir is not None:
         config = train.read_config(Path(resume_dir))
     if isinstance(config, EnsembleConfig):
         return fit_members(config, resume_dir=resume_dir, progress=progress, callbacks_for=callbacks_for,
                            started=started, samples=samples, images=images, report=report)
-    return train.fit(config, resume_dir=resume_dir, callbacks=callbacks_for() if callbacks_for else None,
-                     progress=progress, samples=samples, images=images, report=report)
+    return train.fit_result(config, resume_dir=resume_dir, callbacks=callbacks_for() if callbacks_for else None,
+                            progress=progress, samples=samples, images=images, report=report)
 
 
 def fit_members(config: EnsembleConfig, *, resume_dir: str | Path | None = None, progress=None,
                 callbacks_for: Callable[[], list] | None = None, started: Callable[[Path], None] | None = None,
                 samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
-                report: bool = True) -> Path:
+                report: bool = True) -> RunResult:
     """Train an ensemble: the films scanned, split and decoded once (or ``samples`` with their
     ``images``, a cross-validation fold), each member trained on them in ``RUN/members/NAME``, then
     ``calibrate_members`` on the trained members in memory, writing ``RUN/model.pt``, and the test
     split measured (and reported on, unless ``report`` is False). Resuming keeps members that
     finished (read from their folders) and resumes one that was interrupted, so a long ensemble run
-    loses at most one member's last epoch. ``started`` is called with the run folder once it exists."""
+    loses at most one member's last epoch. ``started`` is called with the run folder once it exists.
+    Returns the run folder with the ensemble's evaluations and each member's (``RunResult.members``)."""
     config, run_dir = _open_run(config, resume_dir)
     if started:  # e.g. the CLI's train.log, in the ensemble's folder rather than a member's
         started(run_dir)
@@ -272,21 +287,25 @@ def fit_members(config: EnsembleConfig, *, resume_dir: str | Path | None = None,
     fitted = [_fit_member(m, run_dir / "members" / m.name, shared, callbacks_for() if callbacks_for else None)
               for m in config.members]
     if any(f.model is None for f in fitted):
-        return run_dir  # under DDP, rank 0 calibrates, saves and evaluates
+        return RunResult(run_dir)  # under DDP, rank 0 calibrates, saves and evaluates
     split_data = loaders.by_split(samples, images)
-    model, meta = calibrate_members(fitted, [f.meta.config for f in fitted], split_data, run_dir,
-                                    seed=config.seed, skipped=skipped)
+    combined = calibrate_members(fitted, [f.meta.config for f in fitted], split_data, run_dir,
+                                 seed=config.seed, skipped=skipped)
+    model, meta, evaluations = combined.model, combined.meta, dict(combined.evaluations)
     if "test" in split_data:  # as train.finalize: measure the test split once, and report on it
         test_samples, test_images = split_data["test"]
         prob = metrics.sigmoid(predict_logits(model, test_images))
         y = np.array([s.label for s in test_samples])
         result = evaluate.evaluate_predictions(y, prob, meta.threshold, run_dir / "test",
-                                               [s.path for s in test_samples], unsure=meta.unsure)
+                                               [s.path for s in test_samples], unsure=meta.unsure,
+                                               threshold_rule=meta.threshold_rule)
         log.info("test: %s", evaluate.summary_line(result))
+        evaluations["test"] = result
         if report:
             train.write_run_report(run_dir, meta, model, "test", test_samples, test_images, prob,
                                    n_skipped=len(skipped))
-    return run_dir
+    members = {m.name: f for m, f in zip(config.members, fitted)}
+    return RunResult(run_dir, evaluations, members, meta=meta, model=model)
 
 
 def _open_run(config: EnsembleConfig, resume_dir: str | Path | None) -> tuple[EnsembleConfig, Path]:
@@ -318,15 +337,15 @@ def _decode_split(config: EnsembleConfig, run_dir: Path, progress) -> tuple[list
                             progress=(lambda k: progress("decoding images", k, len(samples))) if progress else None)
 
 
-def _fit_member(config: RunConfig, folder: Path, shared: dict, callbacks: list | None) -> train.Fitted:
+def _fit_member(config: RunConfig, folder: Path, shared: dict, callbacks: list | None) -> RunResult:
     """One member on the shared decoded split: kept when it finished earlier, resumed from its last
     checkpoint when interrupted, else trained from the start."""
     if (folder / "model.pt").is_file():
         log.info("member %s: finished earlier, kept", config.name)
         model, meta = artifact.load(folder / "model.pt")
-        return train.Fitted(folder, model, meta)
+        return dataclasses.replace(RunResult.load(folder), meta=meta, model=model)
     if (folder / "checkpoints" / "last.ckpt").is_file():
-        return train.fit_model(config, resume_dir=folder, callbacks=callbacks, report=False, **shared)
+        return train.fit_result(config, resume_dir=folder, callbacks=callbacks, report=False, **shared)
     if folder.exists():  # interrupted before its first checkpoint: start it again
         shutil.rmtree(folder)
-    return train.fit_model(config, callbacks=callbacks, report=False, **shared)
+    return train.fit_result(config, callbacks=callbacks, report=False, **shared)

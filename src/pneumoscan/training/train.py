@@ -42,6 +42,7 @@ from pneumoscan.training.calibrate import calibrate
 from pneumoscan.training.finetune import interpolate, linear_probe
 from pneumoscan.training.litmodule import LitClassifier, ProgressiveUnfreezing, resolve_precision
 from pneumoscan.training.loaders import Progress, by_split, feature_loaders, make_loader, split_samples
+from pneumoscan.training.results import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -105,25 +106,17 @@ def log_version(run_dir: Path) -> str:
 
 
 def fit(config: RunConfig, **kwargs) -> Path:
-    """Train, calibrate, choose the threshold, save model.pt; returns the run folder (see ``fit_model``)."""
-    return fit_model(config, **kwargs).run_dir
+    """Train, calibrate, choose the threshold, save model.pt; returns the run folder
+    (``fit_result``, with the same arguments, also returns what the run measured)."""
+    return fit_result(config, **kwargs).run_dir
 
 
-@dataclass
-class Fitted:
-    """A finished run, in memory: its folder, its calibrated model (None on a DDP rank other than 0)
-    and the metadata its model.pt holds."""
-
-    run_dir: Path
-    model: models.Classifier | None
-    meta: artifact.ModelMeta | None
-
-
-def fit_model(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: list | None = None,
-              progress: Progress | None = None, loggers: list | None = None,
-              samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
-              skipped: list[tuple[str, str]] | None = None, report: bool = True) -> Fitted:
-    """Train, calibrate, choose the threshold, save model.pt; returns the run with its model.
+def fit_result(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: list | None = None,
+               progress: Progress | None = None, loggers: list | None = None,
+               samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
+               skipped: list[tuple[str, str]] | None = None, report: bool = True) -> RunResult:
+    """Train, calibrate, choose the threshold, save model.pt; returns the run folder with its
+    typed evaluations, its meta and its calibrated model, in memory (cv, experiments, ensembles).
 
     ``loggers`` (e.g. an MLFlowLogger) receive the epoch metrics besides the run folder's CSV log.
     ``samples`` (with their splits) replaces scanning ``config.data.root``, for cross-validation
@@ -135,7 +128,7 @@ def fit_model(config: RunConfig, *, resume_dir: str | Path | None = None, callba
                        progress=progress)
     trained = train_model(prepared, callbacks=callbacks, loggers=loggers, progress=progress)
     if not trained.is_global_zero:
-        return Fitted(trained.run_dir, None, None)  # under DDP, rank 0 calibrates, saves and evaluates
+        return RunResult(trained.run_dir)  # under DDP, rank 0 calibrates, saves and evaluates
     return finalize(prepared, trained, report=report)
 
 
@@ -294,7 +287,7 @@ def write_run_folder(p: Prepared) -> None:
     write_config(p.run_dir, p.config)
 
 
-def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Fitted:
+def finalize(p: Prepared, t: Trained, *, report: bool = True) -> RunResult:
     """Calibrate and choose the operating point on validation only, save model.pt, measure val
     (and test, when the data has one), and write the report."""
     tc, dc, mc = p.config.train, p.config.data, p.config.model
@@ -320,20 +313,23 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Fitted:
     seen = [s.path for split in ("train", "val") for s in p.split_data[split][0]]
     meta = meta.replace(data_digests=tuple(content_digests(seen)))
     artifact.save(p.run_dir / "model.pt", model, meta)
-    evaluate.evaluate_predictions(val_y, val_prob, threshold, p.run_dir / "validation", [s.path for s in val_samples],
-                                  unsure=band)
+    evaluations = {"validation": evaluate.evaluate_predictions(
+        val_y, val_prob, threshold, p.run_dir / "validation", [s.path for s in val_samples], unsure=band,
+        threshold_rule=tc.threshold)}
 
     shown = ("validation", val_samples, val_images, val_prob)
     if "test" in p.split_data:
         test_samples, test_images = p.split_data["test"]
         test_prob = metrics.sigmoid(predict_logits(model, test_images, device=t.device))
         result = evaluate.evaluate_predictions(np.array([s.label for s in test_samples]), test_prob, threshold,
-                                               p.run_dir / "test", [s.path for s in test_samples], unsure=band)
+                                               p.run_dir / "test", [s.path for s in test_samples], unsure=band,
+                                               threshold_rule=tc.threshold)
         log.info("test: %s", evaluate.summary_line(result))
+        evaluations["test"] = result
         shown = ("test", test_samples, test_images, test_prob)
     if report:
         write_run_report(p.run_dir, meta, model, *shown, n_skipped=len(p.skipped))
-    return Fitted(p.run_dir, model, meta)
+    return RunResult(p.run_dir, evaluations, meta=meta, model=model)
 
 
 def write_run_report(run_dir: Path, meta: artifact.ModelMeta, model: models.Classifier, split: str,
