@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pneumoscan.core.config import RECIPES as config_recipes
+from pneumoscan.core.recipes import RECIPES as config_recipes
 from pneumoscan.core.config import RunConfig, apply_overrides, merge
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -45,7 +45,8 @@ from pneumoscan.modeling import artifact, shifts
 from pneumoscan.io import data
 from pneumoscan.core import calibration, metrics
 from pneumoscan.evaluation import robustness
-from pneumoscan.core.config import RECIPES, apply_overrides, merge, RunConfig
+from pneumoscan.core.config import apply_overrides, merge, RunConfig
+from pneumoscan.core.recipes import RECIPES
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "chest_xray" / "train"

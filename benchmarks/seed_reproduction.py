@@ -22,7 +22,8 @@ from pathlib import Path
 from pneumoscan.cli import console
 from pneumoscan.io import data
 from pneumoscan.training import train
-from pneumoscan.core.config import apply_overrides, recipe
+from pneumoscan.core.config import apply_overrides
+from pneumoscan.core.recipes import recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -34,7 +34,8 @@ from seed_reproduction import ROOT, holdout_tree  # noqa: E402
 from pneumoscan.modeling import artifact
 from pneumoscan.cli import console
 from pneumoscan.training import train  # noqa: E402
-from pneumoscan.core.config import apply_overrides, recipe  # noqa: E402
+from pneumoscan.core.config import apply_overrides  # noqa: E402
+from pneumoscan.core.recipes import recipe  # noqa: E402
 
 
 def run(root: Path, out: str, name: str, weights: str, *overrides: str) -> dict:

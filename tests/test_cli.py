@@ -129,23 +129,29 @@ def test_console_script_help_runs():
 
 def test_recipe_then_config_file_then_flags(tmp_path):
     from pneumoscan.core.config import RunConfig
+    from pneumoscan.core.recipes import EnsembleConfig, recipe
 
     parser = cli.build_parser()
     args = parser.parse_args(["train", "--data", "d", "--recipe", "seed-study"])
     seed = train_commands.config_from_args(args)
     assert (seed.model.unfreeze_blocks, seed.data.augment, seed.train.patience) == (0, "seed", 7)
+    # no options: the default ensemble, which EnsembleConfig() and recipe("default") also are
     default = train_commands.config_from_args(parser.parse_args(["train", "--data", "d"]))
-    assert default.model.unfreeze_blocks == 0 and default.data.augment == "acquisition"
-    assert default.train.members == "frozen-acquisition-mixup,seed-study-lite0"
-    # the package defaults are the default recipe's settings; the recipe adds its members
+    assert isinstance(default, EnsembleConfig) and default.data.root == "d"
+    assert [m.name for m in default.members] == ["frozen-acquisition-mixup", "seed-study-lite0"]
+    assert default.with_settings({"data": {"root": ""}}) == EnsembleConfig() == recipe("default")
+    # RunConfig() is the default's first member without its mixup
     import dataclasses
-    assert default.model == RunConfig().model
-    assert dataclasses.replace(default.train, members="") == RunConfig().train
+    first = default.members[0]
+    assert dataclasses.replace(first.train, mixup=0.0) == RunConfig().train and first.model == RunConfig().model
     # a config file overrides only what it names; flags override the file
     (tmp_path / "c.yaml").write_text("train: {epochs: 3}\n")
     both = train_commands.config_from_args(parser.parse_args(
         ["train", "--data", "d", "--recipe", "seed-study", "--config", str(tmp_path / "c.yaml"), "--patience", "2"]))
     assert (both.train.epochs, both.train.patience, both.model.unfreeze_blocks) == (3, 2, 0)
+    every = train_commands.config_from_args(parser.parse_args(
+        ["train", "--data", "d", "--config", str(tmp_path / "c.yaml"), "--patience", "2"]))
+    assert [(m.train.epochs, m.train.patience) for m in every.members] == [(3, 2), (3, 2)]
 
 
 def test_set_overrides_after_config_file_and_before_flags(tmp_path):
@@ -155,8 +161,9 @@ def test_set_overrides_after_config_file_and_before_flags(tmp_path):
         ["train", "--data", "d", "--config", str(tmp_path / "c.yaml"), "--set", "train.lr=3e-4",
          "--set", "data.augment=seed", "--set", "model.unfreeze_blocks=0", "--set", "train.epochs=5",
          "--epochs", "4"]))
-    assert (config.train.lr, config.data.augment, config.model.unfreeze_blocks, config.train.epochs) == \
-        (3e-4, "seed", 0, 4)
+    for member in config.members:  # the default ensemble: what the user set is every member's
+        assert (member.train.lr, member.data.augment, member.model.unfreeze_blocks, member.train.epochs) == \
+            (3e-4, "seed", 0, 4)
     # data.root may come from --set instead of --data
     assert train_commands.config_from_args(parser.parse_args(["train", "--set", "data.root=x"])).data.root == "x"
 

@@ -26,9 +26,12 @@ def test_declared_choices_match_the_library():
 
 
 def test_defaults_and_recipes_are_valid():
+    from pneumoscan.core import recipes
+
     assert RunConfig().validate() == RunConfig()
-    for name in config.RECIPES:
-        config.recipe(name)
+    assert recipes.recipe("frozen-acquisition") == RunConfig()  # the package defaults are a named recipe
+    for name in recipes.names():
+        recipes.recipe(name).validate()
 
 
 @pytest.mark.parametrize("override, key", [
@@ -105,14 +108,3 @@ def test_every_field_has_a_key_and_a_default():
     assert len(keys) == sum(len(dataclasses.fields(k)) for k in (config.DataConfig, config.ModelConfig,
                                                                   config.TrainConfig)) + 2
     assert config.default("train.epochs") == 30 and config.setting_type("train.lr") is float
-
-
-def test_member_settings_follow_the_user_except_weights_of_another_backbone():
-    c = config.apply_overrides(config.recipe("default"), ["model.backbone_weights=/w/mobilenet.pth", "train.epochs=2",
-                                                         "data.image_size=96"])
-    same = config.member_config(c, "frozen-acquisition", "out")
-    other = config.member_config(c, "frozen-acquisition-lite0", "out")
-    assert (same.model.backbone, same.model.backbone_weights) == ("mobilenet_v2", "/w/mobilenet.pth")
-    assert (other.model.backbone, other.model.backbone_weights) == ("efficientnet_lite0", "imagenet")
-    assert same.train.epochs == other.train.epochs == 2 and other.data.image_size == 96
-    assert not other.train.members and other.name == "frozen-acquisition-lite0"

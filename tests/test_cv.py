@@ -71,16 +71,17 @@ def test_interrupted_cross_validation_keeps_finished_folds(tmp_path):
 def test_cross_validating_the_default_ensemble_scores_each_fold_with_its_members_ensemble(tmp_path):
     from pneumoscan.modeling import artifact
     from pneumoscan.core import config as cfg
+    from pneumoscan.core.recipes import member, recipe
 
     root = make_dataset(tmp_path / "d", {"train": (12, 12)})
-    config = cfg.apply_overrides(cfg.recipe("default"), [
+    config = cfg.apply_overrides(recipe("default"), [
         f"data.root={root}", "data.image_size=48", "data.val_fraction=0.34", "data.batch_size=8",
         "model.backbone_weights=none", "train.epochs=1", "train.views=1", "train.precision=32",
         f"out_dir={tmp_path / 'cv'}", "name=cv"])
-    members = config.train.members.split(",")
+    members = [m.name for m in config.members]
     out = cv.cross_validate(config, folds=2)
     summary = json.loads((out / "cv.json").read_text())
-    assert len(summary["per_fold"]) == 2 and summary["config"]["train"]["members"] == config.train.members
+    assert len(summary["per_fold"]) == 2 and summary["config"] == config.to_dict()
     assert set(summary["members_pooled_out_of_fold"]) == set(members)  # the members on the same patients
     table = (out / "cv.md").read_text()
     assert all(f"| {name} | " in table for name in ["ensemble", *members])
@@ -101,6 +102,9 @@ def test_cross_validating_the_default_ensemble_scores_each_fold_with_its_members
     assert (out / "fold1" / "model.pt").stat().st_mtime_ns == kept
     assert (out / "fold2" / "test" / "predictions.csv").is_file()
     # other members under the same name are not mistaken for finished work
-    config.train.members = "frozen-acquisition-mixup,frozen-acquisition"
+    config = config.with_settings({})
+    config.members[1] = cfg.apply_overrides(member("frozen-acquisition"), [
+        f"data.root={root}", "data.image_size=48", "data.val_fraction=0.34", "data.batch_size=8",
+        "model.backbone_weights=none", "train.epochs=1", "train.views=1", "train.precision=32"])
     cv.cross_validate(config, folds=2)
     assert (out / "fold1" / "model.pt").stat().st_mtime_ns != kept

@@ -361,20 +361,30 @@ def test_evaluate_an_ensemble_with_error_galleries_and_report(two_runs, tmp_path
     assert {s.split for s in data.read_manifest(out / "manifest.csv")} == {"val"}
 
 
-def _members_config(root, out) -> RunConfig:
+def _members_config(root, out):
     from pneumoscan.core import config as cfg
+    from pneumoscan.core.recipes import EnsembleConfig, recipe
 
-    c = cfg.recipe("default")
-    assert c.train.members == "frozen-acquisition-mixup,seed-study-lite0"  # the package default is an ensemble
+    c = recipe("default")
+    assert c == EnsembleConfig() and len(c.members) == 2  # the package default is an ensemble
     return cfg.apply_overrides(c, [f"data.root={root}", "data.image_size=48", "data.val_fraction=0.25",
                                    "data.batch_size=8", "model.backbone_weights=none", "train.epochs=1",
                                    "train.views=1", "train.precision=32", f"out_dir={out}", "name=ens"])
 
 
-def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_path, caplog):
+def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_path, caplog, monkeypatch):
+    from pneumoscan.cli import train_commands
+    from pneumoscan.io import imaging
+
     root = make_dataset(tmp_path / "chest_xray", {"train": (24, 24), "test": (4, 4)})
-    result = ensemble.fit_members(_members_config(root, tmp_path / "runs"))
+    read, decoded = imaging.read, []
+    monkeypatch.setattr(imaging, "read", lambda path, size: decoded.append(str(path)) or read(path, size))
+    config = _members_config(root, tmp_path / "runs")
+    result = ensemble.fit_members(config)
     run = result.run_dir
+    # prepare -> fit members -> calibrate -> save: every film decoded once for the whole run
+    assert sorted(decoded) == sorted(s.path for s in data.scan(root))
+    monkeypatch.undo()
     model, meta = artifact.load(run / "model.pt")
     assert isinstance(model, models.Ensemble) and len(meta.members) == 2
     assert [m.config["data"]["augment"] for m in meta.members] == ["acquisition", "seed"]
@@ -386,6 +396,19 @@ def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_pat
     assert set(result.members) == {"frozen-acquisition-mixup", "seed-study-lite0"}  # each member's, in memory
     assert all(m.test.n == 8 and m.validation is not None for m in result.members.values())
     assert (run / "report.html").is_file() and (run / "config.yaml").is_file()
+    # config.yaml records what each member ran, and runs again to the same member configs
+    again = train_commands.config_from_args(cli.build_parser().parse_args(["train", "--config",
+                                                                           str(run / "config.yaml")]))
+    assert again == config.placed(run)
+    assert [m.to_dict() for m in again.members] == [m.config for m in meta.members]
+    # the members handed over in memory give the ensemble that combining their folders from disk gives
+    combined = ensemble.combine([run / "members" / m.name for m in config.members], tmp_path / "from-disk",
+                                seed=config.seed)
+    disk, disk_meta = artifact.load(combined / "model.pt")
+    assert (disk_meta.temperature, disk_meta.threshold) == pytest.approx((meta.temperature, meta.threshold))
+    images = xrays(6, seed=4)
+    assert np.allclose(TorchEngine(combined / "model.pt").assess(images)[0],
+                       TorchEngine(run / "model.pt").assess(images)[0], atol=1e-6)
     # an interruption after the members: resuming keeps them and only combines
     (run / "model.pt").unlink()
     caplog.set_level("INFO")
@@ -393,15 +416,7 @@ def test_train_members_trains_each_recipe_on_one_split_and_combines_them(tmp_pat
     assert resumed.run_dir == run  # the kept members' evaluations, read back, are those measured in memory
     assert all(resumed.members[name].evaluations == m.evaluations for name, m in result.members.items())
     assert "member seed-study-lite0: finished earlier, kept" in caplog.text and (run / "model.pt").is_file()
+    assert np.allclose(TorchEngine(run / "model.pt").assess(images)[0],
+                       TorchEngine(combined / "model.pt").assess(images)[0], atol=1e-6)
     with pytest.raises(UserError, match="is finished"):
         ensemble.fit_members(RunConfig(), resume_dir=run)
-
-
-def test_members_must_name_known_single_model_recipes():
-    from pneumoscan.core.config import ConfigError, recipe
-
-    c = recipe("seed-study")
-    for bad in ("seed-study", "seed-study,nope", "default,seed-study", "seed-study,seed-study"):
-        c.train.members = bad
-        with pytest.raises(ConfigError, match="train.members"):
-            c.validate()

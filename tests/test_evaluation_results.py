@@ -99,7 +99,7 @@ def test_cross_validation_pools_the_folds_from_memory(tmp_path, monkeypatch):
     monkeypatch.setattr(ensemble, "fit", fit)
     config = RunConfig()
     config.data.root, config.data.image_size, config.data.val_fraction = str(root), 32, 0.34
-    config.out_dir, config.name, config.train.members = str(tmp_path / "cv"), "cv", ""
+    config.out_dir, config.name = str(tmp_path / "cv"), "cv"
     out = cv.cross_validate(config, folds=2)
 
     summary = json.loads((out / "cv.json").read_text())

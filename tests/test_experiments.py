@@ -92,7 +92,7 @@ def test_grid_runs_every_seed_tracks_them_and_compares_mean_sd(tmp_path, capsys,
     ({"runs": [{"name": "a"}, {"name": "a"}]}, "unique 'name'"),
     ({"runs": [{"name": "a", "model": {"head": "64,zz"}}]}, "run a: bad head spec"),
     ({"runs": [{"name": "a", "train": {"devices": 2}}]}, "one process per run"),
-    ({"runs": [{"name": "a", "train": {"members": "seed-study,frozen-acquisition"}}]}, "run a: sets train.members"),
+    ({"runs": [{"name": "a", "train": {"members": "seed-study,frozen-acquisition"}}]}, "run a: train.members"),
     ({"extra": 1}, "top-level keys"),
     ({"seeds": "7"}, "list of integers"),
 ])

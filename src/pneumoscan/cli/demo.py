@@ -21,7 +21,8 @@ from pneumoscan.training import ensemble
 from pneumoscan.evaluation import explore
 from pneumoscan.core import calibration, files
 from pneumoscan.commands import predict
-from pneumoscan.core.config import apply_overrides, recipe
+from pneumoscan.core.config import apply_overrides
+from pneumoscan.core.recipes import recipe
 from pneumoscan.core.errors import UserError
 
 log = logging.getLogger("pneumoscan.cli.demo")
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"   {m.config.get('name') or m.architecture}: {m.architecture}, {weights}")
     print(f"   its test split (n={test.n}, far too small to judge a model): accuracy {test.accuracy:.3f}, "
           f"ROC-AUC {test.roc_auc:.3f}, threshold {test.threshold:.3f} "
-          f"({calibration.describe_rule(config.train.threshold)})")
+          f"({calibration.describe_rule(config.members[0].train.threshold)})")  # the ensemble's rule is its first member's
     print(f"   report: file://{run_dir / 'report.html'}")
     if worklist:
         print(f"3. bundled model's worklist, most suspicious first: {worklist}")

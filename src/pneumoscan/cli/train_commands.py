@@ -12,8 +12,9 @@ from pathlib import Path
 
 from pneumoscan.cli import console
 from pneumoscan.cli.common import SETTING, add_parser
-from pneumoscan.core import config
+from pneumoscan.core import config, recipes
 from pneumoscan.core.config import RunConfig
+from pneumoscan.core.recipes import AnyConfig
 from pneumoscan.core.errors import UserError
 
 
@@ -22,8 +23,10 @@ TRAIN_DESCRIPTION = (
     "deep ensemble of two frozen ImageNet backbones with the seed study's head: a MobileNetV2 trained on films "
     "degraded as other hospitals' are ('acquisition' augmentation) with mixup (recipe frozen-acquisition-mixup), "
     "and an EfficientNet-Lite0 with the study's Keras augmentation (recipe seed-study-lite0); each member trains "
-    "in RUN/members/NAME on the same split, then RUN/model.pt averages them. --recipe NAME trains one model instead (seed-study, frozen-acquisition, finetune = the former default, "
-    "lp-ft, wise-ft, ...). Writes a run folder with config, data manifest, curves, checkpoints, train.log and "
+    "in RUN/members/NAME on the same split (decoded once), then RUN/model.pt averages them. --recipe NAME trains "
+    "one model instead (seed-study, frozen-acquisition, finetune = the former default, lp-ft, wise-ft, ...). What "
+    "you set (flags, --set, a --config file) applies to the model or to every member. Writes a run folder with "
+    "config.yaml (--config RUN/config.yaml runs it again), data manifest, curves, checkpoints, train.log and "
     "model.pt.")
 
 
@@ -166,10 +169,11 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     add_setting(g, "--strategy", "train.strategy", "e.g. ddp")
     g = p.add_argument_group("run")
     g.add_argument("--recipe", help="starting point: default (an ensemble of frozen-acquisition-mixup and "
-                   "seed-study-lite0), "
-                   "one of config.RECIPES, e.g. seed-study (frozen backbone, "
-                   "Keras augmentation, 30 epochs, patience 7); --config, --set and flags override it [default]")
-    g.add_argument("--config", help="YAML with data/model/train sections (--set and flags override it)")
+                   "seed-study-lite0), or a single model from recipes.RECIPES, e.g. seed-study (frozen backbone, "
+                   "Keras augmentation, 30 epochs, patience 7); what --config, --set and flags set applies to the "
+                   "model, or to every member [default]")
+    g.add_argument("--config", help="YAML with data/model/train settings (--set and flags override them), or a run "
+                   "folder's config.yaml to run it again as it ran")
     g.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                    help="any setting, e.g. --set train.lr=3e-4 --set data.augment=seed (repeatable; after "
                    "--recipe and --config, before the flags above)")
@@ -177,18 +181,27 @@ def add_training_options(p: argparse.ArgumentParser) -> None:
     add_setting(g, "--name", "name", "run folder name", shown="timestamp-backbone")
 
 
-def config_from_args(args: argparse.Namespace) -> RunConfig:
-    """--recipe (default: the package defaults) < --config file < --set < explicit flags, each
-    step validated (RunConfig.validate) before anything is decoded or written."""
-    run_config = config.recipe(getattr(args, "recipe", None) or "default")
+def config_from_args(args: argparse.Namespace) -> AnyConfig:
+    """The starting point (--recipe, default: the default ensemble; or a run folder's complete
+    config.yaml given as --config), then what the user set: a settings file's keys < --set <
+    explicit flags, applied whatever their value to the model or to every member of an ensemble
+    (``recipes.with_settings``), and validated before anything is decoded or written."""
+    recipe = getattr(args, "recipe", None)
+    run_config = None
     if args.config:
-        try:
-            run_config = RunConfig.from_dict(config.merge(run_config.to_dict(), read_config_file(args.config)))
-        except config.ConfigError as exc:
+        raw = read_config_file(args.config)
+        try:  # a run's complete config, or settings laid over the recipe
+            run_config = recipes.load_config(raw)
+            if run_config is None:
+                run_config = recipes.with_settings(recipes.recipe(recipe or "default"), recipes.settings_from_dict(raw))
+            elif recipe:
+                raise UserError("it is a run's complete config; --recipe cannot also be its starting point")
+        except (config.ConfigError, UserError) as exc:
             raise UserError(f"{args.config}: {exc}") from None
     flags = {key.removeprefix(SETTING): value for key, value in vars(args).items()
              if key.startswith(SETTING) and value is not None}
-    run_config = config.apply_overrides(config.apply_overrides(run_config, args.overrides), flags)
+    settings = config.merge(config.parse_overrides(args.overrides), config.parse_overrides(flags))
+    run_config = recipes.with_settings(run_config or recipes.recipe(recipe or "default"), settings)
     if not run_config.data.root and not args.resume:
         raise UserError("--data is required (a folder with train/NORMAL and train/PNEUMONIA), unless --resume")
     return run_config

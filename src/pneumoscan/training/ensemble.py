@@ -1,4 +1,11 @@
-"""``pneumoscan ensemble``: several trained runs become one multi-member ``model.pt``.
+"""Deep ensembles: training one (``fit_members``) and combining finished runs (``combine``).
+
+Training an ensemble is the single-model pipeline around its members: prepare (the films are
+scanned, split and decoded once for every member) -> fit each member (``train.fit_result``, which
+saves it in RUN/members/NAME, so a resumed run keeps finished members) -> calibrate the members,
+handed over in memory, as one model (``calibrate_members``) -> save RUN/model.pt and measure the
+test split. ``pneumoscan ensemble`` (``combine``) reads finished runs from disk and then calls the
+same ``calibrate_members``.
 
 A deep ensemble (Lakshminarayanan et al. 2017) averages models that differ in what they start
 from or what they train (e.g. a frozen-backbone MobileNetV2 and a fine-tuned one); its mistakes
@@ -11,13 +18,15 @@ training films (cut-offs from validation).
 That is only honest if every member saw the same validation films as validation (a film one
 member trained on would look easy to the ensemble's calibration), so the runs must share their
 validation rows exactly, and their image size; anything else is a UserError naming the
-difference. Each run folder is what ``train.fit`` writes: ``model.pt``, ``config.yaml`` and
-``manifest.csv`` (the manifest's paths are decoded again, as the run recorded them).
+difference. Each run folder ``combine`` reads is what ``train.fit`` writes: ``model.pt``,
+``config.yaml`` and ``manifest.csv`` (the manifest's paths are decoded again, as the run recorded them).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
+import shutil
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -29,13 +38,14 @@ import yaml
 from pneumoscan.modeling import artifact, models
 from pneumoscan.io import data
 from pneumoscan.evaluation import evaluate
-from pneumoscan.training import calibrate, features, train
+from pneumoscan.training import calibrate, features, loaders, train
 from pneumoscan.safety import gate
 from pneumoscan.core import metrics
 from pneumoscan.modeling.artifact import Member, ModelMeta
 from pneumoscan.core.errors import UserError
-from pneumoscan.core.config import RunConfig, member_config, member_names
-from pneumoscan.core.files import file_sha256, write_csv, write_text
+from pneumoscan.core.config import RunConfig
+from pneumoscan.core.recipes import AnyConfig, EnsembleConfig
+from pneumoscan.core.files import file_sha256, write_csv
 from pneumoscan.inference.torch_model import predict_logits
 from pneumoscan.evaluation.results import Evaluation
 from pneumoscan.training.results import RunResult
@@ -57,6 +67,7 @@ def _read_run(run_dir: Path) -> tuple[models.Classifier, ModelMeta, dict, list[d
         config = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     except yaml.YAMLError as exc:
         raise UserError(f"{run_dir / 'config.yaml'} is not valid YAML ({type(exc).__name__})") from None
+    config = {k: v for k, v in config.items() if k != "kind"} if isinstance(config, dict) else {}
     return model, meta, config, data.read_manifest(run_dir / "manifest.csv")
 
 
@@ -115,14 +126,10 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, **options) -> P
 def combine_result(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_rule: str | None = None,
                    ood: bool | None = None, seed: int = 0, strict: bool = False, unsure_rule: str | None = None,
                    progress: Callable[[str, int, int], None] | None = None) -> RunResult:
-    """Write ``out_dir/model.pt``, the ensemble of the runs' models, with ``validation/`` (its
-    evaluation on the shared validation split, each member's ROC-AUC and Brier score beside it)
-    and ``manifest.csv`` (the images its temperature, threshold and OOD detector were fitted on).
-
-    ``threshold_rule``: the operating point's rule (default: the first run's); ``ood``: fit an
-    out-of-distribution detector (default: when any member has one); ``unsure_rule``: the UNSURE
-    band's rule (default: the first run's ``train.unsure``). Returns ``out_dir`` with the
-    validation evaluation and the ensemble's meta.
+    """``pneumoscan ensemble``: read finished runs (model.pt, config.yaml, manifest.csv), check they
+    share a validation split, decode it (and the training films, for the OOD detector), then
+    ``calibrate_members``. Options as there; ``ood`` None: when any member has a detector. Returns
+    ``out_dir`` with the validation evaluation, the ensemble's meta and model.
     """
     started = time.perf_counter()
     run_dirs = [Path(r) for r in run_dirs]
@@ -136,37 +143,61 @@ def combine_result(run_dirs: Sequence[str | Path], out_dir: str | Path, *, thres
     runs = [_read_run(r) for r in run_dirs]
     nets, metas, configs, manifests = (list(column) for column in zip(*runs))
     check_compatible(run_dirs, metas, manifests)
-    rule = threshold_rule or metas[0].threshold_rule
     with_ood = any(m.ood is not None for m in metas) if ood is None else ood
     size = metas[0].image_size
-
-    for net in nets:
-        net.ood_head = None  # the ensemble has one detector, on all members' features
-    ensemble = models.Ensemble(nets, [m.architecture for m in metas]).eval()
-
     val_rows = [s for s in manifests[0] if s.split == "val"]
     train_rows = list({s.path: s for manifest in manifests for s in manifest if s.split == "train"}.values())
     _check_files(val_rows + (train_rows if with_ood else []), run_dirs[0])
     decode = (lambda name, n: (lambda k: progress(f"decoding {name} images", k, n))) if progress else (lambda *_: None)
     val_samples, val_images, skipped = data.load_images(val_rows, size, strict=strict,
                                                         progress=decode("validation", len(val_rows)))
-    with torch.inference_mode():
-        per_member = ensemble.member_logits(features.embed(ensemble, val_images)).numpy().astype(np.float64)
     split_data = {"val": (val_samples, val_images)}
-    train_samples = []
     if with_ood:
         train_samples, train_images, train_skipped = data.load_images(
             train_rows, size, strict=strict, progress=decode("training", len(train_rows)))
         skipped += train_skipped
         split_data["train"] = (train_samples, train_images)
+    members = [RunResult(r, meta=meta, model=net) for r, net, meta in zip(run_dirs, nets, metas)]
+    return calibrate_members(members, configs, split_data, out, threshold_rule=threshold_rule,
+                             unsure_rule=unsure_rule, with_ood=with_ood, seed=seed, skipped=skipped,
+                             n_train=len(train_rows), started=started)
+
+
+def calibrate_members(members: Sequence[RunResult], configs: Sequence[dict], split_data: dict, out: Path, *,
+                      threshold_rule: str | None = None, unsure_rule: str | None = None,
+                      with_ood: bool | None = None, seed: int = 0, skipped: Sequence[tuple[str, str]] = (),
+                      n_train: int | None = None, started: float | None = None) -> RunResult:
+    """The calibrate stage of an ensemble, on trained members in memory (each with its folder, its
+    calibrated model and its meta; ``configs`` their configs): their ``models.Ensemble`` gets its own
+    temperature, threshold, UNSURE band, prior and OOD detector (``calibrate.calibrate``) on
+    ``split_data`` ({"val": (samples, images)}, and "train" for the detector). Writes
+    ``out/model.pt``, ``manifest.csv`` (the images fitted on), ``validation/`` and ``members.csv``.
+
+    ``threshold_rule``: the operating point's rule (default: the first member's); ``with_ood``: fit
+    an out-of-distribution detector (default: when any member has one); ``unsure_rule``: the UNSURE
+    band's rule (default: the first member's ``train.unsure``). Returns ``out`` with the
+    validation evaluation, the ensemble's meta and the ensemble.
+    """
+    started = time.perf_counter() if started is None else started
+    run_dirs, nets, metas = [m.run_dir for m in members], [m.model for m in members], [m.meta for m in members]
+    rule = threshold_rule or metas[0].threshold_rule
+    with_ood = any(m.ood is not None for m in metas) if with_ood is None else with_ood
+    size = metas[0].image_size
+    for net in nets:
+        net.ood_head = None  # the ensemble has one detector, on all members' features
+    ensemble = models.Ensemble(nets, [m.architecture for m in metas]).eval()
+    val_samples, val_images = split_data["val"]
+    with torch.inference_mode():
+        per_member = ensemble.member_logits(features.embed(ensemble, val_images)).numpy().astype(np.float64)
+    fit_on = {"val": split_data["val"]} | ({"train": split_data["train"]} if with_ood else {})
+    train_samples = fit_on["train"][0] if with_ood else []
     # the members' own UNSURE rule (first run's), refitted for the ensemble's probabilities; the OOD
     # detector's PCA to the widest member's width: members sharing a frozen backbone give the same
     # features twice, and the full square precision would double the model file for nothing
     unsure_rule = (configs[0].get("train") or {}).get("unsure", "none") if unsure_rule is None else unsure_rule
-    cal = calibrate.calibrate(ensemble, per_member.mean(axis=1), split_data, threshold_rule=rule,
+    cal = calibrate.calibrate(ensemble, per_member.mean(axis=1), fit_on, threshold_rule=rule,
                               unsure_rule=unsure_rule, with_ood=with_ood, seed=seed,
                               ood_k=max(net.feature_dim for net in nets))
-    temperature, threshold, band = cal.temperature, cal.threshold, cal.unsure
     log.info("ensemble of %d: fitted on %d validation images", len(nets), len(val_samples))
     digests = sorted({d for m in metas for d in m.data_digests})
     if any(not m.data_digests for m in metas):
@@ -174,23 +205,25 @@ def combine_result(run_dirs: Sequence[str | Path], out_dir: str | Path, *, thres
                     "ensemble has seen")
     meta = ModelMeta(
         architecture=artifact.ENSEMBLE, head=COMBINATION, image_size=size, normalization=artifact.PER_MEMBER,
-        threshold=float(threshold), threshold_rule=rule, temperature=temperature, class_names=metas[0].class_names,
+        threshold=float(cal.threshold), threshold_rule=rule, temperature=cal.temperature,
+        class_names=metas[0].class_names,
         config={"ensemble": {"runs": [str(r) for r in run_dirs], "threshold_rule": rule, "ood": with_ood,
                              "seed": seed},
                 "data": dict(configs[0].get("data") or {})},
         training=artifact.TrainingInfo(seconds=round(time.perf_counter() - started, 1),
-                                       n_train=len(train_rows), n_val=len(val_samples)),
+                                       n_train=len(train_samples) if n_train is None else n_train,
+                                       n_val=len(val_samples)),
         torch_version=str(torch.__version__), ood=cal.ood,
         quality=metas[0].quality or gate.default_limits(size).to_dict(), data_digests=tuple(digests),
-        members=tuple(_member(r, m, c) for r, m, c in zip(run_dirs, metas, configs)), unsure=band, prior=cal.prior)
+        members=tuple(_member(r, m, c) for r, m, c in zip(run_dirs, metas, configs)), unsure=cal.unsure,
+        prior=cal.prior)
     out.mkdir(parents=True, exist_ok=True)
     artifact.save(out / "model.pt", ensemble, meta)
     data.write_manifest([*train_samples, *val_samples] if with_ood else val_samples, out / "manifest.csv")
     if skipped:
-        data.write_skipped(skipped, out / "skipped.csv")
+        data.write_skipped(list(skipped), out / "skipped.csv")
     validation = _write_validation(out, run_dirs, metas, per_member, val_samples, cal, rule)
-    return RunResult(out, {"validation": validation}, meta=meta)
-
+    return RunResult(out, {"validation": validation}, meta=meta, model=ensemble)
 
 def _write_validation(out: Path, run_dirs: list[Path], metas: list[ModelMeta], per_member: np.ndarray,
                       val_samples: list[data.Sample], cal: calibrate.Calibration, rule: str) -> Evaluation:
@@ -213,85 +246,106 @@ def _write_validation(out: Path, run_dirs: list[Path], metas: list[ModelMeta], p
     return result
 
 
-def fit(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,
+def fit(config: AnyConfig, *, resume_dir: str | Path | None = None, progress=None,
         callbacks_for: Callable[[], list] | None = None, started: Callable[[Path], None] | None = None,
         samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
         report: bool = True) -> RunResult:
-    """What `pneumoscan train` and `cv` run: ``fit_members`` for an ensemble recipe (or when
-    resuming a run that has ``members/``), else ``train.fit_result``. ``started`` is for the
+    """What `pneumoscan train` and `cv` run: ``fit_members`` for an ``EnsembleConfig`` (or when
+    resuming an ensemble's run folder), else ``train.fit_result``. ``started`` is for the
     ensemble's own folder only: a single run hands its folder to its callbacks itself. ``samples``,
     ``images`` and ``report`` are as ``train.fit``'s (cross-validation folds). Returns the run
     folder with what it measured (``RunResult``)."""
-    if (Path(resume_dir) / "members").is_dir() if resume_dir is not None else config.train.members:
+    if resume_dir is not None:
+        config = train.read_config(Path(resume_dir))
+    if isinstance(config, EnsembleConfig):
         return fit_members(config, resume_dir=resume_dir, progress=progress, callbacks_for=callbacks_for,
                            started=started, samples=samples, images=images, report=report)
     return train.fit_result(config, resume_dir=resume_dir, callbacks=callbacks_for() if callbacks_for else None,
                             progress=progress, samples=samples, images=images, report=report)
 
 
-def fit_members(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,
+def fit_members(config: EnsembleConfig, *, resume_dir: str | Path | None = None, progress=None,
                 callbacks_for: Callable[[], list] | None = None, started: Callable[[Path], None] | None = None,
                 samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
                 report: bool = True) -> RunResult:
-    """``train.members``: train one run per member recipe on the same data and split, in
-    ``RUN/members/NAME``, then write their ensemble to ``RUN/model.pt``. Resuming skips members
-    that finished and resumes one that was interrupted, so a long ensemble run loses at most one
-    member's last epoch. ``started`` is called with the run folder once it exists. ``samples``,
-    ``images`` and ``report`` are passed to every member's ``train.fit`` (cross-validation folds),
-    and the test split is scored from ``images`` instead of being decoded again. Returns the run
-    folder with the ensemble's evaluations and each member's (``RunResult.members``)."""
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-        if not (run_dir / "config.yaml").is_file():
-            raise UserError(f"cannot resume: {run_dir / 'config.yaml'} not found")
-        config = RunConfig.from_dict(yaml.safe_load((run_dir / "config.yaml").read_text()))
-        if (run_dir / "model.pt").exists():
-            raise UserError(f"{run_dir} is finished: its ensemble model.pt exists")
-    else:
-        config.validate()
-        run_dir = train.new_run_dir(config)
-        run_dir.mkdir(parents=True)
-        write_text(run_dir / "config.yaml", yaml.safe_dump(config.to_dict(), sort_keys=False))
+    """Train an ensemble: the films scanned, split and decoded once (or ``samples`` with their
+    ``images``, a cross-validation fold), each member trained on them in ``RUN/members/NAME``, then
+    ``calibrate_members`` on the trained members in memory, writing ``RUN/model.pt``, and the test
+    split measured (and reported on, unless ``report`` is False). Resuming keeps members that
+    finished (read from their folders) and resumes one that was interrupted, so a long ensemble run
+    loses at most one member's last epoch. ``started`` is called with the run folder once it exists.
+    Returns the run folder with the ensemble's evaluations and each member's (``RunResult.members``)."""
+    config, run_dir = _open_run(config, resume_dir)
     if started:  # e.g. the CLI's train.log, in the ensemble's folder rather than a member's
         started(run_dir)
-    names = member_names(config.train.members)
-    log.info("ensemble run %s: members %s", run_dir, ", ".join(names))
-    members: dict[str, RunResult] = {}
-    for name in names:
-        folder = run_dir / "members" / name
-        callbacks = callbacks_for() if callbacks_for else None
-        if (folder / "model.pt").is_file():
-            log.info("member %s: finished earlier, kept", name)
-            members[name] = RunResult.load(folder)
-        elif (folder / "checkpoints" / "last.ckpt").is_file():
-            members[name] = train.fit_result(member_config(config, name, str(run_dir / "members")),
-                                             resume_dir=folder, progress=progress, callbacks=callbacks, report=False)
-        else:
-            if folder.exists():  # interrupted before its first checkpoint: start it again
-                import shutil
-
-                shutil.rmtree(folder)
-            members[name] = train.fit_result(member_config(config, name, str(run_dir / "members")),
-                                             progress=progress, callbacks=callbacks, samples=samples, images=images,
-                                             report=False)
-    done = [m.run_dir for m in members.values()]
-    combined = combine_result(done, run_dir, seed=config.train.seed, progress=progress)
-    evaluations = dict(combined.evaluations)
-    test_rows = [s for s in data.read_manifest(done[0] / "manifest.csv") if s.split == "test"]
-    if test_rows:  # as train.finalize: measure the test split once, and report on it
-        model, meta = artifact.load(run_dir / "model.pt")
-        if images is not None and samples is not None:
-            row_of = {s.path: i for i, s in enumerate(samples)}
-            test_images, skipped = images[np.array([row_of[s.path] for s in test_rows])], []
-        else:
-            test_rows, test_images, skipped = data.load_images(test_rows, meta.image_size)
+    log.info("ensemble run %s: members %s", run_dir, ", ".join(m.name for m in config.members))
+    if samples is None or images is None:
+        samples, images, skipped = _decode_split(config, run_dir, progress)
+    else:
+        skipped = []
+    shared = {"samples": samples, "images": images, "skipped": skipped, "progress": progress}
+    fitted = [_fit_member(m, run_dir / "members" / m.name, shared, callbacks_for() if callbacks_for else None)
+              for m in config.members]
+    if any(f.model is None for f in fitted):
+        return RunResult(run_dir)  # under DDP, rank 0 calibrates, saves and evaluates
+    split_data = loaders.by_split(samples, images)
+    combined = calibrate_members(fitted, [f.meta.config for f in fitted], split_data, run_dir,
+                                 seed=config.seed, skipped=skipped)
+    model, meta, evaluations = combined.model, combined.meta, dict(combined.evaluations)
+    if "test" in split_data:  # as train.finalize: measure the test split once, and report on it
+        test_samples, test_images = split_data["test"]
         prob = metrics.sigmoid(predict_logits(model, test_images))
-        y = np.array([s.label for s in test_rows])
-        result = evaluate.evaluate_predictions(y, prob, meta.threshold, run_dir / "test", [s.path for s in test_rows],
-                                               unsure=meta.unsure, threshold_rule=meta.threshold_rule)
+        y = np.array([s.label for s in test_samples])
+        result = evaluate.evaluate_predictions(y, prob, meta.threshold, run_dir / "test",
+                                               [s.path for s in test_samples], unsure=meta.unsure,
+                                               threshold_rule=meta.threshold_rule)
         log.info("test: %s", evaluate.summary_line(result))
         evaluations["test"] = result
         if report:
-            train.write_run_report(run_dir, meta, model, "test", test_rows, test_images, prob,
+            train.write_run_report(run_dir, meta, model, "test", test_samples, test_images, prob,
                                    n_skipped=len(skipped))
-    return RunResult(run_dir, evaluations, members, meta=combined.meta)
+    members = {m.name: f for m, f in zip(config.members, fitted)}
+    return RunResult(run_dir, evaluations, members, meta=meta, model=model)
+
+
+def _open_run(config: EnsembleConfig, resume_dir: str | Path | None) -> tuple[EnsembleConfig, Path]:
+    """The ensemble's folder with its config.yaml (every member's full config, as it runs): a new
+    one, or the interrupted one to resume with its own config."""
+    if resume_dir is None:
+        config.validate()
+        run_dir = train.new_run_dir(config)
+        run_dir.mkdir(parents=True)
+        config = config.placed(run_dir)
+        train.write_config(run_dir, config)
+        return config, run_dir
+    run_dir = Path(resume_dir)
+    config = train.read_config(run_dir)
+    if not isinstance(config, EnsembleConfig):
+        raise UserError(f"cannot resume: {run_dir} is a single model's run folder")
+    if (run_dir / "model.pt").exists():
+        raise UserError(f"{run_dir} is finished: its ensemble model.pt exists")
+    return config.placed(run_dir), run_dir
+
+
+def _decode_split(config: EnsembleConfig, run_dir: Path, progress) -> tuple[list[data.Sample], np.ndarray, list]:
+    """Every member's split, decoded once: scanned and split afresh, or (resuming) a member's manifest."""
+    first = config.members[0]
+    manifest = next((f for f in (run_dir / "members" / m.name / "manifest.csv" for m in config.members)
+                     if f.is_file()), None)
+    samples = loaders.split_samples(first, manifest)
+    return data.load_images(samples, first.data.image_size, strict=first.data.strict,
+                            progress=(lambda k: progress("decoding images", k, len(samples))) if progress else None)
+
+
+def _fit_member(config: RunConfig, folder: Path, shared: dict, callbacks: list | None) -> RunResult:
+    """One member on the shared decoded split: kept when it finished earlier, resumed from its last
+    checkpoint when interrupted, else trained from the start."""
+    if (folder / "model.pt").is_file():
+        log.info("member %s: finished earlier, kept", config.name)
+        model, meta = artifact.load(folder / "model.pt")
+        return dataclasses.replace(RunResult.load(folder), meta=meta, model=model)
+    if (folder / "checkpoints" / "last.ckpt").is_file():
+        return train.fit_result(config, resume_dir=folder, callbacks=callbacks, report=False, **shared)
+    if folder.exists():  # interrupted before its first checkpoint: start it again
+        shutil.rmtree(folder)
+    return train.fit_result(config, callbacks=callbacks, report=False, **shared)

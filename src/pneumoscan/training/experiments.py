@@ -142,9 +142,6 @@ def _validate(runs: list[Run]) -> None:
             raise UserError("no data: pass --data DIR or set base: data: root: in the grid file")
         if not Path(dc.root).is_dir():
             raise UserError(f"data folder not found: {dc.root}")
-        if tc.members:  # train.fit trains one model: the members would be silently ignored
-            raise UserError(f"{where}: sets train.members ({tc.members}); a grid run is one model: give each "
-                            "member its own run, or cross-validate the ensemble with 'pneumoscan cv'")
         if tc.devices != 1 or tc.num_nodes != 1:
             raise UserError(f"{where}: experiments train one process per run; scale out a single run with "
                             "'pneumoscan train --devices N --strategy ddp' instead")

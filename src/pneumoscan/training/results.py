@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from pneumoscan.evaluation.results import Evaluation
 from pneumoscan.modeling.artifact import ModelMeta
@@ -25,6 +25,9 @@ class RunResult:
     evaluations: Mapping[str, Evaluation] = field(default_factory=dict)  # by split: "validation", "test"
     members: Mapping[str, RunResult] = field(default_factory=dict)  # an ensemble's, by member name
     meta: ModelMeta | None = None  # the saved model's, when the run saved one here
+    # the calibrated model itself, in memory, when this process trained (or loaded) it: an
+    # ensemble's members are handed to its calibrate stage this way (not compared in ==)
+    model: Any = field(default=None, compare=False, repr=False)
 
     @property
     def test(self) -> Evaluation | None:

@@ -34,6 +34,7 @@ from pneumoscan.evaluation import evaluate, plots
 from pneumoscan.safety import gate
 from pneumoscan.core import calibration, metrics
 from pneumoscan.core.config import RunConfig
+from pneumoscan.core.recipes import AnyConfig, EnsembleConfig, file_dict, load_config
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import atomic_path, content_digests, write_csv, write_text
 from pneumoscan.inference.torch_model import predict_logits
@@ -46,11 +47,31 @@ from pneumoscan.training.results import RunResult
 log = logging.getLogger(__name__)
 
 
-def default_run_name(config: RunConfig) -> str:
-    return f"{datetime.now():%Y%m%d-%H%M%S}-{'ensemble' if config.train.members else config.model.backbone}"
+def default_run_name(config: AnyConfig) -> str:
+    kind = "ensemble" if isinstance(config, EnsembleConfig) else config.model.backbone
+    return f"{datetime.now():%Y%m%d-%H%M%S}-{kind}"
 
 
-def new_run_dir(config: RunConfig) -> Path:
+def read_config(run_dir: Path) -> AnyConfig:
+    """A run folder's config.yaml (this layout or the former one), for --resume."""
+    cfg_file = Path(run_dir) / "config.yaml"
+    if not cfg_file.is_file():
+        raise UserError(f"cannot resume: {cfg_file} not found")
+    try:
+        config = load_config(yaml.safe_load(cfg_file.read_text()) or {})
+    except yaml.YAMLError as exc:
+        raise UserError(f"{cfg_file}: not valid YAML ({type(exc).__name__})") from None
+    if config is None:
+        raise UserError(f"cannot resume: {cfg_file} is not a run's complete config")
+    return config
+
+
+def write_config(run_dir: Path, config: AnyConfig) -> None:
+    """config.yaml: the complete config, re-runnable with `pneumoscan train --config`."""
+    write_text(run_dir / "config.yaml", yaml.safe_dump(file_dict(config), sort_keys=False))
+
+
+def new_run_dir(config: AnyConfig) -> Path:
     name = config.name or default_run_name(config)
     run_dir = Path(config.out_dir) / name
     suffix = 1
@@ -84,28 +105,27 @@ def log_version(run_dir: Path) -> str:
     return "logs" if n == 1 else f"logs-{n}"
 
 
-def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: list | None = None,
-        progress: Progress | None = None, loggers: list | None = None,
-        samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
-        report: bool = True) -> Path:
+def fit(config: RunConfig, **kwargs) -> Path:
     """Train, calibrate, choose the threshold, save model.pt; returns the run folder
-    (``fit_result``, with the same arguments, also returns what the run measured).
-
-    ``loggers`` (e.g. an MLFlowLogger) receive the epoch metrics besides the run folder's CSV log.
-    ``samples`` (with their splits) replaces scanning ``config.data.root``, for cross-validation;
-    ``images`` are those samples already decoded (cross-validation decodes once for all folds);
-    ``report=False`` skips the HTML report and its Grad-CAM galleries (cross-validation folds).
-    """
-    return fit_result(config, resume_dir=resume_dir, callbacks=callbacks, progress=progress, loggers=loggers,
-                      samples=samples, images=images, report=report).run_dir
+    (``fit_result``, with the same arguments, also returns what the run measured)."""
+    return fit_result(config, **kwargs).run_dir
 
 
 def fit_result(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: list | None = None,
                progress: Progress | None = None, loggers: list | None = None,
                samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
-               report: bool = True) -> RunResult:
-    """``fit``, returning the run folder with its typed evaluations and meta (cv, experiments)."""
-    prepared = prepare(config, resume_dir=resume_dir, samples=samples, images=images, progress=progress)
+               skipped: list[tuple[str, str]] | None = None, report: bool = True) -> RunResult:
+    """Train, calibrate, choose the threshold, save model.pt; returns the run folder with its
+    typed evaluations, its meta and its calibrated model, in memory (cv, experiments, ensembles).
+
+    ``loggers`` (e.g. an MLFlowLogger) receive the epoch metrics besides the run folder's CSV log.
+    ``samples`` (with their splits) replaces scanning ``config.data.root``, for cross-validation
+    and ensemble members; ``images`` are those samples already decoded (decoded once for all folds
+    or members) and ``skipped`` the files their decoding skipped; ``report=False`` skips the HTML
+    report and its Grad-CAM galleries (cross-validation folds, ensemble members).
+    """
+    prepared = prepare(config, resume_dir=resume_dir, samples=samples, images=images, skipped=skipped,
+                       progress=progress)
     trained = train_model(prepared, callbacks=callbacks, loggers=loggers, progress=progress)
     if not trained.is_global_zero:
         return RunResult(trained.run_dir)  # under DDP, rank 0 calibrates, saves and evaluates
@@ -148,15 +168,15 @@ class Trained:
 
 
 def prepare(config: RunConfig, *, resume_dir: str | Path | None = None, samples: list[data.Sample] | None = None,
-            images: np.ndarray | None = None, progress: Progress | None = None) -> Prepared:
+            images: np.ndarray | None = None, skipped: list[tuple[str, str]] | None = None,
+            progress: Progress | None = None) -> Prepared:
     """Resolve the config (a resumed run's own), build the model, scan, split and decode."""
     last = None
     if resume_dir is not None:
         run_dir = Path(resume_dir)
-        cfg_file = run_dir / "config.yaml"
-        if not cfg_file.is_file():
-            raise UserError(f"cannot resume: {cfg_file} not found")
-        config = RunConfig.from_dict(yaml.safe_load(cfg_file.read_text()))
+        config = read_config(run_dir)
+        if not isinstance(config, RunConfig):
+            raise UserError(f"cannot resume: {run_dir} is an ensemble's run folder (pneumoscan train --resume)")
         last = run_dir / "checkpoints" / "last.ckpt"
         if not last.is_file():
             raise UserError(f"cannot resume: no checkpoint at {last}")
@@ -175,7 +195,7 @@ def prepare(config: RunConfig, *, resume_dir: str | Path | None = None, samples:
             samples, dc.image_size, strict=dc.strict,
             progress=(lambda k: progress("decoding images", k, len(samples))) if progress else None)
     else:
-        skipped = []
+        skipped = list(skipped or [])
     split_data = by_split(samples, images)
     data.class_weights([s.label for s in split_data["train"][0]], dc.class_weights)  # both classes present
     return Prepared(config=config, run_dir=run_dir if last else new_run_dir(config), last_checkpoint=last,
@@ -264,7 +284,7 @@ def write_run_folder(p: Prepared) -> None:
     p.run_dir.mkdir(parents=True)
     data.write_manifest(p.samples, p.run_dir / "manifest.csv")
     data.write_skipped(p.skipped, p.run_dir / "skipped.csv")
-    write_text(p.run_dir / "config.yaml", yaml.safe_dump(p.config.to_dict(), sort_keys=False))
+    write_config(p.run_dir, p.config)
 
 
 def finalize(p: Prepared, t: Trained, *, report: bool = True) -> RunResult:
@@ -309,7 +329,7 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> RunResult:
         shown = ("test", test_samples, test_images, test_prob)
     if report:
         write_run_report(p.run_dir, meta, model, *shown, n_skipped=len(p.skipped))
-    return RunResult(p.run_dir, evaluations, meta=meta)
+    return RunResult(p.run_dir, evaluations, meta=meta, model=model)
 
 
 def write_run_report(run_dir: Path, meta: artifact.ModelMeta, model: models.Classifier, split: str,
