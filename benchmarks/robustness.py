@@ -375,7 +375,7 @@ def with_tta(out: Path, name: str, plain: dict[str, dict]) -> dict[str, dict] | 
 
 # ------------------------------------------------------------------ the table
 
-KEYS = ("val", "id", "loco")
+KEYS = ("val", "id", "loco", "adult")  # "adult": the third round's adult-normal probe (benchmarks/round3.py)
 
 
 def evaluate_scores(z: dict, calibration: str = "as trained") -> dict:
