@@ -242,13 +242,13 @@ def screen(out: Path, weights: Path) -> dict:
 
 # ------------------------------------------------------------------ recipes
 
-def recipe_config(name: str, fold: str, out: Path, weights: Path, overrides: list[str]) -> RunConfig:
+def recipe_config(name: str, fold: str, out: Path, weights: Path, overrides: list[str], suffix: str = "") -> RunConfig:
     base = RunConfig().to_dict()
     cfg = RunConfig.from_dict(merge(base, RECIPES[name]))
     if cfg.model.backbone != "mobilenet_v2":  # --weights is MobileNetV2's file; others bring their own
         weights = cfg.model.backbone_weights
     return apply_overrides(cfg, [f"data.root={DEFAULT_DATA}", f"model.backbone_weights={weights}",
-                                 f"out_dir={out / 'runs'}", f"name={name}-{fold}", "train.ood=false",
+                                 f"out_dir={out / 'runs'}", f"name={name}{suffix}-{fold}", "train.ood=false",
                                  *overrides])
 
 
@@ -274,7 +274,9 @@ def score_model(model_path: Path, samples, images, fold: dict, view=None, engine
 
 
 def run(names: list[str], out: Path, weights: Path, overrides: list[str], variants: bool,
-        only_fold: str | None = None) -> None:
+        only_fold: str | None = None, suffix: str = "") -> None:
+    """Train ``names`` on each fold (``only_fold``: that one), score, save; ``suffix`` (e.g.
+    ``@seed1``, with ``--set seed=1``) names repeats of a recipe apart."""
 
     from pneumoscan.training import train
 
@@ -284,11 +286,11 @@ def run(names: list[str], out: Path, weights: Path, overrides: list[str], varian
         for fold_name, fold in by_fold.items():
             if only_fold and fold_name != only_fold:
                 continue
-            target = out / "scores" / f"{name}-{fold_name}.npz"
+            target = out / "scores" / f"{name}{suffix}-{fold_name}.npz"
             if target.is_file():
                 log.info("%s exists; skipping", target)
                 continue
-            cfg = recipe_config(name, fold_name, out, weights, overrides)
+            cfg = recipe_config(name, fold_name, out, weights, overrides, suffix)
             paths = {s.path: i for i, s in enumerate(samples)}
             fit_images = images[[paths[s.path] for s in fold["samples"]]]
             started = time.perf_counter()
@@ -436,7 +438,7 @@ def load_scores(out: Path) -> dict[str, dict[str, dict]]:
 
 def rule_of(recipe: str) -> str:
     """A recipe's threshold rule, which an ensemble led by it keeps (as ``pneumoscan ensemble`` does)."""
-    name = recipe.split("+")[0]
+    name = recipe.split("+")[0].split("@")[0]  # "@seed1": a repeat of the recipe (run --suffix)
     return (RECIPES.get(name, {}).get("train") or {}).get("threshold", RunConfig().train.threshold)
 
 
@@ -580,6 +582,7 @@ def main(argv=None) -> int:
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--no-variants", action="store_true", help="skip WiSE-FT variants of LP-FT runs")
     ap.add_argument("--fold", choices=SERIES, help="run: train only this fold (to order runs fold by fold)")
+    ap.add_argument("--suffix", default="", help="run: appended to the recipe's name, e.g. @seed1 with --set seed=1")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -589,7 +592,7 @@ def main(argv=None) -> int:
     elif args.stage == "screen":
         screen(args.out, args.weights)
     elif args.stage == "run":
-        run(args.recipes, args.out, args.weights, args.overrides, not args.no_variants, args.fold)
+        run(args.recipes, args.out, args.weights, args.overrides, not args.no_variants, args.fold, args.suffix)
     elif args.stage == "tta":
         tta(args.recipes, args.out)
     elif args.stage == "table":

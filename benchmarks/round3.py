@@ -40,7 +40,14 @@ from pneumoscan.core import calibration, metrics  # noqa: E402
 
 SERIES = robustness.SERIES
 MEMBERS = ("frozen-acquisition-mixup", "seed-study-lite0", "lp-ft-lite0-acquisition")
-PAIRS = (("frozen-acquisition-mixup", "seed-study-lite0"), ("frozen-acquisition-mixup", "lp-ft-lite0-acquisition"))
+_LPFT = "lp-ft-lite0-acquisition"
+# ensembles of scores (no extra training), led by the first member's threshold rule; the seeds'
+# rows exist only where benchmarks/round3_gpu.sh trained them (run --suffix @seedN)
+ENSEMBLES = {"frozen-acquisition-mixup+seed-study-lite0": ("frozen-acquisition-mixup", "seed-study-lite0"),
+             "frozen-acquisition-mixup+lp-ft-lite0-acquisition": ("frozen-acquisition-mixup", _LPFT),
+             f"{_LPFT}(3 seeds)": (_LPFT, f"{_LPFT}@seed1", f"{_LPFT}@seed2"),
+             f"frozen-acquisition-mixup+{_LPFT}(3 seeds)": ("frozen-acquisition-mixup", _LPFT, f"{_LPFT}@seed1",
+                                                            f"{_LPFT}@seed2")}
 DEFAULT = "frozen-acquisition-mixup+seed-study-lite0"  # today's RECIPES["default"]
 SEED_STUDY_ID_AUC = 0.989  # second round's mean ID ROC-AUC of seed-study (not re-run)
 MARGIN = 0.01  # "beats the default by more than 0.01 on both folds"
@@ -87,11 +94,11 @@ def fold_scores(out: Path) -> dict[str, dict[str, dict]]:
         if (adult := out / "adult" / f"{f.stem}.npy").is_file():
             z["adult"] = np.load(adult)
         scores.setdefault(recipe, {})[fold] = z
-    for a, b in PAIRS:
-        folds = [f for f in SERIES if f in scores.get(a, {}) and f in scores.get(b, {})]
+    for name, members in ENSEMBLES.items():
+        folds = [f for f in SERIES if all(f in scores.get(m, {}) for m in members)]
         if folds:
-            scores[f"{a}+{b}"] = {f: robustness.ensemble([scores[a][f], scores[b][f]], robustness.rule_of(a))
-                                  for f in folds}
+            scores[name] = {f: robustness.ensemble([scores[m][f] for m in members], robustness.rule_of(members[0]))
+                            for f in folds}
     return scores
 
 
