@@ -4,8 +4,8 @@
 
 1. ONNX Runtime fp32: the graph as traced, run as before (one session.run per batch, spinning
    threads) vs the simplified graph through today's ``OnnxEngine`` (Pads folded into the
-   convolutions, runs of 4, no spinning), at batch 1, 8 and 32 with 1 and 2 threads; INT8
-   (reduce_range, with its load-time self-check) and PyTorch eager beside them.
+   convolutions, runs of 4, no spinning), at batch 1, 8 and 32 with 1 and 2 threads; PyTorch
+   eager beside them. (INT8 was measured here too until it was withdrawn: benchmarks/int8_accuracy.md.)
 2. Grad-CAM ms/image: a new model copy and CAM object per call, every parameter trainable (how
    ``compute_cams`` worked before) vs one reused ``CamExplainer``.
 3. Cold start of ``pneumoscan predict`` on 1 and 100 images, as subprocesses: the previous code
@@ -37,12 +37,10 @@ import onnxruntime as ort
 import torch
 
 from pneumoscan.modeling import artifact
-from pneumoscan.evaluation import explain
-from pneumoscan.commands import export
+from pneumoscan.evaluation import cams
 from pneumoscan.io import imaging
 from pneumoscan.core import metrics
 from pneumoscan.inference.engines import OnnxEngine
-from pneumoscan.inference.loading import checked_onnx_engine
 from pneumoscan.inference.onnx_export import export_onnx
 from pneumoscan.inference.torch_model import as_batch, predict_logits
 
@@ -92,14 +90,13 @@ def interleaved(runs: dict[str, Run], images: np.ndarray, batch: int, n_images: 
     return {name: batch * len(batches) / s for name, s in total.items()}
 
 
-def ort_section(traced: Path, simple: Path, int8: Path, model, images, n_images: int) -> list[str]:
+def ort_section(traced: Path, simple: Path, model, images, n_images: int) -> list[str]:
     lines = []
     for threads in (1, 2):
         torch.set_num_threads(threads)
         runs = {
             "ORT fp32, traced graph, as before (baseline)": previous_engine(traced, threads),
             "ORT fp32, simplified graph, OnnxEngine now": OnnxEngine(simple, threads=threads).predict_proba,
-            "ORT INT8 reduce_range, OnnxEngine now": checked_onnx_engine(int8, threads=threads).predict_proba,
             "PyTorch eager fp32": lambda x: metrics.sigmoid(predict_logits(model, x, batch_size=len(x))),
         }
         reference = runs["PyTorch eager fp32"](images)
@@ -123,15 +120,15 @@ def cam_before(model, architecture: str) -> Run:
     def run(images):
         with torch.inference_mode(False), torch.enable_grad():
             net = copy.deepcopy(model).float().eval().requires_grad_(True)
-            with explain.METHODS["gradcam"](model=explain._WithClassAxis(net),
-                                            target_layers=[explain.cam_layer(net, architecture)]) as cam:
+            with cams.METHODS["gradcam"](model=cams._WithClassAxis(net),
+                                         target_layers=[cams.cam_layer(net, architecture)]) as cam:
                 return cam(input_tensor=as_batch(images), targets=[ClassifierOutputTarget(0)] * len(images))
     return run
 
 
 def cam_section(model, architecture: str, images: np.ndarray) -> list[str]:
     torch.set_num_threads(min(2, len(os.sched_getaffinity(0))))
-    explainer = explain.CamExplainer(model, architecture)
+    explainer = cams.CamExplainer(model, architecture)
     runs = {"before: copy + CAM object per call, all trainable, torch threads "
             f"{torch.get_num_threads()}": cam_before(model, architecture),
             "CamExplainer reused (1 torch thread, gradients from the CAM layer up)": explainer}
@@ -188,7 +185,6 @@ def main() -> int:
     parser.add_argument("--model", help="model.pt [the bundled model]")
     parser.add_argument("--data", default=str(SHARED / "data" / "chest_xray"))
     parser.add_argument("--images", type=int, default=32, help="real images scored")
-    parser.add_argument("--calibration", type=int, default=32, help="other real images for INT8 calibration")
     parser.add_argument("--n-images", type=int, default=96, help="images timed per variant and batch size")
     parser.add_argument("--baseline-src", help="the previous code's src/ folder, for the cold-start baseline")
     parser.add_argument("--reps", type=int, default=3, help="cold-start repetitions (median)")
@@ -199,9 +195,8 @@ def main() -> int:
     pt = Path(args.model) if args.model else artifact.BUNDLED_MODEL
     model, meta = artifact.load(pt)
     model.eval()
-    files = real_files(Path(args.data), args.images + args.calibration)
-    decoded = np.stack([imaging.load_image(p, meta.image_size) for p in files])
-    images, calibration = decoded[: args.images], decoded[args.images:]
+    files = real_files(Path(args.data), args.images)
+    images = np.stack([imaging.load_image(p, meta.image_size) for p in files])
     lines = [f"Model: {pt.name} ({meta.architecture}, {meta.image_size} px); {len(images)} real X-rays. "
              f"Machine: {cpu_name()}, {len(os.sched_getaffinity(0))} usable CPUs, shared with other jobs "
              f"(load average {load_before:.1f} at start); torch {torch.__version__}, onnxruntime {ort.__version__}."]
@@ -210,8 +205,7 @@ def main() -> int:
         if "ort" not in args.skip:
             traced = export_onnx(pt, work / "traced.onnx", simplify=False)
             simple = export_onnx(pt, work / "model.onnx")
-            int8 = export.quantize_onnx(simple, work / "model.int8.onnx", calibration)
-            lines += ort_section(traced, simple, int8, model, images, args.n_images)
+            lines += ort_section(traced, simple, model, images, args.n_images)
         if "cam" not in args.skip:
             lines += cam_section(model, meta.architecture, images)
         if "cold" not in args.skip:

@@ -85,6 +85,17 @@ def test_request_past_its_deadline_is_not_scored():
     assert scored == [1]
 
 
+def test_submit_after_close_is_refused_at_once():
+    """A closed batcher has no worker: a submit would wait its whole timeout, stay queued, and
+    fill the queue (then 503 for everyone). This is what an app used past its lifespan showed
+    (a TestClient outside ``with`` after a ``with`` block ended): refused now, with the reason."""
+    batcher = MicroBatcher(lambda images: [0] * len(images), BatchSettings(queue_size=1, timeout_s=30))
+    assert batcher.submit(_tagged(1, 1)).result(timeout=10) == [0]
+    batcher.close()
+    with pytest.raises(Busy, match="shutting down"):
+        batcher.submit(_tagged(2, 1))
+
+
 @pytest.mark.slow  # seconds of a real server or model; make test runs it
 def test_service_answers_503_busy_with_retry_after_then_recovers(trained_model):
     app = create_app(trained_model, api_key=None, batching=BatchSettings(max_batch=1, queue_size=1, timeout_s=20))

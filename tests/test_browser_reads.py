@@ -5,31 +5,20 @@ Shadow mode (the store setting) forces read-first. Skipped, with the apt line, w
 
 from __future__ import annotations
 
-import pytest
-from store_data import fill_worklist
-from test_browser import CHROMEDRIVER, CHROMIUM, browser, serving, wait_for  # noqa: F401 (browser: a fixture)
+from browser_worklist import NEEDS_CHROMIUM, browser, worklist_page  # noqa: F401 (fixtures)
+from test_browser import serving, wait_for
 
 from pneumoscan.serve.app import create_app
 from pneumoscan.store import Store
 
-KEY = "ward-7-key"
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")]
+pytestmark = NEEDS_CHROMIUM
 
 
-def test_read_first_hides_the_result_until_the_read_is_saved(trained_model, browser, tmp_path):  # noqa: F811
+def test_read_first_hides_the_result_until_the_read_is_saved(browser, worklist_page):  # noqa: F811
     from selenium.webdriver.common.by import By
 
-    url = f"sqlite:///{tmp_path / 'pneumoscan.db'}"
-    with Store.open(url) as store:
-        ids = fill_worklist(store)
-        store.set_setting("shadow_mode", "on", changed_by="pilot lead")
-    with serving(create_app(trained_model, api_key=KEY, db=url)) as base:
-        browser.get(base + "/?refresh=1")
-        browser.execute_script("sessionStorage.setItem('pneumoscan.apiKey', arguments[0])", KEY)
-        browser.get(base + "/?refresh=1")
+    with worklist_page(shadow=True) as page:
+        ids = page.ids
         css = lambda sel: browser.find_elements(By.CSS_SELECTOR, sel)  # noqa: E731
         wait_for(lambda: len(css("#studies-body tr.study-row")) >= 4, timeout=60, what="the stored studies")
         wait_for(lambda: css("#read-first") and css("#read-first")[0].is_selected(), timeout=20,
@@ -49,7 +38,7 @@ def test_read_first_hides_the_result_until_the_read_is_saved(trained_model, brow
                  what="the saved read in the detail")
         wait_for(lambda: css("#study-detail .study-films")[0].is_displayed(), timeout=20,
                  what="the AI result after the read")
-    with Store.open(url) as store:
+    with Store.open(page.url) as store:
         reads = store.read_history(ids["odd"])
     assert [(r.label, r.reader, r.comment) for r in reads] == [("PNEUMONIA", "Dr Read", "right lower lobe")]
 

@@ -9,30 +9,20 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-import pytest
-from store_data import PATIENTS, SHA, T0, fill_worklist, header
-from test_browser import CHROMEDRIVER, CHROMIUM, browser, serving, wait_for  # noqa: F401 (browser: a fixture)
+from browser_worklist import NEEDS_CHROMIUM, browser, worklist_page  # noqa: F401 (fixtures)
+from store_data import PATIENTS, SHA, T0, header
+from test_browser import wait_for
 
-from pneumoscan.serve.app import create_app
 from pneumoscan.store import Store
 
-KEY = "ward-7-key"
-
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(
-    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)")]
+pytestmark = NEEDS_CHROMIUM
 
 
-def test_a_stored_study_appears_in_the_page_most_suspicious_first(trained_model, browser, tmp_path):  # noqa: F811
+def test_a_stored_study_appears_in_the_page_most_suspicious_first(browser, worklist_page):  # noqa: F811
     from selenium.webdriver.common.by import By
 
-    url = f"sqlite:///{tmp_path / 'pneumoscan.db'}"
-    with Store.open(url) as store:
-        ids = fill_worklist(store)
-    with serving(create_app(trained_model, api_key=KEY, db=url)) as base:
-        browser.get(base + "/?refresh=1")
-        browser.execute_script("sessionStorage.setItem('pneumoscan.apiKey', arguments[0])", KEY)
-        browser.get(base + "/?refresh=1")
+    with worklist_page() as page:
+        ids, url = page.ids, page.url
         find = browser.find_element
 
         def shown():  # group headings and patients, top to bottom (read in one go: rows are rebuilt)

@@ -14,8 +14,6 @@ MAX_MODULE_LINES = 400
 LONG_MODULES = {  # module -> why it is longer than MAX_MODULE_LINES
     "core/config.py": "the typed config, its checks and its recipes: RunConfig.validate needs RECIPES and the "
                       "recipes are RunConfigs, so moving them out would make an import cycle (issue 20: to split)",
-    "evaluation/explain.py": "Grad-CAM maps, their figures and the error galleries share the map maths "
-                             "(issue 20: figures to split out)",
     "serve/app.py": "the routes grew on the hardening, store and node branches this round; to split by route "
                     "group once they settle",
 }

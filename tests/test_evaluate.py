@@ -78,7 +78,7 @@ def test_evaluate_predictions_adds_calibration_and_keeps_keys(tmp_path):
     assert saved["ece"] == pytest.approx(metrics.expected_calibration_error(y, p, n_bins=15))
     assert saved["ece"] != pytest.approx(metrics.expected_calibration_error(y, p, n_bins=10))  # 15 bins
     assert saved["recall_by_subtype"]["virus"]["n"] == 10 and saved["recall_by_subtype"]["bacteria"]["n"] == 20
-    assert result["brier"] == saved["brier"]
+    assert result.brier == saved["brier"] and result.to_dict() == saved
     for png in ("reliability.png", "confusion_matrix.png", "roc.png", "pr.png"):
         assert (tmp_path / png).is_file()
 

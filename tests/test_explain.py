@@ -15,7 +15,7 @@ from torch import nn
 from conftest import synthetic_xray
 from pneumoscan.modeling import artifact, backbones, models
 from pneumoscan.cli import app as cli, common
-from pneumoscan.evaluation import explain
+from pneumoscan.evaluation import cams as cam_module, explain
 from pneumoscan.core.errors import UserError
 from pneumoscan.inference.torch_model import as_batch, predict_logits
 
@@ -98,7 +98,7 @@ def test_maps_match_the_input_and_hooks_are_released(trained, monkeypatch):
         return layers[-1]
 
     monkeypatch.setitem(explain.METHODS, "gradcam", Spy)
-    monkeypatch.setattr(explain, "cam_layer", spy_layer)
+    monkeypatch.setattr(cam_module, "cam_layer", spy_layer)  # where compute_cams looks it up
     images = np.concatenate([_images(2, seed=1)[0], positive[:2]])
     cams = explain.compute_cams(model, meta, images, batch_size=3)
 
@@ -172,7 +172,7 @@ def test_flat_or_nan_maps_become_zeros(value, caplog):
     with torch.no_grad():
         model.head[-1].weight.fill_(value)  # 0: the logit ignores the features; nan: it is nan
     images, _ = _images(2)
-    with caplog.at_level(logging.INFO, logger="pneumoscan.evaluation.explain"):
+    with caplog.at_level(logging.INFO, logger="pneumoscan.evaluation.cams"):
         cams = explain.compute_cams(model, "resnet18", images)
     assert cams.shape == images.shape and not cams.any()
     assert "2 of 2 maps are flat or not finite" in caplog.text

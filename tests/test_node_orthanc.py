@@ -3,7 +3,6 @@ to ``pneumoscan node`` processes, results come back into Orthanc."""
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -13,7 +12,7 @@ import pydicom
 import pytest
 
 from dicom_films import chest_film, sample_jpegs, save, sr_items
-from orthanc_procs import SRC, NodeProcess, Orthanc, free_port, wait_for
+from servers import NodeProcess, Orthanc, cli_env, free_port, wait_for
 from pneumoscan.commands.predict import predict_files
 from pneumoscan.store import Store
 
@@ -121,9 +120,8 @@ def test_unreachable_destination_dead_letter_then_resend(work, orthanc):
         proc.close()
     later = Orthanc(work / "later", aet="LATER", dicom_port=port)
     try:
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
         out = subprocess.run([sys.executable, "-m", "pneumoscan.cli", "node", "--resend", "--spool",
-                              str(folder / "spool"), "--db", proc.db], capture_output=True, text=True, env=env,
+                              str(folder / "spool"), "--db", proc.db], capture_output=True, text=True, env=cli_env(),
                              timeout=300)
         assert out.returncode == 0, out.stderr
         assert len(later.instances_of(study, "SR")) == 1

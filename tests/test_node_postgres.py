@@ -8,7 +8,7 @@ import pytest
 from pynetdicom import AE
 
 from dicom_films import chest_film, sample_jpegs, save
-from orthanc_procs import NodeProcess, wait_for
+from servers import NodeProcess, wait_for
 from pneumoscan.store import Store
 from test_node import Pacs
 

@@ -36,3 +36,34 @@ def test_too_few_patients_is_a_clear_error():
     raw, y, clusters = site(12)
     with pytest.raises(Exception, match="collect more reads"):
         recalibrate.recalibrate(raw[:6], y[:6], clusters[:6], floor=0.95)
+
+
+def test_saved_model_records_the_temperature_its_weights_apply(tmp_path):
+    """The bundled model keeps its temperature in fp16: meta, card and the floor must use that value,
+    not the unrounded fit (which a float16 buffer cannot hold)."""
+    import torch
+
+    from pneumoscan.core import calibration
+    from pneumoscan.modeling import artifact
+    from pneumoscan.serve.card import model_card
+
+    raw, y, clusters = site()
+    unrounded = calibration.fit_temperature(raw, y)
+    assert float(torch.tensor(unrounded, dtype=torch.float16)) != unrounded  # else this test proves nothing
+    dtype = recalibrate.temperature_dtype(artifact.BUNDLED_MODEL)
+    assert dtype == torch.float16
+    r = recalibrate.recalibrate(raw, y, clusters, floor=0.95, n_resamples=50, dtype=dtype)
+    out = tmp_path / "m2.pt"
+    recalibrate.save_model(artifact.BUNDLED_MODEL, out, r, "test reads")
+    blob = artifact.read(out)
+    applied = float(blob["state_dict"]["temperature"].float())  # what the loaded model divides by
+    meta = artifact.ModelMeta.from_dict(blob["meta"])
+    assert meta.temperature == applied == r["final"]["temperature"]
+    assert model_card(meta, sha256="x", runtime="torch")["temperature"] == applied
+    # the threshold was fitted on the probabilities the model gives: the floor holds on them
+    prob = metrics.sigmoid(raw / applied)
+    assert np.mean(prob[y == 1] >= meta.threshold) >= 0.95
+    # a fit that ignored the buffer's precision is refused rather than written with a mismatch
+    with pytest.raises(ValueError, match="temperature_dtype"):
+        recalibrate.save_model(artifact.BUNDLED_MODEL, tmp_path / "m3.pt",
+                               recalibrate.recalibrate(raw, y, clusters, floor=0.95, n_resamples=50), "test reads")

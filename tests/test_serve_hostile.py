@@ -9,7 +9,6 @@ from __future__ import annotations
 import http.client
 import io
 import json
-import os
 import resource
 import signal
 import socket
@@ -24,18 +23,12 @@ import pytest
 from PIL import Image
 
 from conftest import synthetic_xray
+from servers import cli_env, free_port
 
 pytestmark = pytest.mark.slow
 
 KEY = "hostile-test-key"
 MiB = 2**20
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def png_bytes(seed: int = 0) -> bytes:
@@ -52,8 +45,7 @@ class Server:
         self.tmp = folder / "spool"
         self.tmp.mkdir(parents=True, exist_ok=True)
         self.log_path = folder / "serve.log"
-        env = os.environ | {"PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", ""),
-                            "PNEUMOSCAN_API_KEY": KEY, "TMPDIR": str(self.tmp)}
+        env = cli_env(PNEUMOSCAN_API_KEY=KEY, TMPDIR=str(self.tmp))
         self._log = open(self.log_path, "w")
         self.proc = subprocess.Popen([sys.executable, "-m", "pneumoscan.cli", "serve", "--model", str(model),
                                       "--port", str(self.port), "--engine", "torch", *extra],
@@ -181,34 +173,34 @@ def test_content_length_over_the_limit_refused_from_the_header(server):
     sock.close()
 
 
-def test_chunked_body_is_cut_at_the_limit(server):
+def offer_chunks(server, head: bytes, n: int = 200) -> tuple[int, bytes]:
+    """Send ``head``, then up to ``n`` chunks of 1 MiB until the server stops reading; (chunks
+    sent, the server's whole answer)."""
     sock = server.connect()
-    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
-    sock.sendall(upload_head(None, key=KEY, path="/v1/predict") + b"%x\r\n%s\r\n" % (len(part), part))
+    sock.sendall(head)
     sent = 0
     try:
-        for _ in range(200):  # 200 MiB offered; the limit is about 1 MiB
+        for _ in range(n):
             sock.sendall(b"100000\r\n" + b"\0" * 0x100000 + b"\r\n")
             sent += 1
     except (BrokenPipeError, ConnectionResetError):
         pass
     answer = read_answer(sock)
     sock.close()
+    return sent, answer
+
+
+def test_chunked_body_is_cut_at_the_limit(server):
+    part = b'--b\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n\r\n'
+    # 200 MiB offered; the limit is about 1 MiB
+    sent, answer = offer_chunks(server, upload_head(None, key=KEY, path="/v1/predict")
+                                + b"%x\r\n%s\r\n" % (len(part), part))
     assert sent < 200 and answer.startswith(b"HTTP/1.1 413"), (sent, answer[:200])
 
 
 def test_an_early_answer_does_not_read_the_rest_of_the_body(server):
-    sock = server.connect()
-    sock.sendall(upload_head(None, key=KEY, path="/v1/predict"))  # not multipart at all: 400 at once
-    sent = 0
-    try:
-        for _ in range(200):
-            sock.sendall(b"100000\r\n" + b"\0" * 0x100000 + b"\r\n")
-            sent += 1
-    except (BrokenPipeError, ConnectionResetError):
-        pass
-    answer = read_answer(sock)
-    sock.close()
+    # not multipart at all: 400 at once
+    sent, answer = offer_chunks(server, upload_head(None, key=KEY, path="/v1/predict"))
     assert sent < 200 and answer.startswith(b"HTTP/1.1 4"), (sent, answer[:200])
 
 

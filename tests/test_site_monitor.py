@@ -53,6 +53,26 @@ def test_site_report_counts_and_cluster_intervals(tmp_path):
     assert "data:image/png;base64" in page and "accuracy" in page
 
 
+def test_site_report_page_escapes_what_the_data_carries(tmp_path):
+    """report.html is rendered by evaluation.report (its autoescape, its atomic write): markup in a
+    device name, the source or a caption is shown as text, never run."""
+    fs = [SiteFilm(film=f"f{k}", cluster=f"p{k}", probability=0.9 if k % 2 else 0.1, threshold=0.5,
+                   label="PNEUMONIA" if k % 2 else "NORMAL", read="PNEUMONIA" if k % 3 else "NORMAL",
+                   device="<script>alert(1)</script>") for k in range(8)]
+    rep = site_report.site_report(fs, n_resamples=20, min_group=1)
+    cam = tmp_path / "cam.png"
+    from PIL import Image
+    Image.fromarray(np.full((8, 8), 99, np.uint8)).save(cam)
+    site_report.write(rep, fs, tmp_path / "a", "db <b>", gallery=[('film f3: AI <b>"x"</b>', str(cam))])
+    page = (tmp_path / "a" / "report.html").read_text()
+    assert "<script>" not in page and "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert "db &lt;b&gt;" in page and "<figcaption>film f3: AI &lt;b&gt;&#34;x&#34;&lt;/b&gt;</figcaption>" in page
+    assert f"<h2>Disagreements ({len(rep['disagreements'])})</h2>" in page and page.count('alt="Grad-CAM"') == 1
+    site_report.write(rep, fs, tmp_path / "b", "db")
+    assert "<p>No Grad-CAM gallery" in (tmp_path / "b" / "report.html").read_text()
+    assert sorted(q.name for q in (tmp_path / "b").iterdir() if q.name.startswith(".")) == []  # no temp left
+
+
 def _meta():
     return artifact.read_meta(artifact.BUNDLED_MODEL)
 

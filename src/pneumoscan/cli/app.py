@@ -57,9 +57,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     console.configure_logging(args.verbose, timestamps=getattr(args, "log_timestamps", False))
+    from pneumoscan.core.logpolicy import capture_decoder_warnings
+
     try:
         apply_outside_population(args)
-        return args.func(args)
+        with capture_decoder_warnings(every=False):  # decoder warnings quote attribute values: codes only
+            return args.func(args)
     except UserError as exc:
         print(f"pneumoscan: error: {exc}", file=sys.stderr)
         return exc.exit_code

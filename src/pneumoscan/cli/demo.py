@@ -11,7 +11,6 @@ The sample is far too small to judge a model: the numbers printed show the outpu
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
@@ -66,10 +65,10 @@ def main(argv: list[str] | None = None) -> int:
         bars = console.StageBars()
         try:
             # the default recipe is an ensemble: each member, then their combination
-            run_dir = ensemble.fit(config, progress=bars, callbacks_for=console.training_callbacks)
+            run = ensemble.fit(config, progress=bars, callbacks_for=console.training_callbacks)
         finally:
             bars.close()
-        test = json.loads((run_dir / "test" / "metrics.json").read_text())
+        run_dir, test = run.run_dir, run.test.metrics
 
         worklist = None
         if artifact.BUNDLED_MODEL.is_file():
@@ -89,8 +88,8 @@ def main(argv: list[str] | None = None) -> int:
         weights = {"none": "random initialisation", "imagenet": "ImageNet weights (the backbone's own)"}.get(
             source, f"ImageNet weights: {Path(source).name}")
         print(f"   {m.config.get('name') or m.architecture}: {m.architecture}, {weights}")
-    print(f"   its test split (n={test['n']}, far too small to judge a model): accuracy {test['accuracy']:.3f}, "
-          f"ROC-AUC {test['roc_auc']:.3f}, threshold {test['threshold']:.3f} "
+    print(f"   its test split (n={test.n}, far too small to judge a model): accuracy {test.accuracy:.3f}, "
+          f"ROC-AUC {test.roc_auc:.3f}, threshold {test.threshold:.3f} "
           f"({calibration.describe_rule(config.train.threshold)})")
     print(f"   report: file://{run_dir / 'report.html'}")
     if worklist:

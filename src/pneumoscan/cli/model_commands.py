@@ -82,11 +82,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             run_log.attach(Path(args.out) / "evaluate.log")
         run_log.close()
     print(f"metrics: {Path(args.out) / 'metrics.json'}")
-    if "n_in_training_data" in result and result["n_in_training_data"] != 0:
-        print(f"pneumoscan: warning: {evaluate.overlap_sentence(result['n_in_training_data'], result['n'])}",
+    if "n_in_training_data" in result.extra and result.extra["n_in_training_data"] != 0:
+        print(f"pneumoscan: warning: {evaluate.overlap_sentence(result.extra['n_in_training_data'], result.n)}",
               file=sys.stderr)
     if args.errors > 0:  # the same words as the report
-        (_, fp), (fn, _) = result["confusion_matrix"]
+        fp, fn = result.metrics.confusion.fp, result.metrics.confusion.fn
         errors_dir = Path(args.out) / "errors"
         print("errors:  no errors at this threshold" if not fp + fn else
               f"errors:  {errors_dir}" if errors_dir.is_dir() and any(errors_dir.glob("*.png")) else
@@ -257,42 +257,28 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def add_export(sub) -> None:
-    p = add_parser(sub, "export", "export a model to ONNX (optionally INT8), checked against PyTorch",
+    p = add_parser(sub, "export", "export a model to ONNX, checked against PyTorch",
                    "Writes an ONNX model whose metadata carries the model's meta (input size,\n"
                    "threshold, class names...), checked against PyTorch. Input 'image': float32 (N,1,H,W)\n"
                    "in [0,1]; output 'logit': (N,); P(PNEUMONIA) = sigmoid(logit).\n"
-                   "With --int8 also writes OUT.int8.onnx, calibrated on half of DIR's patients and kept\n"
-                   "only if its ROC-AUC on the other half is within 0.005 of fp32's.")
+                   "INT8 (--int8) was withdrawn: see benchmarks/int8_accuracy.md.")
     p.add_argument("--model", help="model.pt [the bundled model]")
     p.add_argument("--out", required=True, help="ONNX file to write")
     p.add_argument("--opset", type=int, default=17, help="ONNX opset")
-    p.add_argument("--int8", action="store_true", help="also write a static INT8 model")
-    p.add_argument("--calibration", metavar="DIR", help="labelled images (NORMAL/, PNEUMONIA/ or a split layout) "
-                   "for INT8 calibration and its ROC-AUC check")
+    # withdrawn (issue 20): still parsed, so that using them says why instead of "unrecognized"
+    p.add_argument("--int8", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--calibration", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args: argparse.Namespace) -> int:
+    if args.int8 or args.calibration:
+        from pneumoscan.inference.onnx_format import INT8_WITHDRAWN
+
+        raise UserError(INT8_WITHDRAWN)
     from pneumoscan.modeling import artifact
     from pneumoscan.commands import export
 
-    if args.calibration and not args.int8:
-        raise UserError("--calibration is only used with --int8")
-    if args.int8 and not args.calibration:
-        raise UserError("--int8 needs --calibration DIR (labelled NORMAL/PNEUMONIA images) to fit and check it")
     out = export.export_onnx(artifact.resolve(args.model), args.out, opset=args.opset)
     print(f"onnx: {out}")
-    if not args.int8:
-        return 0
-    int8_out = out.with_name(out.stem + ".int8" + out.suffix)
-    report = export.quantize_checked(out, int8_out, args.calibration)
-    summary = (f"ROC-AUC int8 {report['int8_roc_auc']:.4f} vs fp32 {report['fp32_roc_auc']:.4f} on "
-               f"{report['n']} held-out images (Δ {report['delta']:+.4f}, tolerance {report['tolerance']}); "
-               f"{report['labels_changed']} labels and {report['ood_flags_changed']} OOD flags changed, "
-               f"mean |Δprob| {report['mean_abs_prob_delta']:.3f}")
-    if not report["written"]:
-        print(f"pneumoscan: int8 model not written ({'; '.join(report['disagreement'])}): {summary}",
-              file=sys.stderr)
-        return 1
-    print(f"int8: {int8_out} ({summary})")
     return 0

@@ -45,7 +45,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     try:
         run_dir = ensemble.fit(config, resume_dir=args.resume, progress=bars,
                                callbacks_for=lambda: console.training_callbacks(run_log),
-                               started=lambda folder: run_log.attach(folder / "train.log"))
+                               started=lambda folder: run_log.attach(folder / "train.log")).run_dir
     except KeyboardInterrupt:
         print("\ninterrupted; continue with: pneumoscan train --resume RUN_FOLDER", file=sys.stderr)
         return 130

@@ -132,7 +132,8 @@ def adapt_from_reads(db: str, out: str | Path, model=None, *, floor: float = rec
         y = np.array([f.read == site.PNEUMONIA for f in films], int)
         confidence = (meta.unsure or {}).get("confidence")
         result = recal.recalibrate(raw_logits(meta, [f.probability for f in films]), y, [f.cluster for f in films],
-                                   floor=floor, confidence=confidence, n_resamples=n_resamples)
+                                   floor=floor, confidence=confidence, n_resamples=n_resamples,
+                                   dtype=recal.temperature_dtype(path))
         new_sha = recal.save_model(path, out, result, f"site reads ({len(films)} films)")
         version = store.register_model(new_sha, "pneumoscan", f"recalibrated-{new_sha[:8]}", parent_sha256=sha,
                                        note=f"recalibrated on {len(films)} read films, sensitivity floor {floor:g}")

@@ -1,8 +1,8 @@
 """What may be logged about untrusted files: codes and counts, never their contents.
 
 pydicom's and Pillow's warnings quote what they read (a malformed IS value holding a patient's
-name, an odd tag's value); their errors may carry tracebacks with the same text. The service and
-the DICOM node log none of it: ``capture_decoder_warnings`` routes the ``warnings`` of decoding
+name, an odd tag's value); their errors may carry tracebacks with the same text. The service, the
+DICOM node and every command of the CLI log none of it: ``capture_decoder_warnings`` routes the ``warnings`` of decoding
 libraries and the log records of their loggers to one line each, "decoder warning <code>
 (<n> so far)", where the code is the library module, line and warning class (no message text,
 no arguments, no traceback), logged the first time and at each power of two after, so a client
@@ -42,15 +42,13 @@ def counts() -> dict[str, int]:
         return dict(_counts)
 
 
-class ContentFree(logging.Filter):
-    """On the root's handlers: a decoder library's record (its logger or a child) is counted by
-    code and not written."""
+class ContentFree(logging.Handler):
+    """On each decoder library's logger (propagation off while capturing): its records, and its
+    child loggers' records, are counted by code and written nowhere. On the loggers rather than on
+    the root's handlers, so a handler added later (a command's run log, a queue) never sees them."""
 
-    def filter(self, record_: logging.LogRecord) -> bool:
-        if not any(record_.name == n or record_.name.startswith(n + ".") for n in DECODER_LOGGERS):
-            return True
+    def emit(self, record_: logging.LogRecord) -> None:
         record(f"{record_.name}:{record_.lineno}:{record_.levelname.lower()}")
-        return False
 
 
 def _showwarning(message, category, filename, lineno, file=None, line=None) -> None:
@@ -65,22 +63,38 @@ def _showwarning(message, category, filename, lineno, file=None, line=None) -> N
     record(f"{module}:{lineno}:{category.__name__}")
 
 
+_depth = 0  # nested captures (the CLI's around a serve's or a node's) are one capture
+
+
 @contextlib.contextmanager
-def capture_decoder_warnings() -> Iterator[None]:
-    """While serving: every ``warnings.warn`` and every decoder-library log record becomes a code
-    and a count. Process-wide (warnings and loggers are), so only servers turn it on."""
-    previous = warnings.showwarning
-    filters = warnings.filters[:]
+def capture_decoder_warnings(every: bool = True) -> Iterator[None]:
+    """While serving, or while a command runs: every warning shown and every decoder-library log
+    record becomes a code and a count. Process-wide (warnings and loggers are). ``every``: count each
+    occurrence (a server: how often a client sends a bad file); else the warning filters stay as
+    configured (a command's ignored library warnings stay silent; others are counted once per
+    place, as Python shows them). Re-entrant: an inner capture adds only its ``every``."""
+    global _depth
+    with _lock:
+        _depth += 1
+        outer = _depth == 1
+    previous, filters = warnings.showwarning, warnings.filters[:]
     ours = ContentFree()
-    handlers = list(logging.getLogger().handlers)
-    warnings.simplefilter("always")  # every occurrence counted (and none printed)
-    warnings.showwarning = _showwarning
-    for h in handlers:
-        h.addFilter(ours)
+    loggers = [(logging.getLogger(name), logging.getLogger(name).propagate) for name in DECODER_LOGGERS]
+    if every:  # also inside a command's capture: a server started by the CLI counts every occurrence
+        warnings.simplefilter("always")
+    if outer:
+        warnings.showwarning = _showwarning
+        for logger, _ in loggers:
+            logger.addHandler(ours)
+            logger.propagate = False
     try:
         yield
     finally:
-        warnings.showwarning = previous
         warnings.filters[:] = filters
-        for h in handlers:
-            h.removeFilter(ours)
+        if outer:
+            warnings.showwarning = previous
+            for logger, propagate in loggers:
+                logger.removeHandler(ours)
+                logger.propagate = propagate
+        with _lock:
+            _depth -= 1

@@ -9,13 +9,14 @@ intervals' overlap is visibly not a difference.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
-from typing import Iterable
+from typing import Iterable, Mapping
 
+from pneumoscan.evaluation.results import Evaluation
 from pneumoscan.modeling import artifact
+from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import write_csv, write_text
 
@@ -50,13 +51,6 @@ def find_runs(paths: Iterable[str | Path]) -> list[Path]:
     return list(dict.fromkeys(runs))
 
 
-def _metrics(run: Path, split: str) -> dict:
-    path = run / split / "metrics.json"
-    if not path.is_file():
-        return {}
-    return json.loads(path.read_text())
-
-
 def _recipe_columns(architecture: str, head: str, config: dict, backbone_weights: dict) -> dict:
     model_cfg, data_cfg = config.get("model", {}), config.get("data", {})
     weights = str(model_cfg.get("backbone_weights", backbone_weights.get("source", "")))
@@ -65,10 +59,13 @@ def _recipe_columns(architecture: str, head: str, config: dict, backbone_weights
             "weights": Path(weights).name if weights not in ("imagenet", "none") else weights}
 
 
-def run_row(run: Path) -> dict:
+def run_row(run: Path, *, meta: ModelMeta | None = None, evaluations: Mapping[str, Evaluation] | None = None) -> dict:
     """One run as a flat dict: config columns, then ``<split>_<metric>`` with ``_lo`` / ``_hi``.
-    An ensemble's config columns list its members' values joined by "+", in member order."""
-    meta = artifact.read_meta(run / "model.pt")
+    An ensemble's config columns list its members' values joined by "+", in member order.
+
+    A caller that holds the run's ``meta`` and ``evaluations`` (by split) in memory, as an
+    experiment grid does right after training, passes them; else they are read from the folder."""
+    meta = meta or artifact.read_meta(run / "model.pt")
     if meta.is_ensemble:
         per_member = [_recipe_columns(m.architecture, m.head, m.config, m.backbone_weights) for m in meta.members]
         recipe = {key: "+".join(str(columns[key]) for columns in per_member) for key in per_member[0]}
@@ -77,7 +74,10 @@ def run_row(run: Path) -> dict:
     row: dict = {"run": run.name, "path": str(run), **recipe, "epochs_run": meta.training.epochs_run,
                  "seconds_per_epoch": meta.training.seconds_per_epoch}
     for split in SPLITS:
-        result = _metrics(run, split)
+        if evaluations is None:
+            result = Evaluation.read_metrics(run / split)
+        else:
+            result = evaluations[split].to_dict() if split in evaluations else {}
         ci = result.get("ci95", {})
         for key in METRICS:
             row[f"{split}_{key}"] = result.get(key)

@@ -23,6 +23,7 @@ from pneumoscan.core import calibration, conformal, metrics
 from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import content_digest, write_csv, write_json
+from pneumoscan.evaluation.results import Evaluation, Flagged, Metrics, Predictions, Selective, SubtypeRecall
 from pneumoscan.safety import decision
 from pneumoscan.inference.loading import load_engine
 
@@ -37,48 +38,45 @@ _SUBTYPE = re.compile(r"(?:^|[_\-.\s])(" + "|".join(SUBTYPES) + r")(?=[_\-.\s]|$
 def evaluate_predictions(y_true: np.ndarray, prob: np.ndarray, threshold: float, out_dir: str | Path,
                          paths: Sequence[str], *, n_bootstrap: int = 2000, seed: int = 0,
                          flags: Sequence[Sequence[str]] | None = None, extra: dict | None = None,
-                         unsure: dict | None = None) -> dict:
-    """Write metrics.json, predictions.csv and the plots for one set of predictions.
+                         unsure: dict | None = None, threshold_rule: str | None = None) -> Evaluation:
+    """Measure one set of predictions; write metrics.json, predictions.csv and the plots; return
+    the typed ``Evaluation`` (callers use it in memory rather than reading the files back).
 
     The metrics cover every image, as the model scored it. With ``flags`` (per image, from
     ``inference.decision``) they also say how many images were flagged and what the metrics are on
     the images the model did assess, i.e. without the NOT_ASSESSED ones. With ``unsure`` (the
     model's band, ``ModelMeta.unsure``) metrics.json gets a ``selective`` block: coverage and the
     metrics on the decided films (``metrics.selective_metrics``). ``extra`` (e.g.
-    ``training_overlap``'s keys) is stored in metrics.json too.
+    ``training_overlap``'s keys) is stored in metrics.json too; ``threshold_rule`` says how the
+    threshold was chosen, where the caller knows it.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    result = metrics.binary_metrics(y_true, prob, threshold) | dict(extra or {})
-    intervals = metrics.confidence_intervals(y_true, prob, threshold, n_resamples=n_bootstrap, seed=seed)
-    result["ci95"] = intervals["ci"]
-    result["ci_method"] = intervals["method"]  # wilson for rates, bootstrap for the rest
-    result["ci_notes"] = intervals["note"]  # why an interval is nan: undefined or not estimable
-    result["brier"] = metrics.brier(y_true, prob)
-    result["ece"] = metrics.expected_calibration_error(y_true, prob, n_bins=ECE_BINS)
-    result["recall_by_subtype"] = recall_by_subtype(paths, y_true, prob, threshold)
     flags = [tuple(f) for f in flags] if flags is not None else [()] * len(prob)
+    flagged = selective = band = None
     if any(flags):
-        result["flagged"] = flag_summary(y_true, prob, threshold, flags, n_bootstrap=n_bootstrap, seed=seed)
-    band = None
+        flagged = Flagged.from_dict(flag_summary(y_true, prob, threshold, flags, n_bootstrap=n_bootstrap, seed=seed))
     if unsure:
         band = conformal.band_with_threshold(float(unsure["low"]), float(unsure["high"]), threshold)
-        labels = [decision.label_for(q, threshold, f, band, CLASS_NAMES) for q, f in zip(prob, flags)]
+    labels = [decision.label_for(q, threshold, f, band, CLASS_NAMES) for q, f in zip(prob, flags)]
+    if unsure:
         decided = [label not in (decision.NOT_ASSESSED, decision.UNSURE) for label in labels]
-        result["selective"] = selective_block(y_true, prob, threshold, decided, unsure, band)
-    write_json(out / "metrics.json", result)
-    pred = (prob >= threshold).astype(int)
-    write_csv(out / "predictions.csv", ["path", "label", "probability", "prediction", "decision", "flags"],
-              [(p, int(t), f"{q:.6f}", int(k), decision.label_for(q, threshold, f, band, CLASS_NAMES), ";".join(f))
-               for p, t, q, k, f in zip(paths, y_true, prob, pred, flags)])
-    plots.confusion_matrix_plot(result["confusion_matrix"], out / "confusion_matrix.png")
+        selective = Selective.from_dict(selective_block(y_true, prob, threshold, decided, unsure, band))
+    result = Evaluation(
+        metrics=Metrics.measure(y_true, prob, threshold, n_bootstrap=n_bootstrap, seed=seed),
+        brier=metrics.brier(y_true, prob), ece=metrics.expected_calibration_error(y_true, prob, n_bins=ECE_BINS),
+        recall_by_subtype={k: SubtypeRecall(v["recall"], v["n"], tuple(v["ci95"]))
+                           for k, v in recall_by_subtype(paths, y_true, prob, threshold).items()},
+        predictions=Predictions.of(paths, y_true, prob, threshold, labels, flags),
+        flagged=flagged, selective=selective, threshold_rule=threshold_rule, extra=dict(extra or {}))
+    result.save(out)
+    plots.confusion_matrix_plot(result.metrics.confusion.matrix(), out / "confusion_matrix.png")
     if len(set(y_true.tolist())) == 2:
         plots.roc_plot(y_true, prob, out / "roc.png", threshold=threshold)
         plots.pr_plot(y_true, prob, out / "pr.png", threshold=threshold)
     plots.probability_histogram(y_true, prob, out / "probability_histogram.png", threshold=threshold)
     plots.reliability_diagram(y_true, prob, out / "reliability.png", n_bins=ECE_BINS)
     return result
-
 
 
 def selective_block(y_true, prob, threshold: float, decided, unsure: dict, band: tuple[float, float]) -> dict:
@@ -236,7 +234,7 @@ def select_split(samples: list[data.Sample], split: str | None) -> list[data.Sam
 def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Path, *, threshold: float | None = None,
         split: str | None = None, strict: bool = False, n_bootstrap: int = 2000, engine: str = "auto",
         decode_progress: Callable[[int], None] | None = None, errors: int = 16, method: str = "gradcam",
-        report: bool = False) -> dict:
+        report: bool = False) -> Evaluation:
     """Evaluate a model file (``None``: the bundled model) on labelled images, scored by the same
     ``engine`` that ``predict`` and ``serve`` use; the ``errors`` most confident mistakes of each
     kind are explained with ``method`` (0 = none), and ``report`` adds OUT/report.html."""
@@ -256,8 +254,10 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
     y = np.array([s.label for s in kept])
     thr = meta.threshold if threshold is None else float(threshold)
     overlap = training_overlap(meta, [s.path for s in kept])
+    rule = "--threshold" if threshold is not None else meta.threshold_rule
     result = evaluate_predictions(y, prob, thr, out, [s.path for s in kept], n_bootstrap=n_bootstrap,
-                                  flags=[v.flags for v in verdicts], extra=overlap, unsure=meta.unsure)
+                                  flags=[v.flags for v in verdicts], extra=overlap, unsure=meta.unsure,
+                                  threshold_rule=rule)
     if errors > 0:
         write_errors(_cam_model(scorer), meta, images, y, prob, thr, [s.path for s in kept], out, k=errors,
                      method=method)
@@ -276,13 +276,13 @@ def run(model_path: str | Path | None, data_root: str | Path, out_dir: str | Pat
     }
     write_json(out / "evaluation.json", evaluation)
     log.info("evaluated %d images from %s with %s: %s", len(kept), data_root, scorer.name, summary_line(result))
-    if "selective" in result:
-        log.info("%s", selective_line(result["selective"]))
-    if "flagged" in result:
-        f = result["flagged"]
+    if result.selective is not None:
+        log.info("%s", selective_line(result.selective))
+    if result.flagged is not None:
+        f = result.flagged
         log.warning("%d of %d images NOT_ASSESSED (%s); metrics without them are in metrics.json (flagged)",
-                    f["n_not_assessed"], len(kept), ", ".join(f"{code} {sum(n.values())}" for code, n in f["by_flag"].items()
-                                                               if sum(n.values())))
+                    f.n_not_assessed, len(kept), ", ".join(f"{code} {sum(n.values())}" for code, n in f.by_flag.items()
+                                                           if sum(n.values())))
     if report:
         from pneumoscan.evaluation import report as html_report
 
@@ -301,22 +301,23 @@ def _cam_model(scorer):
     return None
 
 
-def selective_line(sel: dict) -> str:
+def selective_line(sel: Selective) -> str:
     """One line on the decided films, as the log and the report word it."""
-    lo, hi = sel["accuracy_ci95"]
-    return (f"decided {sel['n_decided']} of {sel['n']} films (coverage {sel['coverage']:.3f}; UNSURE band "
-            f"[{sel['band'][0]:.3f}, {sel['band'][1]:.3f})): accuracy on them {sel['accuracy']:.3f} [{lo:.3f}, {hi:.3f}] "
-            f"at threshold {sel['threshold']:.3f}")
+    lo, hi = sel.accuracy_ci95
+    return (f"decided {sel.n_decided} of {sel.n} films (coverage {sel.coverage:.3f}; UNSURE band "
+            f"[{sel.band[0]:.3f}, {sel.band[1]:.3f})): accuracy on them {sel.accuracy:.3f} [{lo:.3f}, {hi:.3f}] "
+            f"at threshold {sel.threshold:.3f}")
 
 
-def summary_line(result: dict) -> str:
-    ci = result.get("ci95", {})
+def summary_line(result: Evaluation) -> str:
+    m = result.metrics
 
     def fmt(key: str) -> str:
-        lo, hi = ci.get(key, (float("nan"), float("nan")))
-        if lo != lo and key in result.get("ci_notes", {}):  # nan: say so rather than "[nan, nan]"
-            return f"{key} {result[key]:.3f} [CI not estimable]"
-        return f"{key} {result[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+        value = getattr(m, key)
+        lo, hi = m.ci95.get(key, (float("nan"), float("nan")))
+        if lo != lo and key in m.ci_notes:  # nan: say so rather than "[nan, nan]"
+            return f"{key} {value:.3f} [CI not estimable]"
+        return f"{key} {value:.3f} [{lo:.3f}, {hi:.3f}]"
 
     keys = ("accuracy", "roc_auc", "recall", "specificity")
-    return f"n={result['n']}, threshold {result['threshold']:.3f}: " + ", ".join(fmt(k) for k in keys)
+    return f"n={m.n}, threshold {m.threshold:.3f}: " + ", ".join(fmt(k) for k in keys)

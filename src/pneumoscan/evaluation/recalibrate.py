@@ -41,9 +41,28 @@ def below_the_cut(prob: np.ndarray, threshold: float) -> float:
     return float((threshold + lower.max()) / 2) if lower.size else threshold
 
 
-def fit(raw: np.ndarray, y: np.ndarray, floor: float, confidence: float | None) -> dict:
-    """Temperature, threshold at the sensitivity floor and UNSURE band on raw (pre-temperature) logits."""
-    temperature = calibration.fit_temperature(raw, y)
+def as_stored(temperature: float, dtype=None) -> float:
+    """``temperature`` as a model whose temperature buffer has torch ``dtype`` divides by it (the
+    bundled model keeps it in fp16: 0.90185546875, not the fitted 0.9018...). The threshold, band,
+    meta and card must all use this value, else the model's scores sit a rounding away from them."""
+    if dtype is None:
+        return float(temperature)
+    import torch
+
+    return float(torch.tensor(float(temperature), dtype=dtype))
+
+
+def temperature_dtype(model_path):
+    """The torch dtype the model file at ``model_path`` keeps its temperature in."""
+    from pneumoscan.modeling import artifact
+
+    return artifact.read(model_path)["state_dict"]["temperature"].dtype
+
+
+def fit(raw: np.ndarray, y: np.ndarray, floor: float, confidence: float | None, dtype=None) -> dict:
+    """Temperature (as a ``dtype`` buffer holds it), threshold at the sensitivity floor and UNSURE
+    band on raw (pre-temperature) logits."""
+    temperature = as_stored(calibration.fit_temperature(raw, y), dtype)
     prob = metrics.sigmoid(raw / temperature)
     threshold = below_the_cut(prob, calibration.choose_threshold(y, prob, f"sensitivity:{floor:g}"))
     band = conformal.conformal_band(y, prob, confidence, threshold) if confidence else None
@@ -62,12 +81,13 @@ def _folds(y: np.ndarray, clusters: np.ndarray, k: int, seed: int):
     return StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(y.size), y, clusters)
 
 
-def cross_fitted(raw, y, clusters, *, floor: float, confidence: float | None, k: int = 5, seed: int = 0) -> dict:
+def cross_fitted(raw, y, clusters, *, floor: float, confidence: float | None, k: int = 5, seed: int = 0,
+                 dtype=None) -> dict:
     """Out-of-fold probabilities, decisions (floor and Youden) and UNSURE flags of every read film."""
     prob, pred, youden, unsure = (np.zeros(y.size), np.zeros(y.size, bool), np.zeros(y.size, bool),
                                   np.zeros(y.size, bool))
     for train, test in _folds(y, clusters, k, seed):
-        f = fit(raw[train], y[train], floor, confidence)
+        f = fit(raw[train], y[train], floor, confidence, dtype)
         prob[test] = metrics.sigmoid(raw[test] / f["temperature"])
         pred[test] = prob[test] >= f["threshold"]
         youden[test] = prob[test] >= f["youden"]
@@ -88,13 +108,14 @@ def reads_needed(n_pos: int, n_neg: int, sens: float, spec: float, halfwidth: fl
 
 
 def recalibrate(raw, y, clusters, *, floor: float = DEFAULT_FLOOR, confidence: float | None = 0.95, k: int = 5,
-                n_resamples: int = 1000, seed: int = 0) -> dict:
-    """The final fit on all read films, and its out-of-fold report."""
+                n_resamples: int = 1000, seed: int = 0, dtype=None) -> dict:
+    """The final fit on all read films, and its out-of-fold report; ``dtype`` is the torch dtype of
+    the model's temperature buffer (``temperature_dtype``), so every fit uses the value it applies."""
     raw, y, clusters = np.asarray(raw, float), np.asarray(y, int), np.asarray(clusters, str)
     if not 0 < floor <= 1:
         raise UserError(f"--sensitivity-floor must be in (0, 1], got {floor}")
-    final = fit(raw, y, floor, confidence)
-    oof = cross_fitted(raw, y, clusters, floor=floor, confidence=confidence, k=k, seed=seed)
+    final = fit(raw, y, floor, confidence, dtype)
+    oof = cross_fitted(raw, y, clusters, floor=floor, confidence=confidence, k=k, seed=seed, dtype=dtype)
     at_floor = cluster_bootstrap(y, oof["prob"], oof["pred"], clusters, n_resamples=n_resamples, seed=seed)
     at_youden = cluster_bootstrap(y, oof["prob"], oof["youden"], clusters, n_resamples=n_resamples, seed=seed)
     decided = ~oof["unsure"]
@@ -133,7 +154,8 @@ def summary(r: dict) -> str:
 def save_model(model_path, out, r: dict, source: str) -> str:
     """Write the recalibrated copy of ``model_path`` to ``out`` (state_dict as read, temperature
     replaced; meta with the new threshold, band and prior, and its parent's sha256); returns the new
-    file's sha256. The input file is never written."""
+    file's sha256. The input file is never written. ``r`` must come from ``recalibrate(...,
+    dtype=temperature_dtype(model_path))``: meta and weights then hold the same temperature."""
     from pathlib import Path
 
     import torch
@@ -148,7 +170,12 @@ def save_model(model_path, out, r: dict, source: str) -> str:
     meta = artifact.ModelMeta.from_dict(blob["meta"])
     f = r["final"]
     state = dict(blob["state_dict"])
-    state["temperature"] = torch.tensor(f["temperature"], dtype=state["temperature"].dtype)
+    dtype = state["temperature"].dtype
+    temperature = as_stored(f["temperature"], dtype)
+    if temperature != f["temperature"]:  # fitted without the dtype: its threshold would not match the model
+        raise ValueError(f"the fit's temperature {f['temperature']!r} is not what a {dtype} buffer holds "
+                         f"({temperature!r}): recalibrate with dtype=temperature_dtype(model)")
+    state["temperature"] = torch.tensor(temperature, dtype=dtype)
     band = None if f["band"] is None else f["band"] | {"rule": (meta.unsure or {}).get("rule", "conformal:0.95"),
                                                        "fitted_on": source}
     prior = {"calibration": r["share"], "effective": r["effective"], "n_calibration": r["n"],
@@ -156,7 +183,7 @@ def save_model(model_path, out, r: dict, source: str) -> str:
              "recalibrated": {"parent_sha256": file_sha256(model_path), "sensitivity_floor": r["floor"],
                               "out_of_fold": {k: r["out_of_fold"][k] for k in ("sensitivity", "specificity",
                                                                                 "accuracy", "roc_auc")}}}
-    new = meta.replace(temperature=f["temperature"], threshold=f["threshold"],
+    new = meta.replace(temperature=temperature, threshold=f["threshold"],
                        threshold_rule=f"sensitivity:{r['floor']:g}", unsure=band, prior=prior)
     with atomic_path(out) as tmp:
         with open(tmp, "wb") as fh:  # a file object: the sha256 must not depend on the temp name

@@ -309,12 +309,27 @@ def context(eval_dir: str | Path, meta: ModelMeta, source: Mapping, run_dir: str
     }
 
 
-def render(ctx: Mapping) -> str:
+def environment() -> Environment:
+    """The one escape policy of every HTML page pneumoscan writes: each value is autoescaped (file
+    names, captions, device names and the data's own text can hold markup), and a name the template
+    uses but the context lacks is an error, not a silent blank."""
     env = Environment(loader=PackageLoader("pneumoscan", "templates"), autoescape=select_autoescape(["html", "j2"]),
                       undefined=StrictUndefined, trim_blocks=True, lstrip_blocks=True)
     env.filters["num"] = _number
     env.filters["pct"] = lambda v: "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.1%}"
-    return env.get_template(TEMPLATE).render(**ctx)
+    return env
+
+
+def render(ctx: Mapping, template: str = TEMPLATE) -> str:
+    return environment().get_template(template).render(**ctx)
+
+
+def write_html(path: str | Path, ctx: Mapping, template: str = TEMPLATE) -> Path:
+    """Render ``template`` (in ``pneumoscan/templates``) with ``ctx`` and write it atomically
+    (temp file, then rename): a reader never opens half a page. Every HTML report goes through here."""
+    out = write_text(path, render(ctx, template))
+    log.debug("report: %s", out)
+    return out
 
 
 def write_report(eval_dir: str | Path, meta: ModelMeta, source: Mapping, *, run_dir: str | Path | None = None,
@@ -325,6 +340,4 @@ def write_report(eval_dir: str | Path, meta: ModelMeta, source: Mapping, *, run_
     threshold_source); ``run_dir`` is the training run folder, whose curves are shown when present.
     """
     out = Path(path) if path is not None else Path(eval_dir) / "report.html"
-    write_text(out, render(context(eval_dir, meta, source, run_dir)))
-    log.debug("report: %s", out)
-    return out
+    return write_html(out, context(eval_dir, meta, source, run_dir))

@@ -30,6 +30,7 @@ NORMAL, PNEUMONIA, NOT_ASSESSABLE = "NORMAL", "PNEUMONIA", "NOT_ASSESSABLE"
 READ_LABELS = (NORMAL, PNEUMONIA, NOT_ASSESSABLE)
 METRICS = ("prevalence", "accuracy", "sensitivity", "specificity", "ppv", "npv", "roc_auc", "ece")
 MIN_GROUP = 30  # films with a read below which a month or device gets no row of its own
+SITE_TEMPLATE = "site_report.html.j2"  # rendered by evaluation.report (its escape policy, its atomic write)
 
 
 @dataclass(frozen=True)
@@ -180,13 +181,12 @@ def write(report: dict, films: Sequence[SiteFilm], out_dir, source: str, gallery
     """``out_dir``: site_report.json and .md, the plots, and a self-contained report.html (images
     inlined as data: URLs, as ``evaluate --report``). ``gallery``: (caption, png path) of the
     disagreements' Grad-CAM overlays, when the films were reachable."""
-    import html
     import json
     from pathlib import Path
 
     from pneumoscan.core.files import write_text
     from pneumoscan.evaluation import plots
-    from pneumoscan.evaluation.report import data_uri
+    from pneumoscan.evaluation.report import data_uri, write_html
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -201,14 +201,9 @@ def write(report: dict, films: Sequence[SiteFilm], out_dir, source: str, gallery
         figures = [plots.confusion_matrix_plot(cm, out / "confusion_matrix.png", title="Site: model vs reads"),
                    plots.reliability_diagram(y, p, out / "reliability.png", n_bins=10),
                    plots.roc_plot(y, p, out / "roc.png", threshold=threshold, title="Site ROC (reads as truth)")]
-    body = "".join(f"<p>{html.escape(line)}</p>" if not line.startswith("|") else f"<pre>{html.escape(line)}</pre>"
-                   for line in md.splitlines() if line.strip())
-    images = "".join(f'<img alt="{html.escape(f.stem)}" src="{data_uri(f)}" width="420">' for f in figures)
-    cards = "".join(f'<figure><img alt="Grad-CAM" src="{data_uri(path)}" width="220"><figcaption>'
-                    f"{html.escape(caption)}</figcaption></figure>" for caption, path in gallery if data_uri(path))
-    page = (f"<!doctype html><html lang='en'><meta charset='utf-8'><title>pneumoscan site report</title>"
-            f"<body><h1>Site report</h1><p>Not a diagnosis: the model's agreement with this site's reads.</p>{body}"
-            f"<h2>Plots</h2>{images}<h2>Disagreements ({len(report['disagreements'])})</h2>"
-            f"{cards or '<p>No Grad-CAM gallery (films not reachable or no disagreement).</p>'}</body></html>")
-    write_text(out / "report.html", page)
+    write_html(out / "report.html", {
+        "lines": [(line.startswith("|"), line) for line in md.splitlines() if line.strip()],
+        "images": [(f.stem, data_uri(f)) for f in figures],
+        "cards": [(uri, caption) for caption, uri in ((c, data_uri(path)) for c, path in gallery) if uri],
+        "n_disagreements": len(report["disagreements"])}, SITE_TEMPLATE)
     return out

@@ -18,8 +18,7 @@ from pneumoscan.modeling.artifact import ModelMeta
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import file_sha256
 from pneumoscan.inference.batching import check_images, spans, unit_interval
-from pneumoscan.inference.onnx_format import (CHEST_NAME, INPUT_NAME, OOD_NAME, OUTPUT_NAME, SELFCHECK_KEY,
-                                              decode_selfcheck, session_document)
+from pneumoscan.inference.onnx_format import CHEST_NAME, INPUT_NAME, OOD_NAME, OUTPUT_NAME, session_document
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +63,9 @@ class Engine:
         return metrics.sigmoid(self.meta.site_logits(self.predict_logits(images, batch_size)))
 
     def model_proba(self, images: np.ndarray, batch_size: int = 32) -> np.ndarray:
-        """P(PNEUMONIA) as the file's graph computes it, without the prior offset: what self-checks
-        compare, since adapting a model (``pneumoscan adapt``) changes its meta, not its graph."""
+        """P(PNEUMONIA) as the file's graph computes it, without the prior offset: what
+        tools/same_probabilities.py compares, since adapting a model (``pneumoscan adapt``) changes
+        its meta, not its graph."""
         return metrics.sigmoid(self.predict_logits(images, batch_size))
 
     def _check(self, images: np.ndarray) -> np.ndarray:
@@ -138,18 +138,3 @@ class OnnxEngine(Engine):
         n = len(columns[OUTPUT_NAME])
         logits, ood, chest = (columns.get(name, np.full(n, np.nan, np.float32)) for name in wanted)
         return logits, ood, chest
-
-    def self_check(self) -> float | None:
-        """max |Δprob| between this machine's answers for the file's reference images and the INT8
-        probabilities stored when it was made; None when the file has no self-check (fp32)."""
-        raw = self.session.get_modelmeta().custom_metadata_map.get(SELFCHECK_KEY)
-        if not raw:
-            return None
-        try:
-            check = decode_selfcheck(raw)
-            expected = np.asarray(check["int8_prob"], dtype=np.float64)
-            got = self.model_proba(check["images"])
-            return float(np.abs(got - expected).max()) if got.shape == expected.shape else float("inf")
-        except Exception as exc:  # a damaged check is a failed check
-            log.debug("self-check of %s unreadable: %s", self.onnx_path, exc)
-            return float("inf")

@@ -22,7 +22,7 @@ from pneumoscan.modeling import artifact
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import file_sha256
 from pneumoscan.inference.engines import Engine, OnnxEngine, TorchEngine
-from pneumoscan.inference.onnx_format import SELFCHECK_TOLERANCE
+from pneumoscan.inference.onnx_format import INT8_WHY
 
 log = logging.getLogger(__name__)
 
@@ -77,24 +77,21 @@ def load_engine(path: str | Path | None = None, kind: str = "auto", *, threads: 
 
 
 def checked_onnx_engine(path: Path, *, threads: int | None = None) -> OnnxEngine:
-    """An ONNX file's engine; an INT8 file only if it answers its stored self-check here, else
-    its fp32 source (``fp32_source`` in its document), with one warning saying why.
+    """An ONNX file's engine; for an INT8 file (``export --int8`` wrote them before it was
+    withdrawn) its fp32 source (``fp32_source`` in its document) instead, with one warning saying
+    why, or a UserError when that is not there.
 
-    INT8 kernels differ between CPUs (VNNI or not, ORT versions); a file quantised on one machine
-    can be wrong on another without any error, so it proves itself on every load (~30 ms)."""
+    INT8 is not run at all: its answers moved too far from fp32's (``onnx_format.INT8_WHY``), and a
+    site that kept such a file must not get those answers silently."""
     engine = OnnxEngine(path, threads=threads)
-    delta = engine.self_check()
-    if delta is None or delta <= SELFCHECK_TOLERANCE:
-        if engine.document.get("precision") == "int8":
-            log.debug("INT8 self-check of %s passed (max |Δprob| %.1e)", path, delta if delta is not None else 0)
+    if engine.document.get("precision") != "int8":
         return engine
     fp32 = fp32_source(path, engine.document)
     if fp32 is None:
-        raise UserError(f"{path} (INT8) fails its self-check on this machine (max |Δprob| {delta:.1e} > "
-                        f"{SELFCHECK_TOLERANCE:.0e}) and its fp32 source is not beside it; use the fp32 model")
-    log.warning("INT8 model %s answers differently on this CPU than where it was made (max |Δprob| %.1e > %.0e "
-                "on its reference images); using its fp32 source %s instead", path.name, delta, SELFCHECK_TOLERANCE,
-                fp32)
+        raise UserError(f"{path} is an INT8 model, which pneumoscan no longer runs: INT8 was withdrawn because "
+                        f"{INT8_WHY}. Its fp32 source is not beside it: use the fp32 model")
+    log.warning("%s is an INT8 model, which pneumoscan no longer runs: INT8 was withdrawn because %s. Using its "
+                "fp32 source %s instead", path.name, INT8_WHY, fp32)
     return OnnxEngine(fp32, threads=threads)
 
 

@@ -170,8 +170,8 @@ def calibration_band(meta: ModelMeta) -> dict | None:
 
 
 def write_onnx(source: Path, out: Path, meta: ModelMeta) -> None:
-    """A copy of the ONNX file ``source`` whose metadata document carries ``meta``; the graph (and
-    an INT8 file's self-check, which compares the graph's own probabilities) is unchanged."""
+    """A copy of the ONNX file ``source`` whose metadata document carries ``meta``; the graph is
+    unchanged."""
     import onnx
 
     from pneumoscan.inference.onnx_format import get_document, set_document

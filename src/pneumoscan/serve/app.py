@@ -282,6 +282,11 @@ def create_app(model_path: str | Path | None = None, *, max_upload_bytes: int = 
                db: str | None = None) -> FastAPI:
     """The service for the model at ``model_path`` (default: the bundled model).
 
+    The model is loaded by the lifespan: in tests use ``with TestClient(app)``. Outside ``with``,
+    routes that need the model fail (no service); after a ``with`` block ended, the service is
+    closed and scoring answers 503 "shutting down" (the Guard is not involved: it keeps no state
+    across requests but its in-flight count, which every request restores).
+
     ``api_key``: required in the X-API-Key header of every /v1 call except health; by default
     read from $PNEUMOSCAN_API_KEY, ``None`` (or empty) for no key. ``cors_origins``: browser
     origins allowed to call the API from other pages; none by default. ``engine``: the runtime

@@ -74,10 +74,14 @@ class MicroBatcher:
         self.score, self.config = score, config
         self._queue: queue.Queue[_Item | None] = queue.Queue(maxsize=config.queue_size)
         self.batch_sizes: list[int] = []  # images per engine call, for tests and benchmarks (last 1000)
+        self._closed = False
         self._worker = threading.Thread(target=self._run, name="pneumoscan-scorer", daemon=True)
         self._worker.start()
 
     def submit(self, images: np.ndarray) -> Future:
+        if self._closed:  # no worker will take it: say so now, not after the timeout (an app used past
+            # its lifespan, e.g. a TestClient outside ``with`` after the ``with`` block closed the service)
+            raise Busy("the server is shutting down; retry shortly")
         future: Future = Future()
         item = _Item(images, future, time.monotonic() + self.config.timeout_s)
         try:
@@ -88,7 +92,8 @@ class MicroBatcher:
         return future
 
     def close(self, timeout: float = 10.0) -> None:
-        """Stop the worker after the requests already queued."""
+        """Stop the worker after the requests already queued; later submits are refused at once."""
+        self._closed = True
         self._queue.put(None)
         self._worker.join(timeout)
 

@@ -3,12 +3,14 @@
 The way to tell a real gain from noise before anyone looks at a test set: every recipe is trained
 k times, each fold's model is tested on patients it never saw, with its threshold and temperature
 chosen on its own validation split. A dataset's own test split is never used here.
+
+The folds are pooled from the typed evaluations each fold's training returns in memory
+(``RunResult``); only a fold finished by an earlier, interrupted run is read back from its files.
 """
 
 from __future__ import annotations
 
 import copy
-import csv
 import dataclasses
 import logging
 import shutil
@@ -23,6 +25,8 @@ from pneumoscan.core import metrics
 from pneumoscan.core.config import RunConfig, member_names
 from pneumoscan.core.errors import UserError
 from pneumoscan.core.files import write_csv, write_json, write_text
+from pneumoscan.evaluation.results import Evaluation, Predictions
+from pneumoscan.training.results import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -66,18 +70,19 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: loaders.Progress
         run = out / f"fold{k}"
         if _fold_done(run, samples, cfg):
             log.info("fold %d/%d: done earlier, reusing %s", k, folds, run)
+            result = RunResult.load(run, members=list(member_oof))
         else:
             log.info("fold %d/%d", k, folds)
             if run.exists():  # an interrupted fold starts again from scratch
                 shutil.rmtree(run)
             fold_images = images[np.array([index[s.path] for s in samples])]
-            run = ensemble.fit(cfg, samples=samples, images=fold_images, progress=progress, report=False)
-        result = _read_json(run / "test" / "metrics.json")
-        rows.append({"fold": k} | {key: result.get(key, float("nan")) for key in SUMMARY_KEYS}
-                    | {"threshold": result["threshold"], "n": result["n"]})
-        oof += _predictions(run / "test" / "predictions.csv", k)
+            result = ensemble.fit(cfg, samples=samples, images=fold_images, progress=progress, report=False)
+        test = result.test
+        rows.append({"fold": k} | {key: test.value(key) for key in SUMMARY_KEYS}
+                    | {"threshold": test.threshold, "n": test.n})
+        oof += _out_of_fold(test.predictions, k)
         for name in member_oof:
-            member_oof[name] += _predictions(run / "members" / name / "test" / "predictions.csv", k)
+            member_oof[name] += _out_of_fold(result.members[name].test.predictions, k)
 
     summary = {
         "folds": folds, "split_seed": split_seed, "n_images": len(pool), "n_skipped": len(skipped),
@@ -96,10 +101,10 @@ def cross_validate(config: RunConfig, folds: int = 5, progress: loaders.Progress
     return out
 
 
-def _predictions(path: Path, fold: int) -> list[tuple]:
-    with open(path, newline="") as f:
-        return [(r["path"], int(r["label"]), float(r["probability"]), int(r["prediction"]), fold)
-                for r in csv.DictReader(f)]
+def _out_of_fold(predictions: Predictions, fold: int) -> list[tuple]:
+    """oof_predictions.csv's rows of one fold: path, label, probability, prediction, fold."""
+    return [(p, int(t), float(q), int(k), fold) for p, t, q, k in
+            zip(predictions.paths, predictions.label, predictions.probability, predictions.prediction)]
 
 
 def pooled_metrics(oof: list[tuple]) -> dict:
@@ -120,7 +125,7 @@ def _fold_done(run: Path, samples: list[data.Sample], config: RunConfig) -> bool
     members = member_names(config.train.members)
     # an ensemble's own manifest lists only what it was calibrated on; its members' list the split
     manifest = run / "members" / members[0] / "manifest.csv" if members else run / "manifest.csv"
-    if not all(f.is_file() for f in (run / "test" / "predictions.csv", manifest, run / "config.yaml")):
+    if not (Evaluation.saved_in(run / "test") and manifest.is_file() and (run / "config.yaml").is_file()):
         return False
     earlier, now = yaml.safe_load((run / "config.yaml").read_text()), config.to_dict()
     if (earlier.get("model"), earlier.get("data"), (earlier.get("train") or {}).get("members")) != (
@@ -137,12 +142,6 @@ def _thresholded(y: np.ndarray, pred: np.ndarray) -> dict:
     return {"accuracy": safe(tp + tn, len(y)), "precision": precision, "recall": recall,
             "specificity": safe(tn, tn + fp), "f1": safe(2 * precision * recall, precision + recall),
             "confusion_matrix": [[tn, fp], [fn, tp]]}
-
-
-def _read_json(path: Path) -> dict:
-    import json
-
-    return json.loads(path.read_text())
 
 
 def markdown(summary: dict) -> str:

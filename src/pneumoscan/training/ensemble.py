@@ -37,6 +37,8 @@ from pneumoscan.core.errors import UserError
 from pneumoscan.core.config import RunConfig, member_config, member_names
 from pneumoscan.core.files import file_sha256, write_csv, write_text
 from pneumoscan.inference.torch_model import predict_logits
+from pneumoscan.evaluation.results import Evaluation
+from pneumoscan.training.results import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +107,22 @@ def _member(run_dir: Path, meta: ModelMeta, config: dict) -> Member:
                           "n_train": meta.training.n_train, "n_val": meta.training.n_val})
 
 
-def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_rule: str | None = None,
-            ood: bool | None = None, seed: int = 0, strict: bool = False, unsure_rule: str | None = None,
-            progress: Callable[[str, int, int], None] | None = None) -> Path:
+def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, **options) -> Path:
+    """``combine_result`` (same arguments), returning only ``out_dir``: the ``ensemble`` command's."""
+    return combine_result(run_dirs, out_dir, **options).run_dir
+
+
+def combine_result(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_rule: str | None = None,
+                   ood: bool | None = None, seed: int = 0, strict: bool = False, unsure_rule: str | None = None,
+                   progress: Callable[[str, int, int], None] | None = None) -> RunResult:
     """Write ``out_dir/model.pt``, the ensemble of the runs' models, with ``validation/`` (its
     evaluation on the shared validation split, each member's ROC-AUC and Brier score beside it)
     and ``manifest.csv`` (the images its temperature, threshold and OOD detector were fitted on).
 
     ``threshold_rule``: the operating point's rule (default: the first run's); ``ood``: fit an
     out-of-distribution detector (default: when any member has one); ``unsure_rule``: the UNSURE
-    band's rule (default: the first run's ``train.unsure``). Returns ``out_dir``.
+    band's rule (default: the first run's ``train.unsure``). Returns ``out_dir`` with the
+    validation evaluation and the ensemble's meta.
     """
     started = time.perf_counter()
     run_dirs = [Path(r) for r in run_dirs]
@@ -180,12 +188,12 @@ def combine(run_dirs: Sequence[str | Path], out_dir: str | Path, *, threshold_ru
     data.write_manifest([*train_samples, *val_samples] if with_ood else val_samples, out / "manifest.csv")
     if skipped:
         data.write_skipped(skipped, out / "skipped.csv")
-    _write_validation(out, run_dirs, metas, per_member, val_samples, cal)
-    return out
+    validation = _write_validation(out, run_dirs, metas, per_member, val_samples, cal, rule)
+    return RunResult(out, {"validation": validation}, meta=meta)
 
 
 def _write_validation(out: Path, run_dirs: list[Path], metas: list[ModelMeta], per_member: np.ndarray,
-                      val_samples: list[data.Sample], cal: calibrate.Calibration) -> None:
+                      val_samples: list[data.Sample], cal: calibrate.Calibration, rule: str) -> Evaluation:
     """``out/validation/`` (the ensemble on the shared validation split, each member's ROC-AUC and
     Brier score beside it) and ``out/members.csv``."""
     y_val, val_prob, threshold, band = (np.array([s.label for s in val_samples]), cal.val_prob, cal.threshold,
@@ -195,38 +203,43 @@ def _write_validation(out: Path, run_dirs: list[Path], metas: list[ModelMeta], p
                     "brier": metrics.brier(y_val, metrics.sigmoid(z))}
                    for r, m, z in zip(run_dirs, metas, per_member.T)]
     result = evaluate.evaluate_predictions(y_val, val_prob, threshold, out / "validation",
-                                           [s.path for s in val_samples], extra={"members": member_rows}, unsure=band)
+                                           [s.path for s in val_samples], extra={"members": member_rows}, unsure=band,
+                                           threshold_rule=rule)
     write_csv(out / "members.csv", ["run", "architecture", "head", "val_roc_auc", "val_brier"],
               [(r["run"], r["architecture"], r["head"], f"{r['roc_auc']:.4f}", f"{r['brier']:.4f}")
                for r in member_rows])
-    log.info("validation ROC-AUC: ensemble %.4f; members %s", result["roc_auc"],
+    log.info("validation ROC-AUC: ensemble %.4f; members %s", result.metrics.roc_auc,
              ", ".join(f"{r['roc_auc']:.4f}" for r in member_rows))
+    return result
 
 
 def fit(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,
         callbacks_for: Callable[[], list] | None = None, started: Callable[[Path], None] | None = None,
-        samples: list[data.Sample] | None = None, images: np.ndarray | None = None, report: bool = True) -> Path:
+        samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
+        report: bool = True) -> RunResult:
     """What `pneumoscan train` and `cv` run: ``fit_members`` for an ensemble recipe (or when
-    resuming a run that has ``members/``), else ``train.fit``. ``started`` is for the ensemble's own
-    folder only: a single run hands its folder to its callbacks itself. ``samples``, ``images`` and
-    ``report`` are as ``train.fit``'s (cross-validation folds)."""
+    resuming a run that has ``members/``), else ``train.fit_result``. ``started`` is for the
+    ensemble's own folder only: a single run hands its folder to its callbacks itself. ``samples``,
+    ``images`` and ``report`` are as ``train.fit``'s (cross-validation folds). Returns the run
+    folder with what it measured (``RunResult``)."""
     if (Path(resume_dir) / "members").is_dir() if resume_dir is not None else config.train.members:
         return fit_members(config, resume_dir=resume_dir, progress=progress, callbacks_for=callbacks_for,
                            started=started, samples=samples, images=images, report=report)
-    return train.fit(config, resume_dir=resume_dir, callbacks=callbacks_for() if callbacks_for else None,
-                     progress=progress, samples=samples, images=images, report=report)
+    return train.fit_result(config, resume_dir=resume_dir, callbacks=callbacks_for() if callbacks_for else None,
+                            progress=progress, samples=samples, images=images, report=report)
 
 
 def fit_members(config: RunConfig, *, resume_dir: str | Path | None = None, progress=None,
                 callbacks_for: Callable[[], list] | None = None, started: Callable[[Path], None] | None = None,
                 samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
-                report: bool = True) -> Path:
+                report: bool = True) -> RunResult:
     """``train.members``: train one run per member recipe on the same data and split, in
     ``RUN/members/NAME``, then write their ensemble to ``RUN/model.pt``. Resuming skips members
     that finished and resumes one that was interrupted, so a long ensemble run loses at most one
     member's last epoch. ``started`` is called with the run folder once it exists. ``samples``,
     ``images`` and ``report`` are passed to every member's ``train.fit`` (cross-validation folds),
-    and the test split is scored from ``images`` instead of being decoded again."""
+    and the test split is scored from ``images`` instead of being decoded again. Returns the run
+    folder with the ensemble's evaluations and each member's (``RunResult.members``)."""
     if resume_dir is not None:
         run_dir = Path(resume_dir)
         if not (run_dir / "config.yaml").is_file():
@@ -243,24 +256,27 @@ def fit_members(config: RunConfig, *, resume_dir: str | Path | None = None, prog
         started(run_dir)
     names = member_names(config.train.members)
     log.info("ensemble run %s: members %s", run_dir, ", ".join(names))
-    done = []
+    members: dict[str, RunResult] = {}
     for name in names:
         folder = run_dir / "members" / name
         callbacks = callbacks_for() if callbacks_for else None
         if (folder / "model.pt").is_file():
             log.info("member %s: finished earlier, kept", name)
-            done.append(folder)
+            members[name] = RunResult.load(folder)
         elif (folder / "checkpoints" / "last.ckpt").is_file():
-            done.append(train.fit(member_config(config, name, str(run_dir / "members")), resume_dir=folder,
-                                  progress=progress, callbacks=callbacks, report=False))
+            members[name] = train.fit_result(member_config(config, name, str(run_dir / "members")),
+                                             resume_dir=folder, progress=progress, callbacks=callbacks, report=False)
         else:
             if folder.exists():  # interrupted before its first checkpoint: start it again
                 import shutil
 
                 shutil.rmtree(folder)
-            done.append(train.fit(member_config(config, name, str(run_dir / "members")), progress=progress,
-                                  callbacks=callbacks, samples=samples, images=images, report=False))
-    combine(done, run_dir, seed=config.train.seed, progress=progress)
+            members[name] = train.fit_result(member_config(config, name, str(run_dir / "members")),
+                                             progress=progress, callbacks=callbacks, samples=samples, images=images,
+                                             report=False)
+    done = [m.run_dir for m in members.values()]
+    combined = combine_result(done, run_dir, seed=config.train.seed, progress=progress)
+    evaluations = dict(combined.evaluations)
     test_rows = [s for s in data.read_manifest(done[0] / "manifest.csv") if s.split == "test"]
     if test_rows:  # as train.finalize: measure the test split once, and report on it
         model, meta = artifact.load(run_dir / "model.pt")
@@ -272,9 +288,10 @@ def fit_members(config: RunConfig, *, resume_dir: str | Path | None = None, prog
         prob = metrics.sigmoid(predict_logits(model, test_images))
         y = np.array([s.label for s in test_rows])
         result = evaluate.evaluate_predictions(y, prob, meta.threshold, run_dir / "test", [s.path for s in test_rows],
-                                               unsure=meta.unsure)
+                                               unsure=meta.unsure, threshold_rule=meta.threshold_rule)
         log.info("test: %s", evaluate.summary_line(result))
+        evaluations["test"] = result
         if report:
             train.write_run_report(run_dir, meta, model, "test", test_rows, test_images, prob,
                                    n_skipped=len(skipped))
-    return run_dir
+    return RunResult(run_dir, evaluations, members, meta=combined.meta)

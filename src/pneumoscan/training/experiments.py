@@ -42,7 +42,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from pneumoscan.modeling import artifact, backbones, heads
+from pneumoscan.modeling import backbones, heads
 from pneumoscan.evaluation import compare
 from pneumoscan.core import calibration
 from pneumoscan.training import loaders, train
@@ -221,12 +221,14 @@ def run_grid(grid_path: str | Path, *, seeds: int | None = None, tracking_uri: s
                               tags={"variant": run.variant, "seed": str(run.seed), "grid": str(grid_path)})
         logger.log_hyperparams(_flatten(run.config.to_dict()))
         try:
-            run_dir = train.fit(run.config, loggers=[logger], progress=progress)
+            result = train.fit_result(run.config, loggers=[logger], progress=progress)
         except BaseException:
             client.set_terminated(logger.run_id, "FAILED")
             raise
-        row = compare.run_row(run_dir)
-        row["feature_seconds"] = artifact.read_meta(run_dir / "model.pt").training.feature_seconds
+        run_dir = result.run_dir
+        # from what the run measured, in memory: nothing is parsed back from its files
+        row = compare.run_row(run_dir, meta=result.meta, evaluations=result.evaluations)
+        row["feature_seconds"] = result.meta.training.feature_seconds
         row |= {"variant": run.variant, "seed": run.seed, "mlflow_run_id": logger.run_id}
         _log_results(client, logger.run_id, run_dir, row)
         rows.append(row)

@@ -41,6 +41,7 @@ from pneumoscan.training.calibrate import calibrate
 from pneumoscan.training.finetune import interpolate, linear_probe
 from pneumoscan.training.litmodule import LitClassifier, ProgressiveUnfreezing, resolve_precision
 from pneumoscan.training.loaders import Progress, by_split, feature_loaders, make_loader, split_samples
+from pneumoscan.training.results import RunResult
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +88,27 @@ def fit(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: l
         progress: Progress | None = None, loggers: list | None = None,
         samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
         report: bool = True) -> Path:
-    """Train, calibrate, choose the threshold, save model.pt; returns the run folder.
+    """Train, calibrate, choose the threshold, save model.pt; returns the run folder
+    (``fit_result``, with the same arguments, also returns what the run measured).
 
     ``loggers`` (e.g. an MLFlowLogger) receive the epoch metrics besides the run folder's CSV log.
     ``samples`` (with their splits) replaces scanning ``config.data.root``, for cross-validation;
     ``images`` are those samples already decoded (cross-validation decodes once for all folds);
     ``report=False`` skips the HTML report and its Grad-CAM galleries (cross-validation folds).
     """
+    return fit_result(config, resume_dir=resume_dir, callbacks=callbacks, progress=progress, loggers=loggers,
+                      samples=samples, images=images, report=report).run_dir
+
+
+def fit_result(config: RunConfig, *, resume_dir: str | Path | None = None, callbacks: list | None = None,
+               progress: Progress | None = None, loggers: list | None = None,
+               samples: list[data.Sample] | None = None, images: np.ndarray | None = None,
+               report: bool = True) -> RunResult:
+    """``fit``, returning the run folder with its typed evaluations and meta (cv, experiments)."""
     prepared = prepare(config, resume_dir=resume_dir, samples=samples, images=images, progress=progress)
     trained = train_model(prepared, callbacks=callbacks, loggers=loggers, progress=progress)
     if not trained.is_global_zero:
-        return trained.run_dir  # under DDP, rank 0 calibrates, saves and evaluates
+        return RunResult(trained.run_dir)  # under DDP, rank 0 calibrates, saves and evaluates
     return finalize(prepared, trained, report=report)
 
 
@@ -256,7 +267,7 @@ def write_run_folder(p: Prepared) -> None:
     write_text(p.run_dir / "config.yaml", yaml.safe_dump(p.config.to_dict(), sort_keys=False))
 
 
-def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
+def finalize(p: Prepared, t: Trained, *, report: bool = True) -> RunResult:
     """Calibrate and choose the operating point on validation only, save model.pt, measure val
     (and test, when the data has one), and write the report."""
     tc, dc, mc = p.config.train, p.config.data, p.config.model
@@ -282,20 +293,23 @@ def finalize(p: Prepared, t: Trained, *, report: bool = True) -> Path:
     seen = [s.path for split in ("train", "val") for s in p.split_data[split][0]]
     meta = meta.replace(data_digests=tuple(content_digests(seen)))
     artifact.save(p.run_dir / "model.pt", model, meta)
-    evaluate.evaluate_predictions(val_y, val_prob, threshold, p.run_dir / "validation", [s.path for s in val_samples],
-                                  unsure=band)
+    evaluations = {"validation": evaluate.evaluate_predictions(
+        val_y, val_prob, threshold, p.run_dir / "validation", [s.path for s in val_samples], unsure=band,
+        threshold_rule=tc.threshold)}
 
     shown = ("validation", val_samples, val_images, val_prob)
     if "test" in p.split_data:
         test_samples, test_images = p.split_data["test"]
         test_prob = metrics.sigmoid(predict_logits(model, test_images, device=t.device))
         result = evaluate.evaluate_predictions(np.array([s.label for s in test_samples]), test_prob, threshold,
-                                               p.run_dir / "test", [s.path for s in test_samples], unsure=band)
+                                               p.run_dir / "test", [s.path for s in test_samples], unsure=band,
+                                               threshold_rule=tc.threshold)
         log.info("test: %s", evaluate.summary_line(result))
+        evaluations["test"] = result
         shown = ("test", test_samples, test_images, test_prob)
     if report:
         write_run_report(p.run_dir, meta, model, *shown, n_skipped=len(p.skipped))
-    return p.run_dir
+    return RunResult(p.run_dir, evaluations, meta=meta)
 
 
 def write_run_report(run_dir: Path, meta: artifact.ModelMeta, model: models.Classifier, split: str,
