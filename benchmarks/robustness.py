@@ -28,6 +28,26 @@ fold of frozen-acquisition-lite0's): test-time augmentation (``tta``: the film, 
 90% zoom-out, averaged as an ensemble of views) triples the cost of every answer, so a ``+tta``
 row replaces its one-pass counterpart in the default only if its score is higher by more than
 0.01; it is reported either way.
+
+Third round (issue 21; written and committed before any of its runs, ``round3`` below):
+* Candidates: ``lp-ft-lite0-acquisition`` (EfficientNet-Lite0, LP-FT end to end, acquisition
+  augmentation); today's default members re-run under the protocol (``frozen-acquisition-mixup``,
+  ``seed-study-lite0``) so that ensembles and threshold rules come from per-film scores; the pairs
+  ``frozen-acquisition-mixup+seed-study-lite0`` (today's default) and
+  ``frozen-acquisition-mixup+lp-ft-lite0-acquisition`` (ensembles of scores, no extra training).
+* Rule: the second round's (among recipes within 0.01 mean ID ROC-AUC of seed-study's -- its
+  second-round value, 0.989, as seed-study is not re-run -- the highest mean of LOCO accuracy and
+  worst shifted specificity at sensitivity 0.95; ties within 0.005 to the lower mean shift ECE).
+  New: the adult-normal specificity probe (held-out part of adult_cxr_normal, the input checks'
+  fixed sha256 split, scored by the pneumonia classifier alone at the model's own threshold) is
+  reported next to it and breaks ties. A new recipe replaces the default
+  ``frozen-acquisition-mixup+seed-study-lite0`` only if its score beats the default's by more than
+  0.01 on BOTH folds' completed runs; a recipe without both folds finished cannot be chosen.
+* Threshold rules: ``youden`` (today's), ``gap-mid`` (the middle, in logit space, of the 95th
+  percentile of NORMAL and the 5th percentile of PNEUMONIA validation logits) and
+  ``sens-floor-0.95`` (the highest threshold keeping validation sensitivity >= 0.95), fitted on
+  each fold's validation split post hoc and judged by the same score at each rule's own threshold,
+  under the same "more than 0.01 on both folds" bar against ``youden``.
 """
 
 from __future__ import annotations
@@ -223,13 +243,13 @@ def screen(out: Path, weights: Path) -> dict:
 
 # ------------------------------------------------------------------ recipes
 
-def recipe_config(name: str, fold: str, out: Path, weights: Path, overrides: list[str]) -> RunConfig:
+def recipe_config(name: str, fold: str, out: Path, weights: Path, overrides: list[str], suffix: str = "") -> RunConfig:
     base = RunConfig().to_dict()
     cfg = RunConfig.from_dict(merge(base, RECIPES[name]))
     if cfg.model.backbone != "mobilenet_v2":  # --weights is MobileNetV2's file; others bring their own
         weights = cfg.model.backbone_weights
     return apply_overrides(cfg, [f"data.root={DEFAULT_DATA}", f"model.backbone_weights={weights}",
-                                 f"out_dir={out / 'runs'}", f"name={name}-{fold}", "train.ood=false",
+                                 f"out_dir={out / 'runs'}", f"name={name}{suffix}-{fold}", "train.ood=false",
                                  *overrides])
 
 
@@ -254,7 +274,10 @@ def score_model(model_path: Path, samples, images, fold: dict, view=None, engine
     return out
 
 
-def run(names: list[str], out: Path, weights: Path, overrides: list[str], variants: bool) -> None:
+def run(names: list[str], out: Path, weights: Path, overrides: list[str], variants: bool,
+        only_fold: str | None = None, suffix: str = "") -> None:
+    """Train ``names`` on each fold (``only_fold``: that one), score, save; ``suffix`` (e.g.
+    ``@seed1``, with ``--set seed=1``) names repeats of a recipe apart."""
 
     from pneumoscan.training import train
 
@@ -262,11 +285,13 @@ def run(names: list[str], out: Path, weights: Path, overrides: list[str], varian
     by_fold = folds(samples)
     for name in names:
         for fold_name, fold in by_fold.items():
-            target = out / "scores" / f"{name}-{fold_name}.npz"
+            if only_fold and fold_name != only_fold:
+                continue
+            target = out / "scores" / f"{name}{suffix}-{fold_name}.npz"
             if target.is_file():
                 log.info("%s exists; skipping", target)
                 continue
-            cfg = recipe_config(name, fold_name, out, weights, overrides)
+            cfg = recipe_config(name, fold_name, out, weights, overrides, suffix)
             paths = {s.path: i for i, s in enumerate(samples)}
             fit_images = images[[paths[s.path] for s in fold["samples"]]]
             started = time.perf_counter()
@@ -353,7 +378,7 @@ def with_tta(out: Path, name: str, plain: dict[str, dict]) -> dict[str, dict] | 
 
 # ------------------------------------------------------------------ the table
 
-KEYS = ("val", "id", "loco")
+KEYS = ("val", "id", "loco", "adult")  # "adult": the third round's adult-normal probe (benchmarks/round3.py)
 
 
 def evaluate_scores(z: dict, calibration: str = "as trained") -> dict:
@@ -414,7 +439,7 @@ def load_scores(out: Path) -> dict[str, dict[str, dict]]:
 
 def rule_of(recipe: str) -> str:
     """A recipe's threshold rule, which an ensemble led by it keeps (as ``pneumoscan ensemble`` does)."""
-    name = recipe.split("+")[0]
+    name = recipe.split("+")[0].split("@")[0]  # "@seed1": a repeat of the recipe (run --suffix)
     return (RECIPES.get(name, {}).get("train") or {}).get("threshold", RunConfig().train.threshold)
 
 
@@ -557,6 +582,8 @@ def main(argv=None) -> int:
     ap.add_argument("--weights", type=Path, default=DEFAULT_WEIGHTS)
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.FIELD=VALUE")
     ap.add_argument("--no-variants", action="store_true", help="skip WiSE-FT variants of LP-FT runs")
+    ap.add_argument("--fold", choices=SERIES, help="run: train only this fold (to order runs fold by fold)")
+    ap.add_argument("--suffix", default="", help="run: appended to the recipe's name, e.g. @seed1 with --set seed=1")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     args.out.mkdir(parents=True, exist_ok=True)
@@ -566,7 +593,7 @@ def main(argv=None) -> int:
     elif args.stage == "screen":
         screen(args.out, args.weights)
     elif args.stage == "run":
-        run(args.recipes, args.out, args.weights, args.overrides, not args.no_variants)
+        run(args.recipes, args.out, args.weights, args.overrides, not args.no_variants, args.fold, args.suffix)
     elif args.stage == "tta":
         tta(args.recipes, args.out)
     elif args.stage == "table":

@@ -76,6 +76,8 @@ RECIPES: dict[str, dict[str, dict[str, Any]]] = {
     # LP-FT (Kumar et al. 2022): the head first on cached features, then every layer gently
     "lp-ft": _recipe(_FINETUNE, _LP_FT),
     "lp-ft-acquisition": _recipe(_FINETUNE, _LP_FT, {"data": {"augment": "acquisition"}}),
+    # LP-FT of EfficientNet-Lite0 end to end, on acquisition-degraded films (issue 21, third round)
+    "lp-ft-lite0-acquisition": _recipe(_FINETUNE, _LP_FT, _LITE0, {"data": {"augment": "acquisition"}}),
     # WiSE-FT (Wortsman et al. 2022) on top: halfway back from the fine-tuned weights to the probe
     "wise-ft": _recipe(_FINETUNE, _LP_FT, {"train": {"wise_alpha": 0.5}}),
 }
