@@ -26,10 +26,13 @@ CHROMEDRIVER = Path("/usr/bin/chromedriver")
 KEY = "ward-7-key"
 CSV_COLUMNS = ["rank", "filename", "label", "probability", "threshold", "flags", "model_sha256", "error"]
 
-pytestmark = pytest.mark.skipif(
-    not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
-    reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (CHROMIUM.exists() and CHROMEDRIVER.exists()),
+        reason="needs Debian's chromium and chromium-driver (apt-get install -y chromium chromium-driver)",
+    ),
+    pytest.mark.slow,  # a real browser and server: about 20 s for the module; make test runs it
+]
 
 
 @contextlib.contextmanager
@@ -219,7 +222,6 @@ PATCHES = {
 }
 
 
-@pytest.mark.slow  # seconds of a real server or model; make test runs it
 def test_batch_rows_hold_still_and_rank_1_opens_at_the_end(open_server, browser, tmp_path):
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 
 from pneumoscan.io import data
@@ -14,6 +15,7 @@ def _samples(tmp_path, n):
     return [data.Sample(str(tmp_path / f"IM-{i:04d}-0001.jpeg"), i % 2, f"IM-{i:04d}", "train") for i in range(n)]
 
 
+@pytest.mark.slow  # a few seconds; make test runs it
 def test_cached_embed_matches_embed_and_reuses_the_store(tmp_path, monkeypatch):
     torch.manual_seed(0)
     model, _ = models.build("resnet18", weights="none")

@@ -254,6 +254,7 @@ def test_study_without_eligible_film_says_why(tmp_path, scorer, pacs):
     assert items(sr)["AI screening label"] == "NOT_SCORED"
 
 
+@pytest.mark.slow  # a few seconds; make test runs it
 def test_dead_letter_then_resend(tmp_path, scorer):
     closed = Pacs()
     port = closed.port

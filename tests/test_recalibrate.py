@@ -20,6 +20,7 @@ def site(n_patients=150):
     return raw, y, np.array([f"p{i}" for i in k])
 
 
+@pytest.mark.slow  # a few seconds; make test runs it
 def test_floor_holds_out_of_fold_and_reports_its_cost():
     raw, y, clusters = site()
     r = recalibrate.recalibrate(raw, y, clusters, floor=0.95, n_resamples=300)

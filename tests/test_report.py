@@ -38,6 +38,7 @@ def evaluated(trained_model, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # a few seconds; make test runs it
 def test_evaluate_report_has_every_section_and_embeds_its_images(evaluated):
     html = (evaluated / "report.html").read_text()
     for section in SECTIONS:
@@ -96,6 +97,7 @@ def _meta(**training) -> artifact.ModelMeta:
                               threshold_rule="0.5", config=cfg, training=artifact.TrainingInfo(**training))
 
 
+@pytest.mark.slow  # a few seconds; make test runs it
 def test_report_is_honest_about_overlap_intervals_and_shortcuts(tmp_path):
     import numpy as np
 

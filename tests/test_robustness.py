@@ -64,6 +64,7 @@ def test_collection_names_the_file_series():
     assert robustness.collection("scan.png") == "other"
 
 
+@pytest.mark.slow  # a few seconds; make test runs it
 def test_robustness_cli_writes_the_table(trained_model, tmp_path, capsys):
     root = make_dataset(tmp_path / "site", {"test": (6, 6)})
     out = tmp_path / "out"
