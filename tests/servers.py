@@ -42,13 +42,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(check, what: str, timeout: float = WAIT_S):
+def wait_for(check, what: str, timeout: float = WAIT_S, interval: float = 0.2):
+    """``check()``'s first truthy value: events decide, ``timeout`` only bounds a hang."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = check()
         if value:
             return value
-        time.sleep(0.2)
+        time.sleep(interval)
     raise AssertionError(f"never happened: {what}")
 
 

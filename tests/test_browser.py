@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import servers
 from conftest import synthetic_xray
 from pneumoscan.serve.app import create_app
 
@@ -94,13 +95,7 @@ def browser(tmp_path):
 
 
 def wait_for(condition, timeout: float = 90, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.2)
-    pytest.fail(f"timed out waiting for {what}")
+    return servers.wait_for(condition, what, timeout=timeout)
 
 
 def test_upload_and_worklist(server, browser, tmp_path):

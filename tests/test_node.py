@@ -19,6 +19,7 @@ from pynetdicom.sop_class import Verification
 
 from dicom_films import CLASSES, chest_film, sample_jpegs, save
 from dicom_films import sr_items as items
+from servers import wait_for
 from pneumoscan.commands.predict import predict_files
 from pneumoscan.node import results, selection, spool
 from pneumoscan.node.config import Destination, NodeConfig
@@ -69,13 +70,7 @@ def pacs():
 
 def until(check, what: str):
     """Wait for ``check()`` to be truthy (events, not the clock, decide; WAIT_S only bounds a hang)."""
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"never happened: {what}")
+    return wait_for(check, what, timeout=WAIT_S, interval=0.05)
 
 
 def delivered(node: Node, study_uid: str) -> list:
